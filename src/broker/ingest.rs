@@ -1,0 +1,146 @@
+//! Ingest: every sensor publish, taken from the router through an in-process link, decoded
+//! into a [`Reading`] and handed to the rules stage.
+//!
+//! rumqttd 0.20 behaviours designed around here:
+//! - The router pauses a link with `Notification::Unschedule` once its buffer fills and never
+//!   resumes it on its own: we answer every `Unschedule` with `wake()` (ready).
+//! - A link that falls behind the filter's in-memory log is silently moved ahead. Each
+//!   forwarded publish carries its log offset, and offsets of one filter are consecutive: a gap
+//!   is the number of readings skipped, counted as `broker_skipped` and logged.
+//! - The loop does no I/O and never waits on anything but the router and, under
+//!   `pipeline.when_full = "block"`, the bounded channel to the rules (backpressure then
+//!   accumulates in the router's log, where skips are counted as above).
+//!
+//! Topics under `edgegate/` are the gateway's own output (alerts, status) and are not readings.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttd::local::LinkRx;
+use rumqttd::Notification;
+use tokio::sync::watch;
+
+use crate::config::WhenFull;
+use crate::decode::Payload;
+use crate::event::Reading;
+use crate::ops::metrics::{DropReason, Metrics};
+
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+
+/// The gateway's own topic namespace.
+pub const OWN_PREFIX: &str = "edgegate/";
+
+pub struct Ingest {
+    pub link: LinkRx,
+    pub out: flume::Sender<Reading>,
+    pub when_full: WhenFull,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Why ingest stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IngestEnd {
+    Shutdown,
+    /// The router dropped our link (e.g. a client connected with its id).
+    LinkLost(String),
+    /// The rules stage is gone.
+    Downstream,
+}
+
+impl Ingest {
+    pub async fn run(mut self) -> IngestEnd {
+        let mut next_offset: Option<u64> = None;
+        let mut draining = false;
+        loop {
+            let n = if draining {
+                // Shutting down: the listeners are closed; take what the router still holds
+                // for us (already PUBACKed to sensors) until it has been quiet for a moment.
+                match tokio::time::timeout(DRAIN_IDLE, self.link.next()).await {
+                    Ok(n) => n,
+                    Err(_) => return IngestEnd::Shutdown,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.changed() => {
+                        draining = true;
+                        continue;
+                    }
+                    n = self.link.next() => n,
+                }
+            };
+            let notification = match n {
+                Ok(Some(n)) => n,
+                Ok(None) => continue,
+                Err(e) => return IngestEnd::LinkLost(e.to_string()),
+            };
+            match notification {
+                Notification::Forward(f) => {
+                    if let Some((_, offset)) = f.cursor {
+                        if let Some(expected) = next_offset {
+                            if offset > expected {
+                                self.metrics.drop_events(
+                                    DropReason::BrokerSkipped,
+                                    offset - expected,
+                                    &"ingest fell behind the broker's in-memory log; raise broker.segment_size/segment_count or pipeline.channel_capacity",
+                                );
+                            }
+                        }
+                        next_offset = Some(offset + 1);
+                    }
+                    let topic = match std::str::from_utf8(&f.publish.topic) {
+                        Ok(t) => t.to_string(),
+                        Err(_) => String::from_utf8_lossy(&f.publish.topic).into_owned(),
+                    };
+                    if topic.starts_with(OWN_PREFIX) {
+                        continue;
+                    }
+                    self.metrics.readings_received.inc();
+                    let traceparent = f.properties.as_ref().and_then(|p| {
+                        p.user_properties
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+                            .map(|(_, v)| v.clone())
+                    });
+                    let reading = Reading {
+                        topic,
+                        received: SystemTime::now(),
+                        payload: Payload::decode(f.publish.payload),
+                        traceparent,
+                    };
+                    if !self.send(reading).await {
+                        return IngestEnd::Downstream;
+                    }
+                }
+                Notification::Unschedule => {
+                    if let Err(e) = self.link.wake().await {
+                        return IngestEnd::LinkLost(e.to_string());
+                    }
+                }
+                Notification::Disconnect(..) => {
+                    return IngestEnd::LinkLost("router disconnected the ingest link".into())
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(&self, reading: Reading) -> bool {
+        match self.when_full {
+            WhenFull::Block => self.out.send_async(reading).await.is_ok(),
+            WhenFull::DropNewest => match self.out.try_send(reading) {
+                Ok(()) => true,
+                Err(flume::TrySendError::Full(r)) => {
+                    self.metrics.drop_events(
+                        DropReason::ChannelFull,
+                        1,
+                        &format_args!("rules stage busy; dropped reading on {}", r.topic),
+                    );
+                    true
+                }
+                Err(flume::TrySendError::Disconnected(_)) => false,
+            },
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! Configuration: TOML file plus `EDGEGATE__SECTION__KEY` environment overrides.
+//!
+//! Loading goes in two steps, so that every problem is reported at once:
+//! 1. the `config` crate merges the file and the environment into a loose tree of values;
+//! 2. [`compile`] walks that tree key by key into the typed, validated [`Config`], collecting one
+//!    [`ConfigError`] per bad or unknown key instead of stopping at the first.
+//!
+//! Invariant: a [`Config`] value is always valid; the rest of the daemon never re-checks it.
+
+pub(crate) mod fields;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fields::{Fields, Table};
+
+pub use crate::rules::config::{RuleAction, RuleConfig};
+
+/// One problem in the configuration, tied to the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} configuration error{}",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub broker: BrokerConfig,
+    pub pipeline: PipelineConfig,
+    pub queue: QueueConfig,
+    pub upstream: UpstreamConfig,
+    pub metrics: MetricsConfig,
+    pub rules: Vec<RuleConfig>,
+    /// The file this configuration came from, if any (for reload and messages).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Names this gateway in event `source` and the default upstream topic prefix.
+    pub id: String,
+    /// Directory of the queue database (`queue.db`).
+    pub data_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listener for sensors. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Optional MQTT 5 listener.
+    pub listen_v5: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub max_payload_size: usize,
+    pub connection_timeout: Duration,
+    /// Size of one segment of the router's in-memory log per subscription filter.
+    pub segment_size: usize,
+    /// Number of segments kept; `segment_size * segment_count` is how much the ingest link may
+    /// fall behind before readings are skipped (and counted).
+    pub segment_count: usize,
+}
+
+/// What a stage does when the bounded channel to the next stage is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Wait: backpressure into the broker's in-memory log (skips there are counted).
+    Block,
+    /// Drop the new event and count it.
+    DropNewest,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Capacity of each channel between stages, in events.
+    pub channel_capacity: usize,
+    pub when_full: WhenFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Survives a process crash; a power cut may lose the last commits.
+    Normal,
+    /// Also survives power loss: one fsync per commit group.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub sync: SyncMode,
+    /// Longest time the writer waits to grow a commit group after its first event.
+    pub commit_delay: Duration,
+    /// Largest number of events in one commit group.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `None`: no upstream, events only queue.
+    pub url: Option<UpstreamUrl>,
+    pub topic_prefix: String,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    /// Publishes awaiting PUBACK at once (kept below rumqttc's packet-id window).
+    pub inflight: usize,
+    /// No PUBACK for this long while publishes are in flight: the link is treated as dead.
+    pub ack_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub max_packet_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// `None`: no metrics endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Built-in defaults: what `edgegate run` uses without a config file.
+    pub fn defaults() -> Config {
+        match compile(
+            &config::Value::from(config::Map::<String, config::Value>::new()),
+            None,
+        ) {
+            Ok(c) => c,
+            // The empty tree is valid by construction; a failure here is a bug in the defaults.
+            Err(e) => panic!("built-in defaults are invalid: {e}"),
+        }
+    }
+
+    /// Load `path` (TOML), apply `EDGEGATE__*` environment overrides, validate.
+    /// With no path, the built-in defaults plus the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut builder = config::Config::builder();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigErrors(vec![ConfigError {
+                    key: "--config".into(),
+                    message: format!("file {} does not exist", p.display()),
+                }]));
+            }
+            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("EDGEGATE")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let tree = builder.build().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "environment".into()),
+                message: e.to_string(),
+            }])
+        })?;
+        let root: config::Value = tree.try_deserialize().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "(root)".into(),
+                message: e.to_string(),
+            }])
+        })?;
+        compile(&root, path.map(Path::to_path_buf))
+    }
+
+    /// Path of the queue database.
+    pub fn queue_path(&self) -> PathBuf {
+        self.gateway.data_dir.join("queue.db")
+    }
+}
+
+fn default_gateway_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        })
+        .unwrap_or_else(|| "edgegate".to_string())
+}
+
+/// Turn the merged value tree into a validated [`Config`], collecting every error.
+pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut top = Table::root(root, &mut errors);
+
+    let mut g = top.section("gateway");
+    let id = g.string("id", &default_gateway_id());
+    if id.is_empty() || id.contains(['/', '+', '#', ' ']) {
+        g.error(
+            "id",
+            "must be non-empty and contain no '/', '+', '#' or spaces",
+        );
+    }
+    let gateway = GatewayConfig {
+        id: id.clone(),
+        data_dir: PathBuf::from(g.string("data_dir", "./data")),
+        log_level: g.string("log_level", "info"),
+    };
+    if gateway.data_dir.as_os_str().is_empty() {
+        g.error("data_dir", "must not be empty");
+    }
+    g.finish();
+
+    let mut b = top.section("broker");
+    let broker = BrokerConfig {
+        listen: b.socket_addr("listen", "127.0.0.1:1883"),
+        listen_v5: b.opt_socket_addr("listen_v5", ""),
+        max_connections: b.usize_in("max_connections", 1000, 1, 1_000_000),
+        max_payload_size: b.size_in("max_payload_size", 256 * 1024, 16, 256 * 1024 * 1024),
+        connection_timeout: b.duration_in(
+            "connection_timeout",
+            "5s",
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        ),
+        segment_size: b.size_in("segment_size", 512 * 1024, 1024, 1 << 30),
+        segment_count: b.usize_in("segment_count", 8, 1, 1024),
+    };
+    b.finish();
+
+    let mut p = top.section("pipeline");
+    let pipeline = PipelineConfig {
+        channel_capacity: p.usize_in("channel_capacity", 4096, 1, 10_000_000),
+        when_full: p.choice(
+            "when_full",
+            "block",
+            &[
+                ("block", WhenFull::Block),
+                ("drop_newest", WhenFull::DropNewest),
+            ],
+        ),
+    };
+    p.finish();
+
+    let mut q = top.section("queue");
+    let queue = QueueConfig {
+        sync: q.choice(
+            "sync",
+            "normal",
+            &[("normal", SyncMode::Normal), ("full", SyncMode::Full)],
+        ),
+        commit_delay: q.duration_in(
+            "commit_delay",
+            "0ms",
+            Duration::ZERO,
+            Duration::from_secs(1),
+        ),
+        max_batch: q.usize_in("max_batch", 1024, 1, 100_000),
+    };
+    q.finish();
+
+    let mut u = top.section("upstream");
+    let url_text = u.string("url", "");
+    let url = if url_text.trim().is_empty() {
+        None
+    } else {
+        match parse_upstream_url(&url_text) {
+            Ok(url) => Some(url),
+            Err(msg) => {
+                u.error("url", &msg);
+                None
+            }
+        }
+    };
+    let upstream = UpstreamConfig {
+        url,
+        topic_prefix: u
+            .string("topic_prefix", &format!("edge/{id}"))
+            .trim_end_matches('/')
+            .to_string(),
+        client_id: u.string("client_id", &format!("edgegate-{id}")),
+        keep_alive: u.duration_in(
+            "keep_alive",
+            "30s",
+            Duration::from_secs(5),
+            Duration::from_secs(3600),
+        ),
+        inflight: u.usize_in("inflight", 64, 1, 1000),
+        ack_timeout: u.duration_in(
+            "ack_timeout",
+            "15s",
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ),
+        reconnect_min: u.duration_in(
+            "reconnect_min",
+            "250ms",
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        ),
+        reconnect_max: u.duration_in(
+            "reconnect_max",
+            "30s",
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        ),
+        max_packet_size: u.size_in("max_packet_size", 1024 * 1024, 1024, 256 * 1024 * 1024),
+    };
+    if upstream.reconnect_min > upstream.reconnect_max {
+        u.error("reconnect_min", "must not exceed upstream.reconnect_max");
+    }
+    if upstream.client_id.is_empty() {
+        u.error("client_id", "must not be empty");
+    }
+    if upstream.topic_prefix.contains(['+', '#']) {
+        u.error("topic_prefix", "must not contain MQTT wildcards '+' or '#'");
+    }
+    u.finish();
+
+    let mut m = top.section("metrics");
+    let metrics = MetricsConfig {
+        listen: m.opt_socket_addr("listen", "127.0.0.1:9883"),
+    };
+    m.finish();
+
+    let rules = crate::rules::config::compile(&mut top);
+    top.finish();
+
+    if errors.is_empty() {
+        Ok(Config {
+            gateway,
+            broker,
+            pipeline,
+            queue,
+            upstream,
+            metrics,
+            rules,
+            source,
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]` (default 8883).
+pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
+    let (tls, rest) = if let Some(r) = text.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = text.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!("{text:?} must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!(
+            "{text:?} must be mqtt[s]://host[:port] (credentials go in their own keys)"
+        ));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(h) = rest.strip_prefix('[') {
+        // [ipv6]:port
+        let (h, after) = h
+            .split_once(']')
+            .ok_or_else(|| format!("{text:?}: unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| format!("{text:?}: bad port {p:?}"))?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("{text:?}: unexpected {after:?}")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("{text:?}: bad port {p:?}"))?,
+            ),
+            None => (rest.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("{text:?} needs a host and a non-zero port"));
+    }
+    Ok(UpstreamUrl { tls, host, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let tree = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    key: "toml".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+        let root: config::Value = tree.try_deserialize().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "toml".into(),
+                message: e.to_string(),
+            }])
+        })?;
+        compile(&root, None)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_sensible() {
+        let c = Config::defaults();
+        assert_eq!(c.broker.listen, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.gateway.data_dir, PathBuf::from("./data"));
+        assert!(c.upstream.url.is_none());
+        assert_eq!(c.upstream.topic_prefix, format!("edge/{}", c.gateway.id));
+        assert_eq!(c.rules.len(), 1);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let err = from_toml(
+            r#"
+            [gateway]
+            id = "a/b"
+            colour = "blue"
+            [broker]
+            listen = "nowhere"
+            [queue]
+            sync = "sometimes"
+            [upstream]
+            url = "http://x"
+            ack_timeout = "soon"
+            [[rules]]
+            name = "r"
+            match = "a/#/b"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "gateway.id",
+            "gateway.colour",
+            "broker.listen",
+            "queue.sync",
+            "upstream.url",
+            "upstream.ack_timeout",
+            "rules[0].match",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            parse_upstream_url("mqtt://h").unwrap(),
+            UpstreamUrl {
+                tls: false,
+                host: "h".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(
+            parse_upstream_url("mqtts://h:1").unwrap(),
+            UpstreamUrl {
+                tls: true,
+                host: "h".into(),
+                port: 1
+            }
+        );
+        assert_eq!(parse_upstream_url("mqtt://[::1]:2").unwrap().host, "::1");
+        assert!(parse_upstream_url("mqtt://u:p@h").is_err());
+        assert!(parse_upstream_url("tcp://h").is_err());
+        assert!(parse_upstream_url("mqtt://h:x").is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_units() {
+        let c = from_toml(
+            "[broker]\nmax_payload_size = \"64KiB\"\n[upstream]\nack_timeout = \"1m 30s\"",
+        )
+        .unwrap();
+        assert_eq!(c.broker.max_payload_size, 64 * 1024);
+        assert_eq!(c.upstream.ack_timeout, Duration::from_secs(90));
+    }
+}

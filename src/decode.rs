@@ -1,0 +1,206 @@
+//! Payload decoding: what a sensor sent, as the rules and the envelope need it.
+//!
+//! - a JSON object becomes a reading with fields;
+//! - a JSON number, or plain numeric text (`21.5`, ` +3 `, `1e3`), a reading with one field
+//!   `value`;
+//! - other valid JSON (array, string, true/false/null) is kept as JSON data without fields;
+//! - anything else (binary, invalid UTF-8, malformed JSON) is opaque and forwarded as
+//!   `data_base64`.
+//!
+//! Invariant: decoding never fails and never drops a payload; `Json`/`Object`/`Number` bytes are
+//! valid JSON text.
+
+use bytes::Bytes;
+use serde::de::IgnoredAny;
+
+use crate::event::Data;
+
+/// Nesting deeper than this is not parsed as JSON (serde_json itself stops at 128): such
+/// payloads are forwarded opaque.
+const MAX_JSON_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A JSON object (its text, validated).
+    Object(Bytes),
+    /// A number, with its JSON text.
+    Number { value: f64, json: Bytes },
+    /// Valid JSON that is neither an object nor a number.
+    OtherJson(Bytes),
+    /// Not JSON, not numeric text.
+    Opaque(Bytes),
+}
+
+impl Payload {
+    pub fn decode(raw: Bytes) -> Payload {
+        let Ok(text) = std::str::from_utf8(&raw) else {
+            return Payload::Opaque(raw);
+        };
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Payload::Opaque(raw);
+        }
+        let first = trimmed.as_bytes()[0];
+        if first == b'{' || first == b'[' {
+            if nesting_depth(trimmed) > MAX_JSON_DEPTH
+                || serde_json::from_str::<IgnoredAny>(trimmed).is_err()
+            {
+                return Payload::Opaque(raw);
+            }
+            return if first == b'{' {
+                Payload::Object(raw)
+            } else {
+                Payload::OtherJson(raw)
+            };
+        }
+        if let Ok(value) = trimmed.parse::<f64>() {
+            if value.is_finite() && !trimmed.eq_ignore_ascii_case("infinity") {
+                let json = if serde_json::from_str::<f64>(trimmed).is_ok() {
+                    raw.slice_ref(trimmed.as_bytes())
+                } else {
+                    Bytes::from(
+                        serde_json::Number::from_f64(value)
+                            .map(|n| n.to_string())
+                            .unwrap_or_default(),
+                    )
+                };
+                return Payload::Number { value, json };
+            }
+            return Payload::Opaque(raw);
+        }
+        if serde_json::from_str::<IgnoredAny>(trimmed).is_ok() {
+            return Payload::OtherJson(raw);
+        }
+        Payload::Opaque(raw)
+    }
+
+    /// Is this a reading with fields (object or number)?
+    pub fn is_reading(&self) -> bool {
+        matches!(self, Payload::Object(_) | Payload::Number { .. })
+    }
+
+    /// The numeric value of a number payload.
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            Payload::Number { value, .. } => Some(*value),
+            _ => None,
+        }
+    }
+
+    /// Parsed fields of an object payload (`value` for a number).
+    pub fn fields(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        match self {
+            Payload::Object(b) => serde_json::from_slice(b).ok(),
+            Payload::Number { value, .. } => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".into(), serde_json::Number::from_f64(*value)?.into());
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+
+    /// The event data for this payload.
+    pub fn to_data(&self) -> Data {
+        match self {
+            Payload::Object(b) | Payload::OtherJson(b) => Data::Json(b.clone()),
+            Payload::Number { json, .. } => Data::Json(json.clone()),
+            Payload::Opaque(b) => Data::Binary(b.clone()),
+        }
+    }
+}
+
+/// Maximum bracket depth outside strings; cheap guard before parsing.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &[u8]) -> Payload {
+        Payload::decode(Bytes::copy_from_slice(s))
+    }
+
+    #[test]
+    fn objects_numbers_text() {
+        assert!(matches!(d(br#"{"t":21.5,"h":40}"#), Payload::Object(_)));
+        assert_eq!(d(b"21.5").number(), Some(21.5));
+        assert_eq!(d(b" 42\n").number(), Some(42.0));
+        match d(b"+3") {
+            Payload::Number { value, json } => {
+                assert_eq!(value, 3.0);
+                assert_eq!(&json[..], b"3.0");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(d(b"[1,2]"), Payload::OtherJson(_)));
+        assert!(matches!(d(b"\"on\""), Payload::OtherJson(_)));
+        assert!(matches!(d(b"true"), Payload::OtherJson(_)));
+    }
+
+    #[test]
+    fn opaque() {
+        for p in [
+            &b"ON"[..],
+            b"",
+            b"{bad json",
+            b"\xff\xfe",
+            b"NaN",
+            b"inf",
+            b"1e999",
+            b"{\"a\":1}}",
+        ] {
+            assert!(
+                matches!(d(p), Payload::Opaque(_)),
+                "{:?}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(matches!(d(deep.as_bytes()), Payload::Opaque(_)));
+    }
+
+    #[test]
+    fn fields() {
+        let f = d(br#"{"t":21.5}"#).fields().unwrap();
+        assert_eq!(f["t"], 21.5);
+        let f = d(b"7").fields().unwrap();
+        assert_eq!(f["value"], 7.0);
+        assert!(d(b"x").fields().is_none());
+    }
+
+    #[test]
+    fn data_is_valid_json_or_binary() {
+        for p in [&b"{\"a\":[1,2]}"[..], b" 5 ", b"+5", b"[true]", b"\x00\x01"] {
+            match d(p).to_data() {
+                Data::Json(b) => {
+                    serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+                }
+                Data::Binary(b) => assert_eq!(&b[..], p),
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Wiring of the stages, startup order, supervision and shutdown.
+//!
+//! ```text
+//! sensors ─MQTT─> broker (rumqttd router) ─local link─> ingest ─[readings]─> rules
+//!     ─[Append]─> queue writer (SQLite thread) <─[Lease/Ack]─ forwarder ─MQTT QoS1─> upstream
+//! ```
+//!
+//! Startup: queue (open, integrity), broker (listening), stages, metrics endpoint; only then is
+//! the gateway ready. Shutdown goes from the edge inwards: stop accepting sensors, drain the
+//! ingest link, let the rules hand everything to the queue, let the forwarder wait for in-flight
+//! PUBACKs (up to a deadline), commit, close the file.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::broker::ingest::{Ingest, IngestEnd};
+use crate::broker::{Broker, BrokerError};
+use crate::config::Config;
+use crate::forwarder::{Forwarder, UpstreamStatus};
+use crate::ops::metrics::Metrics;
+use crate::ops::{http, systemd};
+use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
+use crate::rules::stage::RulesStage;
+use crate::rules::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Queue(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// How long shutdown waits for in-flight upstream acknowledgements.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A running gateway.
+pub struct Gateway {
+    pub broker_addr: SocketAddr,
+    pub broker_addr_v5: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    shutdown_tx: watch::Sender<bool>,
+    ingest: JoinHandle<IngestEnd>,
+    rules: JoinHandle<()>,
+    forwarder: JoinHandle<()>,
+    supervisor: JoinHandle<()>,
+    http: Option<JoinHandle<()>>,
+    writer: QueueWriter,
+    queue: QueueHandle,
+    broker: Arc<Broker>,
+    upstream: watch::Receiver<UpstreamStatus>,
+}
+
+/// The ingest link's client id: unguessable, so a remote client cannot take it over.
+fn ingest_client_id() -> String {
+    format!("edgegate-ingest-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let metrics = Metrics::new();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+        // 1. Queue.
+        let path = config.queue_path();
+        let sync = config.queue.sync;
+        let store = tokio::task::spawn_blocking(move || Store::open(&path, sync))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        tracing::info!(path = %config.queue_path().display(), depth = store.depth(), next_sequence = store.next_seq(), "queue open");
+        let source = format!("edgegate://{}", config.gateway.id);
+        let capacity = config.pipeline.channel_capacity;
+        let (queue, writer) =
+            queue::start(store, &config.queue, source, capacity, metrics.clone())?;
+
+        // 2. Broker and the ingest link.
+        let broker = Arc::new(Broker::start(&config.broker).await?);
+        let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
+        link_tx
+            .subscribe("#")
+            .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
+
+        // 3. Stages.
+        let (readings_tx, readings_rx) = flume::bounded(capacity);
+        let ingest = tokio::spawn(
+            Ingest {
+                link: link_rx,
+                out: readings_tx,
+                when_full: config.pipeline.when_full,
+                metrics: metrics.clone(),
+                shutdown: shutdown_rx.clone(),
+            }
+            .run(),
+        );
+        let rules = tokio::spawn(
+            RulesStage {
+                engine: Engine::new(&config.rules, &config.upstream.topic_prefix),
+                input: readings_rx,
+                queue: queue.clone(),
+                when_full: config.pipeline.when_full,
+                metrics: metrics.clone(),
+            }
+            .run(),
+        );
+        let (status_tx, upstream) = watch::channel(UpstreamStatus::default());
+        let forwarder = tokio::spawn(
+            Forwarder::new(
+                config.upstream.clone(),
+                queue.clone(),
+                metrics.clone(),
+                status_tx,
+                shutdown_rx.clone(),
+                DRAIN_TIMEOUT,
+            )
+            .run(),
+        );
+        if let Some(url) = &config.upstream.url {
+            tracing::info!(upstream = %url, topic_prefix = %config.upstream.topic_prefix, "forwarding upstream");
+        } else {
+            tracing::info!("no upstream configured: events are queued only");
+        }
+
+        // 4. Supervision and the metrics endpoint.
+        let problems: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec!["starting".into()]));
+        let watched = Watched {
+            broker: broker.clone(),
+            stages: vec![
+                ("ingest", ingest.abort_handle()),
+                ("rules", rules.abort_handle()),
+                ("forwarder", forwarder.abort_handle()),
+            ],
+            queue: queue.clone(),
+            upstream: upstream.clone(),
+            upstream_configured: config.upstream.url.is_some(),
+            problems: problems.clone(),
+            metrics: metrics.clone(),
+        };
+        let supervisor = tokio::spawn(watched.run(shutdown_rx));
+        let (metrics_addr, http) = match config.metrics.listen {
+            Some(addr) => {
+                let p = problems.clone();
+                let health: http::HealthFn =
+                    Arc::new(move || p.lock().map(|v| v.clone()).unwrap_or_default());
+                let (bound, task) = http::serve(addr, metrics.clone(), health)
+                    .await
+                    .map_err(|source| StartError::Metrics { addr, source })?;
+                (Some(bound), Some(task))
+            }
+            None => (None, None),
+        };
+
+        Ok(Gateway {
+            broker_addr: broker.addr,
+            broker_addr_v5: broker.addr_v5,
+            metrics_addr,
+            metrics,
+            shutdown_tx,
+            ingest,
+            rules,
+            forwarder,
+            supervisor,
+            http,
+            writer,
+            queue,
+            broker,
+            upstream,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn upstream_connected(&self) -> bool {
+        self.upstream.borrow().connected
+    }
+
+    pub async fn queue_stats(&self) -> Option<Stats> {
+        self.queue.stats().await.ok()
+    }
+
+    /// Stop from the edge inwards; returns the queue depth left for the next start.
+    pub async fn shutdown(self) -> Option<Stats> {
+        systemd::stopping();
+        tracing::info!("shutting down");
+        self.broker.stop_listeners();
+        let _ = self.shutdown_tx.send(true);
+        match self.ingest.await {
+            Ok(IngestEnd::LinkLost(e)) => {
+                tracing::error!(error = %e, "ingest link was lost before shutdown")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "ingest task failed"),
+        }
+        if let Err(e) = self.rules.await {
+            tracing::error!(error = %e, "rules task failed");
+        }
+        if let Err(e) = self.forwarder.await {
+            tracing::error!(error = %e, "forwarder task failed");
+        }
+        self.supervisor.abort();
+        if let Some(h) = self.http {
+            h.abort();
+        }
+        let stats = self.queue.stats().await.ok();
+        drop(self.queue);
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        if let Some(s) = &stats {
+            tracing::info!(queued = s.depth, "stopped");
+        }
+        stats
+    }
+}
+
+/// Run until `shutdown` resolves, then stop gracefully.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Option<Stats>, StartError> {
+    let gw = Gateway::start(config).await?;
+    systemd::ready(&format!("listening on {}", gw.broker_addr));
+    shutdown.await;
+    Ok(gw.shutdown().await)
+}
+
+/// Periodic health check: feeds `/healthz`, systemd `STATUS=` and the watchdog.
+struct Watched {
+    broker: Arc<Broker>,
+    stages: Vec<(&'static str, AbortHandle)>,
+    queue: QueueHandle,
+    upstream: watch::Receiver<UpstreamStatus>,
+    upstream_configured: bool,
+    problems: Arc<Mutex<Vec<String>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Watched {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let watchdog = systemd::watchdog_interval();
+        let period = watchdog
+            .map(|w| (w / 3).min(Duration::from_secs(2)))
+            .unwrap_or(Duration::from_secs(2));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let mut problems = Vec::new();
+            if !self.broker.listeners_alive() {
+                problems.push("broker listener stopped".to_string());
+            }
+            for (name, h) in &self.stages {
+                if h.is_finished() {
+                    problems.push(format!("{name} stage stopped"));
+                }
+            }
+            let stats = match tokio::time::timeout(Duration::from_secs(5), self.queue.stats()).await
+            {
+                Ok(Ok(s)) => Some(s),
+                _ => {
+                    problems.push("queue writer not responding".to_string());
+                    None
+                }
+            };
+            let up = self.upstream.borrow().clone();
+            let upstream = if !self.upstream_configured {
+                "no upstream".to_string()
+            } else if up.connected {
+                "upstream connected".to_string()
+            } else {
+                format!(
+                    "upstream disconnected ({})",
+                    up.last_error.as_deref().unwrap_or("connecting")
+                )
+            };
+            let depth = stats.as_ref().map(|s| s.depth).unwrap_or(0);
+            systemd::status(&format!(
+                "{upstream}; queue {depth} events; {} readings in",
+                self.metrics.readings_received.get()
+            ));
+            if problems.is_empty() {
+                systemd::watchdog_ping();
+            } else {
+                tracing::error!(?problems, "gateway unhealthy");
+            }
+            if let Ok(mut p) = self.problems.lock() {
+                *p = problems;
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! edgegate: an edge event gateway.
+//!
+//! Sensors publish to the embedded MQTT [`broker`]; every reading is [`decode`]d and run
+//! through the [`rules`]; events bound upstream are committed to the durable [`queue`] and
+//! delivered at-least-once by the [`forwarder`]. [`gateway`] wires the stages together;
+//! [`config`] and [`ops`] (metrics, health, logging, systemd) surround them. See
+//! ARCHITECTURE.md for the task and channel diagram.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod event;
+pub mod forwarder;
+pub mod gateway;
+pub mod ops;
+pub mod queue;
+pub mod rules;
+
+pub use config::Config;
+pub use gateway::{run, Gateway};
+
+/// Install the process-wide TLS crypto provider (ring) once; the upstream client needs it.
+pub fn init_crypto() {
+    let _ = rumqttc_rustls_provider();
+}
+
+fn rumqttc_rustls_provider() -> Result<(), ()> {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| ())
+}

@@ -1,0 +1,113 @@
+//! The `edgegate` command: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgegate::cli::{self, exit};
+
+#[derive(Parser)]
+#[command(
+    name = "edgegate",
+    version,
+    about = "Edge event gateway: MQTT broker, rules, durable store-and-forward"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (built-in defaults without --config).
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration: exit 0 if valid, else list every error with its key (exit 78).
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Show the whole mission on one machine: sensors, gateway, a cloud broker, an outage.
+    Demo {
+        /// Length of the demo in seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Inspect the store-and-forward queue (works while the daemon runs).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Depth, bytes, age of the oldest event.
+    Stats {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => cli::check_config(config.as_deref()),
+        Command::Demo { seconds } => edgegate::demo::main(seconds),
+        Command::Queue {
+            command: QueueCommand::Stats { config, json },
+        } => cli::queue_stats(config.as_deref(), json),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn run(path: Option<PathBuf>) -> i32 {
+    let config = match cli::load_config(path.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    edgegate::ops::logging::init(&config.gateway.log_level);
+    edgegate::init_crypto();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgegate: cannot start the runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    runtime.block_on(async move {
+        match edgegate::run(config, shutdown_signal()).await {
+            Ok(_) => exit::OK,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("edgegate: {e}");
+                match e {
+                    edgegate::gateway::StartError::Queue(_) => exit::IOERR,
+                    _ => exit::UNAVAILABLE,
+                }
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,229 @@
+//! Metrics of one gateway instance (Prometheus text format on `metrics.listen`), and the
+//! rate-limited log line that goes with every drop counter.
+//!
+//! Invariant: every event that leaves the pipeline other than by an upstream PUBACK goes through
+//! [`Metrics::drop_events`], which counts it by reason and logs it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Why an event or reading was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The ingest link fell behind the broker's in-memory log and readings were skipped.
+    BrokerSkipped,
+    /// A channel between stages was full and `pipeline.when_full = "drop_newest"`.
+    ChannelFull,
+    /// No rule forwards the reading's topic.
+    Unrouted,
+    /// A `drop` rule matched.
+    RuleDrop,
+    /// A sensor published on a topic reserved for the gateway (`edgegate/...`, `$...`).
+    ReservedTopic,
+    /// The queue could not store the event (I/O error, disk full) and its memory buffer was full.
+    QueueWriteFailed,
+    /// The gateway stopped before the event could be committed.
+    Shutdown,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::BrokerSkipped => "broker_skipped",
+            DropReason::ChannelFull => "channel_full",
+            DropReason::Unrouted => "unrouted",
+            DropReason::RuleDrop => "rule_drop",
+            DropReason::ReservedTopic => "reserved_topic",
+            DropReason::QueueWriteFailed => "queue_write_failed",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Drops a user asked for (configuration) are logged at debug, the rest as warnings.
+    fn is_by_config(self) -> bool {
+        matches!(self, DropReason::Unrouted | DropReason::RuleDrop)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The counters and gauges of one gateway.
+pub struct Metrics {
+    registry: Registry,
+    pub readings_received: Counter,
+    dropped: Family<ReasonLabel, Counter>,
+    pub events_committed: Counter,
+    pub events_forwarded: Counter,
+    pub events_resent: Counter,
+    pub commits: Counter,
+    pub queue_depth: Gauge,
+    pub queue_bytes: Gauge,
+    pub upstream_connected: Gauge,
+    pub upstream_reconnects: Counter,
+    pub ack_latency: Histogram,
+    /// Totals per reason kept beside the Prometheus family, for tests and summaries.
+    drop_totals: Mutex<HashMap<DropReason, u64>>,
+    drop_log: Mutex<HashMap<DropReason, (Instant, u64)>>,
+    pub last_sequence: AtomicU64,
+    pub oldest_queued_us: AtomicI64,
+}
+
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("edgegate");
+        let m = Metrics {
+            readings_received: Counter::default(),
+            dropped: Family::default(),
+            events_committed: Counter::default(),
+            events_forwarded: Counter::default(),
+            events_resent: Counter::default(),
+            commits: Counter::default(),
+            queue_depth: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            upstream_connected: Gauge::default(),
+            upstream_reconnects: Counter::default(),
+            ack_latency: Histogram::new(
+                [
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]
+                .into_iter(),
+            ),
+            drop_totals: Mutex::new(HashMap::new()),
+            drop_log: Mutex::new(HashMap::new()),
+            last_sequence: AtomicU64::new(0),
+            oldest_queued_us: AtomicI64::new(0),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "readings_received",
+            "Publishes received from sensors",
+            m.readings_received.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Readings or events dropped, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "events_committed",
+            "Events committed to the queue",
+            m.events_committed.clone(),
+        );
+        registry.register(
+            "events_forwarded",
+            "Events acknowledged by the upstream broker",
+            m.events_forwarded.clone(),
+        );
+        registry.register(
+            "events_resent",
+            "Events sent again after a reconnect",
+            m.events_resent.clone(),
+        );
+        registry.register(
+            "queue_commits",
+            "Queue transactions committed",
+            m.commits.clone(),
+        );
+        registry.register("queue_depth", "Events in the queue", m.queue_depth.clone());
+        registry.register(
+            "queue_bytes",
+            "Bytes of event data in the queue",
+            m.queue_bytes.clone(),
+        );
+        registry.register(
+            "upstream_connected",
+            "1 when connected to the upstream broker",
+            m.upstream_connected.clone(),
+        );
+        registry.register(
+            "upstream_reconnects",
+            "Upstream connection attempts after the first",
+            m.upstream_reconnects.clone(),
+        );
+        registry.register(
+            "upstream_ack_latency_seconds",
+            "Time from publish to PUBACK upstream",
+            m.ack_latency.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Count `n` dropped events and log it, at most once per reason every 10 s.
+    pub fn drop_events(&self, reason: DropReason, n: u64, detail: &dyn std::fmt::Display) {
+        if n == 0 {
+            return;
+        }
+        self.dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc_by(n);
+        if let Ok(mut t) = self.drop_totals.lock() {
+            *t.entry(reason).or_default() += n;
+        }
+        let Ok(mut log) = self.drop_log.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let entry = log
+            .entry(reason)
+            .or_insert((now - DROP_LOG_INTERVAL * 2, 0));
+        entry.1 += n;
+        if now.duration_since(entry.0) >= DROP_LOG_INTERVAL {
+            let count = std::mem::take(&mut entry.1);
+            entry.0 = now;
+            if reason.is_by_config() {
+                tracing::debug!(reason = reason.as_str(), count, %detail, "events dropped");
+            } else {
+                tracing::warn!(reason = reason.as_str(), count, %detail, "events dropped");
+            }
+        }
+    }
+
+    /// Total dropped for `reason` since start.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drop_totals
+            .lock()
+            .map(|t| t.get(&reason).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// All drops since start, by reason name.
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self
+            .drop_totals
+            .lock()
+            .map(|t| t.iter().map(|(r, n)| (r.as_str(), *n)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn set_last_sequence(&self, seq: u64) {
+        self.last_sequence.store(seq, Ordering::Relaxed);
+    }
+}

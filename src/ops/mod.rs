@@ -1,0 +1,6 @@
+//! Operations around the pipeline: metrics and health endpoint, logging, systemd integration.
+
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod systemd;
