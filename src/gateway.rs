@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 
 use crate::broker::ingest::{Ingest, IngestEnd};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::forwarder::{Forwarder, UpstreamStatus};
 use crate::ops::metrics::Metrics;
-use crate::ops::{http, systemd};
+use crate::ops::{http, supervisor, systemd};
 use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
 use crate::rules::stage::RulesStage;
 use crate::rules::Engine;
@@ -134,7 +134,7 @@ impl Gateway {
 
         // 4. Supervision and the metrics endpoint.
         let problems: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec!["starting".into()]));
-        let watched = Watched {
+        let watched = supervisor::Watched {
             broker: broker.clone(),
             stages: vec![
                 ("ingest", ingest.abort_handle()),
@@ -234,72 +234,4 @@ pub async fn run(
     systemd::ready(&format!("listening on {}", gw.broker_addr));
     shutdown.await;
     Ok(gw.shutdown().await)
-}
-
-/// Periodic health check: feeds `/healthz`, systemd `STATUS=` and the watchdog.
-struct Watched {
-    broker: Arc<Broker>,
-    stages: Vec<(&'static str, AbortHandle)>,
-    queue: QueueHandle,
-    upstream: watch::Receiver<UpstreamStatus>,
-    upstream_configured: bool,
-    problems: Arc<Mutex<Vec<String>>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Watched {
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let watchdog = systemd::watchdog_interval();
-        let period = watchdog
-            .map(|w| (w / 3).min(Duration::from_secs(2)))
-            .unwrap_or(Duration::from_secs(2));
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let mut problems = Vec::new();
-            if !self.broker.listeners_alive() {
-                problems.push("broker listener stopped".to_string());
-            }
-            for (name, h) in &self.stages {
-                if h.is_finished() {
-                    problems.push(format!("{name} stage stopped"));
-                }
-            }
-            let stats = match tokio::time::timeout(Duration::from_secs(5), self.queue.stats()).await
-            {
-                Ok(Ok(s)) => Some(s),
-                _ => {
-                    problems.push("queue writer not responding".to_string());
-                    None
-                }
-            };
-            let up = self.upstream.borrow().clone();
-            let upstream = if !self.upstream_configured {
-                "no upstream".to_string()
-            } else if up.connected {
-                "upstream connected".to_string()
-            } else {
-                format!(
-                    "upstream disconnected ({})",
-                    up.last_error.as_deref().unwrap_or("connecting")
-                )
-            };
-            let depth = stats.as_ref().map(|s| s.depth).unwrap_or(0);
-            systemd::status(&format!(
-                "{upstream}; queue {depth} events; {} readings in",
-                self.metrics.readings_received.get()
-            ));
-            if problems.is_empty() {
-                systemd::watchdog_ping();
-            } else {
-                tracing::error!(?problems, "gateway unhealthy");
-            }
-            if let Ok(mut p) = self.problems.lock() {
-                *p = problems;
-            }
-        }
-    }
 }
