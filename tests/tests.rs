@@ -1,1 +1,6 @@
+//! Integration tests: one binary, real parts (embedded broker on port 0, SQLite in a temp dir,
+//! Mosquitto as the upstream, MQTT clients as sensors).
 
+mod util;
+
+mod pipeline;

@@ -1,0 +1,228 @@
+//! The event path end to end: sensor -> embedded broker -> rules -> queue -> upstream Mosquitto.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_arrive_upstream_as_cloudevents() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+
+    let sensor = Sensor::connect(gw.broker_addr, "boiler-1").await;
+    sensor.publish("sensors/boiler-1/temp", r#"{"t":21.5,"unit":"C"}"#).await;
+    sensor.publish("sensors/boiler-1/temp", "22.25").await;
+    sensor.publish("sensors/boiler-1/temp", " +7 ").await;
+
+    let got = cloud.wait_for(3, WAIT).await;
+    for (topic, _) in &got {
+        assert_eq!(topic, "edge/gw1/sensors/boiler-1/temp");
+    }
+    let first = &got[0].1;
+    assert_eq!(first["specversion"], "1.0");
+    assert_eq!(first["source"], "edgegate://gw1");
+    assert_eq!(first["type"], "io.edgegate.reading");
+    assert_eq!(first["subject"], "sensors/boiler-1/temp");
+    assert_eq!(first["datacontenttype"], "application/json");
+    assert_eq!(first["data"]["t"], 21.5);
+    assert_eq!(first["data"]["unit"], "C");
+    let time = first["time"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(time).is_ok(), "RFC 3339 time: {time}");
+    assert!(time.contains('.'), "sub-second precision: {time}");
+    assert_eq!(got[1].1["data"], 22.25);
+    assert_eq!(got[2].1["data"], 7.0);
+
+    let ids: HashSet<&str> = got.iter().map(|(_, v)| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "ids are unique");
+    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(&v)).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+
+    let stats = gw.queue_stats().await.unwrap();
+    assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 3).await);
+    assert!(stats.depth <= 3);
+    let left = gw.shutdown().await.unwrap();
+    assert_eq!(left.depth, 0, "acknowledged events are deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
+    let cloud_broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+
+    // The cloud side is mosquitto_sub here, the sensor mosquitto_pub.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-p", &cloud_broker.port.to_string(), "-t", "edge/#", "-C", "2", "-W", "20", "-q", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub is installed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bin = dir.path().join("blob.bin");
+    std::fs::write(&bin, [0u8, 0x9f, 0x92, 0x96, 0xff]).unwrap();
+    let port = gw.broker_addr.port().to_string();
+    let status = Command::new("mosquitto_pub")
+        .args(["-p", &port, "-q", "1", "-t", "sensors/cam/raw", "-f"])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("mosquitto_pub")
+        .args(["-p", &port, "-q", "1", "-t", "sensors/cam/state", "-m", "{not json"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output()).await.unwrap().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["subject"], "sensors/cam/raw");
+    assert_eq!(lines[0]["datacontenttype"], "application/octet-stream");
+    assert_eq!(lines[0]["data_base64"], "AJ+Slv8=");
+    assert!(lines[0].get("data").is_none());
+    assert_eq!(lines[1]["data_base64"], "e25vdCBqc29u");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&format!("mqtt://127.0.0.1:{port}")))).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    for i in 0..200 {
+        sensor.publish(&format!("sensors/s{}/v", i % 4), format!("{i}")).await;
+    }
+    sensor.wait_acked(200).await;
+    assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 200).await);
+    assert_eq!(gw.queue_stats().await.unwrap().depth, 200);
+    assert!(!gw.upstream_connected());
+
+    let cloud_broker = Mosquitto::start_on(port);
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let got = cloud.wait_for(200, WAIT).await;
+    // Each reading once, in order, sequence without gaps.
+    let values: Vec<f64> = got.iter().map(|(_, v)| v["data"].as_f64().unwrap()).collect();
+    let expected: Vec<f64> = (0..200).map(|i| i as f64).collect();
+    assert_eq!(values, expected);
+    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 200).await);
+    assert_eq!(gw.shutdown().await.unwrap().depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_continues_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // First run: no upstream, three readings queue up.
+    let gw = start_gateway(test_config(dir.path(), None)).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    for i in 0..3 {
+        sensor.publish("sensors/a/v", format!("{i}")).await;
+    }
+    sensor.wait_acked(3).await;
+    assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 3).await);
+    drop(sensor);
+    assert_eq!(gw.shutdown().await.unwrap().depth, 3);
+
+    // Second run on the same data dir, now with an upstream.
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    for i in 3..5 {
+        sensor.publish("sensors/a/v", format!("{i}")).await;
+    }
+    let got = cloud.wait_for(5, WAIT).await;
+    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    let values: Vec<f64> = got.iter().map(|(_, v)| v["data"].as_f64().unwrap()).collect();
+    assert_eq!(values, [0.0, 1.0, 2.0, 3.0, 4.0]);
+    assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 5).await);
+    gw.shutdown().await;
+
+    // Third run: everything was acknowledged and deleted; numbering still goes on.
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    sensor.publish("sensors/a/v", "5").await;
+    let got = cloud.wait_for(6, WAIT).await;
+    assert_eq!(seq(&got[5].1), 6);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_rules_forward_and_drop_with_counts() {
+    use edgegate::config::{RuleAction, RuleConfig};
+    use edgegate::ops::metrics::DropReason;
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
+    cfg.rules = vec![
+        RuleConfig { name: "no-debug".into(), filter: "sensors/+/debug".into(), action: RuleAction::Drop },
+        RuleConfig { name: "sensors".into(), filter: "sensors/#".into(), action: RuleAction::Forward },
+    ];
+    let gw = start_gateway(cfg).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    sensor.publish("sensors/a/debug", "1").await;
+    sensor.publish("other/topic", "2").await;
+    sensor.publish("sensors/a/temp", "3").await;
+    let got = cloud.wait_for(1, WAIT).await;
+    assert_eq!(got[0].1["subject"], "sensors/a/temp");
+    let m = gw.metrics().clone();
+    assert!(eventually(WAIT, || m.dropped(DropReason::RuleDrop) == 1 && m.dropped(DropReason::Unrouted) == 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cloud.count(), 1, "dropped readings are not forwarded");
+    gw.shutdown().await;
+}
+
+#[test]
+fn check_config_lists_every_error_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+[gateway]
+id = ""
+[broker]
+listen = "localhost"
+[upstream]
+url = "http://cloud"
+inflight = 0
+[queue]
+sync = "maybe"
+[metrics]
+listen = "nope"
+[[rules]]
+match = "a/#/b"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate")).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["gateway.id", "broker.listen", "upstream.url", "upstream.inflight", "queue.sync", "metrics.listen", "rules[0].match"] {
+        assert!(err.contains(&format!("{key}:")), "missing {key} in:\n{err}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/edgegate.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "shipped config is valid: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Environment overrides use a double underscore and are validated too.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .arg("check-config")
+        .env("EDGEGATE__UPSTREAM__ACK_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.ack_timeout:"));
+}

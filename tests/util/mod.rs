@@ -1,0 +1,260 @@
+//! Shared helpers: real Mosquitto brokers on free ports, the gateway in-process on port 0 with a
+//! temp data dir, real MQTT clients as sensors and as the cloud consumer.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgegate::config::{parse_upstream_url, Config};
+use edgegate::Gateway;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// A real Mosquitto (Debian package) playing the cloud broker.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = Mosquitto { port, dir, child: None };
+        m.restart();
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)start the process on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\npersistence false\n",
+                self.port
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().map(|s| s.success());
+        assert_eq!(ok.ok(), Some(true), "kill -{sig}");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // A SIGSTOPped broker must be continued to die cleanly.
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+        }
+        self.kill();
+    }
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+/// A gateway configuration for tests: broker on port 0, data in `data_dir`, no metrics
+/// endpoint, the given upstream.
+pub fn test_config(data_dir: &Path, upstream: Option<&str>) -> Config {
+    let mut c = Config::defaults();
+    c.gateway.id = "gw1".into();
+    c.gateway.data_dir = data_dir.to_path_buf();
+    c.broker.listen = "127.0.0.1:0".parse().unwrap();
+    c.metrics.listen = None;
+    c.upstream.topic_prefix = "edge/gw1".into();
+    c.upstream.url = upstream.map(|u| parse_upstream_url(u).expect("url"));
+    c.upstream.reconnect_min = Duration::from_millis(50);
+    c.upstream.reconnect_max = Duration::from_millis(500);
+    c
+}
+
+pub async fn start_gateway(config: Config) -> Gateway {
+    init_logs();
+    edgegate::init_crypto();
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+/// A sensor: a real MQTT client (rumqttc) connected to the gateway's broker.
+pub struct Sensor {
+    pub client: AsyncClient,
+    acks: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sensor {
+    pub async fn connect(addr: SocketAddr, id: &str) -> Sensor {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let acks = Arc::new(Mutex::new(0u64));
+        let a = acks.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => *a.lock().unwrap() += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Sensor { client, acks, task }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish request");
+    }
+
+    /// Wait until the broker acknowledged `n` publishes in all.
+    pub async fn wait_acked(&self, n: u64) {
+        let acks = self.acks.clone();
+        assert!(
+            eventually(Duration::from_secs(20), || *acks.lock().unwrap() >= n).await,
+            "sensor got {} of {n} PUBACKs",
+            *self.acks.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Sensor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The cloud consumer: subscribes on the upstream broker and keeps every message.
+pub struct Cloud {
+    pub received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cloud {
+    pub async fn subscribe(port: u16, filter: &str) -> Cloud {
+        let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let r = received.clone();
+        let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut subacked = Some(subacked_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subacked.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => r.lock().unwrap().push((p.topic, p.payload.to_vec())),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subacked_rx).await.expect("SUBACK in time").expect("SUBACK");
+        Cloud { received, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<(String, Value)> {
+        let r = self.received.clone();
+        let ok = eventually(timeout, || r.lock().unwrap().len() >= n).await;
+        let got = self.envelopes();
+        assert!(ok, "cloud received {} of {n} events", got.len());
+        got
+    }
+
+    /// Everything received so far, parsed as JSON.
+    pub fn envelopes(&self) -> Vec<(String, Value)> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, p)| (t.clone(), serde_json::from_slice(p).expect("envelope is JSON")))
+            .collect()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `sequence` of an envelope as a number.
+pub fn seq(v: &Value) -> u64 {
+    v["sequence"].as_str().expect("sequence is a string").parse().expect("sequence is numeric")
+}
