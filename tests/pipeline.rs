@@ -16,7 +16,9 @@ async fn readings_arrive_upstream_as_cloudevents() {
     let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
 
     let sensor = Sensor::connect(gw.broker_addr, "boiler-1").await;
-    sensor.publish("sensors/boiler-1/temp", r#"{"t":21.5,"unit":"C"}"#).await;
+    sensor
+        .publish("sensors/boiler-1/temp", r#"{"t":21.5,"unit":"C"}"#)
+        .await;
     sensor.publish("sensors/boiler-1/temp", "22.25").await;
     sensor.publish("sensors/boiler-1/temp", " +7 ").await;
 
@@ -33,14 +35,17 @@ async fn readings_arrive_upstream_as_cloudevents() {
     assert_eq!(first["data"]["t"], 21.5);
     assert_eq!(first["data"]["unit"], "C");
     let time = first["time"].as_str().unwrap();
-    assert!(humantime::parse_rfc3339(time).is_ok(), "RFC 3339 time: {time}");
+    assert!(
+        humantime::parse_rfc3339(time).is_ok(),
+        "RFC 3339 time: {time}"
+    );
     assert!(time.contains('.'), "sub-second precision: {time}");
     assert_eq!(got[1].1["data"], 22.25);
     assert_eq!(got[2].1["data"], 7.0);
 
     let ids: HashSet<&str> = got.iter().map(|(_, v)| v["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 3, "ids are unique");
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(&v)).collect();
+    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
     assert_eq!(seqs, [1, 2, 3]);
 
     let stats = gw.queue_stats().await.unwrap();
@@ -58,7 +63,18 @@ async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
 
     // The cloud side is mosquitto_sub here, the sensor mosquitto_pub.
     let sub = Command::new("mosquitto_sub")
-        .args(["-p", &cloud_broker.port.to_string(), "-t", "edge/#", "-C", "2", "-W", "20", "-q", "1"])
+        .args([
+            "-p",
+            &cloud_broker.port.to_string(),
+            "-t",
+            "edge/#",
+            "-C",
+            "2",
+            "-W",
+            "20",
+            "-q",
+            "1",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub is installed");
@@ -73,13 +89,28 @@ async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
         .unwrap();
     assert!(status.success());
     let status = Command::new("mosquitto_pub")
-        .args(["-p", &port, "-q", "1", "-t", "sensors/cam/state", "-m", "{not json"])
+        .args([
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "sensors/cam/state",
+            "-m",
+            "{not json",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
-    let out = tokio::task::spawn_blocking(move || sub.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert_eq!(lines[0]["subject"], "sensors/cam/raw");
     assert_eq!(lines[0]["datacontenttype"], "application/octet-stream");
@@ -93,10 +124,16 @@ async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
 async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let gw = start_gateway(test_config(dir.path(), Some(&format!("mqtt://127.0.0.1:{port}")))).await;
+    let gw = start_gateway(test_config(
+        dir.path(),
+        Some(&format!("mqtt://127.0.0.1:{port}")),
+    ))
+    .await;
     let sensor = Sensor::connect(gw.broker_addr, "s1").await;
     for i in 0..200 {
-        sensor.publish(&format!("sensors/s{}/v", i % 4), format!("{i}")).await;
+        sensor
+            .publish(&format!("sensors/s{}/v", i % 4), format!("{i}"))
+            .await;
     }
     sensor.wait_acked(200).await;
     assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 200).await);
@@ -107,7 +144,10 @@ async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
     let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
     let got = cloud.wait_for(200, WAIT).await;
     // Each reading once, in order, sequence without gaps.
-    let values: Vec<f64> = got.iter().map(|(_, v)| v["data"].as_f64().unwrap()).collect();
+    let values: Vec<f64> = got
+        .iter()
+        .map(|(_, v)| v["data"].as_f64().unwrap())
+        .collect();
     let expected: Vec<f64> = (0..200).map(|i| i as f64).collect();
     assert_eq!(values, expected);
     let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
@@ -141,7 +181,10 @@ async fn sequence_continues_across_a_restart() {
     let got = cloud.wait_for(5, WAIT).await;
     let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
-    let values: Vec<f64> = got.iter().map(|(_, v)| v["data"].as_f64().unwrap()).collect();
+    let values: Vec<f64> = got
+        .iter()
+        .map(|(_, v)| v["data"].as_f64().unwrap())
+        .collect();
     assert_eq!(values, [0.0, 1.0, 2.0, 3.0, 4.0]);
     assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 5).await);
     gw.shutdown().await;
@@ -164,8 +207,16 @@ async fn routing_rules_forward_and_drop_with_counts() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
     cfg.rules = vec![
-        RuleConfig { name: "no-debug".into(), filter: "sensors/+/debug".into(), action: RuleAction::Drop },
-        RuleConfig { name: "sensors".into(), filter: "sensors/#".into(), action: RuleAction::Forward },
+        RuleConfig {
+            name: "no-debug".into(),
+            filter: "sensors/+/debug".into(),
+            action: RuleAction::Drop,
+        },
+        RuleConfig {
+            name: "sensors".into(),
+            filter: "sensors/#".into(),
+            action: RuleAction::Forward,
+        },
     ];
     let gw = start_gateway(cfg).await;
     let sensor = Sensor::connect(gw.broker_addr, "s1").await;
@@ -175,7 +226,11 @@ async fn routing_rules_forward_and_drop_with_counts() {
     let got = cloud.wait_for(1, WAIT).await;
     assert_eq!(got[0].1["subject"], "sensors/a/temp");
     let m = gw.metrics().clone();
-    assert!(eventually(WAIT, || m.dropped(DropReason::RuleDrop) == 1 && m.dropped(DropReason::Unrouted) == 1).await);
+    assert!(
+        eventually(WAIT, || m.dropped(DropReason::RuleDrop) == 1
+            && m.dropped(DropReason::Unrouted) == 1)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(cloud.count(), 1, "dropped readings are not forwarded");
     gw.shutdown().await;
@@ -204,18 +259,38 @@ match = "a/#/b"
 "#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate")).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["gateway.id", "broker.listen", "upstream.url", "upstream.inflight", "queue.sync", "metrics.listen", "rules[0].match"] {
+    for key in [
+        "gateway.id",
+        "broker.listen",
+        "upstream.url",
+        "upstream.inflight",
+        "queue.sync",
+        "metrics.listen",
+        "rules[0].match",
+    ] {
         assert!(err.contains(&format!("{key}:")), "missing {key} in:\n{err}");
     }
 
     let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/edgegate.toml")])
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/edgegate.toml"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "shipped config is valid: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "shipped config is valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Environment overrides use a double underscore and are validated too.
     let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))

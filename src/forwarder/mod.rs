@@ -78,6 +78,7 @@ impl Forwarder {
             return;
         };
         let mut attempt: u32 = 0;
+        let mut down_since: Option<Instant> = None;
         loop {
             if *self.shutdown.borrow() {
                 break;
@@ -95,17 +96,24 @@ impl Forwarder {
                 opts.set_transport(Transport::tls_with_default_config());
             }
             let started = Instant::now();
-            let end = self.connection(opts).await;
-            self.set_connected(false, None);
+            let end = self.connection(opts, &mut down_since).await;
             match end {
-                End::Shutdown => break,
+                End::Shutdown => {
+                    self.set_connected(false, None);
+                    break;
+                }
                 End::Error(e) => {
                     // A connection that worked for a while starts the backoff over.
                     if started.elapsed() > self.cfg.reconnect_max {
                         attempt = 0;
                     }
                     let delay = backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, attempt);
-                    tracing::warn!(upstream = %url, error = %e, retry_in = ?delay, "upstream connection lost");
+                    if self.status.borrow().connected || attempt == 0 {
+                        tracing::warn!(upstream = %url, error = %e, retry_in = ?delay, "upstream connection lost");
+                        down_since = Some(Instant::now());
+                    } else {
+                        tracing::debug!(upstream = %url, error = %e, retry_in = ?delay, attempt, "upstream still unreachable");
+                    }
                     self.set_connected(false, Some(e));
                     attempt = attempt.saturating_add(1);
                     tokio::select! {
@@ -129,7 +137,7 @@ impl Forwarder {
     }
 
     /// One connection, from CONNECT to its end.
-    async fn connection(&mut self, opts: MqttOptions) -> End {
+    async fn connection(&mut self, opts: MqttOptions, down_since: &mut Option<Instant>) -> End {
         let window = self.cfg.inflight;
         let (client, mut eventloop) = AsyncClient::new(opts, window * 2 + 16);
         // The event loop runs in its own task: `poll()` is not cancel-safe, and a select! here
@@ -199,7 +207,10 @@ impl Forwarder {
                             connected = true;
                             caught_up = false;
                             self.set_connected(true, None);
-                            tracing::info!(session_present = ack.session_present, "upstream connected");
+                            match down_since.take() {
+                                Some(t) => tracing::info!(session_present = ack.session_present, down_for = ?t.elapsed(), "upstream connected again"),
+                                None => tracing::info!(session_present = ack.session_present, "upstream connected"),
+                            }
                         }
                         Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
                             if let Some(seq) = state.requested.pop_front() {

@@ -13,8 +13,21 @@ use edgegate::Gateway;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
+/// A free port for a process that needs a fixed one (Mosquitto, restarts on the same port).
+/// Taken below the kernel's ephemeral range (32768+), so a port-0 listener of another test can
+/// never be handed the same port between our probe and Mosquitto's bind; a process-wide
+/// counter keeps tests of this binary apart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20000 + (std::process::id() % 600) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 12000;
+        let port = 20000 + (port - 20000) % 12000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn init_logs() {
@@ -50,7 +63,11 @@ impl Mosquitto {
 
     pub fn start_on(port: u16) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut m = Mosquitto { port, dir, child: None };
+        let mut m = Mosquitto {
+            port,
+            dir,
+            child: None,
+        };
         m.restart();
         m
     }
@@ -81,7 +98,11 @@ impl Mosquitto {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -98,7 +119,11 @@ impl Mosquitto {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().map(|s| s.success());
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success());
         assert_eq!(ok.ok(), Some(true), "kill -{sig}");
     }
 }
@@ -107,7 +132,10 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
             // A SIGSTOPped broker must be continued to die cleanly.
-            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(c.id().to_string())
+                .status();
         }
         self.kill();
     }
@@ -153,7 +181,8 @@ pub struct Sensor {
 impl Sensor {
     pub async fn connect(addr: SocketAddr, id: &str) -> Sensor {
         let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let acks = Arc::new(Mutex::new(0u64));
         let a = acks.clone();
@@ -170,7 +199,10 @@ impl Sensor {
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish request");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish request");
     }
 
     /// Wait until the broker acknowledged `n` publishes in all.
@@ -190,18 +222,25 @@ impl Drop for Sensor {
     }
 }
 
+/// (topic, payload) of every message received.
+pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// The cloud consumer: subscribes on the upstream broker and keeps every message.
 pub struct Cloud {
-    pub received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    pub received: Received,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Cloud {
     pub async fn subscribe(port: u16, filter: &str) -> Cloud {
         let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
         let received = Arc::new(Mutex::new(Vec::new()));
         let r = received.clone();
         let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel();
@@ -215,13 +254,18 @@ impl Cloud {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => r.lock().unwrap().push((p.topic, p.payload.to_vec())),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        r.lock().unwrap().push((p.topic, p.payload.to_vec()))
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), subacked_rx).await.expect("SUBACK in time").expect("SUBACK");
+        tokio::time::timeout(Duration::from_secs(10), subacked_rx)
+            .await
+            .expect("SUBACK in time")
+            .expect("SUBACK");
         Cloud { received, task }
     }
 
@@ -243,7 +287,12 @@ impl Cloud {
             .lock()
             .unwrap()
             .iter()
-            .map(|(t, p)| (t.clone(), serde_json::from_slice(p).expect("envelope is JSON")))
+            .map(|(t, p)| {
+                (
+                    t.clone(),
+                    serde_json::from_slice(p).expect("envelope is JSON"),
+                )
+            })
             .collect()
     }
 }
@@ -256,5 +305,9 @@ impl Drop for Cloud {
 
 /// The `sequence` of an envelope as a number.
 pub fn seq(v: &Value) -> u64 {
-    v["sequence"].as_str().expect("sequence is a string").parse().expect("sequence is numeric")
+    v["sequence"]
+        .as_str()
+        .expect("sequence is a string")
+        .parse()
+        .expect("sequence is numeric")
 }
