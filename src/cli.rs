@@ -69,7 +69,7 @@ pub fn queue_stats(path: Option<&Path>, json: bool) -> i32 {
         );
         return exit::NOINPUT;
     }
-    let stats = match Store::open_readonly(&db).and_then(|s| s.stats()) {
+    let stats = match Store::open_cli(&db, false).and_then(|s| s.stats()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("edgegate: {e}");

@@ -75,15 +75,31 @@ impl Gateway {
 
         // 1. Queue.
         let path = config.queue_path();
-        let sync = config.queue.sync;
-        let store = tokio::task::spawn_blocking(move || Store::open(&path, sync))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-        tracing::info!(path = %config.queue_path().display(), depth = store.depth(), next_sequence = store.next_seq(), "queue open");
+        let (sync, limits) = (config.queue.sync, queue::limits(&config.queue));
+        let open_path = path.clone();
+        let (store, report) =
+            tokio::task::spawn_blocking(move || Store::open(&open_path, sync, limits))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+        if let Some(aside) = &report.quarantined {
+            tracing::error!(
+                path = %path.display(),
+                kept_as = %aside.display(),
+                problem = report.problem.as_deref().unwrap_or("integrity check failed"),
+                "queue file is corrupt: moved aside for inspection, started a fresh queue"
+            );
+        }
+        tracing::info!(path = %path.display(), depth = store.depth(), next_sequence = store.next_seq(), "queue open");
         let source = format!("edgegate://{}", config.gateway.id);
         let capacity = config.pipeline.channel_capacity;
-        let (queue, writer) =
-            queue::start(store, &config.queue, source, capacity, metrics.clone())?;
+        let (queue, writer) = queue::start(
+            store,
+            &config.queue,
+            path,
+            source,
+            capacity,
+            metrics.clone(),
+        )?;
 
         // 2. Broker and the ingest link.
         let broker = Arc::new(Broker::start(&config.broker).await?);

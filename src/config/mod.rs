@@ -112,9 +112,26 @@ pub enum SyncMode {
     Full,
 }
 
+/// What the queue does when `max_events` or `max_bytes` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// Evict the oldest telemetry (alerts only once no telemetry is left).
+    DropOldest,
+    /// Reject new telemetry; a new alert still evicts the oldest telemetry.
+    DropNewest,
+}
+
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     pub sync: SyncMode,
+    /// 0: unbounded.
+    pub max_events: u64,
+    /// Accounted bytes of queued events; 0: unbounded.
+    pub max_bytes: u64,
+    pub max_age: Option<Duration>,
+    pub when_full: QueueFull,
+    /// Keep acknowledged events this long for `queue replay`; zero: delete at once.
+    pub keep_acked: Duration,
     /// Longest time the writer waits to grow a commit group after its first event.
     pub commit_delay: Duration,
     /// Largest number of events in one commit group.
@@ -283,6 +300,29 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             "sync",
             "normal",
             &[("normal", SyncMode::Normal), ("full", SyncMode::Full)],
+        ),
+        max_events: q.usize_in("max_events", 0, 0, usize::MAX) as u64,
+        max_bytes: q.size_in("max_bytes", 1 << 30, 0, usize::MAX) as u64,
+        max_age: Some(q.duration_in(
+            "max_age",
+            "0s",
+            Duration::ZERO,
+            Duration::from_secs(10 * 365 * 86400),
+        ))
+        .filter(|d| !d.is_zero()),
+        when_full: q.choice(
+            "when_full",
+            "drop_oldest",
+            &[
+                ("drop_oldest", QueueFull::DropOldest),
+                ("drop_newest", QueueFull::DropNewest),
+            ],
+        ),
+        keep_acked: q.duration_in(
+            "keep_acked",
+            "0s",
+            Duration::ZERO,
+            Duration::from_secs(365 * 86400),
         ),
         commit_delay: q.duration_in(
             "commit_delay",

@@ -43,7 +43,7 @@ pub struct Forwarder {
     status: watch::Sender<UpstreamStatus>,
     shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
-    /// Highest sequence sent on an earlier connection: leasing it again is a resend.
+    /// Highest queue position sent on an earlier connection: leasing it again is a resend.
     sent_high: u64,
 }
 
@@ -181,17 +181,17 @@ impl Forwarder {
                 for row in rows {
                     cursor.advance(&row);
                     let StoredEvent {
-                        seq, topic, body, ..
+                        pos, topic, body, ..
                     } = row;
-                    if seq <= self.sent_high {
+                    if pos <= self.sent_high {
                         self.metrics.events_resent.inc();
                     }
                     if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
                         failed = Some(e);
                         break;
                     }
-                    state.requested.push_back(seq);
-                    state.sent_high = state.sent_high.max(seq);
+                    state.requested.push_back(pos);
+                    state.sent_high = state.sent_high.max(pos);
                 }
                 if let Some(e) = failed {
                     break End::Error(format!("publish request failed: {e}"));
@@ -213,17 +213,17 @@ impl Forwarder {
                             }
                         }
                         Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
-                            if let Some(seq) = state.requested.pop_front() {
-                                if state.by_pkid.insert(pkid, (seq, Instant::now())).is_some() {
+                            if let Some(pos) = state.requested.pop_front() {
+                                if state.by_pkid.insert(pkid, (pos, Instant::now())).is_some() {
                                     break End::Error(format!("packet id {pkid} reused while in flight"));
                                 }
                                 state.last_progress = Instant::now();
                             }
                         }
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
-                            if let Some((seq, sent)) = state.by_pkid.remove(&ack.pkid) {
+                            if let Some((pos, sent)) = state.by_pkid.remove(&ack.pkid) {
                                 self.metrics.ack_latency.observe(sent.elapsed().as_secs_f64());
-                                acks.push(seq);
+                                acks.push(pos);
                                 state.last_progress = Instant::now();
                             }
                         }
@@ -288,12 +288,12 @@ impl Forwarder {
 
 /// Publishes of one connection that are not yet acknowledged.
 struct Inflight {
-    /// Requested from rumqttc, packet id not yet known (FIFO).
+    /// Queue positions requested from rumqttc, packet id not yet known (FIFO).
     requested: VecDeque<u64>,
     /// Sent with a packet id, awaiting PUBACK.
     by_pkid: HashMap<u16, (u64, Instant)>,
     last_progress: Instant,
-    /// Highest sequence requested on this connection.
+    /// Highest queue position requested on this connection.
     sent_high: u64,
 }
 

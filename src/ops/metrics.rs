@@ -33,6 +33,12 @@ pub enum DropReason {
     QueueWriteFailed,
     /// The gateway stopped before the event could be committed.
     Shutdown,
+    /// The queue reached `queue.max_events`/`max_bytes` and evicted old events.
+    Evicted,
+    /// The queue was full and `queue.when_full = "drop_newest"` turned new events away.
+    Rejected,
+    /// Older than `queue.max_age`.
+    Expired,
 }
 
 impl DropReason {
@@ -45,6 +51,9 @@ impl DropReason {
             DropReason::ReservedTopic => "reserved_topic",
             DropReason::QueueWriteFailed => "queue_write_failed",
             DropReason::Shutdown => "shutdown",
+            DropReason::Evicted => "evicted",
+            DropReason::Rejected => "rejected",
+            DropReason::Expired => "expired",
         }
     }
 

@@ -1,9 +1,9 @@
-//! Store-and-forward queue: the only owner of the SQLite file, on an OS thread of its own.
+//! Store-and-forward queue: the only writer of the SQLite file, on an OS thread of its own.
 //!
 //! ```text
-//! rules ──Append──┐                          ┌──> watch<last committed seq> ──> forwarder
+//! rules ──Append──┐                           ┌──> watch<last committed position> ──> forwarder
 //! forwarder ─Ack──┼─> [bounded channel] ─> writer thread (group commit)
-//! forwarder ─Lease┘                          └──> Lease reply (oneshot)
+//! forwarder ─Lease┘                           └──> Lease reply (oneshot)
 //! ```
 //!
 //! Invariants:
@@ -12,23 +12,26 @@
 //!   acks share one transaction: one write per group, never one per event.
 //! - An event is visible to leases only after its transaction committed: the forwarder never
 //!   sends what could still be lost.
-//! - A row is deleted only by an Ack, which the forwarder sends only after the upstream PUBACK.
-//! - When a commit fails (disk full, I/O error), the appends of that group are kept in a bounded
-//!   memory buffer and retried; what does not fit is counted as `queue_write_failed`.
+//! - A row leaves `events` only by an Ack (sent by the forwarder after the upstream PUBACK), or by
+//!   a limit (evicted, rejected, expired), each counted by reason and logged.
+//! - When a commit fails (disk full, I/O error), the group's appends are kept in a bounded memory
+//!   buffer and retried; what does not fit is counted as `queue_write_failed`. A file found
+//!   corrupt while running is quarantined and replaced, like at startup.
 
 pub mod store;
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::QueueConfig;
+use crate::config::{QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
-pub use store::{Cursor, Stats, Store, StoreError, StoredEvent};
+pub use store::{Cursor, Limits, Stats, Store, StoreError, StoredEvent};
 
 enum Command {
     Append(Event),
@@ -76,13 +79,13 @@ impl QueueHandle {
         }
     }
 
-    /// Acknowledge delivered events: they are deleted in the next commit group.
-    pub async fn ack(&self, seqs: Vec<u64>) -> Result<(), QueueClosed> {
-        if seqs.is_empty() {
+    /// Acknowledge delivered events (queue positions): removed in the next commit group.
+    pub async fn ack(&self, positions: Vec<u64>) -> Result<(), QueueClosed> {
+        if positions.is_empty() {
             return Ok(());
         }
         self.tx
-            .send_async(Command::Ack(seqs))
+            .send_async(Command::Ack(positions))
             .await
             .map_err(|_| QueueClosed)
     }
@@ -114,7 +117,7 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueClosed)
     }
 
-    /// Last committed sequence; changes after each commit that appended.
+    /// Last committed queue position; changes whenever new events become leasable.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
@@ -136,22 +139,35 @@ impl QueueWriter {
     }
 }
 
-/// Open the queue file and start its writer thread.
+/// Limits from the configuration.
+pub fn limits(cfg: &QueueConfig) -> Limits {
+    Limits {
+        max_events: cfg.max_events,
+        max_bytes: cfg.max_bytes,
+        max_age: cfg.max_age,
+        when_full: cfg.when_full,
+        keep_acked: cfg.keep_acked,
+    }
+}
+
+/// Start the writer thread on an opened store.
 pub fn start(
     store: Store,
     cfg: &QueueConfig,
+    path: PathBuf,
     source: String,
     capacity: usize,
     metrics: Arc<Metrics>,
 ) -> Result<(QueueHandle, QueueWriter), std::io::Error> {
     let (tx, rx) = flume::bounded(capacity);
-    let last = store.next_seq().saturating_sub(1);
-    let (committed_tx, committed) = watch::channel(last);
+    let (committed_tx, committed) = watch::channel(0);
     metrics.queue_depth.set(store.depth() as i64);
     metrics.queue_bytes.set(store.bytes() as i64);
-    metrics.set_last_sequence(last);
+    metrics.set_last_sequence(store.next_seq().saturating_sub(1));
     let writer = Writer {
         store,
+        path,
+        sync: cfg.sync,
         rx,
         source,
         commit_delay: cfg.commit_delay,
@@ -161,6 +177,7 @@ pub fn start(
         committed: committed_tx,
         metrics,
         last_error_log: None,
+        last_maintenance: Instant::now(),
     };
     let thread = std::thread::Builder::new()
         .name("edgegate-queue".into())
@@ -175,6 +192,8 @@ pub fn start(
 
 struct Writer {
     store: Store,
+    path: PathBuf,
+    sync: SyncMode,
     rx: flume::Receiver<Command>,
     source: String,
     commit_delay: Duration,
@@ -185,45 +204,42 @@ struct Writer {
     committed: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     last_error_log: Option<Instant>,
+    last_maintenance: Instant,
 }
 
 const IDLE_TICK: Duration = Duration::from_secs(1);
+const RETRY_TICK: Duration = Duration::from_millis(200);
+/// Pages handed back to the file system per maintenance round (4 MiB at 4 KiB pages).
+const RECLAIM_PAGES: u32 = 1024;
 
 impl Writer {
     fn run(mut self) {
         let mut appends: Vec<Event> = Vec::new();
         let mut acks: Vec<u64> = Vec::new();
         let mut replies: Vec<Command> = Vec::new();
-        let mut idle_since = Instant::now();
-        let mut reclaimed = true;
+        let mut checkpointed = true;
         loop {
-            let first = match self.rx.recv_timeout(if self.retry.is_empty() {
+            let wait = if self.retry.is_empty() {
                 IDLE_TICK
             } else {
-                Duration::from_millis(200)
-            }) {
-                Ok(c) => Some(c),
-                Err(flume::RecvTimeoutError::Timeout) => None,
-                Err(flume::RecvTimeoutError::Disconnected) => break,
+                RETRY_TICK
             };
-            if let Some(first) = first {
-                self.sort(first, &mut appends, &mut acks, &mut replies);
-                self.gather(&mut appends, &mut acks, &mut replies);
-            }
-            if !appends.is_empty() || !acks.is_empty() || !self.retry.is_empty() {
-                self.commit(&mut appends, &mut acks);
-                idle_since = Instant::now();
-                reclaimed = false;
-            } else if !reclaimed && idle_since.elapsed() >= IDLE_TICK {
-                // Quiet for a while: give freed pages back and fold the WAL in.
-                if let Err(e) = self
-                    .store
-                    .reclaim(1000)
-                    .and_then(|_| self.store.checkpoint())
-                {
-                    tracing::warn!(error = %e, "queue maintenance failed");
+            match self.rx.recv_timeout(wait) {
+                Ok(first) => {
+                    self.sort(first, &mut appends, &mut acks, &mut replies);
+                    self.gather(&mut appends, &mut acks, &mut replies);
                 }
-                reclaimed = true;
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            let busy = !appends.is_empty() || !acks.is_empty() || !self.retry.is_empty();
+            if busy {
+                self.commit(&mut appends, &mut acks, false);
+                checkpointed = false;
+            }
+            if self.last_maintenance.elapsed() >= IDLE_TICK {
+                self.maintenance(&mut appends, &mut acks, !busy && !checkpointed);
+                checkpointed |= !busy;
             }
             for r in replies.drain(..) {
                 self.answer(r);
@@ -231,7 +247,7 @@ impl Writer {
         }
         // Channel closed: every sender is gone, commit what is left.
         if !appends.is_empty() || !acks.is_empty() || !self.retry.is_empty() {
-            self.commit(&mut appends, &mut acks);
+            self.commit(&mut appends, &mut acks, false);
         }
         if !self.retry.is_empty() {
             let n = self.retry.len() as u64;
@@ -285,44 +301,146 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>) {
-        let retry_n = self.retry.len();
+    /// Once a second: expiry, CLI requests and external changes, space reclaim.
+    fn maintenance(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, idle: bool) {
+        self.last_maintenance = Instant::now();
+        let before = self.store.depth();
+        match self.store.external_change() {
+            Ok(true) => {
+                let after = self.store.depth();
+                if after < before {
+                    tracing::warn!(
+                        removed = before - after,
+                        "events removed from the queue by another process (queue purge)"
+                    );
+                }
+                self.publish_counters();
+                // Let the forwarder look again (a replay or purge may have changed what is there).
+                self.committed.send_modify(|_| {});
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "queue: reading the file's version failed"),
+        }
+        match self.store.take_requests() {
+            Ok(reqs) => {
+                for (since_us, filter) in reqs {
+                    self.replay(since_us, filter.as_deref());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "queue: reading replay requests failed"),
+        }
+        // Expiry runs inside a normal commit group.
+        if self.store.limits().max_age.is_some() || !self.store.limits().keep_acked.is_zero() {
+            self.commit(appends, acks, true);
+        }
+        match self.store.free_pages() {
+            Ok(free) if free > 0 && (idle || free >= RECLAIM_PAGES as u64) => {
+                if let Err(e) = self.store.reclaim(RECLAIM_PAGES) {
+                    tracing::warn!(error = %e, "queue: reclaiming free pages failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "queue: reading the free list failed"),
+        }
+        if idle {
+            if let Err(e) = self.store.checkpoint() {
+                tracing::debug!(error = %e, "queue checkpoint failed (a reader may hold it)");
+            }
+        }
+    }
+
+    fn replay(&mut self, since_us: i64, filter: Option<&str>) {
+        let result = self.store.kept_since(since_us, filter).and_then(|events| {
+            let mut txn = self.store.begin()?;
+            let n = txn.requeue(&events)?;
+            txn.commit().map(|c| (n, c))
+        });
+        match result {
+            Ok((n, c)) => {
+                tracing::info!(
+                    events = n,
+                    since_us,
+                    filter,
+                    "replay: acknowledged events queued again (same ids)"
+                );
+                self.publish_counters();
+                self.committed.send_replace(c.last_pos);
+            }
+            Err(e) => tracing::error!(error = %e, "replay failed"),
+        }
+    }
+
+    fn publish_counters(&self) {
+        self.metrics.queue_depth.set(self.store.depth() as i64);
+        self.metrics.queue_bytes.set(self.store.bytes() as i64);
+    }
+
+    fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
+        let now = store::now_us();
         let result = (|| {
             let mut txn = self.store.begin()?;
             for e in self.retry.iter().chain(appends.iter()) {
                 txn.append(e, &self.source)?;
             }
-            txn.ack(acks)?;
+            txn.ack(acks, now)?;
+            if expire {
+                txn.expire(now)?;
+            }
             txn.commit()
         })();
         match result {
-            Ok(last) => {
-                let added = (retry_n + appends.len()) as u64;
+            Ok(c) => {
                 self.retry.clear();
                 appends.clear();
                 acks.clear();
                 self.metrics.commits.inc();
-                self.metrics.events_committed.inc_by(added);
-                self.metrics.queue_depth.set(self.store.depth() as i64);
-                self.metrics.queue_bytes.set(self.store.bytes() as i64);
-                self.metrics.set_last_sequence(last);
-                if added > 0 {
-                    self.committed.send_replace(last);
+                self.metrics.events_committed.inc_by(c.appended);
+                self.publish_counters();
+                self.metrics.set_last_sequence(c.last_seq);
+                let r = c.removed;
+                if r.evicted > 0 {
+                    self.metrics.drop_events(
+                        DropReason::Evicted,
+                        r.evicted,
+                        &"queue full (queue.max_events/max_bytes): oldest telemetry evicted",
+                    );
+                }
+                if r.rejected > 0 {
+                    self.metrics.drop_events(
+                        DropReason::Rejected,
+                        r.rejected,
+                        &"queue full (queue.max_events/max_bytes): new events rejected",
+                    );
+                }
+                if r.expired > 0 {
+                    self.metrics.drop_events(
+                        DropReason::Expired,
+                        r.expired,
+                        &"older than queue.max_age",
+                    );
+                }
+                if c.appended > 0 {
+                    self.committed.send_replace(c.last_pos);
                 }
                 if self.last_error_log.take().is_some() {
                     tracing::info!("queue writes recovered");
                 }
             }
             Err(e) => {
-                // Nothing of this group is committed. Keep the appends (bounded) and the acks for
-                // the retry.
                 if self
                     .last_error_log
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
                 {
-                    tracing::error!(error = %e, buffered = self.retry.len() + appends.len(), "queue commit failed; buffering in memory and retrying");
+                    tracing::error!(
+                        error = %e,
+                        disk_full = e.is_disk_full(),
+                        buffered = self.retry.len() + appends.len(),
+                        "queue commit failed; keeping events in memory and retrying"
+                    );
                     self.last_error_log = Some(Instant::now());
                 }
+                // Nothing of this group is committed. Keep the appends (bounded) and the acks
+                // for the retry.
                 for e in appends.drain(..) {
                     if self.retry.len() >= self.retry_limit {
                         self.metrics.drop_events(
@@ -334,6 +452,26 @@ impl Writer {
                         self.retry.push_back(e);
                     }
                 }
+                if e.is_corruption() {
+                    self.recover_from_corruption();
+                }
+            }
+        }
+    }
+
+    /// The file went bad under us: move it aside and continue on a fresh one.
+    fn recover_from_corruption(&mut self) {
+        let limits = self.store.limits();
+        match Store::open(&self.path, self.sync, limits) {
+            Ok((store, report)) => {
+                if let Some(aside) = &report.quarantined {
+                    tracing::error!(kept_as = %aside.display(), "queue file is corrupt; moved aside, continuing on a fresh queue");
+                }
+                self.store = store;
+                self.publish_counters();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "queue file is corrupt and could not be replaced")
             }
         }
     }

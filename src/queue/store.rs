@@ -1,19 +1,29 @@
-//! The SQLite file behind the queue: schema, appends, acks, leases, stats.
+//! The SQLite file behind the queue: schema, appends, acks, leases, limits, stats.
 //!
-//! One row per event, `seq` as the rowid: commit order is `seq` order. The row keeps the frozen
-//! CloudEvents envelope (`body`), so a resend is byte-for-byte the first send.
+//! Tables:
+//! - `events`: one row per queued event. `pos` is the queue position (commit order, what the
+//!   forwarder leases and acknowledges by); `seq` is the event's CloudEvents `sequence`; `body`
+//!   is the frozen envelope, so a resend is byte-for-byte the first send.
+//! - `acked`: with `queue.keep_acked`, acknowledged rows are moved here for replay.
+//! - `meta`: the sequence high-water mark.
+//! - `requests`: work asked for by the CLI while the daemon runs (replay).
 //!
-//! Sequence invariant: `sequence` values are never reused, even after every row was acknowledged
-//! and deleted. The next sequence is `max(max(seq) + 1, meta.next_seq)`, and `meta.next_seq` is
-//! written whenever a transaction deletes the newest row, so the high-water mark always survives
-//! in one of the two places. Appends alone never touch `meta` (one page less per commit).
+//! Invariants:
+//! - Sequences are never reused, even after every row was acknowledged: the next sequence is
+//!   `max(max(seq) + 1, meta.next_seq)`, and `meta.next_seq` is written by any transaction that
+//!   removes the row holding the newest sequence. Appends alone never touch `meta`.
+//! - Positions only grow while the store is open; only this process inserts into `events`
+//!   (the CLI asks the daemon to replay through `requests`).
+//! - Counters (depth, bytes) change only when a transaction commits.
+//! - Limits (`max_events`, `max_bytes`) hold after every commit: telemetry is evicted (or, with
+//!   `drop_newest`, rejected) before any alert is.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use crate::config::SyncMode;
+use crate::config::{QueueFull, SyncMode};
 use crate::event::{Class, Event};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +40,29 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Is this the database reporting a damaged file?
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+                if matches!(e.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        )
+    }
+
+    /// Is this the disk being full?
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. } if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// An event as stored: what the forwarder sends.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
+    pub pos: u64,
     pub seq: u64,
     pub class: Class,
     pub time_us: i64,
@@ -41,7 +71,7 @@ pub struct StoredEvent {
     pub body: Vec<u8>,
 }
 
-/// Where the forwarder has leased up to, per class.
+/// Where the forwarder has leased up to, per class (queue positions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
     pub alert: u64,
@@ -51,8 +81,8 @@ pub struct Cursor {
 impl Cursor {
     pub fn advance(&mut self, e: &StoredEvent) {
         match e.class {
-            Class::Alert => self.alert = self.alert.max(e.seq),
-            Class::Telemetry => self.telemetry = self.telemetry.max(e.seq),
+            Class::Alert => self.alert = self.alert.max(e.pos),
+            Class::Telemetry => self.telemetry = self.telemetry.max(e.pos),
         }
     }
 }
@@ -65,28 +95,112 @@ pub struct Stats {
     /// Receive time of the oldest queued event (µs since the epoch).
     pub oldest_us: Option<i64>,
     pub next_sequence: u64,
+    /// Acknowledged events kept for replay.
+    pub kept: u64,
+}
+
+/// Bounds on what the queue holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// 0: unbounded.
+    pub max_events: u64,
+    /// Accounted bytes (see [`row_bytes`]); 0: unbounded.
+    pub max_bytes: u64,
+    pub max_age: Option<Duration>,
+    pub when_full: QueueFull,
+    /// Keep acknowledged events this long for replay (zero: delete at once).
+    pub keep_acked: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_events: 0,
+            max_bytes: 0,
+            max_age: None,
+            when_full: QueueFull::DropOldest,
+            keep_acked: Duration::ZERO,
+        }
+    }
+}
+
+/// Bytes an event is accounted for: its envelope and topics plus a fixed row overhead (the
+/// other columns, the b-tree cell and page slack measured on a filled file).
+pub fn row_bytes(body: usize, topic: usize, subject: usize) -> u64 {
+    (body + topic + subject) as u64 + ROW_OVERHEAD
+}
+
+const ROW_OVERHEAD: u64 = 40;
+
+/// Events removed other than by an acknowledgement, by reason, in one transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub evicted: u64,
+    pub rejected: u64,
+    pub expired: u64,
+}
+
+impl Removed {
+    pub fn add(&mut self, o: Removed) {
+        self.evicted += o.evicted;
+        self.rejected += o.rejected;
+        self.expired += o.expired;
+    }
+}
+
+/// Result of a committed transaction.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Committed {
+    /// Last sequence assigned so far.
+    pub last_seq: u64,
+    /// Last queue position assigned so far.
+    pub last_pos: u64,
+    pub appended: u64,
+    pub removed: Removed,
 }
 
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    limits: Limits,
     next_seq: u64,
+    next_pos: u64,
     depth: u64,
     bytes: u64,
+    alerts: u64,
+    data_version: i64,
 }
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    seq     INTEGER PRIMARY KEY,
+    pos     INTEGER PRIMARY KEY,
+    seq     INTEGER NOT NULL,
     class   INTEGER NOT NULL,
     time_us INTEGER NOT NULL,
     subject TEXT NOT NULL,
     topic   TEXT NOT NULL,
     body    BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_alerts ON events(seq) WHERE class = 0;
+CREATE INDEX IF NOT EXISTS events_alerts ON events(pos) WHERE class = 0;
+CREATE TABLE IF NOT EXISTS acked (
+    pos      INTEGER PRIMARY KEY,
+    seq      INTEGER NOT NULL,
+    class    INTEGER NOT NULL,
+    time_us  INTEGER NOT NULL,
+    acked_us INTEGER NOT NULL,
+    subject  TEXT NOT NULL,
+    topic    TEXT NOT NULL,
+    body     BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, since_us INTEGER NOT NULL, filter TEXT);
 ";
+
+const SELECT_EVENT: &str = "SELECT pos, seq, class, time_us, subject, topic, body FROM events";
+
+pub fn now_us() -> i64 {
+    micros(SystemTime::now())
+}
 
 fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -94,15 +208,63 @@ fn micros(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        pos: r.get::<_, i64>(0)? as u64,
+        seq: r.get::<_, i64>(1)? as u64,
+        class: Class::from_i64(r.get(2)?),
+        time_us: r.get(3)?,
+        subject: r.get(4)?,
+        topic: r.get(5)?,
+        body: r.get(6)?,
+    })
+}
+
+/// What happened when the queue file was opened.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// A damaged file was moved here and a fresh queue created.
+    pub quarantined: Option<PathBuf>,
+    pub problem: Option<String>,
+}
+
 impl Store {
-    /// Open (creating if needed) the queue at `path` for writing.
-    pub fn open(path: &Path, sync: SyncMode) -> Result<Store, StoreError> {
+    /// Open (creating if needed) the queue at `path` for writing. A file that fails the
+    /// integrity check is moved aside (never deleted) and a fresh queue is created; sequence
+    /// numbering continues after what could be read from the damaged file.
+    pub fn open(
+        path: &Path,
+        sync: SyncMode,
+        limits: Limits,
+    ) -> Result<(Store, OpenReport), StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
+        match Self::open_checked(path, sync, limits) {
+            Ok(s) => Ok((s, OpenReport::default())),
+            Err(e) if e.is_corruption() || integrity_failed(&e) => {
+                let high_water = salvage_next_seq(path);
+                let aside = quarantine(path)?;
+                let mut s = Self::open_checked(path, sync, limits)?;
+                if let Some(n) = high_water {
+                    s.set_next_seq(n)?;
+                }
+                Ok((
+                    s,
+                    OpenReport {
+                        quarantined: Some(aside),
+                        problem: Some(e.to_string()),
+                    },
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_checked(path: &Path, sync: SyncMode, limits: Limits) -> Result<Store, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
@@ -113,6 +275,18 @@ impl Store {
         // freed pages back to the file system as rows are acknowledged.
         conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
             .map_err(err)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(err)?;
+        if check != "ok" {
+            return Err(StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(format!("integrity check failed: {check}")),
+                ),
+            });
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         let sync_mode = match sync {
@@ -121,36 +295,49 @@ impl Store {
         };
         conn.pragma_update(None, "synchronous", sync_mode)
             .map_err(err)?;
+        // Keep the WAL from growing past ~4 MiB between checkpoints.
+        conn.pragma_update(None, "wal_autocheckpoint", 1000)
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
+            limits,
             next_seq: 1,
+            next_pos: 1,
             depth: 0,
             bytes: 0,
+            alerts: 0,
+            data_version: 0,
         };
         store.load_counters()?;
         Ok(store)
     }
 
-    /// Open an existing queue read-only (CLI, while the daemon may be running).
-    pub fn open_readonly(path: &Path) -> Result<Store, StoreError> {
+    /// Open an existing queue for the CLI (read-only unless `write`), while the daemon may be
+    /// running.
+    pub fn open_cli(path: &Path, write: bool) -> Result<Store, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let flags = if write {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
+            limits: Limits::default(),
             next_seq: 1,
+            next_pos: 1,
             depth: 0,
             bytes: 0,
+            alerts: 0,
+            data_version: 0,
         };
         store.load_counters()?;
         Ok(store)
@@ -163,14 +350,19 @@ impl Store {
         }
     }
 
-    fn load_counters(&mut self) -> Result<(), StoreError> {
-        let (depth, bytes, max_seq): (i64, i64, Option<i64>) = self
+    /// (Re)compute the counters from the file.
+    pub fn load_counters(&mut self) -> Result<(), StoreError> {
+        let q = "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(topic) + LENGTH(subject)), 0), MAX(seq), MAX(pos),
+                        COALESCE(SUM(class = 0), 0) FROM events";
+        let (depth, bytes, max_seq, max_pos, alerts): (i64, i64, Option<i64>, Option<i64>, i64) =
+            self.conn
+                .query_row(q, [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .map_err(|e| self.err(e))?;
+        let max_acked: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0), MAX(seq) FROM events",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_row("SELECT MAX(pos) FROM acked", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
         let meta_next: Option<i64> = self
             .conn
@@ -180,48 +372,92 @@ impl Store {
             .optional()
             .map_err(|e| self.err(e))?;
         self.depth = depth as u64;
-        self.bytes = bytes as u64;
-        self.next_seq = (max_seq.unwrap_or(0) + 1).max(meta_next.unwrap_or(1)) as u64;
+        self.bytes = bytes as u64 + depth as u64 * ROW_OVERHEAD;
+        self.alerts = alerts as u64;
+        self.next_seq = self
+            .next_seq
+            .max((max_seq.unwrap_or(0) + 1).max(meta_next.unwrap_or(1)) as u64);
+        self.next_pos = self
+            .next_pos
+            .max((max_pos.unwrap_or(0).max(max_acked.unwrap_or(0)) + 1) as u64);
+        self.data_version = self.data_version()?;
+        Ok(())
+    }
+
+    fn data_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Has another connection (the CLI) changed the file since we last looked? If so, reload
+    /// the counters.
+    pub fn external_change(&mut self) -> Result<bool, StoreError> {
+        let v = self.data_version()?;
+        if v == self.data_version {
+            return Ok(false);
+        }
+        self.load_counters()?;
+        Ok(true)
+    }
+
+    fn set_next_seq(&mut self, next: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![next as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        self.next_seq = self.next_seq.max(next);
         Ok(())
     }
 
     pub fn begin(&mut self) -> Result<Txn<'_>, StoreError> {
-        let path = self.path.clone();
         let tx = self
             .conn
             .transaction()
             .map_err(|source| StoreError::Sqlite {
-                path: path.clone(),
+                path: self.path.clone(),
                 source,
             })?;
         Ok(Txn {
             tx,
-            path,
+            path: &self.path,
+            limits: &self.limits,
             next_seq: &mut self.next_seq,
+            next_pos: &mut self.next_pos,
             depth: &mut self.depth,
             bytes: &mut self.bytes,
-            pending_depth: 0,
-            pending_bytes: 0,
-            start_seq: 0,
-            deleted_newest: false,
+            alerts: &mut self.alerts,
+            new_seq: 0,
+            new_pos: 0,
+            d_depth: 0,
+            d_bytes: 0,
+            d_alerts: 0,
+            removed_newest: false,
+            appended: 0,
+            removed: Removed::default(),
         })
     }
 
-    /// Up to `limit` events after `cursor`: alerts first, then telemetry, each in seq order.
+    /// Up to `limit` events after `cursor`: alerts first, then telemetry, each in queue order.
     pub fn lease(&self, cursor: Cursor, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(4096));
-        self.select_into(
-            "SELECT seq, class, time_us, subject, topic, body FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT ?2",
-            cursor.alert,
-            limit,
-            &mut out,
-        )?;
+        let alerts = format!("{SELECT_EVENT} WHERE class = 0 AND pos > ?1 ORDER BY pos LIMIT ?2");
+        let telemetry =
+            format!("{SELECT_EVENT} WHERE pos > ?1 AND class = 1 ORDER BY pos LIMIT ?2");
+        if self.alerts > 0 {
+            self.select_into(
+                &alerts,
+                params![cursor.alert as i64, limit as i64],
+                &mut out,
+            )?;
+        }
         if out.len() < limit {
             let rest = limit - out.len();
             self.select_into(
-                "SELECT seq, class, time_us, subject, topic, body FROM events WHERE seq > ?1 AND class = 1 ORDER BY seq LIMIT ?2",
-                cursor.telemetry,
-                rest,
+                &telemetry,
+                params![cursor.telemetry as i64, rest as i64],
                 &mut out,
             )?;
         }
@@ -231,44 +467,202 @@ impl Store {
     fn select_into(
         &self,
         sql: &str,
-        after: u64,
-        limit: usize,
+        p: impl rusqlite::Params,
         out: &mut Vec<StoredEvent>,
     ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![after as i64, limit as i64], |r| {
-                Ok(StoredEvent {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    class: Class::from_i64(r.get(1)?),
-                    time_us: r.get(2)?,
-                    subject: r.get(3)?,
-                    topic: r.get(4)?,
-                    body: r.get(5)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(p, row_to_event).map_err(|e| self.err(e))?;
         for row in rows {
             out.push(row.map_err(|e| self.err(e))?);
         }
         Ok(())
     }
 
+    /// Oldest first, optionally only events whose subject matches `filter`; up to `limit`.
+    pub fn peek(&self, limit: usize, filter: Option<&str>) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        let mut stmt = self
+            .conn
+            .prepare(&format!("{SELECT_EVENT} ORDER BY pos"))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
+        for row in rows {
+            let e = row.map_err(|e| self.err(e))?;
+            if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete queued events older than `before_us` whose subject matches `filter` (CLI purge).
+    /// Returns how many.
+    pub fn purge(
+        &mut self,
+        before_us: Option<i64>,
+        filter: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let mut doomed = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare("SELECT pos, subject FROM events WHERE time_us < ?1 ORDER BY pos")
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            let rows = stmt
+                .query_map(params![before_us.unwrap_or(i64::MAX)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            for row in rows {
+                let (pos, subject) = row.map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+                if filter.is_none_or(|f| crate::rules::topic::matches(f, &subject)) {
+                    doomed.push(pos);
+                }
+            }
+            let mut del = tx
+                .prepare("DELETE FROM events WHERE pos = ?1")
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            for pos in &doomed {
+                del.execute(params![pos]).map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            }
+        }
+        // The newest sequence may have gone with them: record the high-water mark.
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+            params![self.next_seq as i64],
+        )
+        .map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+        tx.commit().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        self.load_counters()?;
+        Ok(doomed.len() as u64)
+    }
+
+    /// Ask the running daemon to replay kept events (it picks the request up within a second).
+    pub fn request_replay(
+        &mut self,
+        since_us: i64,
+        filter: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO requests (kind, since_us, filter) VALUES ('replay', ?1, ?2)",
+                params![since_us, filter],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Pending CLI requests, removed from the table.
+    pub fn take_requests(&mut self) -> Result<Vec<(i64, Option<String>)>, StoreError> {
+        let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let mut out = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare("SELECT since_us, filter FROM requests WHERE kind = 'replay' ORDER BY id")
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+                })
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            for row in rows {
+                out.push(row.map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?);
+            }
+        }
+        if !out.is_empty() {
+            tx.execute("DELETE FROM requests", [])
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+        }
+        tx.commit().map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(out)
+    }
+
+    /// Kept (acknowledged) events received since `since_us`, matching `filter`, oldest first.
+    pub fn kept_since(
+        &self,
+        since_us: i64,
+        filter: Option<&str>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pos, seq, class, time_us, subject, topic, body FROM acked WHERE time_us >= ?1 ORDER BY pos")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![since_us], row_to_event)
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let e = row.map_err(|e| self.err(e))?;
+            if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn stats(&self) -> Result<Stats, StoreError> {
-        let (oldest, alerts): (Option<i64>, i64) = self
+        let oldest: Option<i64> = self
             .conn
             .query_row(
-                "SELECT MIN(time_us), (SELECT COUNT(*) FROM events WHERE class = 0) FROM events",
+                "SELECT MIN(t) FROM (SELECT time_us AS t FROM (SELECT time_us FROM events WHERE class = 1 ORDER BY pos LIMIT 1)
+                 UNION ALL SELECT time_us FROM (SELECT time_us FROM events WHERE class = 0 ORDER BY pos LIMIT 1))",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
             )
+            .map_err(|e| self.err(e))?;
+        let kept: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM acked", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
         Ok(Stats {
             depth: self.depth,
             bytes: self.bytes,
-            alerts: alerts as u64,
+            alerts: self.alerts,
             oldest_us: oldest,
             next_sequence: self.next_seq,
+            kept: kept as u64,
         })
     }
 
@@ -284,10 +678,22 @@ impl Store {
         self.next_seq
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Give up to `pages` free pages back to the file system.
     pub fn reclaim(&mut self, pages: u32) -> Result<(), StoreError> {
         self.conn
             .execute_batch(&format!("PRAGMA incremental_vacuum({pages});"))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Free pages in the file (reclaimable).
+    pub fn free_pages(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }
 
@@ -299,40 +705,138 @@ impl Store {
     }
 }
 
+fn integrity_failed(e: &StoreError) -> bool {
+    e.to_string().contains("integrity check failed")
+}
+
+/// Best effort: the sequence high-water mark of a damaged file, so numbering goes on after it.
+fn salvage_next_seq(path: &Path) -> Option<u64> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let max: Option<i64> = conn
+        .query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))
+        .ok()
+        .flatten();
+    let meta: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get(0)
+        })
+        .ok();
+    let next = (max.unwrap_or(0) + 1).max(meta.unwrap_or(1));
+    (next > 1).then_some(next as u64)
+}
+
+/// Move `path` (and its WAL and shared-memory files) aside as `path.corrupt-<unix time>`.
+fn quarantine(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let dir_err = |source| StoreError::Dir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::rename(path, &aside).map_err(dir_err)?;
+    for suffix in ["-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+            std::fs::rename(&from, &to).map_err(dir_err)?;
+        }
+    }
+    Ok(aside)
+}
+
 /// One commit group. Counters change only if it commits.
 pub struct Txn<'a> {
     tx: rusqlite::Transaction<'a>,
-    path: PathBuf,
+    path: &'a Path,
+    limits: &'a Limits,
     next_seq: &'a mut u64,
+    next_pos: &'a mut u64,
     depth: &'a mut u64,
     bytes: &'a mut u64,
-    pending_depth: i64,
-    pending_bytes: i64,
-    start_seq: u64,
-    deleted_newest: bool,
+    alerts: &'a mut u64,
+    new_seq: u64,
+    new_pos: u64,
+    d_depth: i64,
+    d_bytes: i64,
+    d_alerts: i64,
+    removed_newest: bool,
+    appended: u64,
+    removed: Removed,
+}
+
+/// What became of an appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Queued {
+        seq: u64,
+        pos: u64,
+    },
+    /// The queue is full and `when_full = "drop_newest"`.
+    Rejected,
 }
 
 impl Txn<'_> {
     fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
-            path: self.path.clone(),
+            path: self.path.to_path_buf(),
             source,
         }
     }
 
-    fn seq_at(&self) -> u64 {
-        *self.next_seq + self.start_seq
+    fn depth_now(&self) -> u64 {
+        (*self.depth as i64 + self.d_depth).max(0) as u64
     }
 
-    /// Append `event` with the next sequence, as the envelope from `source`. Returns the sequence.
-    pub fn append(&mut self, event: &Event, source: &str) -> Result<u64, StoreError> {
-        let seq = self.seq_at();
+    fn bytes_now(&self) -> u64 {
+        (*self.bytes as i64 + self.d_bytes).max(0) as u64
+    }
+
+    fn alerts_now(&self) -> u64 {
+        (*self.alerts as i64 + self.d_alerts).max(0) as u64
+    }
+
+    fn over(&self, extra_events: u64, extra_bytes: u64) -> bool {
+        (self.limits.max_events > 0 && self.depth_now() + extra_events > self.limits.max_events)
+            || (self.limits.max_bytes > 0 && self.bytes_now() + extra_bytes > self.limits.max_bytes)
+    }
+
+    /// Append `event` with the next sequence, as the envelope from `source`, making room or
+    /// rejecting it when a limit would be passed.
+    pub fn append(&mut self, event: &Event, source: &str) -> Result<Appended, StoreError> {
+        let seq = *self.next_seq + self.new_seq;
         let body = event.envelope(source, seq);
+        let size = row_bytes(body.len(), event.upstream_topic.len(), event.subject.len());
+        if self.over(1, size) {
+            let telemetry_left = self.depth_now() > self.alerts_now();
+            match (self.limits.when_full, event.class) {
+                (QueueFull::DropNewest, Class::Telemetry) => {
+                    self.removed.rejected += 1;
+                    return Ok(Appended::Rejected);
+                }
+                (QueueFull::DropNewest, Class::Alert) if !telemetry_left => {
+                    self.removed.rejected += 1;
+                    return Ok(Appended::Rejected);
+                }
+                _ => {
+                    if !self.evict_for(1, size, event.class)? {
+                        self.removed.rejected += 1;
+                        return Ok(Appended::Rejected);
+                    }
+                }
+            }
+        }
+        let pos = *self.next_pos + self.new_pos;
         let mut stmt = self
             .tx
-            .prepare_cached("INSERT INTO events (seq, class, time_us, subject, topic, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-            .map_err(|e| self.err(e))?;
+            .prepare_cached(
+                "INSERT INTO events (pos, seq, class, time_us, subject, topic, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
         stmt.execute(params![
+            pos as i64,
             seq as i64,
             event.class.as_i64(),
             micros(event.time),
@@ -340,64 +844,249 @@ impl Txn<'_> {
             event.upstream_topic,
             body
         ])
-        .map_err(|e| self.err(e))?;
+        .map_err(|e| StoreError::Sqlite {
+            path: self.path.to_path_buf(),
+            source: e,
+        })?;
         drop(stmt);
-        self.start_seq += 1;
-        self.pending_depth += 1;
-        self.pending_bytes += body.len() as i64;
-        Ok(seq)
+        self.new_seq += 1;
+        self.new_pos += 1;
+        self.appended += 1;
+        self.d_depth += 1;
+        self.d_bytes += size as i64;
+        if event.class == Class::Alert {
+            self.d_alerts += 1;
+        }
+        Ok(Appended::Queued { seq, pos })
     }
 
-    /// Delete acknowledged events. Unknown sequences (already deleted) are ignored.
-    pub fn ack(&mut self, seqs: &[u64]) -> Result<(), StoreError> {
-        let newest = self.seq_at().saturating_sub(1);
-        let mut stmt = self
-            .tx
-            .prepare_cached("DELETE FROM events WHERE seq = ?1 RETURNING LENGTH(body)")
-            .map_err(|e| self.err(e))?;
-        let mut depth = 0i64;
-        let mut bytes = 0i64;
-        let mut newest_deleted = false;
-        for &seq in seqs {
-            let len: Option<i64> = stmt
-                .query_row(params![seq as i64], |r| r.get(0))
-                .optional()
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            if let Some(len) = len {
-                depth += 1;
-                bytes += len;
-                newest_deleted |= seq == newest;
+    /// Evict oldest events until `events`/`bytes` more fit: telemetry first; alerts only when no
+    /// telemetry is left and the newcomer is an alert. Frees a little extra (1/64 of the limit)
+    /// so eviction runs once per batch, not once per event. Returns whether it fits now.
+    fn evict_for(&mut self, events: u64, bytes: u64, incoming: Class) -> Result<bool, StoreError> {
+        let slack_events = self.limits.max_events / 64;
+        let slack_bytes = self.limits.max_bytes / 64;
+        for class in [Class::Telemetry, Class::Alert] {
+            if class == Class::Alert && incoming == Class::Telemetry {
+                break;
+            }
+            while self.over(events + slack_events, bytes + slack_bytes) {
+                let chunk = self
+                    .excess_rows(events + slack_events, bytes + slack_bytes)
+                    .clamp(1, 256);
+                let n = self.remove_oldest(class, chunk, None)?;
+                if n == 0 {
+                    break;
+                }
+                self.removed.evicted += n;
             }
         }
+        Ok(!self.over(events, bytes))
+    }
+
+    /// About how many rows must go for `events`/`bytes` more to fit.
+    fn excess_rows(&self, events: u64, bytes: u64) -> u64 {
+        let depth = self.depth_now();
+        let by_events = if self.limits.max_events > 0 {
+            (depth + events).saturating_sub(self.limits.max_events)
+        } else {
+            0
+        };
+        let by_bytes = if self.limits.max_bytes > 0 && depth > 0 {
+            let avg = (self.bytes_now() / depth).max(1);
+            (self.bytes_now() + bytes)
+                .saturating_sub(self.limits.max_bytes)
+                .div_ceil(avg)
+        } else {
+            0
+        };
+        by_events.max(by_bytes)
+    }
+
+    /// Remove up to `limit` oldest events of `class` (older than `before_us` if given).
+    fn remove_oldest(
+        &mut self,
+        class: Class,
+        limit: u64,
+        before_us: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE class = ?1 AND time_us < ?3 ORDER BY pos LIMIT ?2)
+                 RETURNING seq, LENGTH(body) + LENGTH(topic) + LENGTH(subject)",
+            )
+            .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
+        let rows = stmt
+            .query_map(
+                params![class.as_i64(), limit as i64, before_us.unwrap_or(i64::MAX)],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .map_err(|e| StoreError::Sqlite {
+                path: self.path.to_path_buf(),
+                source: e,
+            })?;
+        let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
+        let (mut n, mut bytes, mut newest_gone) = (0u64, 0u64, false);
+        for row in rows {
+            let (seq, len) = row.map_err(|e| StoreError::Sqlite {
+                path: self.path.to_path_buf(),
+                source: e,
+            })?;
+            n += 1;
+            bytes += len as u64 + ROW_OVERHEAD;
+            newest_gone |= seq == newest;
+        }
         drop(stmt);
-        self.pending_depth -= depth;
-        self.pending_bytes -= bytes;
-        self.deleted_newest |= newest_deleted;
+        self.d_depth -= n as i64;
+        self.d_bytes -= bytes as i64;
+        if class == Class::Alert {
+            self.d_alerts -= n as i64;
+        }
+        self.removed_newest |= newest_gone;
+        Ok(n)
+    }
+
+    /// Remove events older than `queue.max_age` (judged in queue order).
+    pub fn expire(&mut self, now_us: i64) -> Result<(), StoreError> {
+        let Some(max_age) = self.limits.max_age else {
+            return Ok(());
+        };
+        let cutoff = now_us - max_age.as_micros() as i64;
+        for class in [Class::Telemetry, Class::Alert] {
+            loop {
+                let n = self.remove_oldest(class, 1000, Some(cutoff))?;
+                self.removed.expired += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+        if !self.limits.keep_acked.is_zero() {
+            let kept_cutoff = now_us - self.limits.keep_acked.as_micros() as i64;
+            self.tx
+                .execute(
+                    "DELETE FROM acked WHERE acked_us < ?1",
+                    params![kept_cutoff],
+                )
+                .map_err(|e| self.err(e))?;
+        }
         Ok(())
     }
 
-    /// Commit; returns the last sequence assigned so far.
-    pub fn commit(self) -> Result<u64, StoreError> {
-        let next = self.seq_at();
-        if self.deleted_newest {
+    /// Remove acknowledged events (by queue position); with `keep_acked`, move them to the
+    /// replay table. Unknown positions (already gone) are ignored.
+    pub fn ack(&mut self, positions: &[u64], now_us: i64) -> Result<(), StoreError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let keep = !self.limits.keep_acked.is_zero();
+        if keep {
+            let mut copy = self
+                .tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO acked (pos, seq, class, time_us, acked_us, subject, topic, body)
+                     SELECT pos, seq, class, time_us, ?2, subject, topic, body FROM events WHERE pos = ?1",
+                )
+                .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
+            for &pos in positions {
+                copy.execute(params![pos as i64, now_us])
+                    .map_err(|e| StoreError::Sqlite {
+                        path: self.path.to_path_buf(),
+                        source: e,
+                    })?;
+            }
+        }
+        let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
+        let mut stmt = self
+            .tx
+            .prepare_cached("DELETE FROM events WHERE pos = ?1 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
+            .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
+        let (mut depth, mut bytes, mut alerts, mut newest_gone) = (0i64, 0i64, 0i64, false);
+        for &pos in positions {
+            let row: Option<(i64, i64, i64)> = stmt
+                .query_row(params![pos as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .map_err(|e| StoreError::Sqlite {
+                    path: self.path.to_path_buf(),
+                    source: e,
+                })?;
+            if let Some((seq, class, len)) = row {
+                depth += 1;
+                bytes += len + ROW_OVERHEAD as i64;
+                alerts += (class == 0) as i64;
+                newest_gone |= seq == newest;
+            }
+        }
+        drop(stmt);
+        self.d_depth -= depth;
+        self.d_bytes -= bytes;
+        self.d_alerts -= alerts;
+        self.removed_newest |= newest_gone;
+        Ok(())
+    }
+
+    /// Queue kept events again (same envelope: same id and sequence) at the end of the queue.
+    pub fn requeue(&mut self, events: &[StoredEvent]) -> Result<u64, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO events (pos, seq, class, time_us, subject, topic, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
+        for e in events {
+            let pos = *self.next_pos + self.new_pos;
+            stmt.execute(params![
+                pos as i64,
+                e.seq as i64,
+                e.class.as_i64(),
+                e.time_us,
+                e.subject,
+                e.topic,
+                e.body
+            ])
+            .map_err(|err| StoreError::Sqlite {
+                path: self.path.to_path_buf(),
+                source: err,
+            })?;
+            self.new_pos += 1;
+            self.d_depth += 1;
+            self.d_bytes += row_bytes(e.body.len(), e.topic.len(), e.subject.len()) as i64;
+            if e.class == Class::Alert {
+                self.d_alerts += 1;
+            }
+        }
+        Ok(events.len() as u64)
+    }
+
+    /// Commit the group.
+    pub fn commit(self) -> Result<Committed, StoreError> {
+        let next = *self.next_seq + self.new_seq;
+        if self.removed_newest {
             self.tx
                 .execute(
-                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
                     params![next as i64],
                 )
-                .map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+                .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
         }
-        let path = self.path.clone();
-        self.tx
-            .commit()
-            .map_err(|source| StoreError::Sqlite { path, source })?;
+        self.tx.commit().map_err(|source| StoreError::Sqlite {
+            path: self.path.to_path_buf(),
+            source,
+        })?;
         *self.next_seq = next;
-        *self.depth = (*self.depth as i64 + self.pending_depth).max(0) as u64;
-        *self.bytes = (*self.bytes as i64 + self.pending_bytes).max(0) as u64;
-        Ok(next - 1)
+        *self.next_pos += self.new_pos;
+        *self.depth = (*self.depth as i64 + self.d_depth).max(0) as u64;
+        *self.bytes = (*self.bytes as i64 + self.d_bytes).max(0) as u64;
+        *self.alerts = (*self.alerts as i64 + self.d_alerts).max(0) as u64;
+        Ok(Committed {
+            last_seq: next - 1,
+            last_pos: *self.next_pos - 1,
+            appended: self.appended,
+            removed: self.removed,
+        })
     }
 }
 
@@ -407,7 +1096,7 @@ mod tests {
     use crate::event::{Data, TYPE_READING};
     use bytes::Bytes;
 
-    fn ev(class: Class, subject: &str) -> Event {
+    pub(crate) fn ev(class: Class, subject: &str) -> Event {
         Event {
             id: crate::event::new_id(),
             class,
@@ -420,40 +1109,57 @@ mod tests {
         }
     }
 
+    fn open(dir: &Path, limits: Limits) -> Store {
+        Store::open(&dir.join("q.db"), SyncMode::Normal, limits)
+            .unwrap()
+            .0
+    }
+
+    fn subjects(s: &Store) -> Vec<String> {
+        s.lease(Cursor::default(), 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.subject)
+            .collect()
+    }
+
     #[test]
     fn sequence_survives_reopen_even_when_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
         {
-            let mut s = Store::open(&path, SyncMode::Normal).unwrap();
+            let mut s = open(dir.path(), Limits::default());
             let mut t = s.begin().unwrap();
             for _ in 0..3 {
                 t.append(&ev(Class::Telemetry, "a"), "src").unwrap();
             }
-            assert_eq!(t.commit().unwrap(), 3);
+            assert_eq!(t.commit().unwrap().last_seq, 3);
             let mut t = s.begin().unwrap();
-            t.ack(&[3]).unwrap();
+            t.ack(&[3], 0).unwrap();
             t.commit().unwrap();
             let mut t = s.begin().unwrap();
-            t.ack(&[1, 2]).unwrap();
+            t.ack(&[1, 2], 0).unwrap();
             t.commit().unwrap();
             assert_eq!(s.depth(), 0);
         }
-        let mut s = Store::open(&path, SyncMode::Normal).unwrap();
+        let mut s = open(dir.path(), Limits::default());
         assert_eq!(s.next_seq(), 4);
         let mut t = s.begin().unwrap();
-        assert_eq!(t.append(&ev(Class::Telemetry, "a"), "src").unwrap(), 4);
+        assert!(matches!(
+            t.append(&ev(Class::Telemetry, "a"), "src").unwrap(),
+            Appended::Queued { seq: 4, .. }
+        ));
         t.commit().unwrap();
     }
 
     #[test]
     fn uncommitted_work_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("q.db"), SyncMode::Full).unwrap();
+        let mut s = Store::open(&dir.path().join("q.db"), SyncMode::Full, Limits::default())
+            .unwrap()
+            .0;
         {
             let mut t = s.begin().unwrap();
             t.append(&ev(Class::Telemetry, "a"), "src").unwrap();
-            // dropped without commit: rolled back
         }
         assert_eq!(s.depth(), 0);
         assert_eq!(s.next_seq(), 1);
@@ -463,20 +1169,18 @@ mod tests {
     #[test]
     fn lease_gives_alerts_first_then_telemetry_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("q.db"), SyncMode::Normal).unwrap();
+        let mut s = open(dir.path(), Limits::default());
         let mut t = s.begin().unwrap();
-        t.append(&ev(Class::Telemetry, "t1"), "src").unwrap();
-        t.append(&ev(Class::Alert, "a1"), "src").unwrap();
-        t.append(&ev(Class::Telemetry, "t2"), "src").unwrap();
-        t.append(&ev(Class::Alert, "a2"), "src").unwrap();
+        for (c, n) in [
+            (Class::Telemetry, "t1"),
+            (Class::Alert, "a1"),
+            (Class::Telemetry, "t2"),
+            (Class::Alert, "a2"),
+        ] {
+            t.append(&ev(c, n), "src").unwrap();
+        }
         t.commit().unwrap();
-        let got: Vec<String> = s
-            .lease(Cursor::default(), 10)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.subject)
-            .collect();
-        assert_eq!(got, ["a1", "a2", "t1", "t2"]);
+        assert_eq!(subjects(&s), ["a1", "a2", "t1", "t2"]);
         let mut c = Cursor::default();
         for e in s.lease(c, 3).unwrap() {
             c.advance(&e);
@@ -491,5 +1195,198 @@ mod tests {
         let st = s.stats().unwrap();
         assert_eq!((st.depth, st.alerts), (4, 2));
         assert!(st.bytes > 0);
+    }
+
+    #[test]
+    fn drop_oldest_evicts_telemetry_before_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(
+            dir.path(),
+            Limits {
+                max_events: 4,
+                ..Limits::default()
+            },
+        );
+        let mut t = s.begin().unwrap();
+        for (c, n) in [
+            (Class::Alert, "a1"),
+            (Class::Telemetry, "t1"),
+            (Class::Telemetry, "t2"),
+            (Class::Alert, "a2"),
+        ] {
+            t.append(&ev(c, n), "src").unwrap();
+        }
+        t.append(&ev(Class::Telemetry, "t3"), "src").unwrap();
+        t.append(&ev(Class::Alert, "a3"), "src").unwrap();
+        let c = t.commit().unwrap();
+        assert_eq!(c.removed.evicted, 2);
+        assert_eq!(subjects(&s), ["a1", "a2", "a3", "t3"]);
+        // Alerts go only once no telemetry is left; a telemetry newcomer never evicts an alert.
+        let mut t = s.begin().unwrap();
+        t.append(&ev(Class::Alert, "a4"), "src").unwrap();
+        t.append(&ev(Class::Alert, "a5"), "src").unwrap();
+        let c = t.commit().unwrap();
+        assert_eq!(c.removed.evicted, 2);
+        assert_eq!(subjects(&s), ["a2", "a3", "a4", "a5"]);
+        let mut t = s.begin().unwrap();
+        assert_eq!(
+            t.append(&ev(Class::Telemetry, "t4"), "src").unwrap(),
+            Appended::Rejected
+        );
+        assert_eq!(t.commit().unwrap().removed.rejected, 1);
+        assert_eq!(s.depth(), 4);
+    }
+
+    #[test]
+    fn drop_newest_rejects_telemetry_but_alerts_push_telemetry_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(
+            dir.path(),
+            Limits {
+                max_events: 3,
+                when_full: QueueFull::DropNewest,
+                ..Limits::default()
+            },
+        );
+        let mut t = s.begin().unwrap();
+        for n in ["t1", "t2", "t3"] {
+            t.append(&ev(Class::Telemetry, n), "src").unwrap();
+        }
+        assert_eq!(
+            t.append(&ev(Class::Telemetry, "t4"), "src").unwrap(),
+            Appended::Rejected
+        );
+        assert!(matches!(
+            t.append(&ev(Class::Alert, "a1"), "src").unwrap(),
+            Appended::Queued { .. }
+        ));
+        let c = t.commit().unwrap();
+        assert_eq!((c.removed.rejected, c.removed.evicted), (1, 1));
+        assert_eq!(subjects(&s), ["a1", "t2", "t3"]);
+    }
+
+    #[test]
+    fn max_bytes_bounds_the_accounted_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(
+            dir.path(),
+            Limits {
+                max_bytes: 20_000,
+                ..Limits::default()
+            },
+        );
+        for _ in 0..10 {
+            let mut t = s.begin().unwrap();
+            for i in 0..50 {
+                t.append(&ev(Class::Telemetry, &format!("sensors/{i}")), "src")
+                    .unwrap();
+            }
+            t.commit().unwrap();
+            assert!(s.bytes() <= 20_000, "{}", s.bytes());
+        }
+        let before = s.bytes();
+        s.load_counters().unwrap();
+        assert_eq!(s.bytes(), before, "incremental accounting matches the file");
+    }
+
+    #[test]
+    fn expiry_and_keep_acked_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_age: Some(Duration::from_secs(60)),
+            keep_acked: Duration::from_secs(3600),
+            ..Limits::default()
+        };
+        let mut s = open(dir.path(), limits);
+        let mut old = ev(Class::Telemetry, "old");
+        old.time = SystemTime::now() - Duration::from_secs(120);
+        let mut t = s.begin().unwrap();
+        t.append(&old, "src").unwrap();
+        t.append(&ev(Class::Telemetry, "new"), "src").unwrap();
+        t.expire(now_us()).unwrap();
+        let c = t.commit().unwrap();
+        assert_eq!(c.removed.expired, 1);
+        assert_eq!(subjects(&s), ["new"]);
+
+        let leased = s.lease(Cursor::default(), 10).unwrap();
+        let mut t = s.begin().unwrap();
+        t.ack(&[leased[0].pos], now_us()).unwrap();
+        t.commit().unwrap();
+        assert_eq!(s.depth(), 0);
+        assert_eq!(s.stats().unwrap().kept, 1);
+        let kept = s.kept_since(0, Some("new")).unwrap();
+        assert_eq!(kept.len(), 1);
+        let mut t = s.begin().unwrap();
+        t.requeue(&kept).unwrap();
+        t.commit().unwrap();
+        let again = s
+            .lease(
+                Cursor {
+                    alert: 0,
+                    telemetry: leased[0].pos,
+                },
+                10,
+            )
+            .unwrap();
+        assert_eq!(
+            again.len(),
+            1,
+            "replayed events are leased after the cursor"
+        );
+        assert_eq!(
+            again[0].body, leased[0].body,
+            "same envelope: same id and sequence"
+        );
+        assert!(again[0].pos > leased[0].pos);
+    }
+
+    #[test]
+    fn corrupt_file_is_quarantined_and_numbering_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let mut s = open(dir.path(), Limits::default());
+            let mut t = s.begin().unwrap();
+            for _ in 0..500 {
+                t.append(&ev(Class::Telemetry, "a"), "src").unwrap();
+            }
+            t.commit().unwrap();
+            s.checkpoint().unwrap();
+        }
+        // Scribble over the middle of the file (the b-tree pages), keeping the header.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 8192] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut s, report) = Store::open(&path, SyncMode::Normal, Limits::default()).unwrap();
+        let aside = report.quarantined.expect("quarantined");
+        assert!(aside.exists(), "the damaged file is kept");
+        assert_eq!(s.depth(), 0);
+        let mut t = s.begin().unwrap();
+        let Appended::Queued { seq, .. } = t.append(&ev(Class::Telemetry, "a"), "src").unwrap()
+        else {
+            panic!()
+        };
+        t.commit().unwrap();
+        assert!(
+            seq == 1 || seq == 501,
+            "numbering restarts only if nothing could be salvaged: {seq}"
+        );
+    }
+
+    #[test]
+    fn garbage_file_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        std::fs::write(
+            &path,
+            b"this is not a database at all, just some text that is long enough ........",
+        )
+        .unwrap();
+        let (s, report) = Store::open(&path, SyncMode::Normal, Limits::default()).unwrap();
+        assert!(report.quarantined.is_some());
+        assert_eq!(s.depth(), 0);
     }
 }
