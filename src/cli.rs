@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::queue::Store;
+use std::time::{Duration, Instant};
+
+use crate::queue::{Store, StoreError, StoredEvent};
 
 /// sysexits(3) codes.
 pub mod exit {
@@ -56,56 +58,268 @@ pub fn check_config(path: Option<&Path>) -> i32 {
     }
 }
 
-pub fn queue_stats(path: Option<&Path>, json: bool) -> i32 {
-    let cfg = match load_config(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+/// Open the queue of `path`'s configuration for the CLI.
+fn open_queue(path: Option<&Path>, write: bool) -> Result<(Config, Store), i32> {
+    let cfg = load_config(path)?;
     let db = cfg.queue_path();
     if !db.exists() {
         eprintln!(
             "edgegate: no queue at {} (has the gateway run with this data_dir?)",
             db.display()
         );
-        return exit::NOINPUT;
+        return Err(exit::NOINPUT);
     }
-    let stats = match Store::open_cli(&db, false).and_then(|s| s.stats()) {
-        Ok(s) => s,
+    match Store::open_cli(&db, write) {
+        Ok(s) => Ok((cfg, s)),
         Err(e) => {
             eprintln!("edgegate: {e}");
-            return exit::IOERR;
+            Err(exit::IOERR)
         }
+    }
+}
+
+fn now_us() -> i64 {
+    crate::queue::store::now_us()
+}
+
+/// `queue stats`: depth, bytes, oldest age, and rates measured over `interval`.
+pub fn queue_stats(path: Option<&Path>, json: bool, interval: Duration) -> i32 {
+    let (cfg, mut store) = match open_queue(path, false) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    let oldest_age_s = stats.oldest_us.map(|t| ((now_us - t).max(0) as f64) / 1e6);
+    let first = match store.stats() {
+        Ok(s) => s,
+        Err(e) => return io_error(e),
+    };
+    let t0 = Instant::now();
+    let mut second = first.clone();
+    if !interval.is_zero() {
+        std::thread::sleep(interval);
+        match store.load_counters().and_then(|_| store.stats()) {
+            Ok(s) => second = s,
+            Err(e) => return io_error(e),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64().max(1e-3);
+    let in_rate = (second.next_sequence.saturating_sub(first.next_sequence)) as f64 / secs;
+    let out_rate = (in_rate - (second.depth as f64 - first.depth as f64) / secs).max(0.0);
+    let eta = if second.depth == 0 {
+        Some(0.0)
+    } else if out_rate > 0.0 && out_rate > in_rate {
+        Some(second.depth as f64 / (out_rate - in_rate))
+    } else {
+        None
+    };
+    let oldest_age_s = second
+        .oldest_us
+        .map(|t| ((now_us() - t).max(0) as f64) / 1e6);
+    let db = cfg.queue_path();
     if json {
         let v = serde_json::json!({
             "path": db.display().to_string(),
-            "depth": stats.depth,
-            "bytes": stats.bytes,
-            "alerts": stats.alerts,
+            "depth": second.depth,
+            "bytes": second.bytes,
+            "alerts": second.alerts,
+            "kept_for_replay": second.kept,
             "oldest_age_seconds": oldest_age_s,
-            "next_sequence": stats.next_sequence,
+            "next_sequence": second.next_sequence,
+            "in_per_second": in_rate,
+            "out_per_second": out_rate,
+            "drain_seconds": eta,
         });
         println!("{v}");
     } else {
-        println!("queue         {}", db.display());
+        println!("queue          {}", db.display());
         println!(
-            "depth         {} events ({} alerts)",
-            stats.depth, stats.alerts
+            "depth          {} events ({} alerts), {} bytes",
+            second.depth, second.alerts, second.bytes
         );
-        println!("bytes         {}", stats.bytes);
         match oldest_age_s {
             Some(a) => println!(
-                "oldest        {}",
-                humantime::format_duration(std::time::Duration::from_secs(a as u64))
+                "oldest         {} ago",
+                humantime::format_duration(Duration::from_secs(a as u64))
             ),
-            None => println!("oldest        -"),
+            None => println!("oldest         -"),
         }
-        println!("next sequence {}", stats.next_sequence);
+        println!("rates          in {in_rate:.1}/s, out {out_rate:.1}/s (over {secs:.1} s)");
+        match eta {
+            Some(e) => println!(
+                "drains in      {}",
+                humantime::format_duration(Duration::from_secs(e.ceil() as u64))
+            ),
+            None => {
+                println!("drains in      never at these rates (not sending faster than it fills)")
+            }
+        }
+        println!("kept (replay)  {}", second.kept);
+        println!("next sequence  {}", second.next_sequence);
     }
     exit::OK
+}
+
+fn io_error(e: StoreError) -> i32 {
+    eprintln!("edgegate: {e}");
+    exit::IOERR
+}
+
+/// One stored event as a JSON line: the envelope plus where it sits in the queue.
+fn event_json(e: &StoredEvent) -> serde_json::Value {
+    let envelope = serde_json::from_slice::<serde_json::Value>(&e.body).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&e.body).into_owned())
+    });
+    serde_json::json!({
+        "position": e.pos,
+        "sequence": e.seq,
+        "class": e.class.name(),
+        "topic": e.topic,
+        "event": envelope,
+    })
+}
+
+/// `queue peek`: the oldest `n` events (optionally of one topic filter), one JSON line each.
+pub fn queue_peek(path: Option<&Path>, n: usize, filter: Option<&str>) -> i32 {
+    if let Some(code) = bad_filter(filter) {
+        return code;
+    }
+    let (_, store) = match open_queue(path, false) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match store.peek(n, filter) {
+        Ok(events) => {
+            for e in &events {
+                println!("{}", event_json(e));
+            }
+            exit::OK
+        }
+        Err(e) => io_error(e),
+    }
+}
+
+/// `queue export`: every queued event, one JSON line each (for a support ticket or a replay).
+pub fn queue_export(path: Option<&Path>, filter: Option<&str>) -> i32 {
+    queue_peek(path, usize::MAX, filter)
+}
+
+/// `queue purge`: delete queued events (older than a duration, of a topic filter).
+pub fn queue_purge(
+    path: Option<&Path>,
+    older_than: Option<Duration>,
+    filter: Option<&str>,
+    yes: bool,
+) -> i32 {
+    if let Some(code) = bad_filter(filter) {
+        return code;
+    }
+    let (_, mut store) = match open_queue(path, true) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let before = older_than.map(|d| now_us() - d.as_micros() as i64);
+    let what = match (older_than, filter) {
+        (None, None) => "ALL queued events".to_string(),
+        (Some(d), None) => format!("queued events older than {}", humantime::format_duration(d)),
+        (None, Some(f)) => format!("queued events on {f}"),
+        (Some(d), Some(f)) => format!(
+            "queued events on {f} older than {}",
+            humantime::format_duration(d)
+        ),
+    };
+    if !yes {
+        eprint!("Delete {what}? They will never reach the upstream. [y/N] ");
+        let mut answer = String::new();
+        if std::io::stdin().read_line(&mut answer).is_err()
+            || !matches!(answer.trim(), "y" | "Y" | "yes")
+        {
+            eprintln!("nothing deleted");
+            return exit::OK;
+        }
+    }
+    match store.purge(before, filter) {
+        Ok(n) => {
+            println!("deleted {n} event(s)");
+            exit::OK
+        }
+        Err(e) => io_error(e),
+    }
+}
+
+/// `queue replay`: send kept (acknowledged) events upstream again, same ids and sequences.
+pub fn queue_replay(path: Option<&Path>, since: &str, filter: Option<&str>) -> i32 {
+    if let Some(code) = bad_filter(filter) {
+        return code;
+    }
+    let since_us = match parse_since(since) {
+        Some(t) => t,
+        None => {
+            eprintln!("edgegate: --since {since:?}: give an RFC 3339 time (2026-11-26T10:00:00Z) or a duration ago (2h)");
+            return exit::USAGE;
+        }
+    };
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if cfg.queue.keep_acked.is_zero() {
+        eprintln!("edgegate: queue.keep_acked is 0: acknowledged events are not kept, there is nothing to replay");
+        return exit::CONFIG;
+    }
+    if crate::gateway::data_dir_in_use(&cfg.gateway.data_dir) {
+        let (_, mut store) = match open_queue(path, true) {
+            Ok(x) => x,
+            Err(code) => return code,
+        };
+        let n = match store.kept_since(since_us, filter) {
+            Ok(v) => v.len(),
+            Err(e) => return io_error(e),
+        };
+        if let Err(e) = store.request_replay(since_us, filter) {
+            return io_error(e);
+        }
+        println!(
+            "asked the running gateway to replay {n} event(s); it queues them within a second"
+        );
+        return exit::OK;
+    }
+    let limits = crate::queue::limits(&cfg.queue);
+    let result =
+        Store::open(&cfg.queue_path(), cfg.queue.sync, limits).and_then(|(mut store, _)| {
+            let events = store.kept_since(since_us, filter)?;
+            let mut txn = store.begin()?;
+            let n = txn.requeue(&events)?;
+            txn.commit()?;
+            Ok(n)
+        });
+    match result {
+        Ok(n) => {
+            println!("queued {n} event(s) again; they are sent when the gateway runs");
+            exit::OK
+        }
+        Err(e) => io_error(e),
+    }
+}
+
+fn bad_filter(filter: Option<&str>) -> Option<i32> {
+    let f = filter?;
+    match crate::rules::topic::validate_filter(f) {
+        Ok(()) => None,
+        Err(e) => {
+            eprintln!("edgegate: --topic: {e}");
+            Some(exit::USAGE)
+        }
+    }
+}
+
+/// An RFC 3339 time, or a duration meaning "that long ago".
+fn parse_since(text: &str) -> Option<i64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return t
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_micros() as i64);
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .map(|d| now_us() - d.as_micros() as i64)
 }

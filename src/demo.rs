@@ -5,7 +5,6 @@
 //! between gateway and cloud (a TCP relay) goes down for a while, the backlog grows in the
 //! queue, and drains when the link returns. Ends by itself (or on Ctrl-C) with a summary.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::broker::Broker;
 use crate::cli::exit;
 use crate::config::{parse_upstream_url, Config};
+use crate::consumer::{envelope_keys, Tracker, Verdict};
 use crate::gateway::Gateway;
 
 pub fn main(seconds: u64) -> i32 {
@@ -46,20 +46,9 @@ pub fn main(seconds: u64) -> i32 {
 /// What the cloud consumer has seen.
 #[derive(Default)]
 struct CloudView {
-    ids: HashSet<String>,
-    seqs: HashSet<u64>,
-    duplicates: u64,
-    max_seq: u64,
+    tracker: Tracker,
     opaque: u64,
     printed: u64,
-}
-
-impl CloudView {
-    fn gaps(&self) -> u64 {
-        (1..=self.max_seq)
-            .filter(|s| !self.seqs.contains(s))
-            .count() as u64
-    }
 }
 
 async fn demo(total: Duration) -> anyhow::Result<bool> {
@@ -71,7 +60,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     cloud_cfg.listen = "127.0.0.1:0".parse()?;
     let cloud = Broker::start(&cloud_cfg).await?;
     let link_up = Arc::new(AtomicBool::new(true));
-    let relay = Relay::start(cloud.addr, link_up.clone()).await?;
+    let relay = Relay::start(cloud.addr(), link_up.clone()).await?;
 
     let mut cfg = Config::defaults();
     cfg.gateway.id = "demo".into();
@@ -96,14 +85,14 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     }
     println!(
         "  cloud broker    mqtt://{}   (the gateway reaches it through a link that will fail)",
-        cloud.addr
+        cloud.addr()
     );
     println!("  queue           {}", data_dir.join("queue.db").display());
     println!();
 
     // The cloud consumer.
     let view = Arc::new(Mutex::new(CloudView::default()));
-    let consumer = consume(cloud.addr, view.clone()).await?;
+    let consumer = consume(cloud.addr(), view.clone()).await?;
 
     // Sensors: two healthy ones and one that misbehaves (spikes, garbage, then stuck).
     let sent = Arc::new(AtomicU64::new(0));
@@ -163,7 +152,8 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
             let v = view
                 .lock()
                 .map_err(|_| anyhow::anyhow!("consumer state poisoned"))?;
-            (v.ids.len() as u64, v.duplicates, v.gaps())
+            let t = v.tracker.totals();
+            (t.unique, t.duplicates, t.missing)
         };
         let sent_now = sent.load(Ordering::Relaxed);
         println!(
@@ -194,20 +184,21 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
         .lock()
         .map_err(|_| anyhow::anyhow!("consumer state poisoned"))?;
     let sent = sent.load(Ordering::Relaxed);
+    let totals = v.tracker.totals();
     println!();
     println!("summary");
     println!("  readings acknowledged by the gateway to sensors  {sent}");
     println!(
         "  events received by the cloud (unique ids)        {}",
-        v.ids.len()
+        totals.unique
     );
     println!(
         "  duplicates (same id, dropped by the consumer)    {}",
-        v.duplicates
+        totals.duplicates
     );
     println!(
         "  missing sequence numbers                          {}",
-        v.gaps()
+        totals.missing
     );
     println!(
         "  opaque payloads forwarded as data_base64          {}",
@@ -229,7 +220,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
         println!("  dropped ({reason})                                {n}");
     }
     println!("  left in the queue at exit                         {left}");
-    let ok = v.ids.len() as u64 >= sent && v.gaps() == 0 && left == 0;
+    let ok = totals.unique >= sent && totals.missing == 0 && left == 0;
     println!(
         "{}",
         if ok {
@@ -345,17 +336,12 @@ async fn consume(
                 continue;
             };
             let Ok(mut v) = view.lock() else { return };
-            let id = env["id"].as_str().unwrap_or_default().to_string();
-            if !v.ids.insert(id) {
-                v.duplicates += 1;
+            let Some((source, id, seq)) = envelope_keys(&env) else {
+                continue;
+            };
+            if v.tracker.observe(source, id, seq) == Verdict::Duplicate {
                 continue;
             }
-            let seq = env["sequence"]
-                .as_str()
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-            v.seqs.insert(seq);
-            v.max_seq = v.max_seq.max(seq);
             let opaque = env.get("data_base64").is_some();
             if opaque {
                 v.opaque += 1;

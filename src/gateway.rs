@@ -11,6 +11,7 @@
 //! PUBACKs (up to a deadline), commit, close the file.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,13 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another running edgegate")]
+    InUse(PathBuf),
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -61,6 +69,42 @@ pub struct Gateway {
     queue: QueueHandle,
     broker: Arc<Broker>,
     upstream: watch::Receiver<UpstreamStatus>,
+    /// Held while running: one gateway per data directory; the CLI sees the daemon is up.
+    _lock: std::fs::File,
+}
+
+/// Lock `{data_dir}/edgegate.lock` exclusively (released when the file is closed).
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join("edgegate.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::InUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::DataDir { path, source }),
+    }
+}
+
+/// Is a gateway running on `data_dir` (holding its lock)?
+pub fn data_dir_in_use(dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("edgegate.lock"))
+    else {
+        return false;
+    };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
 /// The ingest link's client id: unguessable, so a remote client cannot take it over.
@@ -74,6 +118,7 @@ impl Gateway {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
         // 1. Queue.
+        let lock = lock_data_dir(&config.gateway.data_dir)?;
         let path = config.queue_path();
         let (sync, limits) = (config.queue.sync, queue::limits(&config.queue));
         let open_path = path.clone();
@@ -102,11 +147,14 @@ impl Gateway {
         )?;
 
         // 2. Broker and the ingest link.
-        let broker = Arc::new(Broker::start(&config.broker).await?);
+        // The ingest link subscribes before the listeners open (see Broker::new).
+        let mut broker = Broker::new(&config.broker);
         let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
         link_tx
             .subscribe("#")
             .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
+        broker.listen(&config.broker).await?;
+        let broker = Arc::new(broker);
 
         // 3. Stages.
         let (readings_tx, readings_rx) = flume::bounded(capacity);
@@ -178,7 +226,7 @@ impl Gateway {
         };
 
         Ok(Gateway {
-            broker_addr: broker.addr,
+            broker_addr: broker.addr(),
             broker_addr_v5: broker.addr_v5,
             metrics_addr,
             metrics,
@@ -192,6 +240,7 @@ impl Gateway {
             queue,
             broker,
             upstream,
+            _lock: lock,
         })
     }
 

@@ -9,6 +9,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod decode;
 pub mod demo;
 pub mod event;

@@ -44,13 +44,55 @@ enum Command {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// Depth, bytes, age of the oldest event.
+    /// Depth, bytes, age of the oldest event, in/out rates, time to drain.
     Stats {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// How long to watch the queue to measure rates (e.g. 1s, 0s to skip).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+    },
+    /// The oldest events, one JSON line each.
+    Peek {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+        /// Only events whose original topic matches this MQTT filter.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Delete queued events (asks for confirmation unless --yes).
+    Purge {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only events older than this (e.g. 7days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Every queued event as JSON lines (for a support ticket or a manual replay).
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Send acknowledged events kept by queue.keep_acked upstream again (same ids).
+    Replay {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// RFC 3339 time, or a duration ago (e.g. 2h).
+        #[arg(long)]
+        since: String,
+        #[arg(long)]
+        topic: Option<String>,
     },
 }
 
@@ -60,9 +102,30 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => cli::check_config(config.as_deref()),
         Command::Demo { seconds } => edgegate::demo::main(seconds),
-        Command::Queue {
-            command: QueueCommand::Stats { config, json },
-        } => cli::queue_stats(config.as_deref(), json),
+        Command::Queue { command } => match command {
+            QueueCommand::Stats {
+                config,
+                json,
+                interval,
+            } => cli::queue_stats(config.as_deref(), json, interval),
+            QueueCommand::Peek { config, n, topic } => {
+                cli::queue_peek(config.as_deref(), n, topic.as_deref())
+            }
+            QueueCommand::Purge {
+                config,
+                older_than,
+                topic,
+                yes,
+            } => cli::queue_purge(config.as_deref(), older_than, topic.as_deref(), yes),
+            QueueCommand::Export { config, topic } => {
+                cli::queue_export(config.as_deref(), topic.as_deref())
+            }
+            QueueCommand::Replay {
+                config,
+                since,
+                topic,
+            } => cli::queue_replay(config.as_deref(), &since, topic.as_deref()),
+        },
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

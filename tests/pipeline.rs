@@ -122,13 +122,14 @@ async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
-    let port = free_port();
+    // The cloud consumer holds a persistent session on a persistent Mosquitto, which is then
+    // stopped: the upstream is down, its process gone.
+    let mut cloud_broker = Mosquitto::start_persistent();
+    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-consumer").await;
+    cloud_broker.stop();
+
     let dir = tempfile::tempdir().unwrap();
-    let gw = start_gateway(test_config(
-        dir.path(),
-        Some(&format!("mqtt://127.0.0.1:{port}")),
-    ))
-    .await;
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
     let sensor = Sensor::connect(gw.broker_addr, "s1").await;
     for i in 0..200 {
         sensor
@@ -139,9 +140,10 @@ async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
     assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 200).await);
     assert_eq!(gw.queue_stats().await.unwrap().depth, 200);
     assert!(!gw.upstream_connected());
+    assert_eq!(cloud.count(), 0);
 
-    let cloud_broker = Mosquitto::start_on(port);
-    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    // The upstream starts: the backlog goes out, and the consumer gets all of it.
+    cloud_broker.restart();
     let got = cloud.wait_for(200, WAIT).await;
     // Each reading once, in order, sequence without gaps.
     let values: Vec<f64> = got

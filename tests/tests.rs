@@ -3,4 +3,5 @@
 
 mod util;
 
+mod durability;
 mod pipeline;

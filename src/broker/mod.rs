@@ -34,19 +34,24 @@ pub enum BrokerError {
 /// rumqttd's router event type is private; we keep its sender only inside this closure.
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
 
+/// Starts a listener task: (name, address, MQTT 5?).
+type ListenerFactory = dyn Fn(&str, SocketAddr, bool) -> JoinHandle<()> + Send + Sync;
+
 /// A running embedded broker.
 pub struct Broker {
     links: Arc<LinkFactory>,
-    /// Address of the MQTT 3.1.1 listener.
-    pub addr: SocketAddr,
+    listen: Arc<ListenerFactory>,
+    addr: Option<SocketAddr>,
     /// Address of the MQTT 5 listener, when enabled.
     pub addr_v5: Option<SocketAddr>,
     listeners: Vec<JoinHandle<()>>,
 }
 
 impl Broker {
-    /// Start the router and the listeners; returns once every listener accepts connections.
-    pub async fn start(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
+    /// Start the router, without listeners: create the gateway's links now, so they are
+    /// subscribed before the first sensor can connect (a publish that reaches the router before
+    /// a subscription exists is never delivered to it, yet the sensor got its PUBACK).
+    pub fn new(cfg: &BrokerConfig) -> Broker {
         let router_cfg = RouterConfig {
             max_connections: cfg.max_connections,
             // Per read from a filter log to one QoS 0 subscriber (our links).
@@ -58,63 +63,87 @@ impl Broker {
             shared_subscriptions_strategy: Default::default(),
         };
         let router_tx = rumqttd::Router::new(0, router_cfg).spawn();
-
-        let settings = |name: &str, listen: SocketAddr| ServerSettings {
-            name: name.to_string(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128)
-                    as u16,
-                max_payload_size: cfg.max_payload_size,
-                // rumqttd reads at most this many packets per batch from one connection.
-                max_inflight_count: 100,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
+        let settings = ConnectionSettings {
+            connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
+            max_payload_size: cfg.max_payload_size,
+            // rumqttd reads at most this many packets per batch from one connection.
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
         };
-
-        let mut listeners = Vec::new();
-        let addr = resolve_port(cfg.listen)?;
-        let mut v4 = Server::new(settings("v4", addr), router_tx.clone(), V4);
-        listeners.push(tokio::spawn(async move {
-            if let Err(e) = v4.start(LinkType::Remote).await {
-                tracing::error!(%addr, error = %e, "MQTT 3.1.1 listener stopped");
-            }
-        }));
-        let addr_v5 = match cfg.listen_v5 {
-            Some(a) => {
-                let a = resolve_port(a)?;
-                let mut v5 = Server::new(settings("v5", a), router_tx.clone(), V5);
-                listeners.push(tokio::spawn(async move {
-                    if let Err(e) = v5.start(LinkType::Remote).await {
-                        tracing::error!(addr = %a, error = %e, "MQTT 5 listener stopped");
-                    }
-                }));
-                Some(a)
-            }
-            None => None,
-        };
-        for a in std::iter::once(addr).chain(addr_v5) {
-            wait_listening(a, &listeners).await?;
-        }
+        let tx = router_tx.clone();
         let links: Arc<LinkFactory> = Arc::new(move |client_id: &str| {
-            let (tx, rx, _ack) = LinkBuilder::new(client_id, router_tx.clone())
+            let (tx, rx, _ack) = LinkBuilder::new(client_id, tx.clone())
                 .clean_session(true)
                 .dynamic_filters(true)
                 .build()
                 .map_err(|e| BrokerError::Link(client_id.to_string(), e.to_string()))?;
             Ok((tx, rx))
         });
-        tracing::info!(%addr, v5 = ?addr_v5, "broker listening");
-        Ok(Broker {
+        let listen: Arc<ListenerFactory> =
+            Arc::new(move |name: &str, addr: SocketAddr, v5: bool| {
+                let server = ServerSettings {
+                    name: name.to_string(),
+                    listen: addr,
+                    tls: None,
+                    next_connection_delay_ms: 0,
+                    connections: settings.clone(),
+                };
+                let router_tx = router_tx.clone();
+                tokio::spawn(async move {
+                    let result = if v5 {
+                        Server::new(server, router_tx, V5)
+                            .start(LinkType::Remote)
+                            .await
+                    } else {
+                        Server::new(server, router_tx, V4)
+                            .start(LinkType::Remote)
+                            .await
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(%addr, error = %e, "MQTT listener stopped");
+                    }
+                })
+            });
+        Broker {
             links,
-            addr,
-            addr_v5,
-            listeners,
-        })
+            listen,
+            addr: None,
+            addr_v5: None,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Start the listeners of `cfg`; returns once every listener accepts connections.
+    pub async fn listen(&mut self, cfg: &BrokerConfig) -> Result<(), BrokerError> {
+        let addr = resolve_port(cfg.listen)?;
+        self.listeners.push((self.listen)("v4", addr, false));
+        self.addr = Some(addr);
+        if let Some(a) = cfg.listen_v5 {
+            let a = resolve_port(a)?;
+            self.listeners.push((self.listen)("v5", a, true));
+            self.addr_v5 = Some(a);
+        }
+        for a in std::iter::once(addr).chain(self.addr_v5) {
+            wait_listening(a, &self.listeners).await?;
+        }
+        tracing::info!(%addr, v5 = ?self.addr_v5, "broker listening");
+        Ok(())
+    }
+
+    /// Router and listeners in one go (for a broker without links of its own, like the demo's
+    /// cloud).
+    pub async fn start(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
+        let mut b = Broker::new(cfg);
+        b.listen(cfg).await?;
+        Ok(b)
+    }
+
+    /// Address of the MQTT 3.1.1 listener (once listening).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// A new in-process link to the router under `client_id`.

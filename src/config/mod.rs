@@ -152,6 +152,8 @@ pub struct UpstreamConfig {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub max_packet_size: usize,
+    /// Events per second at most (0: as fast as the upstream accepts).
+    pub max_rate: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,6 +382,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Duration::from_secs(3600),
         ),
         max_packet_size: u.size_in("max_packet_size", 1024 * 1024, 1024, 256 * 1024 * 1024),
+        max_rate: u.usize_in("max_rate", 0, 0, 10_000_000) as u32,
     };
     if upstream.reconnect_min > upstream.reconnect_max {
         u.error("reconnect_min", "must not exceed upstream.reconnect_max");

@@ -161,15 +161,19 @@ impl Forwarder {
         let mut tick =
             tokio::time::interval(Duration::from_millis(100).min(self.cfg.ack_timeout / 4));
         let mut caught_up = false;
+        let mut rate = RateLimit::new(self.cfg.max_rate);
 
         let end = loop {
             // Lease more when connected, not stopping, and there is room in the window.
             let room = window.saturating_sub(state.len());
+            let allowed = rate.available(room);
             if connected
                 && draining_since.is_none()
                 && !caught_up
-                && (room >= window.div_ceil(4) || state.len() == 0)
+                && allowed > 0
+                && (allowed >= window.div_ceil(4).min(rate.burst()) || state.len() == 0)
             {
+                let room = allowed;
                 // Mark the current commit as seen before reading, so a commit that lands
                 // after the read still wakes us.
                 committed.borrow_and_update();
@@ -191,6 +195,7 @@ impl Forwarder {
                         break;
                     }
                     state.requested.push_back(pos);
+                    rate.take();
                     state.sent_high = state.sent_high.max(pos);
                 }
                 if let Some(e) = failed {
@@ -237,6 +242,7 @@ impl Forwarder {
                     }
                     caught_up = false;
                 }
+                _ = tokio::time::sleep(rate.next_in()), if connected && !caught_up && draining_since.is_none() && rate.limited() => {}
                 _ = tick.tick() => {
                     if state.len() > 0 && state.last_progress.elapsed() > self.cfg.ack_timeout {
                         break End::Error(format!("no PUBACK for {:?} with {} in flight", self.cfg.ack_timeout, state.len()));
@@ -311,6 +317,66 @@ impl Default for Inflight {
 impl Inflight {
     fn len(&self) -> usize {
         self.requested.len() + self.by_pkid.len()
+    }
+}
+
+/// `upstream.max_rate`: a token bucket of one second's worth of events.
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> RateLimit {
+        RateLimit {
+            per_second: per_second as f64,
+            tokens: per_second as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
+            .min(self.per_second);
+        self.last = now;
+    }
+
+    /// How many of `want` may be sent now.
+    fn available(&mut self, want: usize) -> usize {
+        if self.per_second == 0.0 {
+            return want;
+        }
+        self.refill();
+        want.min(self.tokens as usize)
+    }
+
+    fn take(&mut self) {
+        if self.per_second > 0.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    fn burst(&self) -> usize {
+        if self.per_second == 0.0 {
+            usize::MAX
+        } else {
+            (self.per_second as usize).max(1)
+        }
+    }
+
+    /// Is the limit what holds us back right now?
+    fn limited(&self) -> bool {
+        self.per_second > 0.0 && self.tokens < 1.0
+    }
+
+    /// Time until the next token.
+    fn next_in(&self) -> Duration {
+        if self.per_second == 0.0 {
+            return Duration::from_secs(3600);
+        }
+        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0) / self.per_second).max(0.001))
     }
 }
 

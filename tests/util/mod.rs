@@ -54,6 +54,7 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    persistent: bool,
 }
 
 impl Mosquitto {
@@ -67,9 +68,34 @@ impl Mosquitto {
             port,
             dir,
             child: None,
+            persistent: false,
         };
         m.restart();
         m
+    }
+
+    /// With persistence: sessions and queued messages survive [`Mosquitto::stop`] + restart.
+    pub fn start_persistent() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+            persistent: true,
+        };
+        m.restart();
+        m
+    }
+
+    /// SIGTERM (a persistent broker saves its sessions) and wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
     }
 
     pub fn url(&self) -> String {
@@ -80,10 +106,19 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.kill();
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            // As root Mosquitto would switch to user mosquitto, who cannot write our temp dir.
+            format!(
+                "persistence true\npersistence_location {}/\nuser root\n",
+                self.dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\npersistence false\n",
+                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{persistence}",
                 self.port
             ),
         )
@@ -205,6 +240,11 @@ impl Sensor {
             .expect("publish request");
     }
 
+    /// PUBACKs received so far.
+    pub fn acked(&self) -> u64 {
+        *self.acks.lock().unwrap()
+    }
+
     /// Wait until the broker acknowledged `n` publishes in all.
     pub async fn wait_acked(&self, n: u64) {
         let acks = self.acks.clone();
@@ -233,9 +273,20 @@ pub struct Cloud {
 
 impl Cloud {
     pub async fn subscribe(port: u16, filter: &str) -> Cloud {
-        let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
+        Self::subscribe_with(port, filter, &format!("cloud-{}", free_port()), true).await
+    }
+
+    /// A consumer with a persistent session: what is published while it is away is kept for
+    /// it by the broker (and by a persistent broker across restarts).
+    pub async fn subscribe_persistent(port: u16, filter: &str, client_id: &str) -> Cloud {
+        Self::subscribe_with(port, filter, client_id, false).await
+    }
+
+    async fn subscribe_with(port: u16, filter: &str, client_id: &str, clean: bool) -> Cloud {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_clean_session(clean);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         client
             .subscribe(filter, QoS::AtLeastOnce)
@@ -310,4 +361,188 @@ pub fn seq(v: &Value) -> u64 {
         .expect("sequence is a string")
         .parse()
         .expect("sequence is numeric")
+}
+
+/// The real `edgegate` binary as a child process (for tests where the process must die).
+pub struct Daemon {
+    pub broker_port: u16,
+    child: Option<Child>,
+    data_dir: PathBuf,
+    upstream: Option<String>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    pub fn spawn(data_dir: &Path, upstream: Option<&str>, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon {
+            broker_port: free_port(),
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            upstream: upstream.map(str::to_string),
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.start();
+        d
+    }
+
+    pub fn broker_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.broker_port))
+    }
+
+    /// Start (again) on the same port and data directory.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgegate"));
+        cmd.arg("run")
+            .env("EDGEGATE__GATEWAY__ID", "gw1")
+            .env("EDGEGATE__GATEWAY__DATA_DIR", &self.data_dir)
+            .env(
+                "EDGEGATE__BROKER__LISTEN",
+                format!("127.0.0.1:{}", self.broker_port),
+            )
+            .env("EDGEGATE__METRICS__LISTEN", "")
+            .env(
+                "EDGEGATE__UPSTREAM__URL",
+                self.upstream.as_deref().unwrap_or(""),
+            )
+            .env("EDGEGATE__UPSTREAM__RECONNECT_MIN", "50ms")
+            .env("EDGEGATE__UPSTREAM__RECONNECT_MAX", "500ms")
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn edgegate"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.broker_port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("edgegate exited at start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgegate did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to commit or close anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().ok().and_then(|s| s.code())
+    }
+
+    /// `edgegate queue stats --json` on this data directory.
+    pub fn queue_stats(&self) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(["queue", "stats", "--json", "--interval", "0s"])
+            .env("EDGEGATE__GATEWAY__DATA_DIR", &self.data_dir)
+            .output()
+            .expect("queue stats");
+        assert!(
+            out.status.success(),
+            "queue stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("queue stats JSON")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Unique (by id) envelopes, the number of duplicates, and whether sequences are 1..=max with
+/// no gap.
+pub fn dedup(envelopes: &[(String, Value)]) -> (Vec<Value>, usize, Vec<u64>) {
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = Vec::new();
+    let mut dups = 0;
+    for (_, v) in envelopes {
+        if seen.insert(v["id"].as_str().unwrap_or_default().to_string()) {
+            unique.push(v.clone());
+        } else {
+            dups += 1;
+        }
+    }
+    let seqs: std::collections::BTreeSet<u64> = unique.iter().map(seq).collect();
+    let max = seqs.iter().next_back().copied().unwrap_or(0);
+    let missing = (1..=max).filter(|s| !seqs.contains(s)).collect();
+    (unique, dups, missing)
+}
+
+/// A link between the gateway and the cloud broker that can be cut: a TCP relay. While down it
+/// refuses new connections and cuts the open ones, like a dead uplink; the cloud broker and
+/// its subscribers stay up, so nothing the gateway sends after the link returns is missed.
+pub struct Link {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    pub async fn start(target_port: u16, up: bool) -> Link {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind link");
+        let port = listener.local_addr().unwrap().port();
+        let flag = Arc::new(AtomicBool::new(up));
+        let f = flag.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !f.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { while f.load(Ordering::SeqCst) { tokio::time::sleep(Duration::from_millis(20)).await } } => {}
+                    }
+                });
+            }
+        });
+        Link {
+            port,
+            up: flag,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

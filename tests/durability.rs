@@ -1,0 +1,472 @@
+//! Store-and-forward guarantees: outages, crashes, a silent upstream, limits, a full disk, a
+//! corrupt file. Real Mosquitto, real files, the real binary where a process must die.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edgegate::ops::metrics::DropReason;
+
+use crate::util::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Values per sensor, in arrival order.
+fn per_sensor(unique: &[serde_json::Value]) -> HashMap<String, Vec<f64>> {
+    let mut m: HashMap<String, Vec<f64>> = HashMap::new();
+    for v in unique {
+        m.entry(v["subject"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v["data"].as_f64().unwrap());
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_readings_during_an_outage_all_arrive_in_order() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let link = Link::start(cloud_broker.port, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&link.url()))).await;
+    let mut sensors = Vec::new();
+    for s in 0..4 {
+        sensors.push(Sensor::connect(gw.broker_addr, &format!("sensor-{s}")).await);
+    }
+    for i in 0..2500 {
+        for (s, sensor) in sensors.iter().enumerate() {
+            sensor
+                .publish(&format!("sensors/s{s}/v"), i.to_string())
+                .await;
+        }
+    }
+    for s in &sensors {
+        s.wait_acked(2500).await;
+    }
+    let m = gw.metrics().clone();
+    assert!(
+        eventually(WAIT, || m.events_committed.get() == 10_000).await,
+        "committed {}",
+        m.events_committed.get()
+    );
+    assert_eq!(cloud.count(), 0);
+
+    link.set_up(true);
+    cloud.wait_for(10_000, WAIT).await;
+    assert!(eventually(WAIT, || m.events_forwarded.get() >= 10_000).await);
+    let (unique, dups, missing) = dedup(&cloud.envelopes());
+    assert_eq!(unique.len(), 10_000);
+    assert!(missing.is_empty(), "missing sequences {missing:?}");
+    assert_eq!(
+        dups as u64,
+        m.events_resent.get().min(dups as u64),
+        "duplicates only from counted resends"
+    );
+    for (sensor, values) in per_sensor(&unique) {
+        let expected: Vec<f64> = (0..2500).map(|i| i as f64).collect();
+        assert_eq!(values, expected, "order of {sensor}");
+    }
+    assert_eq!(gw.shutdown().await.unwrap().depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_load_loses_only_the_commit_window() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::spawn(dir.path(), Some(&cloud_broker.url()), &[]);
+
+    // Publish flat out from one sensor; kill the gateway in the middle.
+    let sensor = Sensor::connect(daemon.broker_addr(), "loader").await;
+    let publisher = {
+        let client = sensor.client.clone();
+        tokio::spawn(async move {
+            for i in 0..20_000u32 {
+                if client
+                    .publish(
+                        "sensors/load/v",
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        i.to_string(),
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let r = cloud.received.clone();
+    assert!(eventually(WAIT, || r.lock().unwrap().len() >= 3000).await);
+    daemon.kill9();
+    publisher.abort();
+    let acked_before_kill = sensor.acked();
+    drop(sensor);
+
+    daemon.start();
+    let expect = acked_before_kill as usize;
+    let _ = eventually(Duration::from_secs(15), || {
+        let (u, _, _) = dedup(&cloud.envelopes());
+        u.len() >= expect
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (unique, dups, missing) = dedup(&cloud.envelopes());
+    // Every committed event arrives: sequences (assigned at commit) have no gap.
+    assert!(missing.is_empty(), "committed events lost: {missing:?}");
+    let lost = acked_before_kill.saturating_sub(unique.len() as u64);
+    eprintln!(
+        "kill -9 during load: {acked_before_kill} readings PUBACKed to the sensor, {} arrived, {lost} lost in the commit window, {dups} duplicates",
+        unique.len()
+    );
+    // The loss window is what sat between the broker's PUBACK and the commit: bounded by the
+    // pipeline's buffers (2 x channel capacity + one commit group), never the backlog.
+    assert!(lost <= 2 * 4096 + 1024, "lost {lost}");
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_an_outage_backlog_loses_nothing_committed() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let link = Link::start(cloud_broker.port, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::spawn(dir.path(), Some(&link.url()), &[]);
+    let sensor = Sensor::connect(daemon.broker_addr(), "s").await;
+    for i in 0..3000 {
+        sensor.publish("sensors/a/v", i.to_string()).await;
+    }
+    sensor.wait_acked(3000).await;
+    // Committed: the queue (read by the CLI while the daemon runs) holds all of them.
+    let deadline = Instant::now() + WAIT;
+    while daemon.queue_stats()["depth"] != 3000 {
+        assert!(
+            Instant::now() < deadline,
+            "backlog not committed: {}",
+            daemon.queue_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(sensor);
+    daemon.kill9();
+
+    link.set_up(true);
+    daemon.start();
+    cloud.wait_for(3000, WAIT).await;
+    let (unique, _, missing) = dedup(&cloud.envelopes());
+    assert_eq!(unique.len(), 3000);
+    assert!(missing.is_empty());
+    let values: Vec<f64> = unique.iter().map(|v| v["data"].as_f64().unwrap()).collect();
+    assert_eq!(
+        values,
+        (0..3000).map(|i| i as f64).collect::<Vec<_>>(),
+        "oldest first"
+    );
+    let deadline = Instant::now() + WAIT;
+    while daemon.queue_stats()["depth"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {}",
+            daemon.queue_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_is_detected_within_ack_timeout() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
+    cfg.upstream.ack_timeout = Duration::from_secs(1);
+    let gw = start_gateway(cfg).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    sensor.publish("sensors/a/v", "0").await;
+    cloud.wait_for(1, WAIT).await;
+
+    // The broker stops answering (half-open link): no PUBACK comes back.
+    cloud_broker.signal("STOP");
+    let stopped = Instant::now();
+    for i in 1..=50 {
+        sensor.publish("sensors/a/v", i.to_string()).await;
+    }
+    let m = gw.metrics().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || m.upstream_reconnects.get() >= 1).await,
+        "no reconnect after SIGSTOP"
+    );
+    let detected = stopped.elapsed();
+    eprintln!("silent upstream detected after {detected:?} (ack_timeout 1 s)");
+    assert!(
+        detected < Duration::from_secs(4),
+        "detected after {detected:?}"
+    );
+    assert!(m.events_forwarded.get() < 51);
+
+    cloud_broker.signal("CONT");
+    let got = cloud.wait_for(51, WAIT).await;
+    let (unique, _, missing) = dedup(&got);
+    assert_eq!(unique.len(), 51);
+    assert!(missing.is_empty());
+    assert!(eventually(WAIT, || m.events_forwarded.get() >= 51).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_limits_evict_or_reject_with_counts() {
+    use edgegate::config::QueueFull;
+    for policy in [QueueFull::DropOldest, QueueFull::DropNewest] {
+        let cloud_broker = Mosquitto::start();
+        let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+        let link = Link::start(cloud_broker.port, false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path(), Some(&link.url()));
+        cfg.queue.max_events = 100;
+        cfg.queue.when_full = policy;
+        let gw = start_gateway(cfg).await;
+        let sensor = Sensor::connect(gw.broker_addr, "s").await;
+        for i in 0..250 {
+            sensor.publish("sensors/a/v", i.to_string()).await;
+        }
+        sensor.wait_acked(250).await;
+        let m = gw.metrics().clone();
+        let reason = if policy == QueueFull::DropOldest {
+            DropReason::Evicted
+        } else {
+            DropReason::Rejected
+        };
+        assert!(
+            eventually(WAIT, || m.events_committed.get()
+                + m.dropped(DropReason::Rejected)
+                == 250)
+            .await,
+            "all 250 accounted for"
+        );
+        let depth = gw.queue_stats().await.unwrap().depth;
+        assert!(depth <= 100, "{policy:?}: depth {depth}");
+        assert_eq!(
+            depth + m.dropped(reason),
+            250,
+            "{policy:?}: every event is queued or counted"
+        );
+
+        link.set_up(true);
+        let got = cloud.wait_for(depth as usize, WAIT).await;
+        let values: Vec<f64> = got
+            .iter()
+            .map(|(_, v)| v["data"].as_f64().unwrap())
+            .collect();
+        match policy {
+            QueueFull::DropOldest => assert_eq!(values.last(), Some(&249.0), "newest kept"),
+            QueueFull::DropNewest => assert_eq!(values.first(), Some(&0.0), "oldest kept"),
+        }
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_queue_file_is_quarantined_and_the_gateway_serves() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("queue.db"), vec![0xA5u8; 64 * 1024]).unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("queue.db.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file is kept for inspection");
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        vec![0xA5u8; 64 * 1024]
+    );
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    sensor.publish("sensors/a/v", "1").await;
+    cloud.wait_for(1, WAIT).await;
+    gw.shutdown().await;
+}
+
+/// A real full disk: a 2 MiB tmpfs as the data directory. Needs root (mount); CI runs as root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_survived_and_recovered_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("data");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&mnt)
+        .status();
+    if !matches!(mounted, Ok(s) if s.success()) {
+        panic!("this test needs to mount a tmpfs (run as root, as CI does)");
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let link = Link::start(cloud_broker.port, false).await;
+    let mut cfg = test_config(&mnt, Some(&link.url()));
+    cfg.queue.max_bytes = 0; // no budget: let the disk itself fill up
+    let gw = start_gateway(cfg).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    let payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(900));
+    for _ in 0..6000 {
+        sensor.publish("sensors/big/v", payload.clone()).await;
+    }
+    sensor.wait_acked(6000).await;
+    let m = gw.metrics().clone();
+    // The disk fills: commits fail, the gateway keeps accepting (buffering, then counting drops).
+    assert!(
+        eventually(WAIT, || m.events_committed.get()
+            + m.dropped(DropReason::QueueWriteFailed)
+            > 0
+            && m.events_committed.get() < 6000)
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed_when_full = m.events_committed.get();
+    assert!(committed_when_full < 6000, "the disk did fill up");
+    // Still serving other sensors.
+    let other = Sensor::connect(gw.broker_addr, "other").await;
+    other.publish("sensors/other/v", "1").await;
+    other.wait_acked(1).await;
+
+    // Space returns: grow the file system; buffered events commit, the backlog drains.
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    link.set_up(true);
+    assert!(
+        eventually(WAIT, || m.events_committed.get() > committed_when_full).await,
+        "writes recovered"
+    );
+    let dropped = m.dropped(DropReason::QueueWriteFailed);
+    let expected = m.events_committed.get();
+    eprintln!("full disk: {committed_when_full} committed before full, {dropped} dropped (counted), {expected} committed in all");
+    assert_eq!(
+        expected + dropped,
+        6001,
+        "every reading committed or counted"
+    );
+    let got = cloud.wait_for(expected as usize, WAIT).await;
+    let (unique, _, missing) = dedup(&got);
+    assert_eq!(unique.len() as u64, expected);
+    assert!(missing.is_empty());
+    gw.shutdown().await;
+}
+
+#[test]
+fn queue_cli_peek_export_purge_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut cfg = test_config(dir.path(), None);
+        cfg.queue.keep_acked = Duration::from_secs(3600);
+        let gw = start_gateway(cfg).await;
+        let sensor = Sensor::connect(gw.broker_addr, "s").await;
+        for i in 0..5 {
+            sensor
+                .publish(
+                    &format!("sensors/{}/v", if i % 2 == 0 { "a" } else { "b" }),
+                    i.to_string(),
+                )
+                .await;
+        }
+        sensor.wait_acked(5).await;
+        assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 5).await);
+        gw.shutdown().await;
+    });
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+            .args(args)
+            .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let peek = cli(&["queue", "peek", "-n", "2", "--topic", "sensors/a/#"]);
+    let lines: Vec<serde_json::Value> = peek
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["event"]["data"], 0.0);
+    assert_eq!(lines[1]["event"]["data"], 2.0);
+    assert_eq!(cli(&["queue", "export"]).lines().count(), 5);
+    let stats: serde_json::Value =
+        serde_json::from_str(&cli(&["queue", "stats", "--json", "--interval", "0s"])).unwrap();
+    assert_eq!(stats["depth"], 5);
+    assert!(cli(&["queue", "purge", "--topic", "sensors/b/#", "--yes"]).contains("deleted 2"));
+    assert_eq!(cli(&["queue", "export"]).lines().count(), 3);
+    // Without --yes and without a "y", nothing is deleted.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["queue", "purge"])
+        .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(cli(&["queue", "export"]).lines().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_kept_events_again_with_the_same_ids() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
+    cfg.queue.keep_acked = Duration::from_secs(3600);
+    let gw = start_gateway(cfg).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    for i in 0..3 {
+        sensor.publish("sensors/a/v", i.to_string()).await;
+    }
+    let first = cloud.wait_for(3, WAIT).await;
+    assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 3).await);
+    // The CLI asks the running daemon (it holds the data-dir lock) to replay.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["queue", "replay", "--since", "1h"])
+        .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
+        .env("EDGEGATE__QUEUE__KEEP_ACKED", "1h")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = cloud.wait_for(6, WAIT).await;
+    let ids = |v: &[(String, serde_json::Value)]| {
+        v.iter()
+            .map(|(_, e)| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&all[3..]),
+        ids(&first),
+        "replayed with the same ids, in order"
+    );
+    let (_, dups, missing) = dedup(&all);
+    assert_eq!((dups, missing.len()), (3, 0));
+    gw.shutdown().await;
+}
