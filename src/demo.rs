@@ -276,9 +276,9 @@ async fn sensor(
             1 => format!("{:.3}", 2.5 + 0.05 * (t / 3.0).cos() + jitter(n) * 0.01).into_bytes(),
             // The misbehaving one: spikes, a garbage frame now and then, and later stuck.
             _ => {
-                if n % 97 == 0 {
+                if n.is_multiple_of(97) {
                     b"\xffERR#42\x00".to_vec()
-                } else if n % 41 == 0 {
+                } else if n.is_multiple_of(41) {
                     br#"{"value":999.0}"#.to_vec()
                 } else if n > 150 {
                     br#"{"value":12.0}"#.to_vec()
