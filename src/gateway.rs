@@ -24,7 +24,7 @@ use crate::forwarder::{Forwarder, UpstreamStatus};
 use crate::ops::metrics::Metrics;
 use crate::ops::{http, supervisor, systemd};
 use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
-use crate::rules::stage::RulesStage;
+use crate::rules::stage::{RulesHandle, RulesStage};
 use crate::rules::Engine;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ pub struct Gateway {
     queue: QueueHandle,
     broker: Arc<Broker>,
     upstream: watch::Receiver<UpstreamStatus>,
+    rules_handle: RulesHandle,
 }
 
 /// The ingest link's client id: unguessable, so a remote client cannot take it over.
@@ -104,6 +105,10 @@ impl Gateway {
             }
             .run(),
         );
+        // The rules stage publishes derived events and alerts on its own local link.
+        let (rules_link, _) =
+            broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
+        let (rules_handle, reload_rx) = RulesHandle::channel();
         let rules = tokio::spawn(
             RulesStage {
                 engine: Engine::new(&config.rules, &config.upstream.topic_prefix),
@@ -111,6 +116,8 @@ impl Gateway {
                 queue: queue.clone(),
                 when_full: config.pipeline.when_full,
                 metrics: metrics.clone(),
+                local: Some(rules_link),
+                reload: reload_rx,
             }
             .run(),
         );
@@ -176,7 +183,20 @@ impl Gateway {
             queue,
             broker,
             upstream,
+            rules_handle,
         })
+    }
+
+    /// Replace the running rules (from an already validated configuration); rules whose
+    /// configuration is unchanged keep their state. Returns their names, or `None` if the rules
+    /// stage has stopped.
+    pub async fn reload_rules(&self, config: &Config) -> Option<Vec<String>> {
+        self.rules_handle.reload(config.rules.clone()).await
+    }
+
+    /// A handle for reloading rules from another task (e.g. on SIGHUP).
+    pub fn rules_handle(&self) -> RulesHandle {
+        self.rules_handle.clone()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
