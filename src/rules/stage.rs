@@ -227,3 +227,33 @@ impl RulesStage {
         }
     }
 }
+
+/// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment);
+/// if it is invalid, log every error with its key, count the failure and keep the running rules.
+pub async fn reload_on_sighup(
+    path: Option<std::path::PathBuf>,
+    handle: RulesHandle,
+    metrics: Arc<Metrics>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: rules reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading rules");
+        match crate::config::Config::load(path.as_deref()) {
+            Err(errors) => {
+                metrics.rules.reload_failures.inc();
+                for e in &errors.0 {
+                    tracing::error!(key = %e.key, error = %e.message, "invalid configuration");
+                }
+                tracing::error!("{errors}; the running rules are kept");
+            }
+            Ok(config) => match handle.reload(config.rules).await {
+                Some(kept) => tracing::info!(kept_state = ?kept, "rules reload applied"),
+                None => return,
+            },
+        }
+    }
+}
