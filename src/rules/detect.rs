@@ -5,14 +5,34 @@
 
 use super::config::DetectorConfig;
 
+#[cfg(test)]
+mod quality;
+
 /// Default alert threshold of the outlier detector, in robust standard deviations.
 pub const OUTLIER_Z: f64 = 6.0;
 
-/// Outlier detector constants (chosen by measurement, see `tests::outlier_quality`).
-const ALPHA: f64 = 0.1; // level smoothing
-const BETA: f64 = 0.02; // trend smoothing (fraction of the level correction)
-const GAMMA: f64 = 0.02; // spread smoothing
-const CLIP: f64 = 3.0; // residuals beyond CLIP sigmas update the baseline as CLIP sigmas
+/// Outlier detector constants (chosen by measurement, see `quality::outlier_quality`).
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Level smoothing.
+    pub alpha: f64,
+    /// Trend smoothing (fraction of the level correction).
+    pub beta: f64,
+    /// Spread smoothing.
+    pub gamma: f64,
+    /// Residuals beyond `clip` sigmas update the baseline as `clip` sigmas.
+    pub clip: f64,
+    /// Weight of the sustained-shift EWMA (0: off).
+    pub sustain: f64,
+}
+
+pub const PARAMS: Params = Params {
+    alpha: 0.1,
+    beta: 0.02,
+    gamma: 0.02,
+    clip: 3.0,
+    sustain: 0.3,
+};
 const CLEAR_Z_RATIO: f64 = 0.5; // clear below threshold * ratio ...
 const CLEAR_COUNT: u32 = 3; // ... for this many consecutive readings
 /// Mean absolute deviation of a normal distribution is 0.7979 sigma.
@@ -42,12 +62,20 @@ pub struct Outlier {
     trend: f64,
     /// Running mean absolute residual (robust: residuals are clipped before they enter).
     spread: f64,
+    slow_spread: f64,
+    /// EWMA of the standardised residual (sustained shifts).
+    zbar: f64,
     active: bool,
     calm: u32,
 }
 
 impl Outlier {
     pub fn update(&mut self, threshold: f64, warmup: u32, v: f64) -> Verdict {
+        self.update_with(&PARAMS, threshold, warmup, v)
+    }
+
+    pub fn update_with(&mut self, p: &Params, threshold: f64, warmup: u32, v: f64) -> Verdict {
+        let (alpha, beta, gamma, clip) = (p.alpha, p.beta, p.gamma, p.clip);
         self.n = self.n.saturating_add(1);
         if self.n == 1 {
             self.level = v;
@@ -56,30 +84,42 @@ impl Outlier {
         let pred = self.level + self.trend;
         let r = v - pred;
         let floor = 1e-9 + 1e-6 * self.level.abs();
-        let sigma = (self.spread * MAD_TO_SIGMA).max(floor);
+        let sigma = (self.spread.max(0.5 * self.slow_spread) * MAD_TO_SIGMA).max(floor);
         let z = r.abs() / sigma;
         let warming = self.n <= warmup;
         // Warm-up: plain running means, so the first readings set the baseline quickly.
         let a = if warming {
-            (1.0 / self.n as f64).max(ALPHA)
+            (1.0 / self.n as f64).max(alpha)
         } else {
-            ALPHA
+            alpha
         };
         let g = if warming {
-            (1.0 / (self.n - 1) as f64).max(GAMMA)
+            (1.0 / (self.n - 1) as f64).max(gamma)
         } else {
-            GAMMA
+            gamma
         };
         let rc = if warming {
             r
         } else {
-            r.clamp(-CLIP * sigma, CLIP * sigma)
+            r.clamp(-clip * sigma, clip * sigma)
         };
         self.level = pred + a * rc;
         if !warming {
-            self.trend += BETA * a * rc;
+            self.trend += beta * a * rc;
         }
         self.spread += g * (rc.abs() - self.spread);
+        // A slow copy of the spread floors the fast one at half its size: a stuck or unusually
+        // quiet stretch does not make the next normal noise look anomalous.
+        self.slow_spread += g * 0.1 * (rc.abs() - self.slow_spread);
+        if warming {
+            self.slow_spread = self.spread;
+        }
+        // Sustained shifts: a short EWMA of the standardised residual, scaled to unit variance
+        // (the EWMA of iid N(0,1) with weight w has variance w / (2 - w)).
+        let zs = (r / sigma).clamp(-2.0 * threshold, 2.0 * threshold);
+        self.zbar += p.sustain * (zs - self.zbar);
+        let zbar = self.zbar.abs() / (p.sustain / (2.0 - p.sustain)).sqrt();
+        let z = if p.sustain > 0.0 { z.max(zbar) } else { z };
         let band = (pred - threshold * sigma, pred + threshold * sigma);
         if warming {
             return Verdict {
