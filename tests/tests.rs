@@ -4,3 +4,5 @@
 mod util;
 
 mod pipeline;
+
+mod rules;
