@@ -100,6 +100,30 @@ impl Payload {
         }
     }
 
+    /// One top-level field of a reading without building a map: `value` for a number payload,
+    /// the member `name` of an object payload. Strings without escapes are borrowed, so numeric
+    /// and plain string fields are read without allocating.
+    pub fn field(&self, name: &str) -> Option<Field<'_>> {
+        match self {
+            Payload::Number { value, .. } if name == "value" => Some(Field::Number(*value)),
+            Payload::Object(b) => {
+                let mut de = serde_json::Deserializer::from_slice(b);
+                serde::de::DeserializeSeed::deserialize(FindField(name), &mut de)
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        }
+    }
+
+    /// A numeric field (see [`Payload::field`]); `None` if absent or not a number.
+    pub fn field_f64(&self, name: &str) -> Option<f64> {
+        match self.field(name)? {
+            Field::Number(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The event data for this payload.
     pub fn to_data(&self) -> Data {
         match self {
@@ -107,6 +131,107 @@ impl Payload {
             Payload::Number { json, .. } => Data::Json(json.clone()),
             Payload::Opaque(b) => Data::Binary(b.clone()),
         }
+    }
+}
+
+/// A top-level field of a payload, as [`Payload::field`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field<'a> {
+    Number(f64),
+    Str(std::borrow::Cow<'a, str>),
+    Bool(bool),
+    Null,
+    /// An array or object.
+    Nested,
+}
+
+impl Field<'_> {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Field::Number(_) => "number",
+            Field::Str(_) => "string",
+            Field::Bool(_) => "bool",
+            Field::Null => "null",
+            Field::Nested => "array/object",
+        }
+    }
+}
+
+/// Deserializer seed that scans an object for one key and skips everything else.
+struct FindField<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FindField<'_> {
+    type Value = Option<Field<'de>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FindField<'_> {
+    type Value = Option<Field<'de>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if found.is_none() && key == self.0 {
+                found = Some(map.next_value::<AnyField<'de>>()?.0);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+struct AnyField<'de>(Field<'de>);
+
+impl<'de> serde::Deserialize<'de> for AnyField<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AnyField<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Number(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Number(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Number(v as f64)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Bool(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Null))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Str(std::borrow::Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(AnyField(Field::Str(std::borrow::Cow::Owned(v.to_string()))))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<Self::Value, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(AnyField(Field::Nested))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnyField(Field::Nested))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -190,6 +315,23 @@ mod tests {
         let f = d(b"7").fields().unwrap();
         assert_eq!(f["value"], 7.0);
         assert!(d(b"x").fields().is_none());
+    }
+
+    #[test]
+    fn single_field_access() {
+        let p = d(br#"{"a":[1,{"t":2}],"t":21.5,"s":"on","e":"x\\ny","b":true,"n":null,"i":-3}"#);
+        assert_eq!(p.field_f64("t"), Some(21.5));
+        assert_eq!(p.field_f64("i"), Some(-3.0));
+        assert_eq!(p.field("s"), Some(Field::Str("on".into())));
+        assert_eq!(p.field("e"), Some(Field::Str("x\\ny".into())));
+        assert_eq!(p.field("b"), Some(Field::Bool(true)));
+        assert_eq!(p.field("n"), Some(Field::Null));
+        assert_eq!(p.field("a"), Some(Field::Nested));
+        assert_eq!(p.field("missing"), None);
+        assert_eq!(p.field_f64("s"), None);
+        assert_eq!(d(b"7").field_f64("value"), Some(7.0));
+        assert_eq!(d(b"7").field_f64("t"), None);
+        assert_eq!(d(b"x").field("value"), None);
     }
 
     #[test]

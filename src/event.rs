@@ -53,6 +53,11 @@ impl Class {
 }
 
 pub const TYPE_READING: &str = "io.edgegate.reading";
+/// An anomaly detector's alert; `data.state` is `"start"` when the anomaly begins and `"clear"`
+/// when it ends.
+pub const TYPE_ALERT: &str = "io.edgegate.alert";
+/// One window of an `aggregate` action.
+pub const TYPE_AGGREGATE: &str = "io.edgegate.aggregate";
 
 /// An event bound upstream, before the queue assigns its sequence.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use crate::forwarder::{Forwarder, UpstreamStatus};
 use crate::ops::metrics::Metrics;
 use crate::ops::{http, supervisor, systemd};
 use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
-use crate::rules::stage::RulesStage;
+use crate::rules::stage::{RulesHandle, RulesStage};
 use crate::rules::Engine;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,7 @@ pub struct Gateway {
     queue: QueueHandle,
     broker: Arc<Broker>,
     upstream: watch::Receiver<UpstreamStatus>,
+    rules_handle: RulesHandle,
     /// Held while running: one gateway per data directory; the CLI sees the daemon is up.
     _lock: std::fs::File,
 }
@@ -168,6 +169,10 @@ impl Gateway {
             }
             .run(),
         );
+        // The rules stage publishes derived events and alerts on its own local link.
+        let (rules_link, _) =
+            broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
+        let (rules_handle, reload_rx) = RulesHandle::channel();
         let rules = tokio::spawn(
             RulesStage {
                 engine: Engine::new(&config.rules, &config.upstream.topic_prefix),
@@ -175,6 +180,8 @@ impl Gateway {
                 queue: queue.clone(),
                 when_full: config.pipeline.when_full,
                 metrics: metrics.clone(),
+                local: Some(rules_link),
+                reload: reload_rx,
             }
             .run(),
         );
@@ -240,8 +247,21 @@ impl Gateway {
             queue,
             broker,
             upstream,
+            rules_handle,
             _lock: lock,
         })
+    }
+
+    /// Replace the running rules (from an already validated configuration); rules whose
+    /// configuration is unchanged keep their state. Returns their names, or `None` if the rules
+    /// stage has stopped.
+    pub async fn reload_rules(&self, config: &Config) -> Option<Vec<String>> {
+        self.rules_handle.reload(config.rules.clone()).await
+    }
+
+    /// A handle for reloading rules from another task (e.g. on SIGHUP).
+    pub fn rules_handle(&self) -> RulesHandle {
+        self.rules_handle.clone()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

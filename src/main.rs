@@ -35,6 +35,21 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Run recorded readings through the rules offline and print the resulting events.
+    Backtest {
+        /// Rules from this configuration (default: the built-in default rules).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// CSV (`timestamp,value[,topic]`) or JSON lines; `-` for standard input.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Topic of readings without a topic column.
+        #[arg(long, short)]
+        topic: Option<String>,
+        /// Print `timestamp,value,score,alert` per reading instead of the events.
+        #[arg(long)]
+        scores: bool,
+    },
     /// Inspect the store-and-forward queue (works while the daemon runs).
     Queue {
         #[command(subcommand)]
@@ -102,6 +117,12 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => cli::check_config(config.as_deref()),
         Command::Demo { seconds } => edgegate::demo::main(seconds),
+        Command::Backtest {
+            config,
+            input,
+            topic,
+            scores,
+        } => edgegate::rules::backtest::main(config.as_deref(), &input, topic.as_deref(), scores),
         Command::Queue { command } => match command {
             QueueCommand::Stats {
                 config,
@@ -148,8 +169,20 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
     };
     runtime.block_on(async move {
-        match edgegate::run(config, shutdown_signal()).await {
-            Ok(_) => exit::OK,
+        let source = config.source.clone();
+        match edgegate::Gateway::start(config).await {
+            Ok(gw) => {
+                edgegate::ops::systemd::ready(&format!("listening on {}", gw.broker_addr));
+                let reload = tokio::spawn(edgegate::rules::stage::reload_on_sighup(
+                    source,
+                    gw.rules_handle(),
+                    gw.metrics().clone(),
+                ));
+                shutdown_signal().await;
+                reload.abort();
+                gw.shutdown().await;
+                exit::OK
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("edgegate: {e}");

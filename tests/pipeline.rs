@@ -209,16 +209,8 @@ async fn routing_rules_forward_and_drop_with_counts() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
     cfg.rules = vec![
-        RuleConfig {
-            name: "no-debug".into(),
-            filter: "sensors/+/debug".into(),
-            action: RuleAction::Drop,
-        },
-        RuleConfig {
-            name: "sensors".into(),
-            filter: "sensors/#".into(),
-            action: RuleAction::Forward,
-        },
+        RuleConfig::simple("no-debug", "sensors/+/debug", RuleAction::Drop),
+        RuleConfig::simple("sensors", "sensors/#", RuleAction::Forward),
     ];
     let gw = start_gateway(cfg).await;
     let sensor = Sensor::connect(gw.broker_addr, "s1").await;

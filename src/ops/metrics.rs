@@ -39,6 +39,11 @@ pub enum DropReason {
     Rejected,
     /// Older than `queue.max_age`.
     Expired,
+    /// A rule's `sample` or `deadband` action held the reading back and no rule forwarded it.
+    RuleFiltered,
+    /// A rule's `when` condition failed to evaluate (missing field, wrong type) and no rule
+    /// forwarded the reading.
+    RuleError,
 }
 
 impl DropReason {
@@ -54,18 +59,48 @@ impl DropReason {
             DropReason::Evicted => "evicted",
             DropReason::Rejected => "rejected",
             DropReason::Expired => "expired",
+            DropReason::RuleFiltered => "rule_filtered",
+            DropReason::RuleError => "rule_error",
         }
     }
 
     /// Drops a user asked for (configuration) are logged at debug, the rest as warnings.
     fn is_by_config(self) -> bool {
-        matches!(self, DropReason::Unrouted | DropReason::RuleDrop)
+        matches!(
+            self,
+            DropReason::Unrouted | DropReason::RuleDrop | DropReason::RuleFiltered
+        )
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabel {
+    pub rule: String,
+    /// `start` or `clear`.
+    pub state: &'static str,
+}
+
+/// The rule engine's metric families (updated by the rules stage).
+#[derive(Default)]
+pub struct RuleMetrics {
+    pub alerts: Family<AlertLabel, Counter>,
+    pub in_alarm: Family<RuleLabel, Gauge>,
+    pub eval_errors: Family<RuleLabel, Counter>,
+    pub skipped: Family<RuleLabel, Counter>,
+    pub state_evicted: Counter,
+    pub sensors: Gauge,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
 }
 
 /// The counters and gauges of one gateway.
@@ -82,6 +117,7 @@ pub struct Metrics {
     pub upstream_connected: Gauge,
     pub upstream_reconnects: Counter,
     pub ack_latency: Histogram,
+    pub rules: RuleMetrics,
     /// Totals per reason kept beside the Prometheus family, for tests and summaries.
     drop_totals: Mutex<HashMap<DropReason, u64>>,
     drop_log: Mutex<HashMap<DropReason, (Instant, u64)>>,
@@ -112,6 +148,7 @@ impl Metrics {
                 ]
                 .into_iter(),
             ),
+            rules: RuleMetrics::default(),
             drop_totals: Mutex::new(HashMap::new()),
             drop_log: Mutex::new(HashMap::new()),
             last_sequence: AtomicU64::new(0),
@@ -168,6 +205,43 @@ impl Metrics {
             "upstream_ack_latency_seconds",
             "Time from publish to PUBACK upstream",
             m.ack_latency.clone(),
+        );
+        let r = &m.rules;
+        registry.register(
+            "rule_alerts",
+            "Alert events by rule and state (start, clear)",
+            r.alerts.clone(),
+        );
+        registry.register(
+            "rule_detectors_in_alarm",
+            "Detector states currently in alarm, by rule",
+            r.in_alarm.clone(),
+        );
+        registry.register(
+            "rule_eval_errors",
+            "Rule condition evaluation errors (missing field, wrong type), by rule",
+            r.eval_errors.clone(),
+        );
+        registry.register(
+            "rule_skipped",
+            "Readings a rule's detect/aggregate/deadband action skipped (field absent or not numeric)",
+            r.skipped.clone(),
+        );
+        registry.register(
+            "rule_state_evicted",
+            "Sensor states evicted because rules_engine.max_sensors was reached",
+            r.state_evicted.clone(),
+        );
+        registry.register(
+            "rule_sensors",
+            "Sensors tracked by the rule engine",
+            r.sensors.clone(),
+        );
+        registry.register("rule_reloads", "Rule reloads applied", r.reloads.clone());
+        registry.register(
+            "rule_reload_failures",
+            "Rule reloads rejected (invalid configuration)",
+            r.reload_failures.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -29,3 +29,21 @@ pub fn watchdog_interval() -> Option<Duration> {
         None
     }
 }
+
+/// RELOADING=1 at the start of a configuration reload (SIGHUP); call [`ready`] when done.
+pub fn reloading() {
+    let _ = sd_notify::notify(false, &[NotifyState::Reloading]);
+}
+
+/// Ask systemd for more time before the start or stop timeout fires (e.g. a long queue
+/// integrity check at start, a slow final commit on an SD card at stop).
+pub fn extend_timeout(by: Duration) {
+    // The protocol field is 32 bits of microseconds (about 71 minutes).
+    let usec = by.as_micros().min(u32::MAX as u128) as u32;
+    let _ = sd_notify::notify(false, &[NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
+/// Whether systemd started this process with a notification socket (`Type=notify`).
+pub fn under_systemd() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}

@@ -1,16 +1,55 @@
-//! The rules stage task: readings in, actions out (to the queue).
+//! The rules stage task: readings in, actions out (to the queue and the local broker), a timer
+//! for `missing` detectors and windows, and rule reloads.
 //!
 //! Invariant: every reading leaves this stage as at least one queued event, or as a counted
-//! drop (`unrouted`, `rule_drop`, `channel_full`).
+//! drop (`unrouted`, `rule_drop`, `rule_filtered`, `rule_error`, `channel_full`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use crate::config::WhenFull;
+use rumqttd::local::LinkTx;
+
+use crate::config::{RuleConfig, WhenFull};
 use crate::event::Reading;
-use crate::ops::metrics::{DropReason, Metrics};
+use crate::ops::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
 use crate::queue::{QueueHandle, TryAppend};
 
 use super::{Action, Disposition, Engine};
+
+/// A request to replace the rules (already validated); answered with the names of the rules
+/// that kept their state.
+pub struct Reload {
+    pub rules: Vec<RuleConfig>,
+    pub done: Option<tokio::sync::oneshot::Sender<Vec<String>>>,
+}
+
+/// Handle to send reloads to a running stage.
+#[derive(Clone)]
+pub struct RulesHandle {
+    tx: flume::Sender<Reload>,
+}
+
+impl RulesHandle {
+    pub fn channel() -> (RulesHandle, flume::Receiver<Reload>) {
+        let (tx, rx) = flume::bounded(4);
+        (RulesHandle { tx }, rx)
+    }
+
+    /// Replace the running rules; returns the rules whose state survived, or `None` if the
+    /// stage has stopped.
+    pub async fn reload(&self, rules: Vec<RuleConfig>) -> Option<Vec<String>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send_async(Reload {
+                rules,
+                done: Some(done),
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
 
 pub struct RulesStage {
     pub engine: Engine,
@@ -18,59 +57,203 @@ pub struct RulesStage {
     pub queue: QueueHandle,
     pub when_full: WhenFull,
     pub metrics: Arc<Metrics>,
+    /// Link to the local broker for `publish` actions and alerts (`None`: not published).
+    pub local: Option<LinkTx>,
+    pub reload: flume::Receiver<Reload>,
+}
+
+/// Counters already reported to the metrics, per rule name.
+#[derive(Default)]
+struct Reported {
+    per_rule: HashMap<String, [u64; 4]>,
+    evicted: u64,
 }
 
 impl RulesStage {
     /// Runs until the ingest side closes the channel and everything received is handed on.
     pub async fn run(mut self) {
         let mut actions = Vec::new();
-        while let Ok(reading) = self.input.recv_async().await {
-            match self.engine.process(&reading, &mut actions) {
-                Disposition::Forwarded => {}
-                Disposition::DroppedByRule(i) => {
-                    let rule = self.engine.rule_name(i);
-                    self.metrics.drop_events(
-                        DropReason::RuleDrop,
-                        1,
-                        &format_args!("rule {rule:?} dropped {}", reading.topic),
-                    );
+        let mut ticker = tokio::time::interval(self.engine.settings().tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = Reported::default();
+        let mut reload_open = true;
+        loop {
+            tokio::select! {
+                r = self.input.recv_async() => {
+                    let Ok(reading) = r else { break };
+                    let d = self.engine.process(&reading, &mut actions);
+                    self.count(d, &reading);
+                    self.perform(&mut actions).await;
                 }
-                Disposition::Unrouted => {
-                    self.metrics.drop_events(
-                        DropReason::Unrouted,
-                        1,
-                        &format_args!("no rule forwards {}", reading.topic),
-                    );
+                _ = ticker.tick() => {
+                    self.engine.tick(SystemTime::now(), &mut actions);
+                    self.perform(&mut actions).await;
+                    self.report(&mut reported);
                 }
-            }
-            for action in actions.drain(..) {
-                match action {
-                    Action::Forward(event) => match self.when_full {
-                        WhenFull::Block => {
-                            if self.queue.append(event).await.is_err() {
-                                self.metrics.drop_events(
-                                    DropReason::Shutdown,
-                                    1,
-                                    &"queue writer stopped",
-                                );
-                            }
+                r = self.reload.recv_async(), if reload_open => match r {
+                    Ok(req) => {
+                        let kept = self.engine.reload(&req.rules);
+                        self.metrics.rules.reloads.inc();
+                        tracing::info!(rules = req.rules.len(), kept_state = ?kept, "rules reloaded");
+                        if let Some(done) = req.done {
+                            let _ = done.send(kept);
                         }
-                        WhenFull::DropNewest => match self.queue.try_append(event) {
-                            TryAppend::Sent => {}
-                            TryAppend::Full(e) => self.metrics.drop_events(
-                                DropReason::ChannelFull,
-                                1,
-                                &format_args!("queue writer busy; dropped event for {}", e.subject),
-                            ),
-                            TryAppend::Closed => self.metrics.drop_events(
+                    }
+                    Err(_) => reload_open = false,
+                },
+            }
+        }
+        self.report(&mut reported);
+    }
+
+    fn count(&self, d: Disposition, reading: &Reading) {
+        match d {
+            Disposition::Forwarded => {}
+            Disposition::DroppedByRule(i) => {
+                let rule = self.engine.rule_name(i);
+                self.metrics.drop_events(
+                    DropReason::RuleDrop,
+                    1,
+                    &format_args!("rule {rule:?} dropped {}", reading.topic),
+                );
+            }
+            Disposition::Filtered(i) => {
+                let rule = self.engine.rule_name(i);
+                self.metrics.drop_events(
+                    DropReason::RuleFiltered,
+                    1,
+                    &format_args!(
+                        "rule {rule:?} held back {} (sample/deadband)",
+                        reading.topic
+                    ),
+                );
+            }
+            Disposition::EvalError(i) => {
+                let rule = self.engine.rule_name(i);
+                let err = self
+                    .engine
+                    .stats()
+                    .get(i)
+                    .and_then(|s| s.1.last_error.clone())
+                    .unwrap_or_default();
+                self.metrics.drop_events(
+                    DropReason::RuleError,
+                    1,
+                    &format_args!("rule {rule:?} on {}: {err}", reading.topic),
+                );
+            }
+            Disposition::Unrouted => {
+                self.metrics.drop_events(
+                    DropReason::Unrouted,
+                    1,
+                    &format_args!("no rule forwards {}", reading.topic),
+                );
+            }
+        }
+    }
+
+    /// Push rule counters into the metrics (deltas since the last report).
+    fn report(&self, reported: &mut Reported) {
+        let r = &self.metrics.rules;
+        for (name, stats, alarms) in self.engine.stats() {
+            let label = RuleLabel { rule: name.into() };
+            r.in_alarm.get_or_create(&label).set(alarms as i64);
+            let prev = reported.per_rule.entry(name.to_string()).or_default();
+            let now = [
+                stats.eval_errors,
+                stats.skipped,
+                stats.alerts_started,
+                stats.alerts_cleared,
+            ];
+            // Counters restart when a rule changes: report only growth.
+            let d: Vec<u64> = now
+                .iter()
+                .zip(prev.iter())
+                .map(|(n, p)| n.saturating_sub(*p))
+                .collect();
+            r.eval_errors.get_or_create(&label).inc_by(d[0]);
+            r.skipped.get_or_create(&label).inc_by(d[1]);
+            for (state, n) in [("start", d[2]), ("clear", d[3])] {
+                r.alerts
+                    .get_or_create(&AlertLabel {
+                        rule: name.into(),
+                        state,
+                    })
+                    .inc_by(n);
+            }
+            *prev = now;
+        }
+        let ev = self.engine.evicted();
+        r.state_evicted.inc_by(ev.saturating_sub(reported.evicted));
+        reported.evicted = ev;
+        r.sensors.set(self.engine.sensors() as i64);
+    }
+
+    async fn perform(&mut self, actions: &mut Vec<Action>) {
+        for action in actions.drain(..) {
+            match action {
+                Action::Forward(event) => match self.when_full {
+                    WhenFull::Block => {
+                        if self.queue.append(event).await.is_err() {
+                            self.metrics.drop_events(
                                 DropReason::Shutdown,
                                 1,
                                 &"queue writer stopped",
-                            ),
-                        },
+                            );
+                        }
+                    }
+                    WhenFull::DropNewest => match self.queue.try_append(event) {
+                        TryAppend::Sent => {}
+                        TryAppend::Full(e) => self.metrics.drop_events(
+                            DropReason::ChannelFull,
+                            1,
+                            &format_args!("queue writer busy; dropped event for {}", e.subject),
+                        ),
+                        TryAppend::Closed => self.metrics.drop_events(
+                            DropReason::Shutdown,
+                            1,
+                            &"queue writer stopped",
+                        ),
                     },
+                },
+                Action::Publish { topic, payload } => {
+                    if let Some(link) = &mut self.local {
+                        if let Err(e) = link.try_publish(topic, payload) {
+                            tracing::warn!(error = %e, "local publish failed");
+                        }
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment);
+/// if it is invalid, log every error with its key, count the failure and keep the running rules.
+pub async fn reload_on_sighup(
+    path: Option<std::path::PathBuf>,
+    handle: RulesHandle,
+    metrics: Arc<Metrics>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: rules reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading rules");
+        match crate::config::Config::load(path.as_deref()) {
+            Err(errors) => {
+                metrics.rules.reload_failures.inc();
+                for e in &errors.0 {
+                    tracing::error!(key = %e.key, error = %e.message, "invalid configuration");
+                }
+                tracing::error!("{errors}; the running rules are kept");
+            }
+            Ok(config) => match handle.reload(config.rules).await {
+                Some(kept) => tracing::info!(kept_state = ?kept, "rules reload applied"),
+                None => return,
+            },
         }
     }
 }
