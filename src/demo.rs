@@ -43,10 +43,22 @@ pub fn main(seconds: u64) -> i32 {
     }
 }
 
+const DEMO_RULES: &str = r#"
+[[rules]]
+name = "sensors"
+match = "sensors/#"
+actions = [
+  { type = "forward" },
+  { type = "detect", detector = "outlier" },
+  { type = "detect", detector = "flatline", for = "4s", min_count = 10 },
+]
+"#;
+
 /// What the cloud consumer has seen.
 #[derive(Default)]
 struct CloudView {
     tracker: Tracker,
+    alerts: u64,
     opaque: u64,
     printed: u64,
 }
@@ -62,7 +74,9 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     let link_up = Arc::new(AtomicBool::new(true));
     let relay = Relay::start(cloud.addr(), link_up.clone()).await?;
 
-    let mut cfg = Config::defaults();
+    // The shipped rules, with a flatline window short enough to see within the demo.
+    let mut cfg =
+        Config::from_toml(DEMO_RULES, None).map_err(|e| anyhow::anyhow!("demo rules: {e}"))?;
     cfg.gateway.id = "demo".into();
     cfg.gateway.data_dir = data_dir.clone();
     cfg.broker.listen = "127.0.0.1:0".parse()?;
@@ -204,6 +218,10 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
         "  opaque payloads forwarded as data_base64          {}",
         v.opaque
     );
+    println!(
+        "  alerts received by the cloud                      {}",
+        v.alerts
+    );
     println!("  largest backlog during the outage                {max_backlog}");
     match drain_time {
         Some(d) => println!(
@@ -220,7 +238,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
         println!("  dropped ({reason})                                {n}");
     }
     println!("  left in the queue at exit                         {left}");
-    let ok = totals.unique >= sent && totals.missing == 0 && left == 0;
+    let ok = totals.unique.saturating_sub(v.alerts) >= sent && totals.missing == 0 && left == 0;
     println!(
         "{}",
         if ok {
@@ -346,7 +364,20 @@ async fn consume(
             if opaque {
                 v.opaque += 1;
             }
-            if v.printed < 3 || (opaque && v.opaque <= 2) {
+            if env["type"] == "io.edgegate.alert" {
+                v.alerts += 1;
+                let d = &env["data"];
+                println!(
+                    "        ALERT  {} {} on {}: value {} (expected {}, score {}) [{}]",
+                    d["detector"],
+                    d["state"],
+                    d["sensor"],
+                    d["value"],
+                    d["expected"],
+                    d["score"],
+                    d["severity"]
+                );
+            } else if v.printed < 3 || (opaque && v.opaque <= 2) {
                 v.printed += 1;
                 println!(
                     "        cloud <- {}  {}",

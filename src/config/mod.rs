@@ -17,6 +17,9 @@ use fields::{Fields, Table};
 
 pub use crate::rules::config::{RuleAction, RuleConfig};
 
+/// The shipped default configuration (`config/edgegate.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../../config/edgegate.toml");
+
 /// One problem in the configuration, tied to the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -177,16 +180,34 @@ pub struct MetricsConfig {
 }
 
 impl Config {
-    /// Built-in defaults: what `edgegate run` uses without a config file.
+    /// Built-in defaults: what `edgegate run` uses without a config file. They are the shipped
+    /// `config/edgegate.toml`, compiled in, so the two can never disagree.
     pub fn defaults() -> Config {
-        match compile(
-            &config::Value::from(config::Map::<String, config::Value>::new()),
-            None,
-        ) {
+        match Self::from_toml(DEFAULT_TOML, None) {
             Ok(c) => c,
-            // The empty tree is valid by construction; a failure here is a bug in the defaults.
-            Err(e) => panic!("built-in defaults are invalid: {e}"),
+            // The shipped file is checked by tests; a failure here is a build defect.
+            Err(e) => panic!("built-in default configuration is invalid: {e}"),
         }
+    }
+
+    /// Compile TOML text (no environment overrides).
+    pub fn from_toml(text: &str, source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+        let tree = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    key: "toml".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+        let root: config::Value = tree.try_deserialize().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "(root)".into(),
+                message: e.to_string(),
+            }])
+        })?;
+        compile(&root, source)
     }
 
     /// Load `path` (TOML), apply `EDGEGATE__*` environment overrides, validate.
@@ -201,6 +222,11 @@ impl Config {
                 }]));
             }
             builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        } else {
+            builder = builder.add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("EDGEGATE")
@@ -470,22 +496,7 @@ mod tests {
     use super::*;
 
     fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let tree = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    key: "toml".into(),
-                    message: e.to_string(),
-                }])
-            })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "toml".into(),
-                message: e.to_string(),
-            }])
-        })?;
-        compile(&root, None)
+        Config::from_toml(text, None)
     }
 
     #[test]
@@ -495,7 +506,12 @@ mod tests {
         assert_eq!(c.gateway.data_dir, PathBuf::from("./data"));
         assert!(c.upstream.url.is_none());
         assert_eq!(c.upstream.topic_prefix, format!("edge/{}", c.gateway.id));
-        assert_eq!(c.rules.len(), 1);
+        assert_eq!(
+            c.rules.len(),
+            1,
+            "the shipped rules: forward sensors/# with detectors"
+        );
+        assert_eq!(c.rules[0].filter, "sensors/#");
     }
 
     #[test]

@@ -350,7 +350,8 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
             let slide = opt_duration(a, "slide", Duration::from_millis(10));
             if let Some(s) = slide {
                 let n = window.as_nanos() / s.as_nanos().max(1);
-                if s > window || !window.as_nanos().is_multiple_of(s.as_nanos().max(1)) || n > 1024 {
+                if s > window || !window.as_nanos().is_multiple_of(s.as_nanos().max(1)) || n > 1024
+                {
                     a.error(
                         "slide",
                         "must divide `window` into at most 1024 equal steps",

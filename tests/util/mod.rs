@@ -197,6 +197,12 @@ pub fn test_config(data_dir: &Path, upstream: Option<&str>) -> Config {
     c.upstream.url = upstream.map(|u| parse_upstream_url(u).expect("url"));
     c.upstream.reconnect_min = Duration::from_millis(50);
     c.upstream.reconnect_max = Duration::from_millis(500);
+    // Plain forwarding: the shipped detectors would add alert events to exact counts.
+    c.rules = vec![edgegate::config::RuleConfig::simple(
+        "all",
+        "#",
+        edgegate::config::RuleAction::Forward,
+    )];
     c
 }
 
