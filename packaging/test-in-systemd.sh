@@ -361,10 +361,13 @@ elif ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-lin
     skip arm64 "rustup target add aarch64-unknown-linux-gnu failed (no rust-std for aarch64 reachable)"
 else
     t=$(date +%s)
-    if line=$("$REPO/packaging/build-debs.sh" arm64 2>"$WORK/arm64-build.log" | tail -n 1) && [ -x "$ARM_BIN" ]; then
+    line=$("$REPO/packaging/build-debs.sh" arm64 2>"$WORK/arm64-build.log" | tail -n 1)
+    if [ -n "$line" ] && [ -x "$ARM_BIN" ]; then
         ARM_SIZE=$(stat -c %s "$ARM_BIN")
         fact "arm64 binary ${ARM_SIZE} B"
-        pass "arm64 package built in $(($(date +%s) - t))s: $(echo "$line" | awk '{print $2}') (stripped binary $ARM_SIZE bytes)"
+        pass "arm64 package built in $(($(date +%s) - t))s: $(echo "$line" | awk '{print $2}')"
+        [ "$ARM_SIZE" -le 6000000 ] && pass "arm64 stripped binary $ARM_SIZE bytes (budget 6 MB)" ||
+            fail arm64-size "stripped binary $ARM_SIZE bytes, over the 6 MB budget"
         mkdir -p "$WORK/arm64-data"
         cat >"$WORK/arm64.toml" <<EOF
 [gateway]
