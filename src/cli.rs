@@ -16,6 +16,8 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 69;
     pub const SOFTWARE: i32 = 70;
     pub const IOERR: i32 = 74;
+    pub const CANTCREAT: i32 = 73;
+    pub const TEMPFAIL: i32 = 75;
     pub const CONFIG: i32 = 78;
 }
 

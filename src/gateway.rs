@@ -315,8 +315,22 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Option<Stats>, StartError> {
+    // Listen for SIGHUP before anything else: its default action would end the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let source = config.source.clone();
     let gw = Gateway::start(config).await?;
     systemd::ready(&format!("listening on {}", gw.broker_addr));
+    let reload = hup.map(|hup| {
+        tokio::spawn(crate::rules::stage::reload_on_sighup(
+            hup,
+            source,
+            gw.rules_handle(),
+            gw.metrics().clone(),
+        ))
+    });
     shutdown.await;
+    if let Some(r) = reload {
+        r.abort();
+    }
     Ok(gw.shutdown().await)
 }

@@ -169,25 +169,16 @@ fn run(path: Option<PathBuf>) -> i32 {
         }
     };
     runtime.block_on(async move {
-        let source = config.source.clone();
-        match edgegate::Gateway::start(config).await {
-            Ok(gw) => {
-                edgegate::ops::systemd::ready(&format!("listening on {}", gw.broker_addr));
-                let reload = tokio::spawn(edgegate::rules::stage::reload_on_sighup(
-                    source,
-                    gw.rules_handle(),
-                    gw.metrics().clone(),
-                ));
-                shutdown_signal().await;
-                reload.abort();
-                gw.shutdown().await;
-                exit::OK
-            }
+        let shutdown = shutdown_signal();
+        match edgegate::run(config, shutdown).await {
+            Ok(_) => exit::OK,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("edgegate: {e}");
                 match e {
                     edgegate::gateway::StartError::Queue(_) => exit::IOERR,
+                    edgegate::gateway::StartError::DataDir { .. } => exit::CANTCREAT,
+                    edgegate::gateway::StartError::InUse(_) => exit::TEMPFAIL,
                     _ => exit::UNAVAILABLE,
                 }
             }
@@ -195,15 +186,28 @@ fn run(path: Option<PathBuf>) -> i32 {
     })
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. Registers the handlers at once (call it inside the runtime,
+/// before starting), so a signal during startup is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let term = async {
+            match term {
+                Some(mut t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match int {
+                Some(mut i) => i.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM"),
+            _ = int => tracing::info!("SIGINT"),
+        }
     }
 }

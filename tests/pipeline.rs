@@ -295,3 +295,57 @@ match = "a/#/b"
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.ack_timeout:"));
 }
+
+/// The real binary: SIGHUP applies a rule change; a broken config is rejected and the running
+/// rules stay; the process survives both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_rules_and_keeps_them_when_the_new_config_is_bad() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("edgegate.toml");
+    let forward_all = "[[rules]]\nname = \"all\"\nmatch = \"sensors/#\"\naction = \"forward\"\n";
+    std::fs::write(&conf, forward_all).unwrap();
+    let mut daemon =
+        Daemon::spawn_with_config(&dir.path().join("data"), Some(&cloud_broker.url()), &conf);
+    let sensor = Sensor::connect(daemon.broker_addr(), "s").await;
+    sensor.publish("sensors/x/v", "1").await;
+    cloud.wait_for(1, WAIT).await;
+
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "[[rules]]\nname = \"no-x\"\nmatch = \"sensors/x/#\"\naction = \"drop\"\n{forward_all}"
+        ),
+    )
+    .unwrap();
+    assert!(hup(daemon.pid()).success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sensor.publish("sensors/x/v", "2").await;
+    sensor.publish("sensors/y/v", "3").await;
+    let got = cloud.wait_for(2, WAIT).await;
+    assert_eq!(
+        got[1].1["subject"], "sensors/y/v",
+        "the new drop rule applies"
+    );
+
+    // A broken file: rejected, the process lives on with the rules it had.
+    std::fs::write(&conf, "[[rules]]\nmatch = \"a/#/b\"\n").unwrap();
+    assert!(hup(daemon.pid()).success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!daemon.exited(), "a bad reload must not stop the gateway");
+    sensor.publish("sensors/x/v", "4").await;
+    sensor.publish("sensors/y/v", "5").await;
+    let got = cloud.wait_for(3, WAIT).await;
+    assert_eq!(got[2].1["data"], 5.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cloud.count(), 3, "sensors/x is still dropped");
+    assert_eq!(daemon.terminate(), Some(0));
+}

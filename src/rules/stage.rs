@@ -231,16 +231,14 @@ impl RulesStage {
 /// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment);
 /// if it is invalid, log every error with its key, count the failure and keep the running rules.
 pub async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     path: Option<std::path::PathBuf>,
     handle: RulesHandle,
     metrics: Arc<Metrics>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: rules reload disabled");
-        return;
-    };
+    use crate::ops::{logging, systemd};
     while hup.recv().await.is_some() {
+        systemd::reloading();
         tracing::info!("SIGHUP: reloading rules");
         match crate::config::Config::load(path.as_deref()) {
             Err(errors) => {
@@ -249,11 +247,20 @@ pub async fn reload_on_sighup(
                     tracing::error!(key = %e.key, error = %e.message, "invalid configuration");
                 }
                 tracing::error!("{errors}; the running rules are kept");
+                systemd::ready("reload rejected: invalid configuration, running rules kept");
             }
-            Ok(config) => match handle.reload(config.rules).await {
-                Some(kept) => tracing::info!(kept_state = ?kept, "rules reload applied"),
-                None => return,
-            },
+            Ok(config) => {
+                if let Err(e) = logging::set_level(&config.gateway.log_level) {
+                    tracing::warn!(error = %e, "gateway.log_level not applied");
+                }
+                match handle.reload(config.rules).await {
+                    Some(kept) => {
+                        tracing::info!(kept_state = ?kept, "rules reload applied");
+                        systemd::ready("rules reloaded");
+                    }
+                    None => return,
+                }
+            }
         }
     }
 }

@@ -376,9 +376,36 @@ pub struct Daemon {
     data_dir: PathBuf,
     upstream: Option<String>,
     extra_env: Vec<(String, String)>,
+    config: Option<PathBuf>,
 }
 
 impl Daemon {
+    /// Like [`Daemon::spawn`], with `--config FILE`.
+    pub fn spawn_with_config(data_dir: &Path, upstream: Option<&str>, config: &Path) -> Daemon {
+        let mut d = Daemon {
+            broker_port: free_port(),
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            upstream: upstream.map(str::to_string),
+            extra_env: Vec::new(),
+            config: Some(config.to_path_buf()),
+        };
+        d.start();
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// Has the process exited?
+    pub fn exited(&mut self) -> bool {
+        matches!(
+            self.child.as_mut().map(|c| c.try_wait()),
+            Some(Ok(Some(_))) | None
+        )
+    }
+
     pub fn spawn(data_dir: &Path, upstream: Option<&str>, extra_env: &[(&str, &str)]) -> Daemon {
         let mut d = Daemon {
             broker_port: free_port(),
@@ -389,6 +416,8 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+
+            config: None,
         };
         d.start();
         d
@@ -401,8 +430,11 @@ impl Daemon {
     /// Start (again) on the same port and data directory.
     pub fn start(&mut self) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgegate"));
-        cmd.arg("run")
-            .env("EDGEGATE__GATEWAY__ID", "gw1")
+        cmd.arg("run");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("EDGEGATE__GATEWAY__ID", "gw1")
             .env("EDGEGATE__GATEWAY__DATA_DIR", &self.data_dir)
             .env(
                 "EDGEGATE__BROKER__LISTEN",
