@@ -384,8 +384,10 @@ action = "forward"
 EOF
         QEMU=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
         # In the container's network namespace (free ports), with the host's files.
-        net env -u JOURNAL_STREAM -u NOTIFY_SOCKET -u WATCHDOG_USEC -u WATCHDOG_PID \
-            "${QEMU[@]}" "$ARM_BIN" run --config "$WORK/arm64.toml" >"$WORK/arm64.log" 2>&1 &
+        # exec: $! must be the process that becomes qemu (nsenter -n does not fork), not a
+        # subshell running the `net` function, or SIGTERM would end only the subshell.
+        (exec nsenter -t "$PID1" -n env -u JOURNAL_STREAM -u NOTIFY_SOCKET -u WATCHDOG_USEC -u WATCHDOG_PID \
+            "${QEMU[@]}" "$ARM_BIN" run --config "$WORK/arm64.toml") >"$WORK/arm64.log" 2>&1 &
         ARM_PID=$!
         arm_depth() { "${QEMU[@]}" "$ARM_BIN" queue stats --config "$WORK/arm64.toml" --json 2>/dev/null | jq -r .depth; }
         arm_depth_is() { [ "$(arm_depth)" = "$1" ]; }

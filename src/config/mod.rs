@@ -256,6 +256,15 @@ impl Config {
     }
 }
 
+/// Where the queue lives when `gateway.data_dir` is not set: `/var/lib/edgegate` for a
+/// configuration installed under `/etc/edgegate` (the Debian package), `./data` otherwise.
+fn default_data_dir(source: Option<&Path>) -> String {
+    match source {
+        Some(p) if p.starts_with("/etc/edgegate") => "/var/lib/edgegate".to_string(),
+        _ => "./data".to_string(),
+    }
+}
+
 fn default_gateway_id() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
@@ -283,7 +292,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
     }
     let gateway = GatewayConfig {
         id: id.clone(),
-        data_dir: PathBuf::from(g.string("data_dir", "./data")),
+        data_dir: PathBuf::from(g.string("data_dir", &default_data_dir(source.as_deref()))),
         log_level: g.string("log_level", "info"),
     };
     if gateway.data_dir.as_os_str().is_empty() {
@@ -546,6 +555,32 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn data_dir_follows_where_the_config_is_installed() {
+        assert_eq!(
+            Config::from_toml("", Some("/etc/edgegate/edgegate.toml".into()))
+                .unwrap()
+                .gateway
+                .data_dir,
+            PathBuf::from("/var/lib/edgegate")
+        );
+        assert_eq!(
+            Config::from_toml("", Some("/home/me/e.toml".into()))
+                .unwrap()
+                .gateway
+                .data_dir,
+            PathBuf::from("./data")
+        );
+        let explicit = "[gateway]\ndata_dir = \"/srv/q\"";
+        assert_eq!(
+            Config::from_toml(explicit, Some("/etc/edgegate/edgegate.toml".into()))
+                .unwrap()
+                .gateway
+                .data_dir,
+            PathBuf::from("/srv/q")
+        );
     }
 
     #[test]
