@@ -77,9 +77,19 @@ enum Cmd {
         /// Extra seconds to wait for stragglers after publishing ends.
         #[arg(long, default_value_t = 10)]
         settle: u64,
-        /// PID of the edge process, to sample its RSS and CPU.
+        /// PID of the edge process, to sample its RSS, CPU and disk writes.
         #[arg(long)]
         pid: Option<u32>,
+        /// Run a TCP relay LISTEN:TARGET (ports on 127.0.0.1) for the edge's upstream link, so
+        /// the outage below can cut it.
+        #[arg(long)]
+        relay: Option<String>,
+        /// Cut the relayed link this many seconds into the run...
+        #[arg(long)]
+        outage_start: Option<u64>,
+        /// ...for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        outage_secs: u64,
         #[arg(long, default_value = "")]
         label: String,
         #[arg(long)]
@@ -110,6 +120,9 @@ fn main() -> anyhow::Result<()> {
             seconds,
             settle,
             pid,
+            relay,
+            outage_start,
+            outage_secs,
             label,
             json,
         } => rt.block_on(bench_load(LoadArgs {
@@ -121,6 +134,8 @@ fn main() -> anyhow::Result<()> {
             seconds,
             settle,
             pid,
+            relay,
+            outage: outage_start.map(|s| (s, outage_secs)),
             label,
             json,
         })),
@@ -440,8 +455,53 @@ struct LoadArgs {
     seconds: u64,
     settle: u64,
     pid: Option<u32>,
+    relay: Option<String>,
+    outage: Option<(u64, u64)>,
     label: String,
     json: Option<PathBuf>,
+}
+
+/// Bytes `pid` has caused to be written to storage.
+fn pid_write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("write_bytes: ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// A relay on 127.0.0.1:`listen` to 127.0.0.1:`target` that can be cut (refuses and drops
+/// connections while `up` is false).
+async fn relay(
+    listen: u16,
+    target: u16,
+    up: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if !up.load(Ordering::SeqCst) {
+                continue;
+            }
+            let up = up.clone();
+            tokio::spawn(async move {
+                let _ = inbound.set_nodelay(true);
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                let _ = outbound.set_nodelay(true);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = async { while up.load(Ordering::SeqCst) { tokio::time::sleep(Duration::from_millis(20)).await } } => {}
+                }
+            });
+        }
+    }))
 }
 
 fn host_port(s: &str) -> anyhow::Result<(String, u16)> {
@@ -455,6 +515,16 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     let (edge_host, edge_port) = host_port(&a.edge)?;
     let (cloud_host, cloud_port) = host_port(&a.cloud)?;
     let run = format!("{:x}", now_us());
+    let link_up = Arc::new(AtomicBool::new(true));
+    let _relay = match &a.relay {
+        Some(r) => {
+            let (l, t) = r
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--relay LISTEN:TARGET"))?;
+            Some(relay(l.parse()?, t.parse()?, link_up.clone()).await?)
+        }
+        None => None,
+    };
     // The cloud subscriber: unique / duplicate by (publisher, n); latency from the payload.
     let seen: Arc<Mutex<HashSet<(u32, u64)>>> = Arc::new(Mutex::new(HashSet::new()));
     let dups = Arc::new(AtomicU64::new(0));
@@ -583,8 +653,27 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let (cpu0, mut rss_max, mut rss_sum, mut rss_n) =
         (a.pid.map(cpu_ticks).unwrap_or(0), 0u64, 0u64, 0u64);
+    let written0 = a.pid.map(pid_write_bytes).unwrap_or(0);
+    let mut outage_rss_max = 0u64;
+    let mut outage_end: Option<Instant> = None;
     while t0.elapsed() < Duration::from_secs(a.seconds) {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some((start, len)) = a.outage {
+            let t = t0.elapsed().as_secs();
+            let down = t >= start && t < start + len;
+            if down && link_up.swap(false, Ordering::SeqCst) {
+                println!("  outage: link down at {t} s");
+            }
+            if !down && t >= start + len && !link_up.swap(true, Ordering::SeqCst) {
+                println!("  outage: link up at {t} s");
+                outage_end = Some(Instant::now());
+            }
+            if down {
+                if let Some(pid) = a.pid {
+                    outage_rss_max = outage_rss_max.max(rss_kb(pid));
+                }
+            }
+        }
         if let Some(pid) = a.pid {
             let r = rss_kb(pid);
             rss_max = rss_max.max(r);
@@ -602,6 +691,11 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     }
     let sent_n = sent.load(Ordering::Relaxed);
     let acked_n = acked.load(Ordering::Relaxed);
+    let written = a
+        .pid
+        .map(pid_write_bytes)
+        .unwrap_or(0)
+        .saturating_sub(written0);
     // Wait for stragglers.
     let settle_end = Instant::now() + Duration::from_secs(a.settle);
     let mut last = 0;
@@ -620,6 +714,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         }
     }
     let delivered_at = t0.elapsed().as_secs_f64();
+    let drain_secs = outage_end.map(|e| e.elapsed().as_secs_f64());
     sub_task.abort();
     let unique = seen.lock().map(|s| s.len()).unwrap_or(0) as u64;
     let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
@@ -665,6 +760,8 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
             "sent": sent_n, "acked": acked_n, "unique": unique, "duplicates": dups.load(Ordering::Relaxed), "lost": lost,
             "throughput": throughput, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
             "cpu_pct": cpu_pct, "rss_max_kb": rss_max, "rss_mean_kb": rss_sum / rss_n.max(1),
+            "disk_bytes_per_event": written as f64 / acked_n.max(1) as f64,
+            "outage_rss_max_kb": outage_rss_max, "drain_after_outage_s": drain_secs,
         });
         std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
     }

@@ -117,6 +117,9 @@ pub struct Metrics {
     pub upstream_connected: Gauge,
     pub upstream_reconnects: Counter,
     pub ack_latency: Histogram,
+    /// Receive-to-commit time of the oldest event of each commit group: the window in which a
+    /// reading the broker already PUBACKed can still be lost to a crash.
+    pub commit_latency: Histogram,
     pub rules: RuleMetrics,
     /// Totals per reason kept beside the Prometheus family, for tests and summaries.
     drop_totals: Mutex<HashMap<DropReason, u64>>,
@@ -145,6 +148,12 @@ impl Metrics {
                 [
                     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0,
+                ]
+                .into_iter(),
+            ),
+            commit_latency: Histogram::new(
+                [
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
                 ]
                 .into_iter(),
             ),
@@ -205,6 +214,11 @@ impl Metrics {
             "upstream_ack_latency_seconds",
             "Time from publish to PUBACK upstream",
             m.ack_latency.clone(),
+        );
+        registry.register(
+            "queue_commit_latency_seconds",
+            "From receipt of a reading to the commit of its event (oldest of each commit group): the loss window",
+            m.commit_latency.clone(),
         );
         let r = &m.rules;
         registry.register(

@@ -377,6 +377,7 @@ impl Writer {
 
     fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
         let now = store::now_us();
+        let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
         let result = (|| {
             let mut txn = self.store.begin()?;
             for e in self.retry.iter().chain(appends.iter()) {
@@ -394,6 +395,12 @@ impl Writer {
                 appends.clear();
                 acks.clear();
                 self.metrics.commits.inc();
+                if let Some(t) = oldest {
+                    let window = std::time::SystemTime::now()
+                        .duration_since(t)
+                        .unwrap_or_default();
+                    self.metrics.commit_latency.observe(window.as_secs_f64());
+                }
                 self.metrics.events_committed.inc_by(c.appended);
                 self.publish_counters();
                 self.metrics.set_last_sequence(c.last_seq);
