@@ -273,6 +273,12 @@ async fn bench_drain(
     cfg.metrics.listen = None;
     cfg.queue.max_bytes = 0;
     cfg.upstream.topic_prefix = "edge/bench".into();
+    if let Some(w) = std::env::var("BENCH_INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.upstream.inflight = w;
+    }
     cfg.rules = vec![edgegate::config::RuleConfig::simple(
         "all",
         "#",
@@ -528,6 +534,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     // The cloud subscriber: unique / duplicate by (publisher, n); latency from the payload.
     let seen: Arc<Mutex<HashSet<(u32, u64)>>> = Arc::new(Mutex::new(HashSet::new()));
     let dups = Arc::new(AtomicU64::new(0));
+    let window: Arc<Mutex<(u64, u64)>> = Arc::new(Mutex::new((0, 0)));
     let lat: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let mut opts = MqttOptions::new(format!("bench-cloud-{run}"), cloud_host, cloud_port);
     opts.set_keep_alive(Duration::from_secs(60))
@@ -537,6 +544,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     sub_client.subscribe(&a.filter, QoS::AtLeastOnce).await?;
     let subscribed = Arc::new(AtomicBool::new(false));
     let sub_task = {
+        let window = window.clone();
         let (seen, dups, lat, subscribed, run) = (
             seen.clone(),
             dups.clone(),
@@ -566,6 +574,11 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
                         if new {
                             if let Ok(mut l) = lat.lock() {
                                 l.push(now.saturating_sub(ts));
+                            }
+                            // First and last arrival (µs), for the delivered rate.
+                            if let Ok(mut w) = window.lock() {
+                                w.0 = if w.0 == 0 { now } else { w.0.min(now) };
+                                w.1 = w.1.max(now);
                             }
                         } else {
                             dups.fetch_add(1, Ordering::Relaxed);
@@ -725,7 +738,12 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
             .unwrap_or(0) as f64
             / 1000.0
     };
-    let throughput = unique as f64 / publish_secs.min(delivered_at);
+    // Delivered rate: unique events over the time from the first to the last arrival.
+    let (first, last) = window.lock().map(|w| *w).unwrap_or((0, 0));
+    let span = ((last.saturating_sub(first)) as f64 / 1e6)
+        .max(publish_secs.min(delivered_at) * 0.1)
+        .max(1e-3);
+    let throughput = unique as f64 / span;
     let lost = acked_n.saturating_sub(unique);
     println!(
         "load {} ({} publishers, {} for {} s)",

@@ -397,7 +397,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Duration::from_secs(5),
             Duration::from_secs(3600),
         ),
-        inflight: u.usize_in("inflight", 64, 1, 1000),
+        inflight: u.usize_in("inflight", 128, 1, 1000),
         ack_timeout: u.duration_in(
             "ack_timeout",
             "15s",
