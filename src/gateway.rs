@@ -217,6 +217,16 @@ impl Gateway {
             upstream_configured: config.upstream.url.is_some(),
             problems: problems.clone(),
             metrics: metrics.clone(),
+            status_link: match broker.link(&format!(
+                "edgegate-status-{}",
+                uuid::Uuid::new_v4().simple()
+            )) {
+                Ok((tx, _rx)) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no status link: edgegate/status will not be published");
+                    None
+                }
+            },
         };
         let supervisor = tokio::spawn(watched.run(shutdown_rx));
         let (metrics_addr, http) = match config.metrics.listen {

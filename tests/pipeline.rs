@@ -349,3 +349,65 @@ async fn sighup_reloads_rules_and_keeps_them_when_the_new_config_is_bad() {
     assert_eq!(cloud.count(), 3, "sensors/x is still dropped");
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// An MQTT 5 sensor on the v5 listener: its reading arrives upstream, and the W3C
+/// `traceparent` user property it carried is in the envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_sensor_with_trace_context() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Some(&cloud_broker.url()));
+    cfg.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap());
+    let gw = start_gateway(cfg).await;
+    let v5 = gw.broker_addr_v5.expect("v5 listener");
+
+    let mut opts = rumqttc::v5::MqttOptions::new("sensor-v5", "127.0.0.1", v5.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let props = PublishProperties {
+        user_properties: vec![("traceparent".into(), trace.into())],
+        ..Default::default()
+    };
+    client
+        .publish_with_properties("sensors/v5/temp", QoS5::AtLeastOnce, false, "21.5", props)
+        .await
+        .unwrap();
+    let got = cloud.wait_for(1, WAIT).await;
+    assert_eq!(got[0].1["subject"], "sensors/v5/temp");
+    assert_eq!(got[0].1["data"], 21.5);
+    assert_eq!(got[0].1["traceparent"], trace);
+    poller.abort();
+    gw.shutdown().await;
+}
+
+/// The gateway publishes its status, retained, on the local broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_published_retained_on_the_local_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), None)).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    sensor.publish("sensors/a/v", "1").await;
+    // The supervisor publishes every 2 s; a late subscriber gets the retained copy.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let out = tokio::task::spawn_blocking({
+        let port = gw.broker_addr.port().to_string();
+        move || {
+            Command::new("mosquitto_sub")
+                .args(["-p", &port, "-t", "edgegate/status", "-C", "1", "-W", "10"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["upstream_configured"], false);
+    assert_eq!(status["queue_depth"], 1);
+    assert_eq!(status["healthy"], true);
+    gw.shutdown().await;
+}

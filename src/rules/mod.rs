@@ -429,6 +429,7 @@ impl Engine {
                                 Some(v),
                                 &verdict,
                                 tr,
+                                reading.traceparent.as_deref(),
                                 out,
                             );
                         }
@@ -481,6 +482,7 @@ impl Engine {
                                     None,
                                     &verdict,
                                     tr,
+                                    None,
                                     out,
                                 );
                             }
@@ -532,6 +534,7 @@ impl Ctx<'_> {
         value: Option<f64>,
         verdict: &Verdict,
         tr: Transition,
+        traceparent: Option<&str>,
         out: &mut Vec<Action>,
     ) {
         let data = serde_json::json!({
@@ -567,7 +570,8 @@ impl Ctx<'_> {
                 upstream_topic,
                 time,
                 data: Data::Json(bytes),
-                traceparent: None,
+                // The reading that raised it carries the trace on (W3C trace context).
+                traceparent: traceparent.map(str::to_string),
             }));
         }
     }

@@ -81,8 +81,14 @@ impl RulesStage {
             tokio::select! {
                 r = self.input.recv_async() => {
                     let Ok(reading) = r else { break };
+                    // A reading with W3C trace context gets a span carrying it, so the log
+                    // lines about it (rule errors, drops) can be joined to the sensor's trace.
+                    let span = reading.traceparent.as_deref().map(|tp| {
+                        tracing::info_span!("reading", topic = %reading.topic, traceparent = %tp).entered()
+                    });
                     let d = self.engine.process(&reading, &mut actions);
                     self.count(d, &reading);
+                    drop(span);
                     self.perform(&mut actions).await;
                 }
                 _ = ticker.tick() => {

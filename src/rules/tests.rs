@@ -506,3 +506,25 @@ fn backtest_scores() {
         backtest::parse_time("2024-01-01 00:00:00")
     );
 }
+
+#[test]
+fn alerts_carry_the_trace_context_of_the_reading_that_raised_them() {
+    let r = rules(
+        r#"
+        [[rules]]
+        name = "hot"
+        match = "t/#"
+        actions = [{ type = "forward" }, { type = "detect", detector = "threshold", above = 80 }]
+        "#,
+    );
+    let mut e = Engine::new(&r, "gw");
+    let mut out = Vec::new();
+    let mut hot = at("t/a", b"90", 1.0);
+    hot.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    e.process(&hot, &mut out);
+    let f = forwards(&out);
+    assert_eq!(f.len(), 2, "the reading and its alert");
+    for ev in f {
+        assert_eq!(ev.traceparent, hot.traceparent, "{}", ev.kind);
+    }
+}
