@@ -262,14 +262,12 @@ impl Forwarder {
                 }
             }
 
-            // Hand settled events to the queue in batches: each Ack is a commit, and PUBACKs
-            // arrive one by one. Half a window, nothing left in flight, or ACK_BATCH_WAIT after
-            // the first: whichever comes first.
+            // Hand settled events to the queue in batches: each Ack costs a commit (disk
+            // writes on an SD card) and PUBACKs arrive one by one. Half a window, or
+            // ACK_BATCH_WAIT after the first, whichever comes first. Deleting later is safe:
+            // an acknowledged row is never leased again on this connection.
             if let Some(since) = acks_since {
-                if acks.len() >= window.div_ceil(2)
-                    || state.len() == 0
-                    || since.elapsed() >= ACK_BATCH_WAIT
-                {
+                if acks.len() >= window.div_ceil(2) || since.elapsed() >= ACK_BATCH_WAIT {
                     self.metrics.events_forwarded.inc_by(acks.len() as u64);
                     acks_since = None;
                     if self.queue.ack(std::mem::take(&mut acks)).await.is_err() {
@@ -338,7 +336,9 @@ impl Inflight {
 }
 
 /// Longest an acknowledged event waits before its Ack goes to the queue (deletes are batched).
-const ACK_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// After a crash, at most this much of acknowledged traffic (plus the in-flight window) is sent
+/// again.
+const ACK_BATCH_WAIT: Duration = Duration::from_millis(50);
 
 /// `upstream.max_rate`: a token bucket of one second's worth of events.
 struct RateLimit {
