@@ -37,6 +37,20 @@ pub(crate) trait Fields {
         }
     }
 
+    /// `true`/`false` (or the strings "true"/"false"); `None` when absent.
+    fn opt_bool(&mut self, key: &str) -> Option<bool> {
+        match self.get(key).map(|v| v.kind.clone()) {
+            None | Some(ValueKind::Nil) => None,
+            Some(ValueKind::Boolean(b)) => Some(b),
+            Some(ValueKind::String(s)) if s.trim().eq_ignore_ascii_case("true") => Some(true),
+            Some(ValueKind::String(s)) if s.trim().eq_ignore_ascii_case("false") => Some(false),
+            Some(_) => {
+                self.error(key, "expected true or false");
+                None
+            }
+        }
+    }
+
     fn required_string(&mut self, key: &str) -> Option<String> {
         if self.get(key).is_none() {
             self.error(key, "is required");
