@@ -19,6 +19,60 @@ use crate::event::Data;
 /// payloads are forwarded opaque.
 const MAX_JSON_DEPTH: usize = 64;
 
+/// Validates JSON text without building it, like `IgnoredAny`, but also parses every number:
+/// `IgnoredAny` skips numbers unparsed and so accepted `{"t": 1e999999}`, which consumers'
+/// parsers (serde_json's among them) then reject as out of range (found by the hostile-payload
+/// test in tests/security.rs).
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Checked, E> {
+        if v.is_finite() {
+            Ok(Checked)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     /// A JSON object (its text, validated).
@@ -43,7 +97,7 @@ impl Payload {
         let first = trimmed.as_bytes()[0];
         if first == b'{' || first == b'[' {
             if nesting_depth(trimmed) > MAX_JSON_DEPTH
-                || serde_json::from_str::<IgnoredAny>(trimmed).is_err()
+                || serde_json::from_str::<Checked>(trimmed).is_err()
             {
                 return Payload::Opaque(raw);
             }
@@ -68,7 +122,9 @@ impl Payload {
             }
             return Payload::Opaque(raw);
         }
-        if serde_json::from_str::<IgnoredAny>(trimmed).is_ok() {
+        if nesting_depth(trimmed) <= MAX_JSON_DEPTH
+            && serde_json::from_str::<Checked>(trimmed).is_ok()
+        {
             return Payload::OtherJson(raw);
         }
         Payload::Opaque(raw)
@@ -284,6 +340,24 @@ mod tests {
         assert!(matches!(d(b"[1,2]"), Payload::OtherJson(_)));
         assert!(matches!(d(b"\"on\""), Payload::OtherJson(_)));
         assert!(matches!(d(b"true"), Payload::OtherJson(_)));
+    }
+
+    #[test]
+    fn out_of_range_numbers_never_pass_as_json() {
+        // Syntactically JSON, but no consumer's f64 parser takes them: opaque (base64).
+        for p in [
+            &br#"{"t": 1e999999}"#[..],
+            br#"[1, -1e400]"#,
+            br#"{"a": {"b": [1e309]}}"#,
+        ] {
+            assert!(
+                matches!(d(p), Payload::Opaque(_)),
+                "{}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        assert!(matches!(d(b"1e400"), Payload::Opaque(_)));
+        assert!(matches!(d(br#"{"t": 1e308}"#), Payload::Object(_)));
     }
 
     #[test]

@@ -34,17 +34,17 @@ pub enum StartError {
     Queue(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("metrics endpoint {addr}: {source}")]
+    #[error("metrics.listen {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("data directory {path}: {source}")]
+    #[error("gateway.data_dir {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {0} is in use by another running edgegate")]
+    #[error("gateway.data_dir {0} is in use by another running edgegate")]
     InUse(PathBuf),
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),

@@ -95,6 +95,8 @@ enum FrameError {
     Io,
     Malformed,
     Oversize(usize),
+    /// The first byte is not the packet type expected (CONNECT first).
+    Unexpected(u8),
 }
 
 /// Fixed header: (byte 1, header length, remaining length), or `None` if more bytes are needed.
@@ -121,7 +123,23 @@ async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Option<BytesMut>, FrameError> {
+    read_frame_of(r, buf, max, None).await
+}
+
+/// As [`read_frame`]; with `expect`, fails as soon as the first byte shows another packet type
+/// (garbage is refused before its "length" is even read).
+async fn read_frame_of<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    expect: Option<u8>,
+) -> Result<Option<BytesMut>, FrameError> {
     loop {
+        if let (Some(t), Some(b)) = (expect, buf.first()) {
+            if b >> 4 != t {
+                return Err(FrameError::Unexpected(b >> 4));
+            }
+        }
         if let Some((_, hl, rl)) = parse_header(buf)? {
             if rl > max {
                 return Err(FrameError::Oversize(rl));
@@ -391,7 +409,7 @@ async fn session<S: Io>(
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
         p.connect_timeout,
-        read_frame(&mut client, &mut buf, p.max_packet),
+        read_frame_of(&mut client, &mut buf, p.max_packet, Some(1)),
     )
     .await;
     let mut frame = match first {
@@ -403,6 +421,13 @@ async fn session<S: Io>(
             )
         }
         Ok(Ok(None)) | Ok(Err(FrameError::Io)) => return,
+        Ok(Err(FrameError::Unexpected(t))) => {
+            return guard.reject(
+                "not_connect",
+                peer,
+                &format_args!("packet type {t} before CONNECT"),
+            )
+        }
         Ok(Err(FrameError::Malformed)) => {
             return guard.reject("malformed", peer, &"bad remaining length before CONNECT")
         }
@@ -429,19 +454,38 @@ async fn session<S: Io>(
     };
     {
         if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length) {
-            let _ = client.write_all(&connack(v5, Refuse::ClientId)).await;
-            return guard.reject(reason, peer, &detail);
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::ClientId,
+                &guard,
+                reason,
+                peer,
+                &detail,
+            );
+            return reply.await;
         }
         if let Some(w) = &will {
             if let Err((reason, detail)) = guard.check_topic(&w.topic) {
-                let _ = client.write_all(&connack(v5, Refuse::NotAuthorized)).await;
-                return guard.reject(reason, peer, &format_args!("will: {detail}"));
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::NotAuthorized,
+                    &guard,
+                    reason,
+                    peer,
+                    &format_args!("will: {detail}"),
+                );
+                return reply.await;
             }
         }
         match (&login, &p.passwords) {
             (None, _) if !p.allow_anonymous => {
-                let _ = client.write_all(&connack(v5, Refuse::NotAuthorized)).await;
-                return guard.reject(
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::NotAuthorized,
+                    &guard,
                     "anonymous",
                     peer,
                     &format_args!(
@@ -449,6 +493,7 @@ async fn session<S: Io>(
                         connect.client_id
                     ),
                 );
+                return reply.await;
             }
             (Some(l), Some(passwords)) => {
                 let ok = match tokio::time::timeout(p.connect_timeout, guard.auth_slots.acquire())
@@ -464,21 +509,29 @@ async fn session<S: Io>(
                     _ => false,
                 };
                 if !ok {
-                    let _ = client.write_all(&connack(v5, Refuse::BadLogin)).await;
-                    return guard.reject(
+                    let reply = refuse(
+                        &mut client,
+                        v5,
+                        Refuse::BadLogin,
+                        &guard,
                         "auth",
                         peer,
                         &format_args!("bad user name or password for user {:?}", l.username),
                     );
+                    return reply.await;
                 }
             }
             (Some(_), None) if !p.allow_anonymous => {
-                let _ = client.write_all(&connack(v5, Refuse::BadLogin)).await;
-                return guard.reject(
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::BadLogin,
+                    &guard,
                     "auth",
                     peer,
                     &"credentials given but no broker.password_file",
                 );
+                return reply.await;
             }
             _ => {}
         }
@@ -489,8 +542,11 @@ async fn session<S: Io>(
             connect.client_id.as_bytes().to_vec()
         };
         if !guard.note(&guard.client_ids, &key, p.max_client_ids) {
-            let _ = client.write_all(&connack(v5, Refuse::Unavailable)).await;
-            return guard.reject(
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::Unavailable,
+                &guard,
                 "client_id_limit",
                 peer,
                 &format_args!(
@@ -498,6 +554,7 @@ async fn session<S: Io>(
                     p.max_client_ids
                 ),
             );
+            return reply.await;
         }
     }
     let client_id = connect.client_id.clone();
@@ -512,12 +569,16 @@ async fn session<S: Io>(
         match tokio::time::timeout(INTERNAL_CONNACK, TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
             _ => {
-                let _ = client.write_all(&connack(v5, Refuse::Unavailable)).await;
-                return guard.reject(
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
                     "broker_unavailable",
                     peer,
                     &format_args!("internal listener {target} not reachable"),
                 );
+                return reply.await;
             }
         };
     let _ = internal.set_nodelay(true);
@@ -536,15 +597,36 @@ async fn session<S: Io>(
             ibuf.clear();
         }
         _ => {
-            let _ = client.write_all(&connack(v5, Refuse::Unavailable)).await;
-            return guard.reject(
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::Unavailable,
+                &guard,
                 "broker_refused",
                 peer,
                 &format_args!("rumqttd did not accept client {client_id:?}"),
             );
+            return reply.await;
         }
     }
     relay(client, buf, internal, peer, v5, &guard).await;
+}
+
+/// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
+fn refuse<'a, S: Io>(
+    client: &'a mut S,
+    v5: bool,
+    why: Refuse,
+    guard: &Guard,
+    reason: &'static str,
+    peer: SocketAddr,
+    detail: &dyn std::fmt::Display,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    guard.reject(reason, peer, detail);
+    let bytes = connack(v5, why);
+    async move {
+        let _ = client.write_all(&bytes).await;
+    }
 }
 
 /// Packets a client may send after CONNECT.
@@ -598,7 +680,7 @@ async fn relay<S: Io>(
         loop {
             let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
                 Ok(Some(f)) => f,
-                Ok(None) | Err(FrameError::Io) => return,
+                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => return,
                 Err(FrameError::Malformed) => {
                     return guard.reject("malformed", peer, &"bad remaining length")
                 }

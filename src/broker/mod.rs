@@ -36,8 +36,12 @@ use guard::Guard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker listener {addr}: {message}")]
-    Listen { addr: SocketAddr, message: String },
+    #[error("{key} {addr}: {message}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        message: String,
+    },
     #[error("broker link {0}: {1}")]
     Link(String, String),
 }
@@ -232,14 +236,21 @@ impl Broker {
         tls: Option<tokio_rustls::TlsAcceptor>,
         target: watch::Receiver<SocketAddr>,
     ) -> Result<SocketAddr, BrokerError> {
+        let key = match name {
+            "v5" => "broker.listen_v5",
+            "tls" => "broker.tls_listen",
+            _ => "broker.listen",
+        };
         let listener =
             tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| BrokerError::Listen {
+                    key,
                     addr,
                     message: e.to_string(),
                 })?;
         let bound = listener.local_addr().map_err(|e| BrokerError::Listen {
+            key,
             addr,
             message: e.to_string(),
         })?;
@@ -378,10 +389,12 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         return Ok(addr);
     }
     let l = StdListener::bind(addr).map_err(|e| BrokerError::Listen {
+        key: "internal listener",
         addr,
         message: e.to_string(),
     })?;
     l.local_addr().map_err(|e| BrokerError::Listen {
+        key: "internal listener",
         addr,
         message: e.to_string(),
     })
@@ -394,6 +407,7 @@ async fn wait_listening(addr: SocketAddr, listeners: &[JoinHandle<()>]) -> Resul
     loop {
         if listeners.iter().any(|l| l.is_finished()) {
             return Err(BrokerError::Listen {
+                key: "internal listener",
                 addr,
                 message: "could not listen (address in use or not permitted?)".into(),
             });
@@ -403,6 +417,7 @@ async fn wait_listening(addr: SocketAddr, listeners: &[JoinHandle<()>]) -> Resul
         }
         if Instant::now() > deadline {
             return Err(BrokerError::Listen {
+                key: "internal listener",
                 addr,
                 message: "listener did not come up within 5 s".into(),
             });
