@@ -90,7 +90,9 @@ impl Payload {
         let Ok(text) = std::str::from_utf8(&raw) else {
             return Payload::Opaque(raw);
         };
-        let trimmed = text.trim();
+        // JSON whitespace only: `str::trim` also strips \x0b, \x0c and Unicode spaces, which
+        // JSON does not allow around a value (found by `cargo fuzz run decode`).
+        let trimmed = text.trim_matches([' ', '\t', '\n', '\r']);
         if trimmed.is_empty() {
             return Payload::Opaque(raw);
         }
@@ -357,6 +359,9 @@ mod tests {
             );
         }
         assert!(matches!(d(b"1e400"), Payload::Opaque(_)));
+        // Not JSON whitespace around a value (fuzz crash decode/crash-8571e01a).
+        assert!(matches!(d(b"\x0b{\"t\":21.5}"), Payload::Opaque(_)));
+        assert!(matches!(d("\u{a0}[1]".as_bytes()), Payload::Opaque(_)));
         assert!(matches!(d(br#"{"t": 1e308}"#), Payload::Object(_)));
     }
 
