@@ -425,3 +425,46 @@ mod tests {
         }
     }
 }
+
+/// The cargo-fuzz properties (fuzz/fuzz_targets/decode.rs) on stable, for every `cargo test`.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(bytes: &[u8]) {
+        let p = Payload::decode(Bytes::copy_from_slice(bytes));
+        match &p {
+            Payload::Object(b) | Payload::OtherJson(b) => {
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(b).is_ok(),
+                    "{bytes:?}"
+                );
+            }
+            Payload::Number { value, json } => {
+                assert!(value.is_finite());
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(json).is_ok(),
+                    "{bytes:?}"
+                );
+            }
+            Payload::Opaque(_) => {}
+        }
+        if matches!(p, Payload::Object(_)) {
+            assert!(p.fields().is_some());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn json_like_text(text in r#"[ \t\r\n\x0b\x0c{}\[\]":,0-9eE+\-.a-z\\]{0,40}"#) {
+            check(text.as_bytes());
+        }
+    }
+}

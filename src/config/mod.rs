@@ -727,4 +727,16 @@ mod tests {
         assert_eq!(c.broker.max_payload_size, 64 * 1024);
         assert_eq!(c.upstream.ack_timeout, Duration::from_secs(90));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// The loader never panics: any text gives a Config or keyed errors (also fuzzed with
+        /// `cargo fuzz run config`).
+        #[test]
+        fn any_text_loads_or_reports(text in r#"[\[\]a-z_=". \n0-9#{}:,]{0,120}"#) {
+            if let Err(e) = from_toml(&text) {
+                proptest::prop_assert!(!e.0.is_empty());
+            }
+        }
+    }
 }
