@@ -978,3 +978,114 @@ async fn upstream_mtls_against_mosquitto_require_certificate() {
     assert!(gw.upstream_connected());
     gw.shutdown().await;
 }
+
+/// Read one MQTT packet (test side): (first byte, body).
+async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut b1 = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b1))
+        .await
+        .ok()?
+        .ok()?;
+    let mut len = 0usize;
+    for i in 0..4 {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.ok()?;
+        len |= ((b[0] & 0x7f) as usize) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some((b1[0], body))
+}
+
+/// `[[broker.acl]]`: publishes outside a user's patterns close the connection (no PUBACK, not
+/// forwarded), subscriptions outside them get a SUBACK failure; both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_topic_acls_for_publish_and_subscribe() {
+    use edgegate::broker::acl::{Acl, AclRule};
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("passwd");
+    for (u, p) in [("boiler", "pw-b"), ("ops", "pw-o")] {
+        edgegate::broker::auth::set_password(&file, u, &mut format!("{p}\n").as_bytes()).unwrap();
+    }
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.passwords = Some(Arc::new(
+            edgegate::broker::auth::Passwords::load(&file).unwrap(),
+        ));
+        c.broker.allow_anonymous = false;
+        c.broker.acl = Some(Arc::new(Acl {
+            rules: vec![
+                AclRule {
+                    user: "*".into(),
+                    publish: vec!["sensors/{client_id}/#".into()],
+                    subscribe: vec![],
+                },
+                AclRule {
+                    user: "ops".into(),
+                    publish: vec![],
+                    subscribe: vec!["sensors/+/temp".into()],
+                },
+            ],
+        }));
+    })
+    .await;
+    let addr = gw.broker_addr;
+    // ops subscribes: allowed filter granted, "#" refused; the connection stays usable.
+    let (got, mut ops) = exchange(
+        addr,
+        &connect_packet(false, "ops-1", Some(("ops", "pw-o"))),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(got.as_deref().and_then(|g| g.get(3)), Some(&0));
+    let mut sub = Vec::new();
+    sub.extend_from_slice(&1u16.to_be_bytes());
+    mqtt_str(&mut sub, b"#");
+    sub.push(1);
+    ops.write_all(&frame(0x82, &sub)).await.unwrap();
+    assert_eq!(read_packet(&mut ops).await, Some((0x90, vec![0, 1, 0x80])));
+    let mut sub = Vec::new();
+    sub.extend_from_slice(&2u16.to_be_bytes());
+    mqtt_str(&mut sub, b"sensors/+/temp");
+    sub.push(0);
+    ops.write_all(&frame(0x82, &sub)).await.unwrap();
+    assert_eq!(read_packet(&mut ops).await, Some((0x90, vec![0, 2, 0])));
+    assert_eq!(gw.metrics().broker_rejected("acl_subscribe"), 1);
+
+    // boiler publishes on its own topic: forwarded upstream and delivered to ops.
+    let (got, mut boiler) = exchange(
+        addr,
+        &connect_packet(false, "b1", Some(("boiler", "pw-b"))),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(got.as_deref().and_then(|g| g.get(3)), Some(&0));
+    boiler
+        .write_all(&publish_packet(false, "sensors/b1/temp", 1, b"21"))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut boiler).await, Some((0x40, vec![0, 1])));
+    let (b1, body) = read_packet(&mut ops)
+        .await
+        .expect("ops receives the allowed publish");
+    assert_eq!(b1 >> 4, 3);
+    assert!(body.windows(15).any(|w| w == b"sensors/b1/temp"));
+    // ... and someone else's topic: connection closed, no PUBACK, not forwarded, counted.
+    boiler
+        .write_all(&publish_packet(false, "sensors/b2/temp", 2, b"99"))
+        .await
+        .unwrap();
+    assert!(closed_within(&mut boiler, Duration::from_secs(3)).await);
+    assert_eq!(gw.metrics().broker_rejected("acl_publish"), 1);
+    assert!(eventually(WAIT, || arrived(&cloud, "sensors/b1/temp") == 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(arrived(&cloud, "sensors/b2/temp"), 0);
+    // ops may publish only under its own client id ("*" rule), not elsewhere.
+    ops.write_all(&publish_packet(false, "alerts/x", 3, b"1"))
+        .await
+        .unwrap();
+    assert!(closed_within(&mut ops, Duration::from_secs(3)).await);
+    assert_eq!(gw.metrics().broker_rejected("acl_publish"), 2);
+}

@@ -29,12 +29,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use rumqttd::protocol::{v4::V4, v5::V5, Login, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::broker::acl::{Acl, Perms};
 use crate::broker::auth::Passwords;
 use crate::ops::metrics::Metrics;
 
@@ -58,6 +59,7 @@ pub struct Policy {
     pub max_topics: usize,
     pub max_client_ids: usize,
     pub max_publish_rate: u32,
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// State shared by every listener of one broker.
@@ -557,6 +559,30 @@ async fn session<S: Io>(
             return reply.await;
         }
     }
+    // ACLs: user names count only when verified against the password file.
+    let verified_user = login
+        .as_ref()
+        .filter(|_| p.passwords.is_some())
+        .map(|l| l.username.as_str());
+    let perms = p
+        .acl
+        .as_ref()
+        .map(|acl| acl.for_client(verified_user, &connect.client_id));
+    if let (Some(perms), Some(w)) = (&perms, &will) {
+        let topic = String::from_utf8_lossy(&w.topic);
+        if !perms.may_publish(&topic) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::NotAuthorized,
+                &guard,
+                "acl_publish",
+                peer,
+                &format_args!("will topic {topic:?} not allowed by broker.acl"),
+            );
+            return reply.await;
+        }
+    }
     let client_id = connect.client_id.clone();
     let login = Some(Login {
         username: login.map(|l| l.username).unwrap_or_default(),
@@ -609,7 +635,7 @@ async fn session<S: Io>(
             return reply.await;
         }
     }
-    relay(client, buf, internal, peer, v5, &guard).await;
+    relay(client, buf, internal, peer, v5, &guard, perms).await;
 }
 
 /// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
@@ -627,6 +653,25 @@ fn refuse<'a, S: Io>(
     async move {
         let _ = client.write_all(&bytes).await;
     }
+}
+
+/// A packet with fixed header byte `byte1` and `body`.
+fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
 }
 
 /// Packets a client may send after CONNECT.
@@ -669,8 +714,12 @@ async fn relay<S: Io>(
     peer: SocketAddr,
     v5: bool,
     guard: &Guard,
+    perms: Option<Perms>,
 ) {
     let (mut cr, mut cw) = tokio::io::split(client);
+    // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE), written between the
+    // broker's packets.
+    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let (mut ir, mut iw) = internal.into_split();
     let p = &guard.policy;
     let rate = p.max_publish_rate as f64;
@@ -718,6 +767,25 @@ async fn relay<S: Io>(
                         return guard.reject(reason, peer, &detail);
                     }
                 }
+                if let Some(perms) = &perms {
+                    let t = String::from_utf8_lossy(topic);
+                    if t.is_empty() {
+                        return guard.reject(
+                            "acl_publish",
+                            peer,
+                            &"MQTT 5 topic alias without a topic: not supported with broker.acl",
+                        );
+                    }
+                    if !perms.may_publish(&t) {
+                        // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
+                        // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
+                        return guard.reject(
+                            "acl_publish",
+                            peer,
+                            &format_args!("publish to {t:?} not allowed by broker.acl"),
+                        );
+                    }
+                }
                 if rate > 0.0 {
                     let now = Instant::now();
                     tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
@@ -735,9 +803,37 @@ async fn relay<S: Io>(
                 let Some(filters) = subscribe_filters(&frame, header_len, v5) else {
                     return guard.reject("malformed", peer, &"SUBSCRIBE could not be parsed");
                 };
-                for f in filters {
+                for f in &filters {
                     if let Err((reason, detail)) = guard.check_topic(f) {
                         return guard.reject(reason, peer, &detail);
+                    }
+                }
+                if let Some(perms) = &perms {
+                    let denied = filters
+                        .iter()
+                        .map(|f| String::from_utf8_lossy(f))
+                        .find(|f| !perms.may_subscribe(f));
+                    if let Some(f) = denied {
+                        // The whole SUBSCRIBE is refused with a failure code per filter; it
+                        // never reaches rumqttd.
+                        guard.reject(
+                            "acl_subscribe",
+                            peer,
+                            &format_args!("subscription to {f:?} not allowed by broker.acl"),
+                        );
+                        let pkid = frame.get(header_len..header_len + 2).unwrap_or(&[0, 0]);
+                        let mut body = pkid.to_vec();
+                        if v5 {
+                            body.push(0);
+                        }
+                        body.extend(std::iter::repeat_n(
+                            if v5 { 0x87 } else { 0x80 },
+                            filters.len(),
+                        ));
+                        if inject_tx.send(frame_of(0x90, &body)).await.is_err() {
+                            return;
+                        }
+                        continue;
                     }
                 }
             }
@@ -747,19 +843,18 @@ async fn relay<S: Io>(
         }
     };
     let down = async {
-        let mut chunk = BytesMut::with_capacity(8192);
+        // Framed, so that injected packets go between the broker's packets, never inside one.
+        let mut ibuf = BytesMut::with_capacity(8192);
         loop {
-            chunk.clear();
-            match ir.read_buf(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            while chunk.has_remaining() {
-                if cw.write_all(chunk.chunk()).await.is_err() {
-                    return;
-                }
-                let n = chunk.remaining();
-                chunk.advance(n);
+            let out = tokio::select! {
+                f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
+                    Ok(Some(f)) => f,
+                    _ => return,
+                },
+                Some(b) = inject_rx.recv() => BytesMut::from(&b[..]),
+            };
+            if cw.write_all(&out).await.is_err() {
+                return;
             }
         }
     };

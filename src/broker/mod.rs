@@ -16,6 +16,7 @@
 //! The ingest link may fall that far behind before rumqttd skips readings for it; ingest detects
 //! every skip from the log offsets and counts it.
 
+pub mod acl;
 pub mod auth;
 pub mod guard;
 pub mod ingest;
@@ -102,6 +103,7 @@ impl Broker {
                 max_topics: cfg.max_topics,
                 max_client_ids: cfg.max_client_ids,
                 max_publish_rate: cfg.max_publish_rate,
+                acl: cfg.acl.clone(),
             },
             metrics,
         );

@@ -51,6 +51,28 @@ pub(crate) trait Fields {
         }
     }
 
+    /// A list of strings (`["a", "b"]`; a single string counts as a list of one).
+    fn string_list(&mut self, key: &str) -> Vec<String> {
+        match self.get(key).map(|v| v.kind.clone()) {
+            None | Some(ValueKind::Nil) => Vec::new(),
+            Some(ValueKind::String(s)) => vec![s],
+            Some(ValueKind::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, v) in items.into_iter().enumerate() {
+                    match v.kind {
+                        ValueKind::String(s) => out.push(s),
+                        _ => self.error(&format!("{key}[{i}]"), "expected a string"),
+                    }
+                }
+                out
+            }
+            Some(_) => {
+                self.error(key, "expected a list of strings");
+                Vec::new()
+            }
+        }
+    }
+
     fn required_string(&mut self, key: &str) -> Option<String> {
         if self.get(key).is_none() {
             self.error(key, "is required");

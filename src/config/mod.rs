@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::broker::acl::{validate_pattern, Acl, AclRule};
 use crate::broker::auth::Passwords;
 use crate::tls::Secret;
 
@@ -110,6 +111,8 @@ pub struct BrokerConfig {
     pub max_client_ids: usize,
     /// Publishes per second per connection; excess is slowed down (TCP backpressure). 0: off.
     pub max_publish_rate: u32,
+    /// `[[broker.acl]]`: per-user topic permissions; `None` = everything allowed.
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// What a stage does when the bounded channel to the next stage is full.
@@ -344,6 +347,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         max_topics: b.usize_in("max_topics", 100_000, 1, 100_000_000),
         max_client_ids: b.usize_in("max_client_ids", 100_000, 1, 100_000_000),
         max_publish_rate: b.usize_in("max_publish_rate", 0, 0, 10_000_000) as u32,
+        acl: None,
     };
     let mut broker = broker;
     let cert = b.string("tls_cert_file", "");
@@ -373,6 +377,40 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
     broker.allow_anonymous = b
         .opt_bool("allow_anonymous")
         .unwrap_or(broker.password_file.is_none());
+    if let Some(items) = b.array("acl") {
+        let mut rules = Vec::new();
+        for (i, v) in items.iter().enumerate() {
+            let mut e = b.element("acl", i, v);
+            let user = e.string("user", "*");
+            let publish = e.string_list("publish");
+            let subscribe = e.string_list("subscribe");
+            for (k, list) in [("publish", &publish), ("subscribe", &subscribe)] {
+                for p in list {
+                    if let Err(m) = validate_pattern(p) {
+                        e.error(k, &m);
+                    }
+                }
+            }
+            let names_users = user != "*"
+                || publish
+                    .iter()
+                    .chain(&subscribe)
+                    .any(|p| p.contains("{username}"));
+            if names_users && broker.password_file.is_none() {
+                e.error(
+                    "user",
+                    "user names are only verified with broker.password_file: set it to use per-user ACLs",
+                );
+            }
+            e.finish();
+            rules.push(AclRule {
+                user,
+                publish,
+                subscribe,
+            });
+        }
+        broker.acl = Some(Arc::new(Acl { rules }));
+    }
     if broker.max_connections < 2 {
         b.error(
             "max_connections",
@@ -692,6 +730,32 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn acl_entries_are_checked_with_their_keys() {
+        let err = from_toml(
+            r#"
+            [[broker.acl]]
+            user = "ops"
+            subscribe = ["a/#/b"]
+            [[broker.acl]]
+            publish = ["x/{client_id}/#", 3]
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "broker.acl[0].user",
+            "broker.acl[0].subscribe",
+            "broker.acl[1].publish[1]",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+        let c = from_toml("[[broker.acl]]\npublish = \"sensors/{client_id}/#\"\n").unwrap();
+        let acl = c.broker.acl.unwrap();
+        assert!(acl.for_client(None, "d1").may_publish("sensors/d1/t"));
+        assert!(Config::defaults().broker.acl.is_none());
     }
 
     #[test]
