@@ -66,10 +66,41 @@ impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
         Ok(Checked)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_key::<IgnoredAny>()?.is_some() {
+        while map.next_key::<Key>()?.is_some() {
             map.next_value::<Checked>()?;
         }
         Ok(Checked)
+    }
+}
+
+/// serde_json (with its `raw_value` feature, which we and many consumers enable) reads an object
+/// whose key is this token as a RawValue and fails on it; such payloads go base64 (found by
+/// `cargo fuzz run decode`: `{"$serde_json::private::RawValue":42.22}`).
+const SERDE_JSON_RAW_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// An object key, checked without allocating.
+struct Key;
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+        if v == SERDE_JSON_RAW_TOKEN {
+            Err(E::custom("reserved serde_json key"))
+        } else {
+            Ok(Key)
+        }
     }
 }
 
@@ -359,6 +390,15 @@ mod tests {
             );
         }
         assert!(matches!(d(b"1e400"), Payload::Opaque(_)));
+        // serde_json's RawValue token as a key (fuzz crash decode/crash-37a23630).
+        assert!(matches!(
+            d(br#"{"$serde_json::private::RawValue":42.22}"#),
+            Payload::Opaque(_)
+        ));
+        assert!(matches!(
+            d(br#"[{"a":{"$serde_json::private::RawValue":1}}]"#),
+            Payload::Opaque(_)
+        ));
         // Not JSON whitespace around a value (fuzz crash decode/crash-8571e01a).
         assert!(matches!(d(b"\x0b{\"t\":21.5}"), Payload::Opaque(_)));
         assert!(matches!(d("\u{a0}[1]".as_bytes()), Payload::Opaque(_)));
