@@ -23,7 +23,7 @@
 //! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
 //! connection before rumqttd sees it, so the sensor has no PUBACK for it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,8 +75,27 @@ pub struct Guard {
     hasher: ahash::RandomState,
     topics: Mutex<HashSet<u64>>,
     client_ids: Mutex<HashSet<u64>>,
+    /// One live session per client id at rumqttd (see [`Turn`]).
+    turns: Mutex<HashMap<String, Arc<Turn>>>,
     pub metrics: Arc<Metrics>,
 }
+
+/// rumqttd 0.20 loses track of its will handlers when connections with the same client id
+/// overlap or follow each other within moments (a takeover, a client reconnecting in a loop): a
+/// handler with a dead receiver stays behind and the next CONNECT with that id panics while the
+/// handler mutex is held (failure mode 1 again; seen under churn in tests/security.rs). So the
+/// guard hands rumqttd one session per client id at a time: a new CONNECT first ends the
+/// running session with that id (the MQTT takeover, done by the guard), waits until it is
+/// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
+struct Turn {
+    /// Held for the whole life of a session; the time the last one ended.
+    lock: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// Bumped by each new session: the running one ends when it sees a newer value.
+    generation: watch::Sender<u64>,
+}
+
+/// Pause between the end of a session and the next one with the same client id.
+const TURN_GAP: Duration = Duration::from_millis(50);
 
 /// Counts an admitted connection until dropped.
 struct Admitted(Arc<Guard>);
@@ -249,6 +268,7 @@ impl Guard {
             hasher: ahash::RandomState::new(),
             topics: Mutex::new(HashSet::new()),
             client_ids: Mutex::new(HashSet::new()),
+            turns: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -289,6 +309,23 @@ impl Guard {
         }
         s.insert(h);
         true
+    }
+
+    /// Forget a client id's turn once its gap has passed and no session holds or waits for it
+    /// (the entry keeps the end time for the gap).
+    fn release_turn(self: &Arc<Guard>, client_id: String, turn: Option<Arc<Turn>>) {
+        let Some(turn) = turn else { return };
+        let guard = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TURN_GAP).await;
+            let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+            // Only the map's reference and ours left: nobody holds or waits for it.
+            if Arc::strong_count(&turn) == 2
+                && turns.get(&client_id).is_some_and(|t| Arc::ptr_eq(t, &turn))
+            {
+                turns.remove(&client_id);
+            }
+        });
     }
 
     /// Distinct topics and filters noted so far (for tests and metrics).
@@ -584,6 +621,50 @@ async fn session<S: Io>(
         }
     }
     let client_id = connect.client_id.clone();
+    // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
+    let turn = (!client_id.is_empty()).then(|| {
+        let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns
+            .entry(client_id.clone())
+            .or_insert_with(|| {
+                Arc::new(Turn {
+                    lock: Arc::new(tokio::sync::Mutex::new(None)),
+                    generation: watch::channel(0).0,
+                })
+            })
+            .clone()
+    });
+    let mut my_turn = None;
+    if let Some(t) = &turn {
+        let mut gen = 0;
+        t.generation.send_modify(|g| {
+            *g += 1;
+            gen = *g;
+        });
+        let taken = match tokio::time::timeout(INTERNAL_CONNACK, t.lock.clone().lock_owned()).await
+        {
+            Ok(l) => l,
+            Err(_) => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
+                    "takeover_timeout",
+                    peer,
+                    &format_args!("previous session of {client_id:?} did not end"),
+                );
+                return reply.await;
+            }
+        };
+        if let Some(ended) = *taken {
+            let since = ended.elapsed();
+            if since < TURN_GAP {
+                tokio::time::sleep(TURN_GAP - since).await;
+            }
+        }
+        my_turn = Some((taken, t.generation.subscribe(), gen));
+    }
     let login = Some(Login {
         username: login.map(|l| l.username).unwrap_or_default(),
         password: guard.secret.clone(),
@@ -635,7 +716,28 @@ async fn session<S: Io>(
             return reply.await;
         }
     }
-    relay(client, buf, internal, peer, v5, &guard, perms).await;
+    match my_turn {
+        Some((mut taken, mut generation, gen)) => {
+            tokio::select! {
+                _ = relay(client, buf, internal, peer, v5, &guard, perms) => {}
+                // A newer session with this client id: the takeover.
+                _ = async {
+                    loop {
+                        if *generation.borrow_and_update() != gen {
+                            return;
+                        }
+                        if generation.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                } => {}
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            guard.release_turn(client_id, turn);
+        }
+        None => relay(client, buf, internal, peer, v5, &guard, perms).await,
+    }
 }
 
 /// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
