@@ -60,6 +60,9 @@ pub struct Policy {
     pub max_client_ids: usize,
     pub max_publish_rate: u32,
     pub acl: Option<Arc<Acl>>,
+    /// Refuse client ids with the gateway's own prefix (off for a broker without links of its
+    /// own, like the demo's cloud, where the gateway itself connects as `edgegate-{id}`).
+    pub reserve_own_prefix: bool,
 }
 
 /// State shared by every listener of one broker.
@@ -492,7 +495,15 @@ async fn session<S: Io>(
         return guard.reject("malformed", peer, &"CONNECT could not be decoded");
     };
     {
-        if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length) {
+        if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length)
+            .or_else(|e| {
+                if e.0 == "reserved_client_id" && !p.reserve_own_prefix {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        {
             let reply = refuse(
                 &mut client,
                 v5,

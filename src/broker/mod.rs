@@ -91,6 +91,10 @@ impl Broker {
     /// subscribed before the first sensor can connect (a publish that reaches the router before
     /// a subscription exists is never delivered to it, yet the sensor got its PUBACK).
     pub fn new(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Broker {
+        Self::with_links(cfg, metrics, true)
+    }
+
+    fn with_links(cfg: &BrokerConfig, metrics: Arc<Metrics>, own_links: bool) -> Broker {
         let guard = Guard::new(
             guard::Policy {
                 allow_anonymous: cfg.allow_anonymous,
@@ -104,6 +108,7 @@ impl Broker {
                 max_client_ids: cfg.max_client_ids,
                 max_publish_rate: cfg.max_publish_rate,
                 acl: cfg.acl.clone(),
+                reserve_own_prefix: own_links,
             },
             metrics,
         );
@@ -274,7 +279,7 @@ impl Broker {
     /// Router and listeners in one go (for a broker without links of its own, like the demo's
     /// cloud).
     pub async fn start(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
-        let mut b = Broker::new(cfg, metrics);
+        let mut b = Broker::with_links(cfg, metrics, false);
         b.listen(cfg).await?;
         Ok(b)
     }
