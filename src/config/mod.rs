@@ -563,7 +563,25 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Err((k, m)) => u.error(k, &m),
             Ok(client) => {
                 let ca_path = (!ca.is_empty()).then(|| Path::new(ca));
-                match crate::tls::client_config(ca_path, client) {
+                // Check each file on its own first, so the error names the right key.
+                let mut file_ok = true;
+                if let Some(p) = ca_path {
+                    if let Err(e) = crate::tls::certs(p) {
+                        u.error("ca_file", &e);
+                        file_ok = false;
+                    }
+                }
+                if let Some((c, k)) = client {
+                    if let Err(e) = crate::tls::certs(c) {
+                        u.error("cert_file", &e);
+                        file_ok = false;
+                    }
+                    if let Err(e) = crate::tls::key(k) {
+                        u.error("key_file", &e);
+                        file_ok = false;
+                    }
+                }
+                match crate::tls::client_config(ca_path, client).filter_ok(file_ok) {
                     Ok(t) => {
                         upstream.tls = Some(t);
                         upstream.tls_summary = Some(format!(
@@ -580,14 +598,17 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
                             }
                         ));
                     }
-                    Err(e) => u.error(
-                        if ca.is_empty() {
+                    Err(Some(e)) => u.error(
+                        if client.is_some() {
                             "cert_file"
+                        } else if ca.is_empty() {
+                            "url"
                         } else {
                             "ca_file"
                         },
                         &e,
                     ),
+                    Err(None) => {}
                 }
             }
         }
@@ -625,6 +646,21 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         })
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// A result whose error was already reported key by key (`Err(None)`).
+trait FilterOk<T> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<String>>;
+}
+
+impl<T> FilterOk<T> for Result<T, String> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<String>> {
+        match self {
+            _ if !ok => Err(None),
+            Ok(v) => Ok(v),
+            Err(e) => Err(Some(e)),
+        }
     }
 }
 
@@ -756,6 +792,32 @@ mod tests {
         let acl = c.broker.acl.unwrap();
         assert!(acl.for_client(None, "d1").may_publish("sensors/d1/t"));
         assert!(Config::defaults().broker.acl.is_none());
+    }
+
+    #[test]
+    fn upstream_tls_and_secret_files_are_checked_under_their_keys() {
+        let err = from_toml(
+            r#"
+            [upstream]
+            url = "mqtts://h"
+            ca_file = "/nonexistent/ca.pem"
+            cert_file = "/nonexistent/c.pem"
+            key_file = "/nonexistent/c.key"
+            password_file = "/nonexistent/pw"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "upstream.ca_file",
+            "upstream.cert_file",
+            "upstream.key_file",
+            "upstream.password_file",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+        let err = from_toml("[upstream]\nurl = \"mqtt://h\"\nca_file = \"x\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.url");
     }
 
     #[test]
