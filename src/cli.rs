@@ -15,10 +15,48 @@ pub mod exit {
     pub const NOINPUT: i32 = 66;
     pub const UNAVAILABLE: i32 = 69;
     pub const SOFTWARE: i32 = 70;
-    pub const IOERR: i32 = 74;
+    pub const OSERR: i32 = 71;
     pub const CANTCREAT: i32 = 73;
+    pub const IOERR: i32 = 74;
     pub const TEMPFAIL: i32 = 75;
+    pub const NOPERM: i32 = 77;
     pub const CONFIG: i32 = 78;
+}
+
+/// The exit code for a failed start (the message, printed by the caller, names the key or path).
+pub fn start_error_code(e: &crate::gateway::StartError) -> i32 {
+    use crate::gateway::StartError;
+    match e {
+        StartError::Queue(_) => exit::IOERR,
+        StartError::DataDir { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            exit::NOPERM
+        }
+        StartError::DataDir { .. } => exit::CANTCREAT,
+        StartError::InUse(_) => exit::TEMPFAIL,
+        StartError::Thread(_) => exit::OSERR,
+        StartError::Broker(_) | StartError::Metrics { .. } => exit::UNAVAILABLE,
+    }
+}
+
+/// `edgegate passwd FILE USER`: password from the first line of standard input.
+pub fn passwd(file: &Path, user: &str) -> i32 {
+    let stdin = std::io::stdin();
+    match crate::broker::auth::set_password(file, user, &mut stdin.lock()) {
+        Ok(()) => {
+            eprintln!("edgegate: password of {user:?} set in {}", file.display());
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("edgegate: passwd: {e}");
+            if e.contains("standard input") || e.contains("user name") {
+                exit::USAGE
+            } else {
+                exit::CANTCREAT
+            }
+        }
+    }
 }
 
 /// Load the configuration or print every error (one line each, with its key) and return the
@@ -40,16 +78,36 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, i32> {
 pub fn check_config(path: Option<&Path>) -> i32 {
     match load_config(path) {
         Ok(c) => {
-            let upstream = c
+            // Never a secret: user names and file paths only.
+            let mut upstream = c
                 .upstream
                 .url
                 .as_ref()
                 .map(|u| u.to_string())
                 .unwrap_or_else(|| "none (queue only)".into());
+            if let Some(t) = &c.upstream.tls_summary {
+                upstream.push_str(&format!(" {t}"));
+            }
+            if let Some(u) = &c.upstream.username {
+                upstream.push_str(&format!(" user {u:?}"));
+            }
+            let mut broker = c.broker.listen.to_string();
+            if let Some(a) = c.broker.tls_listen {
+                broker.push_str(&format!(" + TLS {a}"));
+            }
+            match &c.broker.passwords {
+                Some(p) => broker.push_str(&format!(" ({} user(s)", p.len())),
+                None => broker.push_str(" (no password file"),
+            }
+            broker.push_str(if c.broker.allow_anonymous {
+                ", anonymous allowed)"
+            } else {
+                ", anonymous refused)"
+            });
             println!(
                 "configuration OK: gateway {} | broker {} | data {} | upstream {} | {} rule(s)",
                 c.gateway.id,
-                c.broker.listen,
+                broker,
                 c.gateway.data_dir.display(),
                 upstream,
                 c.rules.len()

@@ -19,6 +19,91 @@ use crate::event::Data;
 /// payloads are forwarded opaque.
 const MAX_JSON_DEPTH: usize = 64;
 
+/// Validates JSON text without building it, like `IgnoredAny`, but also parses every number:
+/// `IgnoredAny` skips numbers unparsed and so accepted `{"t": 1e999999}`, which consumers'
+/// parsers (serde_json's among them) then reject as out of range (found by the hostile-payload
+/// test in tests/security.rs).
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Checked, E> {
+        if v.is_finite() {
+            Ok(Checked)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Key>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
+}
+
+/// serde_json (with its `raw_value` feature, which we and many consumers enable) reads an object
+/// whose key is this token as a RawValue and fails on it; such payloads go base64 (found by
+/// `cargo fuzz run decode`: `{"$serde_json::private::RawValue":42.22}`).
+const SERDE_JSON_RAW_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// An object key, checked without allocating.
+struct Key;
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+        if v == SERDE_JSON_RAW_TOKEN {
+            Err(E::custom("reserved serde_json key"))
+        } else {
+            Ok(Key)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     /// A JSON object (its text, validated).
@@ -36,14 +121,16 @@ impl Payload {
         let Ok(text) = std::str::from_utf8(&raw) else {
             return Payload::Opaque(raw);
         };
-        let trimmed = text.trim();
+        // JSON whitespace only: `str::trim` also strips \x0b, \x0c and Unicode spaces, which
+        // JSON does not allow around a value (found by `cargo fuzz run decode`).
+        let trimmed = text.trim_matches([' ', '\t', '\n', '\r']);
         if trimmed.is_empty() {
             return Payload::Opaque(raw);
         }
         let first = trimmed.as_bytes()[0];
         if first == b'{' || first == b'[' {
             if nesting_depth(trimmed) > MAX_JSON_DEPTH
-                || serde_json::from_str::<IgnoredAny>(trimmed).is_err()
+                || serde_json::from_str::<Checked>(trimmed).is_err()
             {
                 return Payload::Opaque(raw);
             }
@@ -68,7 +155,9 @@ impl Payload {
             }
             return Payload::Opaque(raw);
         }
-        if serde_json::from_str::<IgnoredAny>(trimmed).is_ok() {
+        if nesting_depth(trimmed) <= MAX_JSON_DEPTH
+            && serde_json::from_str::<Checked>(trimmed).is_ok()
+        {
             return Payload::OtherJson(raw);
         }
         Payload::Opaque(raw)
@@ -287,6 +376,36 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_numbers_never_pass_as_json() {
+        // Syntactically JSON, but no consumer's f64 parser takes them: opaque (base64).
+        for p in [
+            &br#"{"t": 1e999999}"#[..],
+            br#"[1, -1e400]"#,
+            br#"{"a": {"b": [1e309]}}"#,
+        ] {
+            assert!(
+                matches!(d(p), Payload::Opaque(_)),
+                "{}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        assert!(matches!(d(b"1e400"), Payload::Opaque(_)));
+        // serde_json's RawValue token as a key (fuzz crash decode/crash-37a23630).
+        assert!(matches!(
+            d(br#"{"$serde_json::private::RawValue":42.22}"#),
+            Payload::Opaque(_)
+        ));
+        assert!(matches!(
+            d(br#"[{"a":{"$serde_json::private::RawValue":1}}]"#),
+            Payload::Opaque(_)
+        ));
+        // Not JSON whitespace around a value (fuzz crash decode/crash-8571e01a).
+        assert!(matches!(d(b"\x0b{\"t\":21.5}"), Payload::Opaque(_)));
+        assert!(matches!(d("\u{a0}[1]".as_bytes()), Payload::Opaque(_)));
+        assert!(matches!(d(br#"{"t": 1e308}"#), Payload::Object(_)));
+    }
+
+    #[test]
     fn opaque() {
         for p in [
             &b"ON"[..],
@@ -343,6 +462,49 @@ mod tests {
                 }
                 Data::Binary(b) => assert_eq!(&b[..], p),
             }
+        }
+    }
+}
+
+/// The cargo-fuzz properties (fuzz/fuzz_targets/decode.rs) on stable, for every `cargo test`.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(bytes: &[u8]) {
+        let p = Payload::decode(Bytes::copy_from_slice(bytes));
+        match &p {
+            Payload::Object(b) | Payload::OtherJson(b) => {
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(b).is_ok(),
+                    "{bytes:?}"
+                );
+            }
+            Payload::Number { value, json } => {
+                assert!(value.is_finite());
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(json).is_ok(),
+                    "{bytes:?}"
+                );
+            }
+            Payload::Opaque(_) => {}
+        }
+        if matches!(p, Payload::Object(_)) {
+            assert!(p.fields().is_some());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn json_like_text(text in r#"[ \t\r\n\x0b\x0c{}\[\]":,0-9eE+\-.a-z\\]{0,40}"#) {
+            check(text.as_bytes());
         }
     }
 }

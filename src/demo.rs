@@ -70,7 +70,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     // The cloud: a second embedded broker, reached through a link we can cut.
     let mut cloud_cfg = Config::defaults().broker;
     cloud_cfg.listen = "127.0.0.1:0".parse()?;
-    let cloud = Broker::start(&cloud_cfg).await?;
+    let cloud = Broker::start(&cloud_cfg, crate::ops::metrics::Metrics::new()).await?;
     let link_up = Arc::new(AtomicBool::new(true));
     let relay = Relay::start(cloud.addr(), link_up.clone()).await?;
 

@@ -34,17 +34,17 @@ pub enum StartError {
     Queue(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("metrics endpoint {addr}: {source}")]
+    #[error("metrics.listen {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("data directory {path}: {source}")]
+    #[error("gateway.data_dir {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {0} is in use by another running edgegate")]
+    #[error("gateway.data_dir {0} is in use by another running edgegate")]
     InUse(PathBuf),
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -57,6 +57,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Gateway {
     pub broker_addr: SocketAddr,
     pub broker_addr_v5: Option<SocketAddr>,
+    pub broker_addr_tls: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
@@ -149,7 +150,7 @@ impl Gateway {
 
         // 2. Broker and the ingest link.
         // The ingest link subscribes before the listeners open (see Broker::new).
-        let mut broker = Broker::new(&config.broker);
+        let mut broker = Broker::new(&config.broker, metrics.clone());
         let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
         link_tx
             .subscribe("#")
@@ -245,6 +246,7 @@ impl Gateway {
         Ok(Gateway {
             broker_addr: broker.addr(),
             broker_addr_v5: broker.addr_v5,
+            broker_addr_tls: broker.addr_tls,
             metrics_addr,
             metrics,
             shutdown_tx,
@@ -272,6 +274,11 @@ impl Gateway {
     /// A handle for reloading rules from another task (e.g. on SIGHUP).
     pub fn rules_handle(&self) -> RulesHandle {
         self.rules_handle.clone()
+    }
+
+    /// The embedded broker (guard counters, internal listener addresses for tests).
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

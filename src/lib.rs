@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod ops;
 pub mod queue;
 pub mod rules;
+pub mod tls;
 
 pub use config::Config;
 pub use gateway::{run, Gateway};

@@ -50,6 +50,9 @@ enum Command {
         #[arg(long)]
         scores: bool,
     },
+    /// Set USER's password in the broker password file FILE (argon2id), reading the password
+    /// from the first line of standard input. Creates FILE (mode 0600) if needed.
+    Passwd { file: PathBuf, user: String },
     /// Inspect the store-and-forward queue (works while the daemon runs).
     Queue {
         #[command(subcommand)]
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => cli::check_config(config.as_deref()),
+        Command::Passwd { file, user } => cli::passwd(&file, &user),
         Command::Demo { seconds } => edgegate::demo::main(seconds),
         Command::Backtest {
             config,
@@ -175,12 +179,7 @@ fn run(path: Option<PathBuf>) -> i32 {
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 eprintln!("edgegate: {e}");
-                match e {
-                    edgegate::gateway::StartError::Queue(_) => exit::IOERR,
-                    edgegate::gateway::StartError::DataDir { .. } => exit::CANTCREAT,
-                    edgegate::gateway::StartError::InUse(_) => exit::TEMPFAIL,
-                    _ => exit::UNAVAILABLE,
-                }
+                cli::start_error_code(&e)
             }
         }
     })

@@ -7,3 +7,4 @@ mod durability;
 mod pipeline;
 
 mod rules;
+mod security;

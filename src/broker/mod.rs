@@ -1,5 +1,11 @@
 //! Embedded MQTT broker (rumqttd 0.20) for sensors and local apps.
 //!
+//! Sensors never reach rumqttd directly: the [`guard`] owns the public listeners (plain MQTT
+//! 3.1.1, MQTT 5, TLS), checks every connection and relays it to rumqttd listeners bound to
+//! 127.0.0.1 that accept only the guard's per-process secret. A liveness probe (a real
+//! CONNECT/CONNACK through the guard, [`Broker::check`]) restarts an internal listener that
+//! stops answering (rumqttd 0.20 can poison one, see `guard`).
+//!
 //! We use rumqttd's lower-level API rather than `Broker::start()`: the router runs on its own
 //! thread (`Router::spawn`), each listener (`Server`) runs as a task on the gateway's runtime
 //! (so a bind failure is an error we see, and a panicking connection task takes only itself
@@ -10,23 +16,33 @@
 //! The ingest link may fall that far behind before rumqttd skips readings for it; ingest detects
 //! every skip from the log offsets and counts it.
 
+pub mod acl;
+pub mod auth;
+pub mod guard;
 pub mod ingest;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{ConnectionSettings, LinkType, RouterConfig, Server, ServerSettings};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::BrokerConfig;
+use crate::ops::metrics::Metrics;
+use guard::Guard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker listener {addr}: {message}")]
-    Listen { addr: SocketAddr, message: String },
+    #[error("{key} {addr}: {message}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        message: String,
+    },
     #[error("broker link {0}: {1}")]
     Link(String, String),
 }
@@ -34,26 +50,73 @@ pub enum BrokerError {
 /// rumqttd's router event type is private; we keep its sender only inside this closure.
 type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync;
 
-/// Starts a listener task: (name, address, MQTT 5?).
+/// Starts an internal rumqttd listener task: (name, address, MQTT 5?).
 type ListenerFactory = dyn Fn(&str, SocketAddr, bool) -> JoinHandle<()> + Send + Sync;
+
+/// Probe timeout: a healthy listener answers a CONNECT in milliseconds.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An internal rumqttd listener (127.0.0.1, guard's secret only) behind a public one.
+struct Internal {
+    name: &'static str,
+    v5: bool,
+    /// Where the guard relays to; changes when the listener is restarted.
+    target: watch::Sender<SocketAddr>,
+    task: Mutex<JoinHandle<()>>,
+}
+
+/// A public listener (owned by the guard).
+struct Public {
+    name: &'static str,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
 
 /// A running embedded broker.
 pub struct Broker {
     links: Arc<LinkFactory>,
     listen: Arc<ListenerFactory>,
+    guard: Arc<Guard>,
+    internals: Vec<Internal>,
+    publics: Vec<Public>,
     addr: Option<SocketAddr>,
     /// Address of the MQTT 5 listener, when enabled.
     pub addr_v5: Option<SocketAddr>,
-    listeners: Vec<JoinHandle<()>>,
+    /// Address of the TLS listener, when enabled.
+    pub addr_tls: Option<SocketAddr>,
 }
 
 impl Broker {
     /// Start the router, without listeners: create the gateway's links now, so they are
     /// subscribed before the first sensor can connect (a publish that reaches the router before
     /// a subscription exists is never delivered to it, yet the sensor got its PUBACK).
-    pub fn new(cfg: &BrokerConfig) -> Broker {
+    pub fn new(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Broker {
+        Self::with_links(cfg, metrics, true)
+    }
+
+    fn with_links(cfg: &BrokerConfig, metrics: Arc<Metrics>, own_links: bool) -> Broker {
+        let guard = Guard::new(
+            guard::Policy {
+                allow_anonymous: cfg.allow_anonymous,
+                passwords: cfg.passwords.clone(),
+                max_connections: cfg.max_connections,
+                connect_timeout: cfg.connection_timeout,
+                max_packet: cfg.max_payload_size,
+                max_client_id_length: cfg.max_client_id_length,
+                max_topic_length: cfg.max_topic_length,
+                max_topics: cfg.max_topics,
+                max_client_ids: cfg.max_client_ids,
+                max_publish_rate: cfg.max_publish_rate,
+                acl: cfg.acl.clone(),
+                reserve_own_prefix: own_links,
+            },
+            metrics,
+        );
         let router_cfg = RouterConfig {
-            max_connections: cfg.max_connections,
+            // The guard enforces broker.max_connections; the router's own limit (whose refusal
+            // path poisons a listener in rumqttd 0.20) must never be reached first: room for the
+            // gateway's links, the probe and connections still closing.
+            max_connections: cfg.max_connections.saturating_mul(2).saturating_add(16),
             // Per read from a filter log to one QoS 0 subscriber (our links).
             max_outgoing_packet_count: 200,
             max_segment_size: cfg.segment_size,
@@ -63,7 +126,9 @@ impl Broker {
             shared_subscriptions_strategy: Default::default(),
         };
         let router_tx = rumqttd::Router::new(0, router_cfg).spawn();
-        let settings = ConnectionSettings {
+        let mut settings = ConnectionSettings {
+            // The guard already enforced broker.connection_timeout; the CONNECT it relays
+            // arrives at once.
             connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
             max_payload_size: cfg.max_payload_size,
             // rumqttd reads at most this many packets per batch from one connection.
@@ -72,6 +137,11 @@ impl Broker {
             external_auth: None,
             dynamic_filters: true,
         };
+        let g = guard.clone();
+        settings.set_auth_handler(move |_client_id, _user, password: String| {
+            let ok = g.internal_password_ok(&password);
+            async move { ok }
+        });
         let tx = router_tx.clone();
         let links: Arc<LinkFactory> = Arc::new(move |client_id: &str| {
             let (tx, rx, _ack) = LinkBuilder::new(client_id, tx.clone())
@@ -102,40 +172,114 @@ impl Broker {
                             .await
                     };
                     if let Err(e) = result {
-                        tracing::error!(%addr, error = %e, "MQTT listener stopped");
+                        tracing::error!(%addr, error = %e, "internal MQTT listener stopped");
                     }
                 })
             });
         Broker {
             links,
             listen,
+            guard,
+            internals: Vec::new(),
+            publics: Vec::new(),
             addr: None,
             addr_v5: None,
-            listeners: Vec::new(),
+            addr_tls: None,
         }
+    }
+
+    /// Start an internal rumqttd listener on a free loopback port.
+    async fn spawn_internal(
+        &self,
+        name: &str,
+        v5: bool,
+    ) -> Result<(SocketAddr, JoinHandle<()>), BrokerError> {
+        let addr = resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let task = (self.listen)(name, addr, v5);
+        let task = [task];
+        wait_listening(addr, &task).await?;
+        let [task] = task;
+        Ok((addr, task))
     }
 
     /// Start the listeners of `cfg`; returns once every listener accepts connections.
     pub async fn listen(&mut self, cfg: &BrokerConfig) -> Result<(), BrokerError> {
-        let addr = resolve_port(cfg.listen)?;
-        self.listeners.push((self.listen)("v4", addr, false));
+        let (a4, t4) = self.spawn_internal("v4", false).await?;
+        let (tx4, rx4) = watch::channel(a4);
+        self.internals.push(Internal {
+            name: "v4",
+            v5: false,
+            target: tx4,
+            task: Mutex::new(t4),
+        });
+        let addr = self
+            .public("v4", cfg.listen, false, None, rx4.clone())
+            .await?;
         self.addr = Some(addr);
         if let Some(a) = cfg.listen_v5 {
-            let a = resolve_port(a)?;
-            self.listeners.push((self.listen)("v5", a, true));
-            self.addr_v5 = Some(a);
+            let (a5, t5) = self.spawn_internal("v5", true).await?;
+            let (tx5, rx5) = watch::channel(a5);
+            self.internals.push(Internal {
+                name: "v5",
+                v5: true,
+                target: tx5,
+                task: Mutex::new(t5),
+            });
+            self.addr_v5 = Some(self.public("v5", a, true, None, rx5).await?);
         }
-        for a in std::iter::once(addr).chain(self.addr_v5) {
-            wait_listening(a, &self.listeners).await?;
+        if let (Some(a), Some(tls)) = (cfg.tls_listen, &cfg.tls) {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            self.addr_tls = Some(self.public("tls", a, false, Some(acceptor), rx4).await?);
         }
-        tracing::info!(%addr, v5 = ?self.addr_v5, "broker listening");
+        tracing::info!(%addr, v5 = ?self.addr_v5, tls = ?self.addr_tls, "broker listening");
         Ok(())
+    }
+
+    async fn public(
+        &mut self,
+        name: &'static str,
+        addr: SocketAddr,
+        v5: bool,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        target: watch::Receiver<SocketAddr>,
+    ) -> Result<SocketAddr, BrokerError> {
+        let key = match name {
+            "v5" => "broker.listen_v5",
+            "tls" => "broker.tls_listen",
+            _ => "broker.listen",
+        };
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| BrokerError::Listen {
+                    key,
+                    addr,
+                    message: e.to_string(),
+                })?;
+        let bound = listener.local_addr().map_err(|e| BrokerError::Listen {
+            key,
+            addr,
+            message: e.to_string(),
+        })?;
+        let task = tokio::spawn(guard::accept_loop(
+            listener,
+            tls,
+            v5,
+            target,
+            self.guard.clone(),
+        ));
+        self.publics.push(Public {
+            name,
+            addr: bound,
+            task,
+        });
+        Ok(bound)
     }
 
     /// Router and listeners in one go (for a broker without links of its own, like the demo's
     /// cloud).
-    pub async fn start(cfg: &BrokerConfig) -> Result<Broker, BrokerError> {
-        let mut b = Broker::new(cfg);
+    pub async fn start(cfg: &BrokerConfig, metrics: Arc<Metrics>) -> Result<Broker, BrokerError> {
+        let mut b = Broker::with_links(cfg, metrics, false);
         b.listen(cfg).await?;
         Ok(b)
     }
@@ -146,6 +290,21 @@ impl Broker {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The guard (limits, counters).
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
+    }
+
+    /// Current address of the internal (loopback, secret-protected) listener for MQTT 3.1.1
+    /// or 5. For tests that show what the guard prevents.
+    #[doc(hidden)]
+    pub fn internal_addr(&self, v5: bool) -> Option<SocketAddr> {
+        self.internals
+            .iter()
+            .find(|i| i.v5 == v5)
+            .map(|i| *i.target.borrow())
+    }
+
     /// A new in-process link to the router under `client_id`.
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
         (self.links)(client_id)
@@ -154,14 +313,79 @@ impl Broker {
     /// Stop accepting connections. The router thread itself has no stop API in rumqttd 0.20;
     /// it ends with the process.
     pub fn stop_listeners(&self) {
-        for l in &self.listeners {
-            l.abort();
+        for p in &self.publics {
+            p.task.abort();
+        }
+        for i in &self.internals {
+            if let Ok(t) = i.task.lock() {
+                t.abort();
+            }
         }
     }
 
     /// Are all listeners still running?
     pub fn listeners_alive(&self) -> bool {
-        self.listeners.iter().all(|l| !l.is_finished())
+        self.publics.iter().all(|p| !p.task.is_finished())
+            && self
+                .internals
+                .iter()
+                .all(|i| i.task.lock().map(|t| !t.is_finished()).unwrap_or(false))
+    }
+
+    /// Liveness check: every public (guard) listener's task runs, and a real CONNECT to each
+    /// internal rumqttd listener gets a CONNACK. An internal listener that fails the probe is
+    /// replaced by a fresh one (open connections stay on the old one, new ones go to the new
+    /// one); returns the problems that remain.
+    pub async fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for p in &self.publics {
+            if p.task.is_finished() {
+                problems.push(format!("broker {} listener {} stopped", p.name, p.addr));
+            }
+        }
+        for internal in &self.internals {
+            let target = *internal.target.borrow();
+            let Err(e) = guard::probe(target, internal.v5, &self.guard, PROBE_TIMEOUT).await else {
+                continue;
+            };
+            self.guard.metrics.broker_probe_failures.inc();
+            tracing::error!(listener = internal.name, addr = %target, error = %e, "broker liveness probe failed: restarting the internal listener");
+            match self.spawn_internal(internal.name, internal.v5).await {
+                Ok((addr, task)) => {
+                    if let Ok(mut t) = internal.task.lock() {
+                        t.abort();
+                        *t = task;
+                    }
+                    internal.target.send_replace(addr);
+                    self.guard.metrics.broker_listener_restarts.inc();
+                }
+                Err(e) => problems.push(format!("broker {}: restart failed: {e}", internal.name)),
+            }
+            let target = *internal.target.borrow();
+            if let Err(e) = guard::probe(target, internal.v5, &self.guard, PROBE_TIMEOUT).await {
+                problems.push(format!(
+                    "broker {} listener fails its liveness probe: {e}",
+                    internal.name
+                ));
+            } else {
+                tracing::warn!(
+                    listener = internal.name,
+                    "broker listener answers again after restart"
+                );
+            }
+        }
+        problems
+    }
+}
+
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        match addr {
+            SocketAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        }
+    } else {
+        addr
     }
 }
 
@@ -172,10 +396,12 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         return Ok(addr);
     }
     let l = StdListener::bind(addr).map_err(|e| BrokerError::Listen {
+        key: "internal listener",
         addr,
         message: e.to_string(),
     })?;
     l.local_addr().map_err(|e| BrokerError::Listen {
+        key: "internal listener",
         addr,
         message: e.to_string(),
     })
@@ -184,17 +410,11 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
 /// Wait until `addr` accepts TCP connections, or fail if a listener task ended (bind error).
 async fn wait_listening(addr: SocketAddr, listeners: &[JoinHandle<()>]) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let probe = if addr.ip().is_unspecified() {
-        match addr {
-            SocketAddr::V4(_) => SocketAddr::from(([127, 0, 0, 1], addr.port())),
-            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
-        }
-    } else {
-        addr
-    };
+    let probe = loopback(addr);
     loop {
         if listeners.iter().any(|l| l.is_finished()) {
             return Err(BrokerError::Listen {
+                key: "internal listener",
                 addr,
                 message: "could not listen (address in use or not permitted?)".into(),
             });
@@ -204,6 +424,7 @@ async fn wait_listening(addr: SocketAddr, listeners: &[JoinHandle<()>]) -> Resul
         }
         if Instant::now() > deadline {
             return Err(BrokerError::Listen {
+                key: "internal listener",
                 addr,
                 message: "listener did not come up within 5 s".into(),
             });

@@ -37,6 +37,42 @@ pub(crate) trait Fields {
         }
     }
 
+    /// `true`/`false` (or the strings "true"/"false"); `None` when absent.
+    fn opt_bool(&mut self, key: &str) -> Option<bool> {
+        match self.get(key).map(|v| v.kind.clone()) {
+            None | Some(ValueKind::Nil) => None,
+            Some(ValueKind::Boolean(b)) => Some(b),
+            Some(ValueKind::String(s)) if s.trim().eq_ignore_ascii_case("true") => Some(true),
+            Some(ValueKind::String(s)) if s.trim().eq_ignore_ascii_case("false") => Some(false),
+            Some(_) => {
+                self.error(key, "expected true or false");
+                None
+            }
+        }
+    }
+
+    /// A list of strings (`["a", "b"]`; a single string counts as a list of one).
+    fn string_list(&mut self, key: &str) -> Vec<String> {
+        match self.get(key).map(|v| v.kind.clone()) {
+            None | Some(ValueKind::Nil) => Vec::new(),
+            Some(ValueKind::String(s)) => vec![s],
+            Some(ValueKind::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, v) in items.into_iter().enumerate() {
+                    match v.kind {
+                        ValueKind::String(s) => out.push(s),
+                        _ => self.error(&format!("{key}[{i}]"), "expected a string"),
+                    }
+                }
+                out
+            }
+            Some(_) => {
+                self.error(key, "expected a list of strings");
+                Vec::new()
+            }
+        }
+    }
+
     fn required_string(&mut self, key: &str) -> Option<String> {
         if self.get(key).is_none() {
             self.error(key, "is required");

@@ -11,7 +11,12 @@ pub(crate) mod fields;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::broker::acl::{validate_pattern, Acl, AclRule};
+use crate::broker::auth::Passwords;
+use crate::tls::Secret;
 
 use fields::{Fields, Table};
 
@@ -89,6 +94,25 @@ pub struct BrokerConfig {
     /// Number of segments kept; `segment_size * segment_count` is how much the ingest link may
     /// fall behind before readings are skipped (and counted).
     pub segment_count: usize,
+    /// Optional TLS listener (MQTT 3.1.1 over TLS), terminated by the broker guard.
+    pub tls_listen: Option<SocketAddr>,
+    /// Server certificate chain and key for `tls_listen` (loaded and checked at compile time).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `broker.password_file`, parsed: users allowed with a password.
+    pub passwords: Option<Arc<Passwords>>,
+    pub password_file: Option<PathBuf>,
+    /// CONNECT without credentials accepted? Default: true without a password file.
+    pub allow_anonymous: bool,
+    pub max_client_id_length: usize,
+    pub max_topic_length: usize,
+    /// Distinct publish topics and subscription filters the broker will ever hold state for.
+    pub max_topics: usize,
+    /// Distinct client ids the broker will ever hold state for.
+    pub max_client_ids: usize,
+    /// Publishes per second per connection; excess is slowed down (TCP backpressure). 0: off.
+    pub max_publish_rate: u32,
+    /// `[[broker.acl]]`: per-user topic permissions; `None` = everything allowed.
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// What a stage does when the bounded channel to the next stage is full.
@@ -157,6 +181,14 @@ pub struct UpstreamConfig {
     pub max_packet_size: usize,
     /// Events per second at most (0: as fast as the upstream accepts).
     pub max_rate: u32,
+    /// MQTT user name upstream, with the password read from `password_file`.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS client configuration for `mqtts://` (CA file or system roots, optional client
+    /// certificate); `None` for plain `mqtt://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// For messages: which trust anchors and whether a client certificate is used.
+    pub tls_summary: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,7 +346,86 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         segment_size: b.size_in("segment_size", 512 * 1024, 1024, 1 << 30),
         segment_count: b.usize_in("segment_count", 8, 1, 1024),
+        tls_listen: b.opt_socket_addr("tls_listen", ""),
+        tls: None,
+        passwords: None,
+        password_file: None,
+        allow_anonymous: true,
+        max_client_id_length: b.usize_in("max_client_id_length", 128, 1, 65535),
+        max_topic_length: b.usize_in("max_topic_length", 512, 1, 65535),
+        max_topics: b.usize_in("max_topics", 100_000, 1, 100_000_000),
+        max_client_ids: b.usize_in("max_client_ids", 100_000, 1, 100_000_000),
+        max_publish_rate: b.usize_in("max_publish_rate", 0, 0, 10_000_000) as u32,
+        acl: None,
     };
+    let mut broker = broker;
+    let cert = b.string("tls_cert_file", "");
+    let key = b.string("tls_key_file", "");
+    match (broker.tls_listen.is_some(), cert.trim(), key.trim()) {
+        (false, "", "") => {}
+        (false, _, _) => b.error(
+            "tls_listen",
+            "tls_cert_file/tls_key_file are set but tls_listen is empty",
+        ),
+        (true, "", _) => b.error("tls_cert_file", "required when broker.tls_listen is set"),
+        (true, _, "") => b.error("tls_key_file", "required when broker.tls_listen is set"),
+        (true, c, k) => match crate::tls::server_config(Path::new(c), Path::new(k)) {
+            Ok(t) => broker.tls = Some(t),
+            Err(e) => b.error("tls_cert_file", &e),
+        },
+    }
+    let pw = b.string("password_file", "");
+    if !pw.trim().is_empty() {
+        let path = PathBuf::from(pw.trim());
+        match Passwords::load(&path) {
+            Ok(p) => broker.passwords = Some(Arc::new(p)),
+            Err(e) => b.error("password_file", &e),
+        }
+        broker.password_file = Some(path);
+    }
+    broker.allow_anonymous = b
+        .opt_bool("allow_anonymous")
+        .unwrap_or(broker.password_file.is_none());
+    if let Some(items) = b.array("acl") {
+        let mut rules = Vec::new();
+        for (i, v) in items.iter().enumerate() {
+            let mut e = b.element("acl", i, v);
+            let user = e.string("user", "*");
+            let publish = e.string_list("publish");
+            let subscribe = e.string_list("subscribe");
+            for (k, list) in [("publish", &publish), ("subscribe", &subscribe)] {
+                for p in list {
+                    if let Err(m) = validate_pattern(p) {
+                        e.error(k, &m);
+                    }
+                }
+            }
+            let names_users = user != "*"
+                || publish
+                    .iter()
+                    .chain(&subscribe)
+                    .any(|p| p.contains("{username}"));
+            if names_users && broker.password_file.is_none() {
+                e.error(
+                    "user",
+                    "user names are only verified with broker.password_file: set it to use per-user ACLs",
+                );
+            }
+            e.finish();
+            rules.push(AclRule {
+                user,
+                publish,
+                subscribe,
+            });
+        }
+        broker.acl = Some(Arc::new(Acl { rules }));
+    }
+    if broker.max_connections < 2 {
+        b.error(
+            "max_connections",
+            "must be at least 2 (one is the gateway's own liveness probe)",
+        );
+    }
     b.finish();
 
     let mut p = top.section("pipeline");
@@ -418,7 +529,99 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         max_packet_size: u.size_in("max_packet_size", 1024 * 1024, 1024, 256 * 1024 * 1024),
         max_rate: u.usize_in("max_rate", 0, 0, 10_000_000) as u32,
+        username: None,
+        password: None,
+        tls: None,
+        tls_summary: None,
     };
+    let mut upstream = upstream;
+    let user = u.string("username", "");
+    let pw_file = u.string("password_file", "");
+    if !user.is_empty() {
+        upstream.username = Some(user);
+    }
+    if !pw_file.trim().is_empty() {
+        if upstream.username.is_none() {
+            u.error("password_file", "set upstream.username too");
+        }
+        match std::fs::read_to_string(pw_file.trim()) {
+            Ok(t) => {
+                upstream.password = Some(Secret::new(t.trim_end_matches(['\n', '\r']).to_string()))
+            }
+            Err(e) => u.error("password_file", &format!("{}: {e}", pw_file.trim())),
+        }
+    }
+    let ca = u.string("ca_file", "");
+    let cert = u.string("cert_file", "");
+    let key = u.string("key_file", "");
+    let (ca, cert, key) = (ca.trim(), cert.trim(), key.trim());
+    let tls_url = upstream.url.as_ref().map(|x| x.tls);
+    if tls_url != Some(true) && !(ca.is_empty() && cert.is_empty() && key.is_empty()) {
+        u.error(
+            "url",
+            "upstream.ca_file/cert_file/key_file need an mqtts:// url",
+        );
+    } else if tls_url == Some(true) {
+        let client = match (cert, key) {
+            ("", "") => Ok(None),
+            ("", _) => Err(("cert_file", "required with upstream.key_file".to_string())),
+            (_, "") => Err(("key_file", "required with upstream.cert_file".to_string())),
+            (c, k) => Ok(Some((Path::new(c), Path::new(k)))),
+        };
+        match client {
+            Err((k, m)) => u.error(k, &m),
+            Ok(client) => {
+                let ca_path = (!ca.is_empty()).then(|| Path::new(ca));
+                // Check each file on its own first, so the error names the right key.
+                let mut file_ok = true;
+                if let Some(p) = ca_path {
+                    if let Err(e) = crate::tls::certs(p) {
+                        u.error("ca_file", &e);
+                        file_ok = false;
+                    }
+                }
+                if let Some((c, k)) = client {
+                    if let Err(e) = crate::tls::certs(c) {
+                        u.error("cert_file", &e);
+                        file_ok = false;
+                    }
+                    if let Err(e) = crate::tls::key(k) {
+                        u.error("key_file", &e);
+                        file_ok = false;
+                    }
+                }
+                match crate::tls::client_config(ca_path, client).filter_ok(file_ok) {
+                    Ok(t) => {
+                        upstream.tls = Some(t);
+                        upstream.tls_summary = Some(format!(
+                            "TLS ({}{})",
+                            if ca.is_empty() {
+                                "system trust store".to_string()
+                            } else {
+                                format!("CA {ca}")
+                            },
+                            if client.is_some() {
+                                ", client certificate"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    Err(Some(e)) => u.error(
+                        if client.is_some() {
+                            "cert_file"
+                        } else if ca.is_empty() {
+                            "url"
+                        } else {
+                            "ca_file"
+                        },
+                        &e,
+                    ),
+                    Err(None) => {}
+                }
+            }
+        }
+    }
     if upstream.reconnect_min > upstream.reconnect_max {
         u.error("reconnect_min", "must not exceed upstream.reconnect_max");
     }
@@ -452,6 +655,21 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         })
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// A result whose error was already reported key by key (`Err(None)`).
+trait FilterOk<T> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<String>>;
+}
+
+impl<T> FilterOk<T> for Result<T, String> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<String>> {
+        match self {
+            _ if !ok => Err(None),
+            Ok(v) => Ok(v),
+            Err(e) => Err(Some(e)),
+        }
     }
 }
 
@@ -532,6 +750,7 @@ mod tests {
             colour = "blue"
             [broker]
             listen = "nowhere"
+            password_file = "/nonexistent/passwd"
             [queue]
             sync = "sometimes"
             [upstream]
@@ -548,6 +767,7 @@ mod tests {
             "gateway.id",
             "gateway.colour",
             "broker.listen",
+            "broker.password_file",
             "queue.sync",
             "upstream.url",
             "upstream.ack_timeout",
@@ -584,6 +804,58 @@ mod tests {
     }
 
     #[test]
+    fn acl_entries_are_checked_with_their_keys() {
+        let err = from_toml(
+            r#"
+            [[broker.acl]]
+            user = "ops"
+            subscribe = ["a/#/b"]
+            [[broker.acl]]
+            publish = ["x/{client_id}/#", 3]
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "broker.acl[0].user",
+            "broker.acl[0].subscribe",
+            "broker.acl[1].publish[1]",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+        let c = from_toml("[[broker.acl]]\npublish = \"sensors/{client_id}/#\"\n").unwrap();
+        let acl = c.broker.acl.unwrap();
+        assert!(acl.for_client(None, "d1").may_publish("sensors/d1/t"));
+        assert!(Config::defaults().broker.acl.is_none());
+    }
+
+    #[test]
+    fn upstream_tls_and_secret_files_are_checked_under_their_keys() {
+        let err = from_toml(
+            r#"
+            [upstream]
+            url = "mqtts://h"
+            ca_file = "/nonexistent/ca.pem"
+            cert_file = "/nonexistent/c.pem"
+            key_file = "/nonexistent/c.key"
+            password_file = "/nonexistent/pw"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "upstream.ca_file",
+            "upstream.cert_file",
+            "upstream.key_file",
+            "upstream.password_file",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+        let err = from_toml("[upstream]\nurl = \"mqtt://h\"\nca_file = \"x\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "upstream.url");
+    }
+
+    #[test]
     fn upstream_urls() {
         assert_eq!(
             parse_upstream_url("mqtt://h").unwrap(),
@@ -615,5 +887,17 @@ mod tests {
         .unwrap();
         assert_eq!(c.broker.max_payload_size, 64 * 1024);
         assert_eq!(c.upstream.ack_timeout, Duration::from_secs(90));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// The loader never panics: any text gives a Config or keyed errors (also fuzzed with
+        /// `cargo fuzz run config`).
+        #[test]
+        fn any_text_loads_or_reports(text in r#"[\[\]a-z_=". \n0-9#{}:,]{0,120}"#) {
+            if let Err(e) = from_toml(&text) {
+                proptest::prop_assert!(!e.0.is_empty());
+            }
+        }
     }
 }

@@ -92,8 +92,17 @@ impl Forwarder {
                 .set_max_packet_size(self.cfg.max_packet_size, self.cfg.max_packet_size)
                 .set_inflight(window_to_rumqttc(self.cfg.inflight))
                 .set_request_channel_capacity(self.cfg.inflight * 2 + 16);
-            if url.tls {
+            if let Some(tls) = &self.cfg.tls {
+                // CA file or system roots, optional client certificate (config::compile).
+                opts.set_transport(Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls.clone()),
+                ));
+            } else if url.tls {
                 opts.set_transport(Transport::tls_with_default_config());
+            }
+            if let Some(user) = &self.cfg.username {
+                let password = self.cfg.password.as_ref().map(|p| p.expose()).unwrap_or("");
+                opts.set_credentials(user.clone(), password);
             }
             let started = Instant::now();
             let end = self.connection(opts, &mut down_since).await;

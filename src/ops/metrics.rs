@@ -121,6 +121,17 @@ pub struct Metrics {
     /// reading the broker already PUBACKed can still be lost to a crash.
     pub commit_latency: Histogram,
     pub rules: RuleMetrics,
+    /// Connections and packets the broker guard refused, by reason (src/broker/guard.rs).
+    broker_rejected: Family<ReasonLabel, Counter>,
+    broker_rejected_totals: Mutex<HashMap<&'static str, u64>>,
+    broker_reject_log: Mutex<HashMap<&'static str, Instant>>,
+    /// Sensor connections open through the guard.
+    pub broker_connections: Gauge,
+    /// Times a client was slowed down by `broker.max_publish_rate` (nothing is dropped).
+    pub broker_throttled: Counter,
+    /// Liveness probes of a broker listener that failed, and internal listeners restarted.
+    pub broker_probe_failures: Counter,
+    pub broker_listener_restarts: Counter,
     /// Totals per reason kept beside the Prometheus family, for tests and summaries.
     drop_totals: Mutex<HashMap<DropReason, u64>>,
     drop_log: Mutex<HashMap<DropReason, (Instant, u64)>>,
@@ -158,6 +169,13 @@ impl Metrics {
                 .into_iter(),
             ),
             rules: RuleMetrics::default(),
+            broker_rejected: Family::default(),
+            broker_rejected_totals: Mutex::new(HashMap::new()),
+            broker_reject_log: Mutex::new(HashMap::new()),
+            broker_connections: Gauge::default(),
+            broker_throttled: Counter::default(),
+            broker_probe_failures: Counter::default(),
+            broker_listener_restarts: Counter::default(),
             drop_totals: Mutex::new(HashMap::new()),
             drop_log: Mutex::new(HashMap::new()),
             last_sequence: AtomicU64::new(0),
@@ -219,6 +237,31 @@ impl Metrics {
             "queue_commit_latency_seconds",
             "From receipt of a reading to the commit of its event (oldest of each commit group): the loss window",
             m.commit_latency.clone(),
+        );
+        registry.register(
+            "broker_rejected",
+            "Sensor connections or packets refused by the broker guard, by reason",
+            m.broker_rejected.clone(),
+        );
+        registry.register(
+            "broker_connections",
+            "Sensor connections open",
+            m.broker_connections.clone(),
+        );
+        registry.register(
+            "broker_throttled",
+            "Times a sensor was slowed down by broker.max_publish_rate",
+            m.broker_throttled.clone(),
+        );
+        registry.register(
+            "broker_probe_failures",
+            "Failed liveness probes (MQTT CONNECT/CONNACK) of a broker listener",
+            m.broker_probe_failures.clone(),
+        );
+        registry.register(
+            "broker_listener_restarts",
+            "Internal broker listeners restarted after a failed probe",
+            m.broker_listener_restarts.clone(),
         );
         let r = &m.rules;
         registry.register(
@@ -290,6 +333,48 @@ impl Metrics {
                 tracing::warn!(reason = reason.as_str(), count, %detail, "events dropped");
             }
         }
+    }
+
+    /// Count a connection or packet the broker guard refused and log it (`peer`, `detail`), at
+    /// most once per reason every 10 s at warning level (the rest at debug).
+    pub fn broker_reject(
+        &self,
+        reason: &'static str,
+        peer: &dyn std::fmt::Display,
+        detail: &dyn std::fmt::Display,
+    ) {
+        self.broker_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        if let Ok(mut t) = self.broker_rejected_totals.lock() {
+            *t.entry(reason).or_default() += 1;
+        }
+        let now = Instant::now();
+        let loud = match self.broker_reject_log.lock() {
+            Ok(mut log) => {
+                let last = log.entry(reason).or_insert(now - DROP_LOG_INTERVAL * 2);
+                if now.duration_since(*last) >= DROP_LOG_INTERVAL {
+                    *last = now;
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(_) => false,
+        };
+        if loud {
+            tracing::warn!(reason, %peer, %detail, "broker refused a client (further ones for 10 s at debug level)");
+        } else {
+            tracing::debug!(reason, %peer, %detail, "broker refused a client");
+        }
+    }
+
+    /// Connections or packets refused by the broker guard for `reason` since start.
+    pub fn broker_rejected(&self, reason: &str) -> u64 {
+        self.broker_rejected_totals
+            .lock()
+            .map(|t| t.get(reason).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Total dropped for `reason` since start.

@@ -3,7 +3,8 @@
 //! stops the pings and systemd restarts the service (`WatchdogSec=`).
 //!
 //! What counts as "making progress", each check using only what the stages already expose:
-//! - broker: its listener threads are alive;
+//! - broker: every listener task runs and answers a real MQTT CONNECT with a CONNACK (an
+//!   internal listener that does not is replaced; only a failed replacement is a problem);
 //! - ingest, rules, forwarder: their tasks have not ended (the forwarder ends at once, by design,
 //!   when no upstream is configured);
 //! - queue writer: answers a stats request within [`QUEUE_REPLY_LIMIT`] (the request waits
@@ -77,9 +78,9 @@ impl Watched {
                 _ = shutdown.changed() => return,
             }
             let mut problems = Vec::new();
-            if !self.broker.listeners_alive() {
-                problems.push("broker listener stopped".to_string());
-            }
+            // A real CONNECT/CONNACK through every plain listener; a listener that stopped
+            // answering is restarted by the check itself (see Broker::check).
+            problems.extend(self.broker.check().await);
             for (name, h) in &self.stages {
                 // Without an upstream the forwarder has nothing to do and returns at once.
                 let idle_by_design = *name == "forwarder" && !self.upstream_configured;

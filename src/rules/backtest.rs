@@ -362,7 +362,7 @@ pub fn main(
             Ok(c) => (c.rules, c.upstream.topic_prefix),
             Err(e) => {
                 eprintln!("edgegate: {e}");
-                return 78;
+                return crate::cli::exit::CONFIG;
             }
         },
         None => (default_rules(), "edge/backtest".to_string()),
@@ -374,7 +374,7 @@ pub fn main(
             Ok(f) => Box::new(std::io::BufReader::new(f)),
             Err(e) => {
                 eprintln!("edgegate: {}: {e}", input.display());
-                return 66;
+                return crate::cli::exit::NOINPUT;
             }
         }
     };
@@ -402,7 +402,7 @@ pub fn main(
         Err(BacktestError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {
             eprintln!("edgegate: {}: {e}", input.display());
-            65
+            crate::cli::exit::DATAERR
         }
     }
 }

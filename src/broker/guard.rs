@@ -1,0 +1,1093 @@
+//! The broker guard: the only sockets sensors reach. It accepts connections itself, checks them,
+//! and relays what it lets through to rumqttd's listeners, which listen on 127.0.0.1 only and
+//! accept nothing without the guard's per-process secret.
+//!
+//! Why (rumqttd 0.20, read in its source and reproduced against the internal listener in
+//! tests/security.rs):
+//! - a CONNECT the router refuses (client id with `+ # / $`, more than `max_connections`) leaves a
+//!   will handler with a dead channel; the same client id connecting again panics while the
+//!   will-handler mutex is held, poisoning it: every later connection on that listener dies.
+//!   A connection task that dies after CONNECT (below) leaves the same trap. The guard refuses
+//!   such client ids and excess connections before rumqttd sees them, waits for rumqttd's CONNACK
+//!   before it lets a client go, and a liveness probe restarts a listener that stops answering;
+//! - the TLS handshake runs inline in rumqttd's accept loop without a timeout: the guard
+//!   terminates TLS itself, in the connection's own task, with `broker.connection_timeout`;
+//! - packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP, AUTH, a second
+//!   CONNECT, reserved types) reach `unreachable!()` in rumqttd's decoders: the guard frames
+//!   every packet from a client and closes the connection on one of those;
+//! - client ids starting with `edgegate-` are the gateway's own (in-process links): refused;
+//! - rumqttd keeps state per client id and per topic/filter forever: the guard caps the number
+//!   of distinct ones (`broker.max_client_ids`, `broker.max_topics`) and their lengths.
+//!
+//! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
+//! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
+//! connection before rumqttd sees it, so the sensor has no PUBACK for it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttd::protocol::{v4::V4, v5::V5, Login, Packet, Protocol};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::broker::acl::{Acl, Perms};
+use crate::broker::auth::Passwords;
+use crate::ops::metrics::Metrics;
+
+/// Client ids with this prefix belong to the gateway itself.
+pub const RESERVED_PREFIX: &str = "edgegate-";
+/// The gateway's own links and probe use these; a sensor that takes one would kick a link off.
+/// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)
+const RESERVED_IDS: [&str; 4] = [
+    "edgegate-ingest-",
+    "edgegate-rules-",
+    "edgegate-status-",
+    "edgegate-probe-",
+];
+/// Longest wait for rumqttd's CONNACK on the internal connection.
+const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
+/// Concurrent argon2 verifications (each ~20 MiB and tens of ms): a password-guessing flood
+/// cannot take every core.
+const AUTH_SLOTS: usize = 2;
+
+/// What the guard enforces.
+pub struct Policy {
+    pub allow_anonymous: bool,
+    pub passwords: Option<Arc<Passwords>>,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub max_packet: usize,
+    pub max_client_id_length: usize,
+    pub max_topic_length: usize,
+    pub max_topics: usize,
+    pub max_client_ids: usize,
+    pub max_publish_rate: u32,
+    pub acl: Option<Arc<Acl>>,
+    /// Refuse client ids with the gateway's own prefix (off for a broker without links of its
+    /// own, like the demo's cloud, where the gateway itself connects as `edgegate-{id}`).
+    pub reserve_own_prefix: bool,
+}
+
+/// State shared by every listener of one broker.
+pub struct Guard {
+    pub policy: Policy,
+    /// Credential of the guard towards rumqttd's internal listeners (and of the probe).
+    secret: String,
+    /// The probe's fixed client id (one rumqttd session entry, not one per probe); reserved
+    /// prefix, so no sensor can take it.
+    pub probe_id: String,
+    active: AtomicUsize,
+    auth_slots: Semaphore,
+    hasher: ahash::RandomState,
+    topics: Mutex<HashSet<u64>>,
+    client_ids: Mutex<HashSet<u64>>,
+    /// One live session per client id at rumqttd (see [`Turn`]).
+    turns: Mutex<HashMap<String, Arc<Turn>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// rumqttd 0.20 loses track of its will handlers when connections with the same client id
+/// overlap or follow each other within moments (a takeover, a client reconnecting in a loop): a
+/// handler with a dead receiver stays behind and the next CONNECT with that id panics while the
+/// handler mutex is held (failure mode 1 again; seen under churn in tests/security.rs). So the
+/// guard hands rumqttd one session per client id at a time: a new CONNECT first ends the
+/// running session with that id (the MQTT takeover, done by the guard), waits until it is
+/// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
+struct Turn {
+    /// Held for the whole life of a session; the time the last one ended.
+    lock: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// Bumped by each new session: the running one ends when it sees a newer value.
+    generation: watch::Sender<u64>,
+}
+
+/// Pause between the end of a session and the next one with the same client id.
+const TURN_GAP: Duration = Duration::from_millis(50);
+
+/// Counts an admitted connection until dropped.
+struct Admitted(Arc<Guard>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.broker_connections.dec();
+    }
+}
+
+/// Any stream the guard can relay (TCP, TLS over TCP).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Debug)]
+enum FrameError {
+    Io,
+    Malformed,
+    Oversize(usize),
+    /// The first byte is not the packet type expected (CONNECT first).
+    Unexpected(u8),
+}
+
+/// Fixed header: (byte 1, header length, remaining length), or `None` if more bytes are needed.
+fn parse_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, FrameError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((buf[0], 2 + i, len)));
+        }
+    }
+    Err(FrameError::Malformed)
+}
+
+/// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<BytesMut>, FrameError> {
+    read_frame_of(r, buf, max, None).await
+}
+
+/// As [`read_frame`]; with `expect`, fails as soon as the first byte shows another packet type
+/// (garbage is refused before its "length" is even read).
+async fn read_frame_of<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    expect: Option<u8>,
+) -> Result<Option<BytesMut>, FrameError> {
+    loop {
+        if let (Some(t), Some(b)) = (expect, buf.first()) {
+            if b >> 4 != t {
+                return Err(FrameError::Unexpected(b >> 4));
+            }
+        }
+        if let Some((_, hl, rl)) = parse_header(buf)? {
+            if rl > max {
+                return Err(FrameError::Oversize(rl));
+            }
+            if buf.len() >= hl + rl {
+                return Ok(Some(buf.split_to(hl + rl)));
+            }
+            buf.reserve(hl + rl - buf.len());
+        } else {
+            buf.reserve(64);
+        }
+        match r.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err(FrameError::Io),
+            Ok(_) => {}
+            Err(_) => return Err(FrameError::Io),
+        }
+    }
+}
+
+/// CONNACK refusing a connection: MQTT 3.1.1 return code or MQTT 5 reason code.
+#[derive(Clone, Copy)]
+enum Refuse {
+    ClientId,
+    BadLogin,
+    NotAuthorized,
+    Unavailable,
+}
+
+fn connack(v5: bool, why: Refuse) -> Vec<u8> {
+    if v5 {
+        let code = match why {
+            Refuse::ClientId => 0x85,
+            Refuse::BadLogin => 0x86,
+            Refuse::NotAuthorized => 0x87,
+            Refuse::Unavailable => 0x89,
+        };
+        vec![0x20, 0x03, 0x00, code, 0x00]
+    } else {
+        let code = match why {
+            Refuse::ClientId => 0x02,
+            Refuse::Unavailable => 0x03,
+            Refuse::BadLogin => 0x04,
+            Refuse::NotAuthorized => 0x05,
+        };
+        vec![0x20, 0x02, 0x00, code]
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn decode(v5: bool, frame: &mut BytesMut, max: usize) -> Option<Packet> {
+    // rumqttd's decoder, on a frame we already checked is a CONNECT of at most `max` bytes.
+    let r = if v5 {
+        V5.read_mut(frame, max)
+    } else {
+        V4.read_mut(frame, max)
+    };
+    r.ok()
+}
+
+fn encode(v5: bool, packet: Packet) -> Option<BytesMut> {
+    let mut out = BytesMut::new();
+    let r = if v5 {
+        V5.write(packet, &mut out)
+    } else {
+        V4.write(packet, &mut out)
+    };
+    r.ok().map(|_| out)
+}
+
+/// Is this client id acceptable? `Err(reason, detail)`.
+pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, String)> {
+    if id.len() > max_len {
+        return Err((
+            "client_id",
+            format!(
+                "client id of {} bytes (broker.max_client_id_length {max_len})",
+                id.len()
+            ),
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| "+#/$".contains(*c) || c.is_control()) {
+        return Err(("client_id", format!("client id {id:?} contains {c:?}")));
+    }
+    if let Some(p) = RESERVED_IDS.iter().find(|p| id.starts_with(**p)) {
+        return Err((
+            "reserved_client_id",
+            format!("client id {id:?} uses the gateway's reserved prefix {p:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Guard {
+    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
+        Arc::new(Guard {
+            policy,
+            secret: uuid::Uuid::new_v4().simple().to_string(),
+            probe_id: format!("{RESERVED_PREFIX}probe-{}", uuid::Uuid::new_v4().simple()),
+            active: AtomicUsize::new(0),
+            auth_slots: Semaphore::new(AUTH_SLOTS),
+            hasher: ahash::RandomState::new(),
+            topics: Mutex::new(HashSet::new()),
+            client_ids: Mutex::new(HashSet::new()),
+            turns: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The credential rumqttd's internal listeners require (constant-time comparison).
+    pub fn internal_password_ok(&self, password: &str) -> bool {
+        ct_eq(password.as_bytes(), self.secret.as_bytes())
+    }
+
+    /// For tests that attack rumqttd's internal listener directly (to show what the guard
+    /// prevents). Not part of the API.
+    #[doc(hidden)]
+    pub fn secret_for_tests(&self) -> &str {
+        &self.secret
+    }
+
+    fn admit(self: &Arc<Guard>) -> Option<Admitted> {
+        let n = self.active.fetch_add(1, Ordering::SeqCst);
+        if n >= self.policy.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        self.metrics.broker_connections.inc();
+        Some(Admitted(self.clone()))
+    }
+
+    /// Remember `key` in a bounded set; false if it is new and the set is full.
+    fn note(&self, set: &Mutex<HashSet<u64>>, key: &[u8], cap: usize) -> bool {
+        let h = self.hasher.hash_one(key);
+        let Ok(mut s) = set.lock() else {
+            return false;
+        };
+        if s.contains(&h) {
+            return true;
+        }
+        if s.len() >= cap {
+            return false;
+        }
+        s.insert(h);
+        true
+    }
+
+    /// Forget a client id's turn once its gap has passed and no session holds or waits for it
+    /// (the entry keeps the end time for the gap).
+    fn release_turn(self: &Arc<Guard>, client_id: String, turn: Option<Arc<Turn>>) {
+        let Some(turn) = turn else { return };
+        let guard = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TURN_GAP).await;
+            let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+            // Only the map's reference and ours left: nobody holds or waits for it.
+            if Arc::strong_count(&turn) == 2
+                && turns.get(&client_id).is_some_and(|t| Arc::ptr_eq(t, &turn))
+            {
+                turns.remove(&client_id);
+            }
+        });
+    }
+
+    /// Distinct topics and filters noted so far (for tests and metrics).
+    pub fn topics_noted(&self) -> usize {
+        self.topics.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn client_ids_noted(&self) -> usize {
+        self.client_ids.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    fn reject(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
+        self.metrics.broker_reject(reason, &peer, detail);
+    }
+
+    /// Check a topic name or filter (length, distinct-topic budget).
+    fn check_topic(&self, topic: &[u8]) -> Result<(), (&'static str, String)> {
+        if topic.len() > self.policy.max_topic_length {
+            return Err((
+                "topic_too_long",
+                format!(
+                    "topic of {} bytes (broker.max_topic_length {})",
+                    topic.len(),
+                    self.policy.max_topic_length
+                ),
+            ));
+        }
+        if !self.note(&self.topics, topic, self.policy.max_topics) {
+            return Err((
+                "topic_limit",
+                format!(
+                    "new topic {:?} beyond broker.max_topics {}",
+                    String::from_utf8_lossy(topic),
+                    self.policy.max_topics
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Accept loop of one public listener. Never blocks on a client: each connection (TLS
+/// handshake, CONNECT, relay) runs in its own task.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    v5: bool,
+    target: watch::Receiver<SocketAddr>,
+    guard: Arc<Guard>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(error = %e, "broker accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(admitted) = guard.admit() else {
+            guard.reject(
+                "connection_limit",
+                peer,
+                &format_args!(
+                    "broker.max_connections {} reached",
+                    guard.policy.max_connections
+                ),
+            );
+            if tls.is_none() {
+                tokio::spawn(async move {
+                    let mut s = stream;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        s.write_all(&connack(v5, Refuse::Unavailable)),
+                    )
+                    .await;
+                });
+            }
+            continue;
+        };
+        let guard = guard.clone();
+        let tls = tls.clone();
+        let target = *target.borrow();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(
+                        guard.policy.connect_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => session(s, peer, v5, target, guard).await,
+                        Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
+                        Err(_) => guard.reject(
+                            "tls_handshake_timeout",
+                            peer,
+                            &"no TLS handshake within broker.connection_timeout",
+                        ),
+                    }
+                }
+                None => session(stream, peer, v5, target, guard).await,
+            }
+        });
+    }
+}
+
+/// One client: CONNECT checked, handed to rumqttd with the internal credential, then relayed.
+async fn session<S: Io>(
+    mut client: S,
+    peer: SocketAddr,
+    v5: bool,
+    target: SocketAddr,
+    guard: Arc<Guard>,
+) {
+    let p = &guard.policy;
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = tokio::time::timeout(
+        p.connect_timeout,
+        read_frame_of(&mut client, &mut buf, p.max_packet, Some(1)),
+    )
+    .await;
+    let mut frame = match first {
+        Err(_) => {
+            return guard.reject(
+                "connect_timeout",
+                peer,
+                &"no complete CONNECT within broker.connection_timeout",
+            )
+        }
+        Ok(Ok(None)) | Ok(Err(FrameError::Io)) => return,
+        Ok(Err(FrameError::Unexpected(t))) => {
+            return guard.reject(
+                "not_connect",
+                peer,
+                &format_args!("packet type {t} before CONNECT"),
+            )
+        }
+        Ok(Err(FrameError::Malformed)) => {
+            return guard.reject("malformed", peer, &"bad remaining length before CONNECT")
+        }
+        Ok(Err(FrameError::Oversize(n))) => {
+            return guard.reject(
+                "oversize",
+                peer,
+                &format_args!("first packet of {n} bytes (broker.max_payload_size)"),
+            )
+        }
+        Ok(Ok(Some(f))) => f,
+    };
+    if frame[0] >> 4 != 1 {
+        return guard.reject(
+            "not_connect",
+            peer,
+            &format_args!("packet type {} before CONNECT", frame[0] >> 4),
+        );
+    }
+    let Some(Packet::Connect(connect, props, will, will_props, login)) =
+        decode(v5, &mut frame, p.max_packet)
+    else {
+        return guard.reject("malformed", peer, &"CONNECT could not be decoded");
+    };
+    {
+        if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length)
+            .or_else(|e| {
+                if e.0 == "reserved_client_id" && !p.reserve_own_prefix {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::ClientId,
+                &guard,
+                reason,
+                peer,
+                &detail,
+            );
+            return reply.await;
+        }
+        if let Some(w) = &will {
+            if let Err((reason, detail)) = guard.check_topic(&w.topic) {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::NotAuthorized,
+                    &guard,
+                    reason,
+                    peer,
+                    &format_args!("will: {detail}"),
+                );
+                return reply.await;
+            }
+        }
+        match (&login, &p.passwords) {
+            (None, _) if !p.allow_anonymous => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::NotAuthorized,
+                    &guard,
+                    "anonymous",
+                    peer,
+                    &format_args!(
+                        "client {:?} without credentials (broker.allow_anonymous = false)",
+                        connect.client_id
+                    ),
+                );
+                return reply.await;
+            }
+            (Some(l), Some(passwords)) => {
+                let ok = match tokio::time::timeout(p.connect_timeout, guard.auth_slots.acquire())
+                    .await
+                {
+                    Ok(Ok(_permit)) => {
+                        let (pw, user, pass) =
+                            (passwords.clone(), l.username.clone(), l.password.clone());
+                        tokio::task::spawn_blocking(move || pw.verify(&user, pass.as_bytes()))
+                            .await
+                            .unwrap_or(false)
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    let reply = refuse(
+                        &mut client,
+                        v5,
+                        Refuse::BadLogin,
+                        &guard,
+                        "auth",
+                        peer,
+                        &format_args!("bad user name or password for user {:?}", l.username),
+                    );
+                    return reply.await;
+                }
+            }
+            (Some(_), None) if !p.allow_anonymous => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::BadLogin,
+                    &guard,
+                    "auth",
+                    peer,
+                    &"credentials given but no broker.password_file",
+                );
+                return reply.await;
+            }
+            _ => {}
+        }
+        // Empty client ids get a fresh id (and session state) from rumqttd each time.
+        let key = if connect.client_id.is_empty() {
+            uuid::Uuid::new_v4().as_bytes().to_vec()
+        } else {
+            connect.client_id.as_bytes().to_vec()
+        };
+        if !guard.note(&guard.client_ids, &key, p.max_client_ids) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::Unavailable,
+                &guard,
+                "client_id_limit",
+                peer,
+                &format_args!(
+                    "new client id beyond broker.max_client_ids {}",
+                    p.max_client_ids
+                ),
+            );
+            return reply.await;
+        }
+    }
+    // ACLs: user names count only when verified against the password file.
+    let verified_user = login
+        .as_ref()
+        .filter(|_| p.passwords.is_some())
+        .map(|l| l.username.as_str());
+    let perms = p
+        .acl
+        .as_ref()
+        .map(|acl| acl.for_client(verified_user, &connect.client_id));
+    if let (Some(perms), Some(w)) = (&perms, &will) {
+        let topic = String::from_utf8_lossy(&w.topic);
+        if !perms.may_publish(&topic) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::NotAuthorized,
+                &guard,
+                "acl_publish",
+                peer,
+                &format_args!("will topic {topic:?} not allowed by broker.acl"),
+            );
+            return reply.await;
+        }
+    }
+    let client_id = connect.client_id.clone();
+    // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
+    let turn = (!client_id.is_empty()).then(|| {
+        let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns
+            .entry(client_id.clone())
+            .or_insert_with(|| {
+                Arc::new(Turn {
+                    lock: Arc::new(tokio::sync::Mutex::new(None)),
+                    generation: watch::channel(0).0,
+                })
+            })
+            .clone()
+    });
+    let mut my_turn = None;
+    if let Some(t) = &turn {
+        let mut gen = 0;
+        t.generation.send_modify(|g| {
+            *g += 1;
+            gen = *g;
+        });
+        let taken = match tokio::time::timeout(INTERNAL_CONNACK, t.lock.clone().lock_owned()).await
+        {
+            Ok(l) => l,
+            Err(_) => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
+                    "takeover_timeout",
+                    peer,
+                    &format_args!("previous session of {client_id:?} did not end"),
+                );
+                return reply.await;
+            }
+        };
+        if let Some(ended) = *taken {
+            let since = ended.elapsed();
+            if since < TURN_GAP {
+                tokio::time::sleep(TURN_GAP - since).await;
+            }
+        }
+        my_turn = Some((taken, t.generation.subscribe(), gen));
+    }
+    let login = Some(Login {
+        username: login.map(|l| l.username).unwrap_or_default(),
+        password: guard.secret.clone(),
+    });
+    let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
+        return guard.reject("malformed", peer, &"CONNECT could not be re-encoded");
+    };
+    let mut internal =
+        match tokio::time::timeout(INTERNAL_CONNACK, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
+                    "broker_unavailable",
+                    peer,
+                    &format_args!("internal listener {target} not reachable"),
+                );
+                return reply.await;
+            }
+        };
+    let _ = internal.set_nodelay(true);
+    let mut ibuf = BytesMut::with_capacity(256);
+    // Wait for rumqttd's CONNACK before anything else can happen on this connection: a client
+    // that vanishes right after CONNECT must not make rumqttd fail half-way (see module docs).
+    let connack_frame = async {
+        internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
+        read_frame(&mut internal, &mut ibuf, 1 << 16).await
+    };
+    match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
+        Ok(Ok(Some(f))) if f[0] >> 4 == 2 => {
+            if client.write_all(&f).await.is_err() || client.write_all(&ibuf).await.is_err() {
+                return;
+            }
+            ibuf.clear();
+        }
+        _ => {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::Unavailable,
+                &guard,
+                "broker_refused",
+                peer,
+                &format_args!("rumqttd did not accept client {client_id:?}"),
+            );
+            return reply.await;
+        }
+    }
+    match my_turn {
+        Some((mut taken, mut generation, gen)) => {
+            tokio::select! {
+                _ = relay(client, buf, internal, peer, v5, &guard, perms) => {}
+                // A newer session with this client id: the takeover.
+                _ = async {
+                    loop {
+                        if *generation.borrow_and_update() != gen {
+                            return;
+                        }
+                        if generation.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                } => {}
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            guard.release_turn(client_id, turn);
+        }
+        None => relay(client, buf, internal, peer, v5, &guard, perms).await,
+    }
+}
+
+/// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
+fn refuse<'a, S: Io>(
+    client: &'a mut S,
+    v5: bool,
+    why: Refuse,
+    guard: &Guard,
+    reason: &'static str,
+    peer: SocketAddr,
+    detail: &dyn std::fmt::Display,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    guard.reject(reason, peer, detail);
+    let bytes = connack(v5, why);
+    async move {
+        let _ = client.write_all(&bytes).await;
+    }
+}
+
+/// A packet with fixed header byte `byte1` and `body`.
+fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// Packets a client may send after CONNECT.
+fn allowed_from_client(kind: u8) -> bool {
+    matches!(kind, 3 | 4 | 5 | 6 | 7 | 8 | 10 | 12 | 14)
+}
+
+/// Topic of a PUBLISH frame.
+fn publish_topic(frame: &[u8], header_len: usize) -> Option<&[u8]> {
+    let body = frame.get(header_len..)?;
+    let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    body.get(2..2 + len)
+}
+
+/// Filters of a SUBSCRIBE frame.
+fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
+    let mut body = frame.get(header_len + 2..)?; // after the packet id
+    if v5 {
+        // properties: variable byte integer length, then the properties
+        let (_, hl, plen) = {
+            let mut fake = vec![0u8];
+            fake.extend_from_slice(body.get(..body.len().min(4))?);
+            parse_header(&fake).ok()??
+        };
+        body = body.get(hl - 1 + plen..)?;
+    }
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+        out.push(body.get(2..2 + len)?);
+        body = body.get(2 + len + 1..)?; // + options byte
+    }
+    Some(out)
+}
+
+async fn relay<S: Io>(
+    client: S,
+    mut buf: BytesMut,
+    internal: TcpStream,
+    peer: SocketAddr,
+    v5: bool,
+    guard: &Guard,
+    perms: Option<Perms>,
+) {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE), written between the
+    // broker's packets.
+    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let (mut ir, mut iw) = internal.into_split();
+    let p = &guard.policy;
+    let rate = p.max_publish_rate as f64;
+    let up = async {
+        let mut tokens = rate;
+        let mut last = Instant::now();
+        loop {
+            let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
+                Ok(Some(f)) => f,
+                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => return,
+                Err(FrameError::Malformed) => {
+                    return guard.reject("malformed", peer, &"bad remaining length")
+                }
+                Err(FrameError::Oversize(n)) => {
+                    return guard.reject(
+                        "oversize",
+                        peer,
+                        &format_args!(
+                            "packet of {n} bytes (broker.max_payload_size {})",
+                            p.max_packet
+                        ),
+                    )
+                }
+            };
+            let kind = frame[0] >> 4;
+            if !allowed_from_client(kind) {
+                return guard.reject(
+                    "protocol",
+                    peer,
+                    &format_args!("packet type {kind} is not one a client may send"),
+                );
+            }
+            let header_len = parse_header(&frame)
+                .ok()
+                .flatten()
+                .map(|h| h.1)
+                .unwrap_or(2);
+            if kind == 3 {
+                let Some(topic) = publish_topic(&frame, header_len) else {
+                    return guard.reject("malformed", peer, &"PUBLISH without a topic");
+                };
+                // MQTT 5 topic aliases publish with an empty topic; the alias was checked when set.
+                if !topic.is_empty() {
+                    if let Err((reason, detail)) = guard.check_topic(topic) {
+                        return guard.reject(reason, peer, &detail);
+                    }
+                }
+                if let Some(perms) = &perms {
+                    let t = String::from_utf8_lossy(topic);
+                    if t.is_empty() {
+                        return guard.reject(
+                            "acl_publish",
+                            peer,
+                            &"MQTT 5 topic alias without a topic: not supported with broker.acl",
+                        );
+                    }
+                    if !perms.may_publish(&t) {
+                        // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
+                        // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
+                        return guard.reject(
+                            "acl_publish",
+                            peer,
+                            &format_args!("publish to {t:?} not allowed by broker.acl"),
+                        );
+                    }
+                }
+                if rate > 0.0 {
+                    let now = Instant::now();
+                    tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+                    last = now;
+                    if tokens < 1.0 {
+                        guard.metrics.broker_throttled.inc();
+                        let wait = (1.0 - tokens) / rate;
+                        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                        tokens = 1.0;
+                        last = Instant::now();
+                    }
+                    tokens -= 1.0;
+                }
+            } else if kind == 8 {
+                let Some(filters) = subscribe_filters(&frame, header_len, v5) else {
+                    return guard.reject("malformed", peer, &"SUBSCRIBE could not be parsed");
+                };
+                for f in &filters {
+                    if let Err((reason, detail)) = guard.check_topic(f) {
+                        return guard.reject(reason, peer, &detail);
+                    }
+                }
+                if let Some(perms) = &perms {
+                    let denied = filters
+                        .iter()
+                        .map(|f| String::from_utf8_lossy(f))
+                        .find(|f| !perms.may_subscribe(f));
+                    if let Some(f) = denied {
+                        // The whole SUBSCRIBE is refused with a failure code per filter; it
+                        // never reaches rumqttd.
+                        guard.reject(
+                            "acl_subscribe",
+                            peer,
+                            &format_args!("subscription to {f:?} not allowed by broker.acl"),
+                        );
+                        let pkid = frame.get(header_len..header_len + 2).unwrap_or(&[0, 0]);
+                        let mut body = pkid.to_vec();
+                        if v5 {
+                            body.push(0);
+                        }
+                        body.extend(std::iter::repeat_n(
+                            if v5 { 0x87 } else { 0x80 },
+                            filters.len(),
+                        ));
+                        if inject_tx.send(frame_of(0x90, &body)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if iw.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async {
+        // Framed, so that injected packets go between the broker's packets, never inside one.
+        let mut ibuf = BytesMut::with_capacity(8192);
+        loop {
+            let out = tokio::select! {
+                f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
+                    Ok(Some(f)) => f,
+                    _ => return,
+                },
+                Some(b) = inject_rx.recv() => BytesMut::from(&b[..]),
+            };
+            if cw.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+    let _ = iw.shutdown().await;
+    let _ = cw.shutdown().await;
+}
+
+/// Liveness probe: a real CONNECT/CONNACK (and DISCONNECT) against rumqttd's internal listener
+/// at `addr`, as the gateway's probe client. It does not go through the public listener, so a
+/// flood of connections that fills `broker.max_connections` cannot make it fail.
+pub async fn probe(
+    addr: SocketAddr,
+    v5: bool,
+    guard: &Guard,
+    timeout: Duration,
+) -> Result<(), String> {
+    let work = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let connect = rumqttd::protocol::Connect {
+            keep_alive: 10,
+            client_id: guard.probe_id.clone(),
+            clean_session: true,
+        };
+        let login = Some(Login {
+            username: String::new(),
+            password: guard.secret.clone(),
+        });
+        let out = encode(v5, Packet::Connect(connect, None, None, None, login))
+            .ok_or("could not encode CONNECT")?;
+        s.write_all(&out)
+            .await
+            .map_err(|e| format!("send CONNECT: {e}"))?;
+        let mut buf = BytesMut::new();
+        let f = read_frame(&mut s, &mut buf, 1 << 16)
+            .await
+            .map_err(|e| format!("reading CONNACK: {e:?}"))?
+            .ok_or("connection closed without CONNACK")?;
+        if f[0] >> 4 != 2 || f.get(3).copied() != Some(0) {
+            return Err(format!("refused: {:02x?}", &f[..f.len().min(5)]));
+        }
+        let _ = s.write_all(&[0xe0, 0x00]).await;
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no CONNACK within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        assert!(matches!(parse_header(&[0x10]), Ok(None)));
+        assert!(matches!(
+            parse_header(&[0x10, 0x00]),
+            Ok(Some((0x10, 2, 0)))
+        ));
+        assert!(matches!(
+            parse_header(&[0x30, 0x80, 0x01]),
+            Ok(Some((0x30, 3, 128)))
+        ));
+        assert!(matches!(parse_header(&[0x30, 0x80, 0x80]), Ok(None)));
+        assert!(matches!(
+            parse_header(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]),
+            Err(FrameError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn client_ids() {
+        assert!(check_client_id("boiler-1", 128).is_ok());
+        assert!(check_client_id("", 128).is_ok());
+        for bad in ["a/b", "a+b", "a#", "$sys", "x\u{0}y"] {
+            assert_eq!(
+                check_client_id(bad, 128).unwrap_err().0,
+                "client_id",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check_client_id("edgegate-ingest-0", 128).unwrap_err().0,
+            "reserved_client_id"
+        );
+        assert!(
+            check_client_id("edgegate-plant-7", 128).is_ok(),
+            "a downstream edgegate's upstream id"
+        );
+        assert!(check_client_id(&"x".repeat(129), 128).is_err());
+    }
+
+    #[test]
+    fn subscribe_parsing() {
+        // v4: pkid 1, "a/b" qos1, "c" qos0
+        let f = [0x82, 11, 0, 1, 0, 3, b'a', b'/', b'b', 1, 0, 1, b'c', 0];
+        let v = subscribe_filters(&f[..13], 2, false);
+        assert!(v.is_none(), "truncated is None");
+        let f = [0x82, 12, 0, 1, 0, 3, b'a', b'/', b'b', 1, 0, 1, b'c', 0];
+        assert_eq!(
+            subscribe_filters(&f, 2, false).unwrap(),
+            vec![&b"a/b"[..], &b"c"[..]]
+        );
+        // v5: pkid, properties length 0
+        let f = [0x82, 8, 0, 1, 0, 0, 1, b'x', 0];
+        assert_eq!(subscribe_filters(&f, 2, true).unwrap(), vec![&b"x"[..]]);
+    }
+}
