@@ -76,7 +76,7 @@ pub struct GatewayConfig {
     pub id: String,
     /// Directory of the queue database (`queue.db`).
     pub data_dir: PathBuf,
-    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    /// Log filter (`info`, `info,edgegate::forwarder=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
 }
 
