@@ -398,14 +398,28 @@ async fn status_is_published_retained_on_the_local_broker() {
         let port = gw.broker_addr.port().to_string();
         move || {
             Command::new("mosquitto_sub")
-                .args(["-p", &port, "-t", "edgegate/status", "-C", "1", "-W", "10"])
+                .args([
+                    "-p",
+                    &port,
+                    "-t",
+                    "edgegate/status",
+                    "-C",
+                    "1",
+                    "-W",
+                    "10",
+                    "-F",
+                    "%r %p",
+                ])
                 .output()
                 .unwrap()
         }
     })
     .await
     .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (retained, json) = text.split_once(' ').expect("'%r %p' output");
+    assert_eq!(retained, "1", "delivered as a retained message: {text}");
+    let status: serde_json::Value = serde_json::from_str(json.trim()).expect("status JSON");
     assert_eq!(status["upstream_configured"], false);
     assert_eq!(status["queue_depth"], 1);
     assert_eq!(status["healthy"], true);
