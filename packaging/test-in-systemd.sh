@@ -375,6 +375,7 @@ id = "arm64-smoke"
 data_dir = "$WORK/arm64-data"
 [broker]
 listen = "127.0.0.1:1884"
+allow_anonymous = true
 [metrics]
 listen = "127.0.0.1:9884"
 [[rules]]

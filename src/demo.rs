@@ -44,6 +44,9 @@ pub fn main(seconds: u64) -> i32 {
 }
 
 const DEMO_RULES: &str = r#"
+[broker]
+allow_anonymous = true
+
 [[rules]]
 name = "sensors"
 match = "sensors/#"

@@ -150,6 +150,9 @@ impl Gateway {
 
         // 2. Broker and the ingest link.
         // The ingest link subscribes before the listeners open (see Broker::new).
+        if config.broker.allow_anonymous && config.broker.password_file.is_some() {
+            tracing::warn!("broker.allow_anonymous = true with a broker.password_file: clients without credentials are let in");
+        }
         let mut broker = Broker::new(&config.broker, metrics.clone());
         let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
         link_tx

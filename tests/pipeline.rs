@@ -304,7 +304,7 @@ async fn sighup_reloads_rules_and_keeps_them_when_the_new_config_is_bad() {
     let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("edgegate.toml");
-    let forward_all = "[[rules]]\nname = \"all\"\nmatch = \"sensors/#\"\naction = \"forward\"\n";
+    let forward_all = "[broker]\nallow_anonymous = true\n[[rules]]\nname = \"all\"\nmatch = \"sensors/#\"\naction = \"forward\"\n";
     std::fs::write(&conf, forward_all).unwrap();
     let mut daemon =
         Daemon::spawn_with_config(&dir.path().join("data"), Some(&cloud_broker.url()), &conf);

@@ -819,6 +819,7 @@ async fn password_file_authentication() {
     let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
         .arg("check-config")
         .env("EDGEGATE__BROKER__PASSWORD_FILE", &file)
+        .env("EDGEGATE__BROKER__ALLOW_ANONYMOUS", "false")
         .env("EDGEGATE__GATEWAY__DATA_DIR", secrets.path())
         .output()
         .unwrap();
@@ -943,7 +944,7 @@ async fn upstream_mtls_against_mosquitto_require_certificate() {
     let dir2 = tempfile::tempdir().unwrap();
     let pw = write(certs.path(), "upstream-password", "hunter2-do-not-print\n");
     let toml = format!(
-        "[gateway]\nid = \"gw1\"\ndata_dir = \"{}\"\n[broker]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n\
+        "[gateway]\nid = \"gw1\"\ndata_dir = \"{}\"\n[broker]\nlisten = \"127.0.0.1:0\"\nallow_anonymous = true\n[metrics]\nlisten = \"\"\n\
          [upstream]\nurl = \"mqtts://localhost:{tls}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
          username = \"gw1\"\npassword_file = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
          [[rules]]\nname = \"all\"\nmatch = \"#\"\n",

@@ -383,9 +383,15 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         }
         broker.password_file = Some(path);
     }
-    broker.allow_anonymous = b
-        .opt_bool("allow_anonymous")
-        .unwrap_or(broker.password_file.is_none());
+    // Anonymous access only when explicitly enabled (the shipped config does, for a first run).
+    broker.allow_anonymous = b.opt_bool("allow_anonymous").unwrap_or(false);
+    if !broker.allow_anonymous && broker.password_file.is_none() {
+        b.error(
+            "allow_anonymous",
+            "is false (the default) and there is no broker.password_file: no sensor could connect; \
+             set allow_anonymous = true or a password_file",
+        );
+    }
     if let Some(items) = b.array("acl") {
         let mut rules = Vec::new();
         for (i, v) in items.iter().enumerate() {
@@ -722,8 +728,43 @@ pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
 mod tests {
     use super::*;
 
+    /// `text` over a base that enables anonymous access (the only key a sensor-less snippet
+    /// would otherwise have to repeat), like the shipped file does.
     fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        Config::from_toml(text, None)
+        from_toml_at(text, None)
+    }
+
+    fn from_toml_at(text: &str, source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+        let tree = config::Config::builder()
+            .add_source(config::File::from_str(
+                "[broker]\nallow_anonymous = true\n",
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    key: "toml".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+        let root: config::Value = tree.try_deserialize().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "(root)".into(),
+                message: e.to_string(),
+            }])
+        })?;
+        compile(&root, source)
+    }
+
+    #[test]
+    fn anonymous_access_only_when_enabled() {
+        let err = Config::from_toml("", None).unwrap_err();
+        assert_eq!(err.0[0].key, "broker.allow_anonymous");
+        assert!(
+            Config::defaults().broker.allow_anonymous,
+            "the shipped file enables it"
+        );
     }
 
     #[test]
@@ -780,14 +821,14 @@ mod tests {
     #[test]
     fn data_dir_follows_where_the_config_is_installed() {
         assert_eq!(
-            Config::from_toml("", Some("/etc/edgegate/edgegate.toml".into()))
+            from_toml_at("", Some("/etc/edgegate/edgegate.toml".into()))
                 .unwrap()
                 .gateway
                 .data_dir,
             PathBuf::from("/var/lib/edgegate")
         );
         assert_eq!(
-            Config::from_toml("", Some("/home/me/e.toml".into()))
+            from_toml_at("", Some("/home/me/e.toml".into()))
                 .unwrap()
                 .gateway
                 .data_dir,
@@ -795,7 +836,7 @@ mod tests {
         );
         let explicit = "[gateway]\ndata_dir = \"/srv/q\"";
         assert_eq!(
-            Config::from_toml(explicit, Some("/etc/edgegate/edgegate.toml".into()))
+            from_toml_at(explicit, Some("/etc/edgegate/edgegate.toml".into()))
                 .unwrap()
                 .gateway
                 .data_dir,
