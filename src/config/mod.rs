@@ -224,15 +224,21 @@ impl Config {
 
     /// Compile TOML text (no environment overrides).
     pub fn from_toml(text: &str, source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
-        let tree = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    key: "toml".into(),
-                    message: e.to_string(),
-                }])
-            })?;
+        Self::from_layers(&[text], source)
+    }
+
+    /// Compile TOML texts, each layered over the ones before it.
+    pub fn from_layers(texts: &[&str], source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+        let mut builder = config::Config::builder();
+        for t in texts {
+            builder = builder.add_source(config::File::from_str(t, config::FileFormat::Toml));
+        }
+        let tree = builder.build().map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "toml".into(),
+                message: e.to_string(),
+            }])
+        })?;
         let root: config::Value = tree.try_deserialize().map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 key: "(root)".into(),
@@ -735,26 +741,7 @@ mod tests {
     }
 
     fn from_toml_at(text: &str, source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
-        let tree = config::Config::builder()
-            .add_source(config::File::from_str(
-                "[broker]\nallow_anonymous = true\n",
-                config::FileFormat::Toml,
-            ))
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|e| {
-                ConfigErrors(vec![ConfigError {
-                    key: "toml".into(),
-                    message: e.to_string(),
-                }])
-            })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "(root)".into(),
-                message: e.to_string(),
-            }])
-        })?;
-        compile(&root, source)
+        Config::from_layers(&["[broker]\nallow_anonymous = true\n", text], source)
     }
 
     #[test]

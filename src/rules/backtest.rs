@@ -19,21 +19,9 @@ use crate::config::RuleConfig;
 use crate::decode::Payload;
 use crate::event::{Reading, TYPE_ALERT};
 
-/// The rules used without `--config`: the same as the shipped `config/edgegate.toml`.
-pub const DEFAULT_RULES: &str = r#"
-[[rules]]
-name = "sensors"
-match = "sensors/#"
-actions = [
-  { type = "forward" },
-  { type = "detect", detector = "outlier" },
-  { type = "detect", detector = "flatline", for = "30m", min_count = 10 },
-]
-"#;
-
+/// The rules used without `--config`: those of the shipped `config/edgegate.toml`.
 pub fn default_rules() -> Vec<RuleConfig> {
-    // The built-in text is valid (tested); an empty list would only forward nothing.
-    super::config::from_toml(DEFAULT_RULES).unwrap_or_default()
+    crate::config::Config::defaults().rules
 }
 
 /// Parse a timestamp: RFC 3339, `YYYY-MM-DD HH:MM:SS`, or Unix seconds.
