@@ -3,8 +3,36 @@
 //! 1,000 sensors, numeric readings, one core.
 //!
 //! `cargo bench --bench rules` (criterion prints the throughput in readings/s as elem/s).
+//! Before timing, a counting allocator reports heap allocations per reading in the steady state.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
+
+/// Counts allocations (the system allocator does the work).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `alloc`/`dealloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -175,6 +203,31 @@ fn bench(c: &mut Criterion) {
         }
         out.clear();
     }
+    // Steady-state allocations: 100 rounds after the warm-up, split by whether the reading
+    // produced an action (an upstream event or a local publish must allocate its payload).
+    let (mut quiet_allocs, mut quiet_n, mut acting_allocs, mut acting_n) = (0u64, 0u64, 0u64, 0u64);
+    for _ in 0..100 {
+        feed.round();
+        for r in &feed.readings {
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            engine.process(r, &mut out);
+            let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
+            if out.is_empty() {
+                quiet_allocs += n;
+                quiet_n += 1;
+            } else {
+                acting_allocs += n;
+                acting_n += 1;
+            }
+            out.clear();
+        }
+    }
+    println!(
+        "allocations per reading in the steady state: {:.3} for readings without an action ({quiet_n} readings), \
+         {:.1} for readings with one ({acting_n} readings: events, alerts, publishes)",
+        quiet_allocs as f64 / quiet_n.max(1) as f64,
+        acting_allocs as f64 / acting_n.max(1) as f64
+    );
     let mut g = c.benchmark_group("rules");
     g.throughput(Throughput::Elements(feed.readings.len() as u64));
     g.bench_function("20 rules x 1000 sensors", |b| {
