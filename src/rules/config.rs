@@ -529,107 +529,22 @@ pub(crate) fn compile(top: &mut Table<'_, '_>) -> Vec<RuleConfig> {
             "must be under \"edgegate/\" so that alerts are not ingested again as readings",
         );
     }
+    let rules_dir = Some(std::path::PathBuf::from(s.string("dir", "")));
     s.finish();
 
-    let Some(items) = top.array("rules") else {
+    let dir = rules_dir.filter(|d| !d.as_os_str().is_empty());
+    let items = top.array("rules");
+    if items.is_none() && dir.is_none() {
         let mut r = RuleConfig::simple("forward-all", "#", RuleAction::Forward);
         r.settings = settings;
         return vec![r];
-    };
+    }
     let mut rules = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let mut r = top.element("rules", i, item);
-        let name = r.string("name", &format!("rule-{}", i + 1));
-        if name.is_empty() || name.contains(['/', '+', '#']) {
-            r.error("name", "must be non-empty and contain no '/', '+' or '#'");
-        }
-        let pattern = r
-            .required_string("match")
-            .and_then(|m| match Pattern::parse(&m) {
-                Ok(p) => Some(p),
-                Err(msg) => {
-                    r.error("match", &msg);
-                    None
-                }
-            });
-        let when = match r.get("when").is_some() {
-            false => None,
-            true => {
-                let text = r.string("when", "");
-                match Condition::parse(&text, pattern.as_ref()) {
-                    Ok(c) => Some(c),
-                    Err(msg) => {
-                        r.error("when", &msg);
-                        None
-                    }
-                }
-            }
-        };
-        let has_single = r.get("action").is_some();
-        let list = r.array("actions");
-        let mut action = RuleAction::Other;
-        let mut actions = Vec::new();
-        match (has_single, list) {
-            (true, Some(_)) => r.error("action", "give either `action` or `actions`, not both"),
-            (_, None) => {
-                action = r.choice(
-                    "action",
-                    "forward",
-                    &[("forward", RuleAction::Forward), ("drop", RuleAction::Drop)],
-                );
-                actions.push(match action {
-                    RuleAction::Drop => ActionConfig::Drop,
-                    _ => ActionConfig::Forward {
-                        topic: None,
-                        class: Class::Telemetry,
-                    },
-                });
-            }
-            (false, Some(list)) => {
-                if list.is_empty() {
-                    r.error("actions", "must not be empty");
-                }
-                let fallback = Pattern::literal("#");
-                let p = pattern.as_ref().unwrap_or(&fallback);
-                for (j, item) in list.iter().enumerate() {
-                    let mut a = r.element("actions", j, item);
-                    let parsed = read_action(&mut a, p);
-                    a.finish();
-                    if let Some(parsed) = parsed {
-                        if action == RuleAction::Other {
-                            match parsed {
-                                ActionConfig::Forward { .. } => action = RuleAction::Forward,
-                                ActionConfig::Drop => action = RuleAction::Drop,
-                                _ => {}
-                            }
-                        }
-                        if let (ActionConfig::Publish { topic }, Some(p)) = (&parsed, &pattern) {
-                            if let Some(lit) = topic.literal() {
-                                if super::topic::matches(&p.filter, lit) {
-                                    r.error(
-                                        &format!("actions[{j}].topic"),
-                                        "publishing to a topic this rule matches would loop",
-                                    );
-                                }
-                            }
-                        }
-                        actions.push(parsed);
-                    }
-                }
-            }
-        }
-        r.finish();
-        if let Some(pattern) = pattern {
-            rules.push(RuleConfig {
-                name,
-                filter: pattern.filter.clone(),
-                pattern,
-                when,
-                action,
-                actions,
-                settings: settings.clone(),
-            });
-        }
+    for (i, item) in items.into_iter().flatten().enumerate() {
+        rules.extend(compile_rule(top.element("rules", i, item), i, &settings));
+    }
+    if let Some(dir) = dir {
+        load_rules_dir(top, &dir, &settings, &mut rules);
     }
     let mut seen = std::collections::HashSet::new();
     for (i, r) in rules.iter().enumerate() {
@@ -641,6 +556,142 @@ pub(crate) fn compile(top: &mut Table<'_, '_>) -> Vec<RuleConfig> {
         }
     }
     rules
+}
+
+/// One `[[rules]]` element.
+fn compile_rule(mut r: Table<'_, '_>, i: usize, settings: &EngineSettings) -> Option<RuleConfig> {
+    let name = r.string("name", &format!("rule-{}", i + 1));
+    if name.is_empty() || name.contains(['/', '+', '#']) {
+        r.error("name", "must be non-empty and contain no '/', '+' or '#'");
+    }
+    let pattern = r
+        .required_string("match")
+        .and_then(|m| match Pattern::parse(&m) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                r.error("match", &msg);
+                None
+            }
+        });
+    let when = match r.get("when").is_some() {
+        false => None,
+        true => {
+            let text = r.string("when", "");
+            match Condition::parse(&text, pattern.as_ref()) {
+                Ok(c) => Some(c),
+                Err(msg) => {
+                    r.error("when", &msg);
+                    None
+                }
+            }
+        }
+    };
+    let has_single = r.get("action").is_some();
+    let list = r.array("actions");
+    let mut action = RuleAction::Other;
+    let mut actions = Vec::new();
+    match (has_single, list) {
+        (true, Some(_)) => r.error("action", "give either `action` or `actions`, not both"),
+        (_, None) => {
+            action = r.choice(
+                "action",
+                "forward",
+                &[("forward", RuleAction::Forward), ("drop", RuleAction::Drop)],
+            );
+            actions.push(match action {
+                RuleAction::Drop => ActionConfig::Drop,
+                _ => ActionConfig::Forward {
+                    topic: None,
+                    class: Class::Telemetry,
+                },
+            });
+        }
+        (false, Some(list)) => {
+            if list.is_empty() {
+                r.error("actions", "must not be empty");
+            }
+            let fallback = Pattern::literal("#");
+            let p = pattern.as_ref().unwrap_or(&fallback);
+            for (j, item) in list.iter().enumerate() {
+                let mut a = r.element("actions", j, item);
+                let parsed = read_action(&mut a, p);
+                a.finish();
+                if let Some(parsed) = parsed {
+                    if action == RuleAction::Other {
+                        match parsed {
+                            ActionConfig::Forward { .. } => action = RuleAction::Forward,
+                            ActionConfig::Drop => action = RuleAction::Drop,
+                            _ => {}
+                        }
+                    }
+                    if let (ActionConfig::Publish { topic }, Some(p)) = (&parsed, &pattern) {
+                        if let Some(lit) = topic.literal() {
+                            if super::topic::matches(&p.filter, lit) {
+                                r.error(
+                                    &format!("actions[{j}].topic"),
+                                    "publishing to a topic this rule matches would loop",
+                                );
+                            }
+                        }
+                    }
+                    actions.push(parsed);
+                }
+            }
+        }
+    }
+    r.finish();
+    pattern.map(|pattern| RuleConfig {
+        name,
+        filter: pattern.filter.clone(),
+        pattern,
+        when,
+        action,
+        actions,
+        settings: settings.clone(),
+    })
+}
+
+/// `rules_engine.dir`: every `*.toml` file there (in name order) holds more `[[rules]]`; errors
+/// are keyed with the file (`/etc/edgegate/rules.d/pumps.toml: rules[0].match`).
+fn load_rules_dir(
+    top: &mut Table<'_, '_>,
+    dir: &std::path::Path,
+    settings: &EngineSettings,
+    rules: &mut Vec<RuleConfig>,
+) {
+    let mut files: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            top.error_at("rules_engine.dir", &format!("{}: {e}", dir.display()));
+            return;
+        }
+    };
+    files.sort();
+    for path in files {
+        let value = config::Config::builder()
+            .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize::<config::Value>());
+        let value = match value {
+            Ok(v) => v,
+            Err(e) => {
+                top.error_at(&path.display().to_string(), &e.to_string());
+                continue;
+            }
+        };
+        let mut errors = Vec::new();
+        let mut file = Table::root(&value, &mut errors);
+        for (i, item) in file.array("rules").into_iter().flatten().enumerate() {
+            rules.extend(compile_rule(file.element("rules", i, item), i, settings));
+        }
+        file.finish();
+        for e in errors {
+            top.error_at(&format!("{}: {}", path.display(), e.key), &e.message);
+        }
+    }
 }
 
 /// Read rules from a TOML text (for tests, the backtest and tools); every error listed.

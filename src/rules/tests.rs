@@ -528,3 +528,38 @@ fn alerts_carry_the_trace_context_of_the_reading_that_raised_them() {
         assert_eq!(ev.traceparent, hot.traceparent, "{}", ev.kind);
     }
 }
+
+#[test]
+fn rules_from_a_directory_with_keyed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("10-pumps.toml"),
+        "[[rules]]\nname = \"pumps\"\nmatch = \"pumps/#\"\naction = \"forward\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a rules file").unwrap();
+    let base = format!(
+        "[broker]\nallow_anonymous = true\n[rules_engine]\ndir = \"{}\"\n[[rules]]\nname = \"sensors\"\nmatch = \"sensors/#\"\naction = \"forward\"\n",
+        dir.path().display()
+    );
+    let c = crate::config::Config::from_toml(&base, None).unwrap();
+    let names: Vec<&str> = c.rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["sensors", "pumps"]);
+
+    let bad = dir.path().join("20-bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rules]]\nname = \"bad\"\nmatch = \"a/#/b\"\ncolour = 1\n",
+    )
+    .unwrap();
+    let err = crate::config::Config::from_toml(&base, None).unwrap_err();
+    let keys: Vec<String> = err.0.iter().map(|e| e.key.clone()).collect();
+    for k in ["rules[0].match", "rules[0].colour"] {
+        let want = format!("{}: {k}", bad.display());
+        assert!(keys.contains(&want), "missing {want} in {keys:?}");
+    }
+    std::fs::remove_file(&bad).unwrap();
+    let missing = base.replace(&dir.path().display().to_string(), "/nonexistent/rules.d");
+    let err = crate::config::Config::from_toml(&missing, None).unwrap_err();
+    assert_eq!(err.0[0].key, "rules_engine.dir");
+}
