@@ -734,6 +734,14 @@ pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
 mod tests {
     use super::*;
 
+    /// Every one of `keys` has an error.
+    fn assert_keys(err: &ConfigErrors, keys: &[&str]) {
+        let got: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for k in keys {
+            assert!(got.contains(k), "missing {k} in {got:?}");
+        }
+    }
+
     /// `text` over a base that enables anonymous access (the only key a sensor-less snippet
     /// would otherwise have to repeat), like the shipped file does.
     fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
@@ -790,19 +798,19 @@ mod tests {
             "#,
         )
         .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        for k in [
-            "gateway.id",
-            "gateway.colour",
-            "broker.listen",
-            "broker.password_file",
-            "queue.sync",
-            "upstream.url",
-            "upstream.ack_timeout",
-            "rules[0].match",
-        ] {
-            assert!(keys.contains(&k), "missing {k} in {keys:?}");
-        }
+        assert_keys(
+            &err,
+            &[
+                "gateway.id",
+                "gateway.colour",
+                "broker.listen",
+                "broker.password_file",
+                "queue.sync",
+                "upstream.url",
+                "upstream.ack_timeout",
+                "rules[0].match",
+            ],
+        );
     }
 
     #[test]
@@ -843,14 +851,14 @@ mod tests {
             "#,
         )
         .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        for k in [
-            "broker.acl[0].user",
-            "broker.acl[0].subscribe",
-            "broker.acl[1].publish[1]",
-        ] {
-            assert!(keys.contains(&k), "missing {k} in {keys:?}");
-        }
+        assert_keys(
+            &err,
+            &[
+                "broker.acl[0].user",
+                "broker.acl[0].subscribe",
+                "broker.acl[1].publish[1]",
+            ],
+        );
         let c = from_toml("[[broker.acl]]\npublish = \"sensors/{client_id}/#\"\n").unwrap();
         let acl = c.broker.acl.unwrap();
         assert!(acl.for_client(None, "d1").may_publish("sensors/d1/t"));
@@ -870,15 +878,15 @@ mod tests {
             "#,
         )
         .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        for k in [
-            "upstream.ca_file",
-            "upstream.cert_file",
-            "upstream.key_file",
-            "upstream.password_file",
-        ] {
-            assert!(keys.contains(&k), "missing {k} in {keys:?}");
-        }
+        assert_keys(
+            &err,
+            &[
+                "upstream.ca_file",
+                "upstream.cert_file",
+                "upstream.key_file",
+                "upstream.password_file",
+            ],
+        );
         let err = from_toml("[upstream]\nurl = \"mqtt://h\"\nca_file = \"x\"\n").unwrap_err();
         assert_eq!(err.0[0].key, "upstream.url");
     }
