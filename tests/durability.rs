@@ -470,3 +470,48 @@ async fn replay_sends_kept_events_again_with_the_same_ids() {
     assert_eq!((dups, missing.len()), (3, 0));
     gw.shutdown().await;
 }
+
+/// MQTT 5 upstream: events go out, and an event the broker refuses (PUBACK reason
+/// "not authorized", from a Mosquitto ACL) is not deleted: it stays queued, is counted, and does
+/// not hold back the events behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_upstream_checks_puback_reason_codes() {
+    // ACL lines before any `user` line apply to anonymous clients: the gateway may write only
+    // under edge/gw1/sensors/ok/, the cloud consumer may read everything.
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic write edge/gw1/sensors/ok/#\ntopic read edge/#\n",
+    )
+    .unwrap();
+    // As root Mosquitto would switch to user mosquitto, who cannot read our temp dir.
+    let cloud_broker = Mosquitto::start_with(&format!(
+        "acl_file {}\nuser root\nlog_dest file {}\nlog_type all",
+        acl.display(),
+        dir.path().join("mosquitto.log").display()
+    ));
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let mut cfg = test_config(&dir.path().join("data"), Some(&cloud_broker.url()));
+    cfg.upstream.protocol = edgegate::config::UpstreamProtocol::V5;
+    let gw = start_gateway(cfg).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    sensor.publish("sensors/denied/v", "1").await;
+    sensor.publish("sensors/ok/v", "2").await;
+    let got = cloud.wait_for(1, WAIT).await;
+    assert_eq!(got[0].1["subject"], "sensors/ok/v");
+    let m = gw.metrics().clone();
+    assert!(
+        eventually(WAIT, || m.events_refused.get() >= 1).await,
+        "refused PUBACK counted"
+    );
+    assert!(eventually(WAIT, || m.events_forwarded.get() == 1).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gw.queue_stats().await.unwrap().depth,
+        1,
+        "the refused event stays queued"
+    );
+    assert_eq!(cloud.count(), 1);
+    gw.shutdown().await;
+}

@@ -181,6 +181,7 @@ pub struct UpstreamConfig {
     pub max_packet_size: usize,
     /// Events per second at most (0: as fast as the upstream accepts).
     pub max_rate: u32,
+    pub protocol: UpstreamProtocol,
     /// MQTT user name upstream, with the password read from `password_file`.
     pub username: Option<String>,
     pub password: Option<Secret>,
@@ -189,6 +190,15 @@ pub struct UpstreamConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// For messages: which trust anchors and whether a client certificate is used.
     pub tls_summary: Option<String>,
+}
+
+/// MQTT version spoken upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// MQTT 3.1.1.
+    V4,
+    /// MQTT 5: PUBACK reason codes are checked (only a success deletes the event).
+    V5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -541,6 +551,11 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         max_packet_size: u.size_in("max_packet_size", 1024 * 1024, 1024, 256 * 1024 * 1024),
         max_rate: u.usize_in("max_rate", 0, 0, 10_000_000) as u32,
+        protocol: u.choice(
+            "protocol",
+            "3.1.1",
+            &[("3.1.1", UpstreamProtocol::V4), ("5", UpstreamProtocol::V5)],
+        ),
         username: None,
         password: None,
         tls: None,

@@ -19,15 +19,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod session;
+
 use rand::Rng;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Outgoing, Packet, QoS, Transport,
-};
 use tokio::sync::watch;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::ops::metrics::Metrics;
 use crate::queue::{Cursor, QueueHandle, StoredEvent};
+use session::{Session, Up};
 
 /// Status shared with the rest of the daemon (health, systemd STATUS, demo).
 #[derive(Debug, Clone, Default)]
@@ -45,7 +45,16 @@ pub struct Forwarder {
     drain_timeout: Duration,
     /// Highest queue position sent on an earlier connection: leasing it again is a resend.
     sent_high: u64,
+    /// Events the upstream refused (MQTT 5 PUBACK failure reason), by queue position, with the
+    /// time before which they are not sent again. They stay queued; a refused event must not
+    /// hold back the ones behind it.
+    refused: HashMap<u64, Instant>,
+    /// The oldest event in flight when the last connections failed, and how many in a row.
+    failure_head: Option<(u64, u32)>,
 }
+
+/// How long a refused event is held back before it is offered again (on a later connection).
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// Why a connection ended.
 enum End {
@@ -70,6 +79,8 @@ impl Forwarder {
             shutdown,
             drain_timeout,
             sent_high: 0,
+            refused: HashMap::new(),
+            failure_head: None,
         }
     }
 
@@ -86,26 +97,8 @@ impl Forwarder {
             if attempt > 0 {
                 self.metrics.upstream_reconnects.inc();
             }
-            let mut opts = MqttOptions::new(self.cfg.client_id.clone(), url.host.clone(), url.port);
-            opts.set_keep_alive(self.cfg.keep_alive)
-                .set_clean_session(true)
-                .set_max_packet_size(self.cfg.max_packet_size, self.cfg.max_packet_size)
-                .set_inflight(window_to_rumqttc(self.cfg.inflight))
-                .set_request_channel_capacity(self.cfg.inflight * 2 + 16);
-            if let Some(tls) = &self.cfg.tls {
-                // CA file or system roots, optional client certificate (config::compile).
-                opts.set_transport(Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls.clone()),
-                ));
-            } else if url.tls {
-                opts.set_transport(Transport::tls_with_default_config());
-            }
-            if let Some(user) = &self.cfg.username {
-                let password = self.cfg.password.as_ref().map(|p| p.expose()).unwrap_or("");
-                opts.set_credentials(user.clone(), password);
-            }
             let started = Instant::now();
-            let end = self.connection(opts, &mut down_since).await;
+            let end = self.connection(&url, &mut down_since).await;
             match end {
                 End::Shutdown => {
                     self.set_connected(false, None);
@@ -146,27 +139,11 @@ impl Forwarder {
     }
 
     /// One connection, from CONNECT to its end.
-    async fn connection(&mut self, opts: MqttOptions, down_since: &mut Option<Instant>) -> End {
-        let window = self.cfg.inflight;
-        let (client, mut eventloop) = AsyncClient::new(opts, window * 2 + 16);
-        // Small packets, many in flight: without TCP_NODELAY, Nagle's algorithm and the peer's
-        // delayed ACKs stall the window (measured: drain at 4k events/s instead of tens of k).
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        net.set_connection_timeout(self.cfg.ack_timeout.as_secs().clamp(1, 30));
-        eventloop.set_network_options(net);
-        // The event loop runs in its own task: `poll()` is not cancel-safe, and a select! here
-        // could drop a half-written packet.
-        let (ev_tx, ev_rx) = flume::bounded::<Result<MqttEvent, ConnectionError>>(window * 2 + 16);
-        let poller = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let failed = ev.is_err();
-                if ev_tx.send_async(ev).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
+    async fn connection(&mut self, url: &UpstreamUrl, down_since: &mut Option<Instant>) -> End {
+        // Below the broker's receive maximum (MQTT 5) once it is known.
+        let mut window = self.cfg.inflight;
+        let session = Session::open(&self.cfg, url, window);
+        let ev_rx = session.events.clone();
         let mut state = Inflight::default();
         let mut cursor = Cursor::default();
         let mut committed = self.queue.committed();
@@ -203,10 +180,16 @@ impl Forwarder {
                     let StoredEvent {
                         pos, topic, body, ..
                     } = row;
+                    if let Some(until) = self.refused.get(&pos) {
+                        if Instant::now() < *until {
+                            continue;
+                        }
+                        self.refused.remove(&pos);
+                    }
                     if pos <= self.sent_high {
                         self.metrics.events_resent.inc();
                     }
-                    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
+                    if let Err(e) = session.publish(topic, body) {
                         failed = Some(e);
                         break;
                     }
@@ -224,16 +207,17 @@ impl Forwarder {
                 ev = ev_rx.recv_async() => {
                     let Ok(ev) = ev else { break End::Error("event loop ended".into()) };
                     match ev {
-                        Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                        Ok(Up::Connected { session_present, receive_max }) => {
                             connected = true;
                             caught_up = false;
+                            window = session::effective_window(self.cfg.inflight, receive_max);
                             self.set_connected(true, None);
                             match down_since.take() {
-                                Some(t) => tracing::info!(session_present = ack.session_present, down_for = ?t.elapsed(), "upstream connected again"),
-                                None => tracing::info!(session_present = ack.session_present, "upstream connected"),
+                                Some(t) => tracing::info!(session_present, down_for = ?t.elapsed(), window, "upstream connected again"),
+                                None => tracing::info!(session_present, window, "upstream connected"),
                             }
                         }
-                        Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                        Ok(Up::Sent(pkid)) => {
                             if let Some(pos) = state.requested.pop_front() {
                                 if state.by_pkid.insert(pkid, (pos, Instant::now())).is_some() {
                                     break End::Error(format!("packet id {pkid} reused while in flight"));
@@ -241,16 +225,27 @@ impl Forwarder {
                                 state.last_progress = Instant::now();
                             }
                         }
-                        Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
-                            if let Some((pos, sent)) = state.by_pkid.remove(&ack.pkid) {
-                                self.metrics.ack_latency.observe(sent.elapsed().as_secs_f64());
-                                acks.push(pos);
-                                acks_since.get_or_insert_with(Instant::now);
+                        Ok(Up::Acked { pkid, refused }) => {
+                            if let Some((pos, sent)) = state.by_pkid.remove(&pkid) {
                                 state.last_progress = Instant::now();
+                                match refused {
+                                    None => {
+                                        self.metrics.ack_latency.observe(sent.elapsed().as_secs_f64());
+                                        acks.push(pos);
+                                        acks_since.get_or_insert_with(Instant::now);
+                                    }
+                                    // MQTT 5 failure reason: not delivered, so not deleted. It is
+                                    // held back for a while, then sent again.
+                                    Some(reason) => {
+                                        self.metrics.events_refused.inc();
+                                        self.refused.insert(pos, Instant::now() + REFUSED_RETRY);
+                                        tracing::warn!(reason, position = pos, retry_in = ?REFUSED_RETRY, "upstream refused an event (PUBACK failure reason); it stays queued");
+                                    }
+                                }
                             }
                         }
-                        Ok(_) => {}
-                        Err(e) => break End::Error(e.to_string()),
+                        Ok(Up::Disconnected | Up::Other) => {}
+                        Err(e) => break End::Error(e),
                     }
                 }
                 changed = committed.changed(), if caught_up => {
@@ -299,22 +294,59 @@ impl Forwarder {
             let _ = self.queue.ack(acks).await;
         }
         if matches!(end, End::Shutdown) {
-            let _ = client.try_disconnect();
+            session.disconnect();
             // Give the DISCONNECT a moment to leave.
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
                 while let Ok(Ok(ev)) = ev_rx.recv_async().await {
-                    if matches!(ev, MqttEvent::Outgoing(Outgoing::Disconnect)) {
+                    if matches!(ev, Up::Disconnected) {
                         break;
                     }
                 }
             })
             .await;
         }
-        poller.abort();
+        drop(session);
         self.sent_high = self.sent_high.max(state.sent_high);
+        if matches!(end, End::Error(_)) {
+            self.note_failure_head(&state);
+        }
         end
     }
+
+    /// Some brokers refuse an event by closing the connection (Mosquitto after an MQTT 5 ACL
+    /// denial; any broker for a packet over its size limit), often before the PUBACK can be read.
+    /// When connections keep dying with the same oldest event in flight, that event is held back
+    /// like a refused one (still queued, counted), so it cannot stall everything behind it.
+    fn note_failure_head(&mut self, state: &Inflight) {
+        // The oldest event on the wire, if it left just before the connection died (a dead or
+        // flapping link kills connections long after the send: that is not a refusal).
+        let head = state
+            .by_pkid
+            .values()
+            .min_by_key(|(p, _)| *p)
+            .filter(|(_, sent)| sent.elapsed() < POISON_WINDOW);
+        let Some(&(head, _)) = head else {
+            self.failure_head = None;
+            return;
+        };
+        let count = match self.failure_head {
+            Some((pos, n)) if pos == head => n + 1,
+            _ => 1,
+        };
+        self.failure_head = Some((head, count));
+        if count >= POISON_AFTER && !self.refused.contains_key(&head) {
+            self.metrics.events_refused.inc();
+            self.refused.insert(head, Instant::now() + REFUSED_RETRY);
+            self.failure_head = None;
+            tracing::warn!(position = head, connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this event every time; holding it back (it stays queued)");
+        }
+    }
 }
+
+/// Connections that die with the same oldest event in flight before it is held back.
+const POISON_AFTER: u32 = 3;
+/// ...each within this time of sending it.
+const POISON_WINDOW: Duration = Duration::from_secs(1);
 
 /// Publishes of one connection that are not yet acknowledged.
 struct Inflight {
@@ -409,12 +441,6 @@ impl RateLimit {
     }
 }
 
-/// rumqttc numbers packets 1..=inflight and wraps: one more id than our window means an id is
-/// never reused while its packet is still in flight.
-fn window_to_rumqttc(window: usize) -> u16 {
-    (window + 1).min(u16::MAX as usize) as u16
-}
-
 /// Exponential backoff with full jitter, between `min` and `max`.
 pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let exp = min.saturating_mul(1u32 << attempt.min(20)).min(max);
@@ -441,11 +467,5 @@ mod tests {
         assert!((0..100)
             .map(|_| backoff(min, max, 10))
             .any(|d| d > Duration::from_secs(1)));
-    }
-
-    #[test]
-    fn window_leaves_a_spare_packet_id() {
-        assert_eq!(window_to_rumqttc(64), 65);
-        assert_eq!(window_to_rumqttc(100_000), u16::MAX);
     }
 }

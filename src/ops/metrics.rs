@@ -111,6 +111,8 @@ pub struct Metrics {
     pub events_committed: Counter,
     pub events_forwarded: Counter,
     pub events_resent: Counter,
+    /// PUBACKs with an MQTT 5 failure reason code: the event stays queued.
+    pub events_refused: Counter,
     pub commits: Counter,
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
@@ -150,6 +152,7 @@ impl Metrics {
             events_committed: Counter::default(),
             events_forwarded: Counter::default(),
             events_resent: Counter::default(),
+            events_refused: Counter::default(),
             commits: Counter::default(),
             queue_depth: Gauge::default(),
             queue_bytes: Gauge::default(),
@@ -206,6 +209,11 @@ impl Metrics {
             "events_resent",
             "Events sent again after a reconnect",
             m.events_resent.clone(),
+        );
+        registry.register(
+            "events_refused",
+            "Events the upstream broker refused (MQTT 5 PUBACK failure reason); they stay queued",
+            m.events_refused.clone(),
         );
         registry.register(
             "queue_commits",

@@ -55,9 +55,25 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     child: Option<Child>,
     persistent: bool,
+    /// Extra configuration lines (ACLs...).
+    extra: String,
 }
 
 impl Mosquitto {
+    /// With extra configuration lines.
+    pub fn start_with(extra: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+            persistent: false,
+            extra: extra.to_string(),
+        };
+        m.restart();
+        m
+    }
+
     pub fn start() -> Mosquitto {
         Self::start_on(free_port())
     }
@@ -69,6 +85,7 @@ impl Mosquitto {
             dir,
             child: None,
             persistent: false,
+            extra: String::new(),
         };
         m.restart();
         m
@@ -82,6 +99,7 @@ impl Mosquitto {
             dir,
             child: None,
             persistent: true,
+            extra: String::new(),
         };
         m.restart();
         m
@@ -118,8 +136,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{persistence}",
-                self.port
+                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{persistence}{}\n",
+                self.port, self.extra
             ),
         )
         .expect("write mosquitto.conf");
