@@ -59,42 +59,7 @@ enum Cmd {
         json: Option<PathBuf>,
     },
     /// Sensors -> edge broker -> cloud broker -> subscriber.
-    Load {
-        #[arg(long)]
-        edge: String,
-        #[arg(long)]
-        cloud: String,
-        /// Topic filter the cloud subscriber uses.
-        #[arg(long, default_value = "edge/#")]
-        filter: String,
-        #[arg(long, default_value_t = 4)]
-        publishers: u32,
-        /// Total readings per second (0: as fast as possible).
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Extra seconds to wait for stragglers after publishing ends.
-        #[arg(long, default_value_t = 10)]
-        settle: u64,
-        /// PID of the edge process, to sample its RSS, CPU and disk writes.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Run a TCP relay LISTEN:TARGET (ports on 127.0.0.1) for the edge's upstream link, so
-        /// the outage below can cut it.
-        #[arg(long)]
-        relay: Option<String>,
-        /// Cut the relayed link this many seconds into the run...
-        #[arg(long)]
-        outage_start: Option<u64>,
-        /// ...for this many seconds.
-        #[arg(long, default_value_t = 0)]
-        outage_secs: u64,
-        #[arg(long, default_value = "")]
-        label: String,
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Load(LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -111,34 +76,7 @@ fn main() -> anyhow::Result<()> {
             live,
             json,
         } => rt.block_on(bench_drain(&upstream, events, live, json)),
-        Cmd::Load {
-            edge,
-            cloud,
-            filter,
-            publishers,
-            rate,
-            seconds,
-            settle,
-            pid,
-            relay,
-            outage_start,
-            outage_secs,
-            label,
-            json,
-        } => rt.block_on(bench_load(LoadArgs {
-            edge,
-            cloud,
-            filter,
-            publishers,
-            rate,
-            seconds,
-            settle,
-            pid,
-            relay,
-            outage: outage_start.map(|s| (s, outage_secs)),
-            label,
-            json,
-        })),
+        Cmd::Load(args) => rt.block_on(bench_load(args)),
     }
 }
 
@@ -452,18 +390,42 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `load`: sensors -> edge broker -> cloud broker -> subscriber.
+#[derive(clap::Args)]
 struct LoadArgs {
+    #[arg(long)]
     edge: String,
+    #[arg(long)]
     cloud: String,
+    /// Topic filter the cloud subscriber uses.
+    #[arg(long, default_value = "edge/#")]
     filter: String,
+    #[arg(long, default_value_t = 4)]
     publishers: u32,
+    /// Total readings per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
     rate: u64,
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Extra seconds to wait for stragglers after publishing ends.
+    #[arg(long, default_value_t = 10)]
     settle: u64,
+    /// PID of the edge process, to sample its RSS, CPU and disk writes.
+    #[arg(long)]
     pid: Option<u32>,
+    /// Run a TCP relay LISTEN:TARGET (ports on 127.0.0.1) for the edge's upstream link, so
+    /// the outage below can cut it.
+    #[arg(long)]
     relay: Option<String>,
-    outage: Option<(u64, u64)>,
+    /// Cut the relayed link this many seconds into the run...
+    #[arg(long)]
+    outage_start: Option<u64>,
+    /// ...for this many seconds.
+    #[arg(long, default_value_t = 0)]
+    outage_secs: u64,
+    #[arg(long, default_value = "")]
     label: String,
+    #[arg(long)]
     json: Option<PathBuf>,
 }
 
@@ -671,7 +633,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     let mut outage_end: Option<Instant> = None;
     while t0.elapsed() < Duration::from_secs(a.seconds) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some((start, len)) = a.outage {
+        if let Some((start, len)) = a.outage_start.map(|s| (s, a.outage_secs)) {
             let t = t0.elapsed().as_secs();
             let down = t >= start && t < start + len;
             if down && link_up.swap(false, Ordering::SeqCst) {

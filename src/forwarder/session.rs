@@ -30,6 +30,27 @@ pub enum Up {
     Other,
 }
 
+/// The publish and disconnect closures over a rumqttc client of either version (the two clients
+/// have the same methods but no common trait).
+macro_rules! session_over {
+    ($client:expr, $qos:expr, $events:expr, $poller:expr) => {{
+        let client = $client;
+        let c = client.clone();
+        Session {
+            publish: Box::new(move |topic, payload| {
+                client
+                    .try_publish(topic, $qos, false, payload)
+                    .map_err(|e| e.to_string())
+            }),
+            disconnect: Box::new(move || {
+                let _ = c.try_disconnect();
+            }),
+            events: $events,
+            poller: $poller,
+        }
+    }};
+}
+
 type PublishFn = Box<dyn Fn(String, Vec<u8>) -> Result<(), String> + Send + Sync>;
 
 pub struct Session {
@@ -109,19 +130,7 @@ impl Session {
                         }
                     }
                 });
-                let c = client.clone();
-                Session {
-                    publish: Box::new(move |topic, payload| {
-                        client
-                            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                            .map_err(|e| e.to_string())
-                    }),
-                    disconnect: Box::new(move || {
-                        let _ = c.try_disconnect();
-                    }),
-                    events,
-                    poller,
-                }
+                session_over!(client, QoS::AtLeastOnce, events, poller)
             }
             UpstreamProtocol::V5 => {
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -167,19 +176,7 @@ impl Session {
                         }
                     }
                 });
-                let c = client.clone();
-                Session {
-                    publish: Box::new(move |topic, payload| {
-                        client
-                            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                            .map_err(|e| e.to_string())
-                    }),
-                    disconnect: Box::new(move || {
-                        let _ = c.try_disconnect();
-                    }),
-                    events,
-                    poller,
-                }
+                session_over!(client, QoS::AtLeastOnce, events, poller)
             }
         }
     }

@@ -44,6 +44,8 @@ pub enum DropReason {
     /// A rule's `when` condition failed to evaluate (missing field, wrong type) and no rule
     /// forwarded the reading.
     RuleError,
+    /// A rule's `publish` (or an alert's local copy) could not be handed to the local broker.
+    LocalPublishFailed,
 }
 
 impl DropReason {
@@ -61,6 +63,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::RuleFiltered => "rule_filtered",
             DropReason::RuleError => "rule_error",
+            DropReason::LocalPublishFailed => "local_publish_failed",
         }
     }
 

@@ -223,10 +223,18 @@ impl RulesStage {
                     },
                 },
                 Action::Publish { topic, payload } => {
-                    if let Some(link) = &mut self.local {
-                        if let Err(e) = link.try_publish(topic, payload) {
-                            tracing::warn!(error = %e, "local publish failed");
-                        }
+                    let sent = match &mut self.local {
+                        Some(link) => link
+                            .try_publish(topic.clone(), payload)
+                            .map_err(|e| e.to_string()),
+                        None => Err("no local link".to_string()),
+                    };
+                    if let Err(e) = sent {
+                        self.metrics.drop_events(
+                            DropReason::LocalPublishFailed,
+                            1,
+                            &format_args!("local publish on {topic} failed: {e}"),
+                        );
                     }
                 }
             }
