@@ -51,10 +51,10 @@ CONF
     mosquitto -c "$WORK/edge.conf" >"$WORK/edge-mq.log" 2>&1 & EDGE_PID=$!; PIDS+=($EDGE_PID); wait_port $EDGE_MQ; sleep 0.5
 }
 
-# start_edgegate UPSTREAM_PORT [keep data]
+# start_edgegate UPSTREAM_PORT [keep data]; EG_ENV: extra settings (e.g. batching)
 start_edgegate() {
     [ "${2:-}" = keep ] || rm -rf "$WORK/eg"
-    EDGEGATE__GATEWAY__ID=gw1 EDGEGATE__GATEWAY__DATA_DIR="$WORK/eg" EDGEGATE__BROKER__LISTEN=127.0.0.1:$EDGE_EG \
+    env ${EG_ENV:-} EDGEGATE__GATEWAY__ID=gw1 EDGEGATE__GATEWAY__DATA_DIR="$WORK/eg" EDGEGATE__BROKER__LISTEN=127.0.0.1:$EDGE_EG \
     EDGEGATE__METRICS__LISTEN=127.0.0.1:$METRICS EDGEGATE__UPSTREAM__URL=mqtt://127.0.0.1:$1 \
     EDGEGATE__UPSTREAM__RECONNECT_MAX=1s RUST_LOG=warn,rumqttd=off \
         "$EG" run >"$WORK/eg.log" 2>&1 & EDGE_PID=$!; PIDS+=($EDGE_PID); wait_port $EDGE_EG; sleep 0.5
@@ -78,7 +78,11 @@ both() {  # both SCENARIO ARGS... : the same load against the bridge and against
     start_edgegate $CLOUD
     echo "idle RSS edgegate: $(rss $EDGE_PID) kB" | tee "$OUT/$sc-edgegate.idle"
     load "$sc-edgegate" $EDGE_EG --pid $EDGE_PID "$@"; stop_edge
+    # edgegate again with upstream batches (CloudEvents JSON batches of up to 100 events).
+    EG_ENV="$BATCHED" start_edgegate $CLOUD
+    load "$sc-edgegate-batched" $EDGE_EG --pid $EDGE_PID "$@"; stop_edge
 }
+BATCHED="EDGEGATE__UPSTREAM__BATCH_EVENTS=100 EDGEGATE__UPSTREAM__INFLIGHT=1000"
 
 start_cloud
 for sc in $SCENARIOS; do
@@ -126,7 +130,8 @@ for sc in $SCENARIOS; do
             wait $L || true; stop_edge
         done ;;
     backlog)
-        "$BENCH" drain --upstream mqtt://127.0.0.1:$CLOUD --events 1000000 --live 1000 --json "$OUT/backlog-edgegate.json" | tee "$OUT/backlog.txt" ;;
+        "$BENCH" drain --upstream mqtt://127.0.0.1:$CLOUD --events 1000000 --live 1000 --json "$OUT/backlog-edgegate.json" | tee "$OUT/backlog.txt"
+        "$BENCH" drain --upstream mqtt://127.0.0.1:$CLOUD --events 1000000 --live 1000 --batch 100 --inflight 1000 --json "$OUT/backlog-edgegate-batched.json" | tee "$OUT/backlog-batched.txt" ;;
     esac
 done
 echo "results in $OUT"

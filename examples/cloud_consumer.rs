@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgegate::consumer::{envelope_keys, Tracker, Verdict};
+use edgegate::consumer::{envelope_keys, envelopes, Tracker, Verdict};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::main]
@@ -34,23 +34,26 @@ async fn main() -> anyhow::Result<()> {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Ok(env) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
-                    eprintln!("not a CloudEvents envelope on {}", p.topic);
+                // One CloudEvent, or a batch of them (upstream.batch_events > 1).
+                let Ok(batch) = envelopes(&p.payload) else {
+                    eprintln!("not a CloudEvents envelope or batch on {}", p.topic);
                     continue;
                 };
-                let Some((source, id, seq)) = envelope_keys(&env) else {
-                    eprintln!("envelope without source/id/sequence on {}", p.topic);
-                    continue;
-                };
-                match tracker.observe(source, id, seq) {
-                    Verdict::New => println!(
-                        "{} {} seq={} {}",
-                        env["type"],
-                        env["subject"],
-                        seq,
-                        env.get("data").unwrap_or(&env["data_base64"])
-                    ),
-                    Verdict::Duplicate => println!("(duplicate dropped: id {id}, seq {seq})"),
+                for env in batch {
+                    let Some((source, id, seq)) = envelope_keys(&env) else {
+                        eprintln!("envelope without source/id/sequence on {}", p.topic);
+                        continue;
+                    };
+                    match tracker.observe(source, id, seq) {
+                        Verdict::New => println!(
+                            "{} {} seq={} {}",
+                            env["type"],
+                            env["subject"],
+                            seq,
+                            env.get("data").unwrap_or(&env["data_base64"])
+                        ),
+                        Verdict::Duplicate => println!("(duplicate dropped: id {id}, seq {seq})"),
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => eprintln!("subscribed to {filter}"),

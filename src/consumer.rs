@@ -113,6 +113,16 @@ impl Tracker {
     }
 }
 
+/// The envelopes in one upstream message: a structured CloudEvent (a JSON object) is one; a
+/// CloudEvents JSON batch (a JSON array, sent with `upstream.batch_events > 1`) holds several,
+/// in queue order.
+pub fn envelopes(payload: &[u8]) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+    match serde_json::from_slice(payload)? {
+        serde_json::Value::Array(batch) => Ok(batch),
+        one => Ok(vec![one]),
+    }
+}
+
 /// The parts of an envelope the tracker needs: (`source`, `id`, `sequence`).
 pub fn envelope_keys(envelope: &serde_json::Value) -> Option<(&str, &str, u64)> {
     let source = envelope.get("source")?.as_str()?;
@@ -124,6 +134,16 @@ pub fn envelope_keys(envelope: &serde_json::Value) -> Option<(&str, &str, u64)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_events_and_batches() {
+        let one = br#"{"id":"a","source":"s","sequence":"00000000000000000001"}"#;
+        assert_eq!(envelopes(one).unwrap().len(), 1);
+        let batch = br#"[{"id":"a","source":"s","sequence":"00000000000000000001"},{"id":"b","source":"s","sequence":"00000000000000000002"}]"#;
+        let b = envelopes(batch).unwrap();
+        assert_eq!(envelope_keys(&b[1]), Some(("s", "b", 2)));
+        assert!(envelopes(b"[1,").is_err());
+    }
 
     #[test]
     fn duplicates_and_gaps() {

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::broker::Broker;
 use crate::cli::exit;
 use crate::config::{parse_upstream_url, Config};
-use crate::consumer::{envelope_keys, Tracker, Verdict};
+use crate::consumer::{envelope_keys, envelopes, Tracker, Verdict};
 use crate::gateway::Gateway;
 
 pub fn main(seconds: u64) -> i32 {
@@ -353,40 +353,39 @@ async fn consume(
             let Event::Incoming(Packet::Publish(p)) = ev else {
                 continue;
             };
-            let Ok(env) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+            // One CloudEvent per message, or a batch (upstream.batch_events > 1).
+            let Ok(batch) = envelopes(&p.payload) else {
                 continue;
             };
             let Ok(mut v) = view.lock() else { return };
-            let Some((source, id, seq)) = envelope_keys(&env) else {
-                continue;
-            };
-            if v.tracker.observe(source, id, seq) == Verdict::Duplicate {
-                continue;
-            }
-            let opaque = env.get("data_base64").is_some();
-            if opaque {
-                v.opaque += 1;
-            }
-            if env["type"] == "io.edgegate.alert" {
-                v.alerts += 1;
-                let d = &env["data"];
-                println!(
-                    "        ALERT  {} {} on {}: value {} (expected {}, score {}) [{}]",
-                    d["detector"],
-                    d["state"],
-                    d["sensor"],
-                    d["value"],
-                    d["expected"],
-                    d["score"],
-                    d["severity"]
-                );
-            } else if v.printed < 3 || (opaque && v.opaque <= 2) {
-                v.printed += 1;
-                println!(
-                    "        cloud <- {}  {}",
-                    p.topic,
-                    String::from_utf8_lossy(&p.payload)
-                );
+            for env in batch {
+                let Some((source, id, seq)) = envelope_keys(&env) else {
+                    continue;
+                };
+                if v.tracker.observe(source, id, seq) == Verdict::Duplicate {
+                    continue;
+                }
+                let opaque = env.get("data_base64").is_some();
+                if opaque {
+                    v.opaque += 1;
+                }
+                if env["type"] == "io.edgegate.alert" {
+                    v.alerts += 1;
+                    let d = &env["data"];
+                    println!(
+                        "        ALERT  {} {} on {}: value {} (expected {}, score {}) [{}]",
+                        d["detector"],
+                        d["state"],
+                        d["sensor"],
+                        d["value"],
+                        d["expected"],
+                        d["score"],
+                        d["severity"]
+                    );
+                } else if v.printed < 3 || (opaque && v.opaque <= 2) {
+                    v.printed += 1;
+                    println!("        cloud <- {}  {}", p.topic, env);
+                }
             }
         }
     }))

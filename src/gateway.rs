@@ -139,12 +139,18 @@ impl Gateway {
         tracing::info!(path = %path.display(), depth = store.depth(), next_sequence = store.next_seq(), "queue open");
         let source = format!("edgegate://{}", config.gateway.id);
         let capacity = config.pipeline.channel_capacity;
+        // Freshly committed events kept in memory for the forwarder: a few windows' worth.
+        let tail_events = match config.upstream.url {
+            Some(_) => (config.upstream.inflight * 4).clamp(1024, 65_536),
+            None => 0,
+        };
         let (queue, writer) = queue::start(
             store,
             &config.queue,
             path,
             source,
             capacity,
+            tail_events,
             metrics.clone(),
         )?;
 
@@ -170,6 +176,7 @@ impl Gateway {
                 when_full: config.pipeline.when_full,
                 metrics: metrics.clone(),
                 shutdown: shutdown_rx.clone(),
+                pressure: broker.guard().pressure.clone(),
             }
             .run(),
         );

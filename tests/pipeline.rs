@@ -159,6 +159,56 @@ async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_carry_many_events_per_message_in_order() {
+    // A backlog builds while the upstream is down; with batching it leaves in a few messages.
+    let mut cloud_broker = Mosquitto::start_persistent();
+    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-batches").await;
+    cloud_broker.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&cloud_broker.url()));
+    config.upstream.batch_events = 100;
+    let gw = start_gateway(config).await;
+    let sensor = Sensor::connect(gw.broker_addr, "s1").await;
+    for i in 0..450 {
+        sensor
+            .publish(&format!("sensors/s{}/v", i % 3), format!("{i}"))
+            .await;
+    }
+    sensor.wait_acked(450).await;
+    assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 450).await);
+    cloud_broker.restart();
+    assert!(eventually(WAIT, || cloud.events().0.len() >= 450).await);
+    let (got, messages) = cloud.events();
+    assert!(
+        (5..=20).contains(&messages),
+        "450 events in {messages} messages of at most 100"
+    );
+    for batch in cloud.received.lock().unwrap().iter() {
+        assert_eq!(batch.0, "edge/gw1/batch");
+        let n = edgegate::consumer::envelopes(&batch.1).unwrap().len();
+        assert!((1..=100).contains(&n), "{n} events in one batch");
+    }
+    // Each event whole (its own envelope, subject and sequence), once, in queue order.
+    let values: Vec<f64> = got
+        .iter()
+        .map(|(_, v)| v["data"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, (0..450).map(|i| i as f64).collect::<Vec<_>>());
+    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    assert_eq!(seqs, (1..=450).collect::<Vec<_>>());
+    assert_eq!(got[4].1["subject"], "sensors/s1/v");
+    // Deleted only once acknowledged: every batch's PUBACK released all of its events.
+    assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 450).await);
+
+    // Live readings do not wait for a batch to fill.
+    sensor.publish("sensors/s9/v", "7").await;
+    assert!(eventually(WAIT, || cloud.events().0.len() == 451).await);
+    let (got, _) = cloud.events();
+    assert_eq!(got[450].1["data"], 7.0);
+    assert_eq!(gw.shutdown().await.unwrap().depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequence_continues_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     // First run: no upstream, three readings queue up.

@@ -3,6 +3,7 @@
 //!   edgegate-bench queue  [--events N] [--sync normal|full]
 //!       commit throughput of the queue writer and bytes written to disk per event
 //!   edgegate-bench drain  --upstream mqtt://127.0.0.1:PORT [--events N] [--live RATE]
+//!                         [--batch EVENTS] [--inflight EVENTS]
 //!       drain rate of an N-event backlog into an upstream broker, with live traffic beside it
 //!   edgegate-bench load   --edge HOST:PORT --cloud HOST:PORT [--publishers 4] [--rate R]
 //!                         [--seconds S] [--json FILE]
@@ -55,6 +56,12 @@ enum Cmd {
         /// Live readings per second published to the gateway during the drain.
         #[arg(long, default_value_t = 1000)]
         live: u64,
+        /// upstream.batch_events (1: one event per message).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// upstream.inflight (events awaiting PUBACK).
+        #[arg(long, default_value_t = 128)]
+        inflight: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -74,8 +81,10 @@ fn main() -> anyhow::Result<()> {
             upstream,
             events,
             live,
+            batch,
+            inflight,
             json,
-        } => rt.block_on(bench_drain(&upstream, events, live, json)),
+        } => rt.block_on(bench_drain(&upstream, events, live, batch, inflight, json)),
         Cmd::Load(args) => rt.block_on(bench_load(args)),
     }
 }
@@ -137,6 +146,7 @@ async fn bench_queue(events: u64, sync: &str, dir: Option<PathBuf>) -> anyhow::R
         path.clone(),
         "edgegate://bench".into(),
         4096,
+        0,
         metrics.clone(),
     )?;
     let prepared: Vec<Event> = (0..events).map(reading).collect();
@@ -201,6 +211,8 @@ async fn bench_drain(
     upstream: &str,
     events: u64,
     live: u64,
+    batch: usize,
+    inflight: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let dir = tempfile_dir(None)?;
@@ -211,12 +223,9 @@ async fn bench_drain(
     cfg.metrics.listen = None;
     cfg.queue.max_bytes = 0;
     cfg.upstream.topic_prefix = "edge/bench".into();
-    if let Some(w) = std::env::var("BENCH_INFLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        cfg.upstream.inflight = w;
-    }
+    cfg.upstream.batch_topic = "edge/bench/batch".into();
+    cfg.upstream.batch_events = batch.max(1);
+    cfg.upstream.inflight = inflight.max(1);
     cfg.rules = vec![edgegate::config::RuleConfig::simple(
         "all",
         "#",
@@ -287,16 +296,21 @@ async fn bench_drain(
         client
             .subscribe("edge/bench/sensors/live/#", QoS::AtLeastOnce)
             .await?;
+        client
+            .subscribe("edge/bench/batch", QoS::AtLeastOnce)
+            .await?;
         tokio::spawn(async move {
             let _c = client;
             while let Ok(ev) = el.poll().await {
                 if let MqttEvent::Incoming(Packet::Publish(p)) = ev {
-                    if let Some(ts) = serde_json::from_slice::<serde_json::Value>(&p.payload)
-                        .ok()
-                        .and_then(|v| v["data"]["ts"].as_u64())
-                    {
-                        if let Ok(mut l) = lat.lock() {
-                            l.push(now_us().saturating_sub(ts));
+                    let now = now_us();
+                    let envelopes = edgegate::consumer::envelopes(&p.payload).unwrap_or_default();
+                    for v in envelopes {
+                        if v["subject"] != "sensors/live/v" {
+                            continue;
+                        }
+                        if let (Some(ts), Ok(mut l)) = (v["data"]["ts"].as_u64(), lat.lock()) {
+                            l.push(now.saturating_sub(ts));
                         }
                     }
                 }
@@ -335,7 +349,7 @@ async fn bench_drain(
             .unwrap_or(0) as f64
             / 1000.0
     };
-    println!("drain of {events} events with {live} live readings/s beside it");
+    println!("drain of {events} events with {live} live readings/s beside it (batch_events {batch}, inflight {inflight})");
     println!(
         "  drain rate            {:>10.0} events/s ({:.1} s)",
         events as f64 / secs,
@@ -357,7 +371,7 @@ async fn bench_drain(
         rss0, peak_rss
     );
     if let Some(p) = json {
-        let v = serde_json::json!({"events": events, "seconds": secs, "drain_rate": events as f64 / secs,
+        let v = serde_json::json!({"events": events, "batch_events": batch, "inflight": inflight, "seconds": secs, "drain_rate": events as f64 / secs,
             "live_rate": live, "live_p50_ms": pct(0.5), "live_p99_ms": pct(0.99), "live_max_ms": pct(1.0), "rss_peak_kb": peak_rss});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
     }
@@ -523,27 +537,26 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
                     }
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                         let now = now_us();
-                        let Some((run_id, publisher, n, ts)) = parse_reading(&p.payload) else {
-                            continue;
-                        };
-                        if run_id != run {
-                            continue;
-                        }
-                        let new = seen
-                            .lock()
-                            .map(|mut s| s.insert((publisher, n)))
-                            .unwrap_or(false);
-                        if new {
-                            if let Ok(mut l) = lat.lock() {
-                                l.push(now.saturating_sub(ts));
+                        for (run_id, publisher, n, ts) in parse_readings(&p.payload) {
+                            if run_id != run {
+                                continue;
                             }
-                            // First and last arrival (µs), for the delivered rate.
-                            if let Ok(mut w) = window.lock() {
-                                w.0 = if w.0 == 0 { now } else { w.0.min(now) };
-                                w.1 = w.1.max(now);
+                            let new = seen
+                                .lock()
+                                .map(|mut s| s.insert((publisher, n)))
+                                .unwrap_or(false);
+                            if new {
+                                if let Ok(mut l) = lat.lock() {
+                                    l.push(now.saturating_sub(ts));
+                                }
+                                // First and last arrival (µs), for the delivered rate.
+                                if let Ok(mut w) = window.lock() {
+                                    w.0 = if w.0 == 0 { now } else { w.0.min(now) };
+                                    w.1 = w.1.max(now);
+                                }
+                            } else {
+                                dups.fetch_add(1, Ordering::Relaxed);
                             }
-                        } else {
-                            dups.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok(_) => {}
@@ -748,18 +761,26 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (run, publisher, n, ts) from a reading, either bare (Mosquitto bridge) or in an envelope.
-fn parse_reading(payload: &[u8]) -> Option<(String, u32, u64, u64)> {
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    let d = if v.get("specversion").is_some() {
-        v.get("data")?
-    } else {
-        &v
+/// (run, publisher, n, ts) of each reading in a message: bare (Mosquitto bridge), in an
+/// envelope, or in a CloudEvents batch of envelopes (edgegate with `upstream.batch_events`).
+fn parse_readings(payload: &[u8]) -> Vec<(String, u32, u64, u64)> {
+    let Ok(envelopes) = edgegate::consumer::envelopes(payload) else {
+        return Vec::new();
     };
-    Some((
-        d["run"].as_str()?.to_string(),
-        d["p"].as_u64()? as u32,
-        d["n"].as_u64()?,
-        d["ts"].as_u64()?,
-    ))
+    envelopes
+        .iter()
+        .filter_map(|v| {
+            let d = if v.get("specversion").is_some() {
+                v.get("data")?
+            } else {
+                v
+            };
+            Some((
+                d["run"].as_str()?.to_string(),
+                d["p"].as_u64()? as u32,
+                d["n"].as_u64()?,
+                d["ts"].as_u64()?,
+            ))
+        })
+        .collect()
 }

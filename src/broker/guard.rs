@@ -37,6 +37,8 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::broker::acl::{Acl, Perms};
 use crate::broker::auth::Passwords;
+use crate::broker::ingest::OWN_PREFIX;
+use crate::broker::pressure::Pressure;
 use crate::ops::metrics::Metrics;
 
 /// Client ids with this prefix belong to the gateway itself.
@@ -89,6 +91,8 @@ pub struct Guard {
     /// One live session per client id at rumqttd (see [`Turn`]).
     turns: Mutex<HashMap<String, Arc<Turn>>>,
     pub metrics: Arc<Metrics>,
+    /// Shared with ingest: sensors wait while the router's log holds too much for it.
+    pub pressure: Option<Arc<Pressure>>,
 }
 
 /// rumqttd 0.20 loses track of its will handlers when connections with the same client id
@@ -148,6 +152,23 @@ fn parse_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, FrameError> {
     }
     Err(FrameError::Malformed)
 }
+
+/// Length of the complete packets at the start of `buf` (up to about `limit` bytes, each at most
+/// `max`): what can be passed on in one write.
+fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
+    let mut at = 0;
+    while at < limit {
+        match parse_header(&buf[at..]) {
+            Ok(Some((_, hl, rl))) if rl <= max && buf.len() - at >= hl + rl => at += hl + rl,
+            _ => break,
+        }
+    }
+    at
+}
+
+/// Packets relayed together in one write at most (bytes): under load a sensor's publishes and
+/// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
+const COALESCE: usize = 64 * 1024;
 
 /// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
@@ -269,7 +290,11 @@ pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, St
 }
 
 impl Guard {
-    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
+    pub fn new(
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        pressure: Option<Arc<Pressure>>,
+    ) -> Arc<Guard> {
         Arc::new(Guard {
             policy,
             secret: uuid::Uuid::new_v4().simple().to_string(),
@@ -281,6 +306,7 @@ impl Guard {
             client_ids: Mutex::new(HashSet::new()),
             turns: Mutex::new(HashMap::new()),
             metrics,
+            pressure,
         })
     }
 
@@ -807,6 +833,22 @@ fn publish_topic(frame: &[u8], header_len: usize) -> Option<&[u8]> {
     body.get(2..2 + len)
 }
 
+/// Topic and payload bytes of a PUBLISH frame (what the router logs, and ingest counts).
+fn publish_bytes(frame: &[u8], header_len: usize, topic_len: usize, v5: bool) -> usize {
+    let qos = (frame[0] >> 1) & 3;
+    let mut fixed = header_len + 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    if v5 {
+        // properties: variable byte integer length, then the properties
+        let mut fake = vec![0u8];
+        let at = frame.get(fixed..).unwrap_or_default();
+        fake.extend_from_slice(&at[..at.len().min(4)]);
+        if let Ok(Some((_, hl, plen))) = parse_header(&fake) {
+            fixed += hl - 1 + plen;
+        }
+    }
+    topic_len + frame.len().saturating_sub(fixed)
+}
+
 /// Filters of a SUBSCRIBE frame.
 fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
     let mut body = frame.get(header_len + 2..)?; // after the packet id
@@ -847,15 +889,25 @@ async fn relay<S: Io>(
     let up = async {
         let mut tokens = rate;
         let mut last = Instant::now();
-        loop {
+        // Checked packets not yet written: passed on together while more are already buffered.
+        let mut out = BytesMut::new();
+        'frames: loop {
+            if !out.is_empty()
+                && (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
+            {
+                if iw.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
             let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
                 Ok(Some(f)) => f,
-                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => return,
+                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => break 'frames,
                 Err(FrameError::Malformed) => {
-                    return guard.reject("malformed", peer, &"bad remaining length")
+                    break 'frames guard.reject("malformed", peer, &"bad remaining length")
                 }
                 Err(FrameError::Oversize(n)) => {
-                    return guard.reject(
+                    break 'frames guard.reject(
                         "oversize",
                         peer,
                         &format_args!(
@@ -867,7 +919,7 @@ async fn relay<S: Io>(
             };
             let kind = frame[0] >> 4;
             if !allowed_from_client(kind) {
-                return guard.reject(
+                break 'frames guard.reject(
                     "protocol",
                     peer,
                     &format_args!("packet type {kind} is not one a client may send"),
@@ -880,18 +932,18 @@ async fn relay<S: Io>(
                 .unwrap_or(2);
             if kind == 3 {
                 let Some(topic) = publish_topic(&frame, header_len) else {
-                    return guard.reject("malformed", peer, &"PUBLISH without a topic");
+                    break 'frames guard.reject("malformed", peer, &"PUBLISH without a topic");
                 };
                 // MQTT 5 topic aliases publish with an empty topic; the alias was checked when set.
                 if !topic.is_empty() {
                     if let Err((reason, detail)) = guard.check_topic(topic) {
-                        return guard.reject(reason, peer, &detail);
+                        break 'frames guard.reject(reason, peer, &detail);
                     }
                 }
                 if let Some(perms) = &perms {
                     let t = String::from_utf8_lossy(topic);
                     if t.is_empty() {
-                        return guard.reject(
+                        break 'frames guard.reject(
                             "acl_publish",
                             peer,
                             &"MQTT 5 topic alias without a topic: not supported with broker.acl",
@@ -900,7 +952,7 @@ async fn relay<S: Io>(
                     if !perms.may_publish(&t) {
                         // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
                         // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
-                        return guard.reject(
+                        break 'frames guard.reject(
                             "acl_publish",
                             peer,
                             &format_args!("publish to {t:?} not allowed by broker.acl"),
@@ -913,6 +965,10 @@ async fn relay<S: Io>(
                     last = now;
                     if tokens < 1.0 {
                         guard.metrics.broker_throttled.inc();
+                        if iw.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
                         let wait = (1.0 - tokens) / rate;
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                         tokens = 1.0;
@@ -920,13 +976,32 @@ async fn relay<S: Io>(
                     }
                     tokens -= 1.0;
                 }
+                if let Some(pressure) = &guard.pressure {
+                    if !topic.starts_with(OWN_PREFIX.as_bytes()) {
+                        if pressure.over() {
+                            // The router holds too much that ingest has not taken yet: pass on
+                            // what is checked, then stop reading from this sensor for a while.
+                            if iw.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            out.clear();
+                            guard.metrics.broker_paused.inc();
+                            pressure.wait().await;
+                        }
+                        pressure.relayed(publish_bytes(&frame, header_len, topic.len(), v5));
+                    }
+                }
             } else if kind == 8 {
                 let Some(filters) = subscribe_filters(&frame, header_len, v5) else {
-                    return guard.reject("malformed", peer, &"SUBSCRIBE could not be parsed");
+                    break 'frames guard.reject(
+                        "malformed",
+                        peer,
+                        &"SUBSCRIBE could not be parsed",
+                    );
                 };
                 for f in &filters {
                     if let Err((reason, detail)) = guard.check_topic(f) {
-                        return guard.reject(reason, peer, &detail);
+                        break 'frames guard.reject(reason, peer, &detail);
                     }
                 }
                 if let Some(perms) = &perms {
@@ -952,15 +1027,18 @@ async fn relay<S: Io>(
                             filters.len(),
                         ));
                         if inject_tx.send(frame_of(0x90, &body)).await.is_err() {
-                            return;
+                            break 'frames;
                         }
                         continue;
                     }
                 }
             }
-            if iw.write_all(&frame).await.is_err() {
-                return;
-            }
+            out.extend_from_slice(&frame);
+        }
+        // What passed the checks before the connection ended (or before a refused packet)
+        // still goes on, as it would have one packet at a time.
+        if !out.is_empty() {
+            let _ = iw.write_all(&out).await;
         }
     };
     let down = async {
@@ -969,7 +1047,14 @@ async fn relay<S: Io>(
         loop {
             let out = tokio::select! {
                 f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
-                    Ok(Some(f)) => f,
+                    Ok(Some(mut f)) => {
+                        // And every whole packet behind it, in one write.
+                        let more = complete_frames(&ibuf, 1 << 28, COALESCE);
+                        if more > 0 {
+                            f.extend_from_slice(&ibuf.split_to(more));
+                        }
+                        f
+                    }
                     _ => return,
                 },
                 Some(b) = inject_rx.recv() => BytesMut::from(&b[..]),

@@ -10,6 +10,8 @@
 //! - The loop does no I/O and never waits on anything but the router and, under
 //!   `pipeline.when_full = "block"`, the bounded channel to the rules (backpressure then
 //!   accumulates in the router's log, where skips are counted as above).
+//! - The bytes taken from the link are counted for the guard, which stops reading from sensors
+//!   while the router's log holds more than half its size for us (see [`super::pressure`]).
 //!
 //! Topics under `edgegate/` are the gateway's own output (alerts, status) and are not readings.
 
@@ -20,6 +22,7 @@ use rumqttd::local::LinkRx;
 use rumqttd::Notification;
 use tokio::sync::watch;
 
+use crate::broker::pressure::{self, Pressure};
 use crate::config::WhenFull;
 use crate::decode::Payload;
 use crate::event::Reading;
@@ -36,6 +39,8 @@ pub struct Ingest {
     pub when_full: WhenFull,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
+    /// Shared with the guard, which pauses sensors while we are behind (see [`pressure`]).
+    pub pressure: Option<Arc<Pressure>>,
 }
 
 /// Why ingest stopped.
@@ -52,6 +57,10 @@ impl Ingest {
     pub async fn run(mut self) -> IngestEnd {
         let mut next_offset: Option<u64> = None;
         let mut draining = false;
+        // Idle detection for the guard's backpressure without a timer per reading: a tick every
+        // SETTLE_AFTER; two ticks without a reading between them settle the counts.
+        let mut idle_tick = tokio::time::interval(pressure::SETTLE_AFTER);
+        let mut active = true;
         loop {
             let n = if draining {
                 // Shutting down: the listeners are closed; take what the router still holds
@@ -68,6 +77,13 @@ impl Ingest {
                         continue;
                     }
                     n = self.link.next() => n,
+                    // Idle: nothing relayed can still be in the router for us.
+                    _ = idle_tick.tick(), if self.pressure.is_some() => {
+                        if let (false, Some(p)) = (std::mem::take(&mut active), &self.pressure) {
+                            p.settle();
+                        }
+                        continue;
+                    }
                 }
             };
             let notification = match n {
@@ -95,6 +111,10 @@ impl Ingest {
                     };
                     if topic.starts_with(OWN_PREFIX) {
                         continue;
+                    }
+                    if let Some(p) = &self.pressure {
+                        p.consumed(f.publish.topic.len() + f.publish.payload.len());
+                        active = true;
                     }
                     self.metrics.readings_received.inc();
                     let traceparent = f.properties.as_ref().and_then(|p| {

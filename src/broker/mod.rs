@@ -20,6 +20,7 @@ pub mod acl;
 pub mod auth;
 pub mod guard;
 pub mod ingest;
+pub mod pressure;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::{Arc, Mutex};
@@ -111,6 +112,12 @@ impl Broker {
                 reserve_own_prefix: own_links,
             },
             metrics,
+            // Only a broker with an ingest link has someone to wait for.
+            own_links.then(|| {
+                Arc::new(pressure::Pressure::new(
+                    (cfg.segment_size as u64).saturating_mul(cfg.segment_count as u64) / 2,
+                ))
+            }),
         );
         let router_cfg = RouterConfig {
             // The guard enforces broker.max_connections; the router's own limit (whose refusal
@@ -345,6 +352,15 @@ impl Broker {
         }
         for internal in &self.internals {
             let target = *internal.target.borrow();
+            let Err(first) = guard::probe(target, internal.v5, &self.guard, PROBE_TIMEOUT).await
+            else {
+                continue;
+            };
+            // Once more before restarting: rumqttd may close a probe while it still tears down
+            // the previous one with the same client id (seen under load), and a restart makes
+            // CONNECTs racing with it fail.
+            tracing::debug!(listener = internal.name, error = %first, "broker liveness probe failed once; trying again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let Err(e) = guard::probe(target, internal.v5, &self.guard, PROBE_TIMEOUT).await else {
                 continue;
             };

@@ -172,7 +172,8 @@ pub struct UpstreamConfig {
     pub topic_prefix: String,
     pub client_id: String,
     pub keep_alive: Duration,
-    /// Publishes awaiting PUBACK at once (kept below rumqttc's packet-id window).
+    /// Events awaiting PUBACK at once (the bound on duplicates after a reconnect); in messages
+    /// `inflight / batch_events`, kept below rumqttc's packet-id window.
     pub inflight: usize,
     /// No PUBACK for this long while publishes are in flight: the link is treated as dead.
     pub ack_timeout: Duration,
@@ -181,6 +182,14 @@ pub struct UpstreamConfig {
     pub max_packet_size: usize,
     /// Events per second at most (0: as fast as the upstream accepts).
     pub max_rate: u32,
+    /// Telemetry events per upstream message at most (1: one event per message, on its own
+    /// topic). Above 1, consecutive telemetry events go out together as a CloudEvents JSON batch
+    /// (a JSON array of envelopes) on `batch_topic`; alerts always go alone.
+    pub batch_events: usize,
+    /// Bytes of envelopes per batch at most (an event larger than this goes alone).
+    pub batch_bytes: usize,
+    /// Topic of batches: `{topic_prefix}/batch` unless configured.
+    pub batch_topic: String,
     pub protocol: UpstreamProtocol,
     /// MQTT user name upstream, with the password read from `password_file`.
     pub username: Option<String>,
@@ -530,7 +539,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Duration::from_secs(5),
             Duration::from_secs(3600),
         ),
-        inflight: u.usize_in("inflight", 128, 1, 1000),
+        inflight: u.usize_in("inflight", 128, 1, 65_000),
         ack_timeout: u.duration_in(
             "ack_timeout",
             "15s",
@@ -551,6 +560,9 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         max_packet_size: u.size_in("max_packet_size", 1024 * 1024, 1024, 256 * 1024 * 1024),
         max_rate: u.usize_in("max_rate", 0, 0, 10_000_000) as u32,
+        batch_events: u.usize_in("batch_events", 1, 1, 10_000),
+        batch_bytes: u.size_in("batch_bytes", 64 * 1024, 256, 256 * 1024 * 1024),
+        batch_topic: String::new(),
         protocol: u.choice(
             "protocol",
             "3.1.1",
@@ -562,6 +574,22 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         tls_summary: None,
     };
     let mut upstream = upstream;
+    upstream.batch_topic = u.string("batch_topic", &format!("{}/batch", upstream.topic_prefix));
+    if upstream.batch_topic.is_empty() || upstream.batch_topic.contains(['+', '#']) {
+        u.error("batch_topic", "must be a topic name without wildcards");
+    }
+    // Array brackets, commas, and the packet's own header and topic must fit too.
+    if upstream.batch_events > 1
+        && upstream.batch_bytes + upstream.batch_topic.len() + 64 > upstream.max_packet_size
+    {
+        u.error(
+            "batch_bytes",
+            &format!(
+                "a batch of {} bytes does not fit in upstream.max_packet_size ({} bytes)",
+                upstream.batch_bytes, upstream.max_packet_size
+            ),
+        );
+    }
     let user = u.string("username", "");
     let pw_file = u.string("password_file", "");
     if !user.is_empty() {

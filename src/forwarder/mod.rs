@@ -1,7 +1,12 @@
 //! Upstream forwarder: delivers the queue at-least-once to the cloud MQTT broker (rumqttc).
 //!
 //! Invariants:
-//! - Only committed events are sent (leased from the queue after their commit).
+//! - Only committed events are sent: taken from the queue's in-memory tail of fresh commits
+//!   while the cursor is caught up with it, read from the file otherwise (at the start of every
+//!   connection, behind a backlog).
+//! - With `upstream.batch_events > 1`, consecutive telemetry events ready at once leave as one
+//!   message (a CloudEvents JSON batch); its PUBACK acknowledges all of them, a refusal refuses
+//!   all of them. Nothing waits to fill a batch.
 //! - An event is acknowledged to the queue (and so deleted) only after the upstream PUBACK for
 //!   the packet that carried it.
 //! - Each connection gets a fresh rumqttc client and event loop; nothing of rumqttc's in-memory
@@ -25,6 +30,7 @@ use rand::Rng;
 use tokio::sync::watch;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::event::Class;
 use crate::ops::metrics::Metrics;
 use crate::queue::{Cursor, QueueHandle, StoredEvent};
 use session::{Session, Up};
@@ -49,8 +55,9 @@ pub struct Forwarder {
     /// time before which they are not sent again. They stay queued; a refused event must not
     /// hold back the ones behind it.
     refused: HashMap<u64, Instant>,
-    /// The oldest event in flight when the last connections failed, and how many in a row.
-    failure_head: Option<(u64, u32)>,
+    /// The oldest message in flight when the last connections failed (the positions it
+    /// carried), and how many connections in a row.
+    failure_head: Option<(Vec<u64>, u32)>,
 }
 
 /// How long a refused event is held back before it is offered again (on a later connection).
@@ -141,11 +148,18 @@ impl Forwarder {
     /// One connection, from CONNECT to its end.
     async fn connection(&mut self, url: &UpstreamUrl, down_since: &mut Option<Instant>) -> End {
         // Below the broker's receive maximum (MQTT 5) once it is known.
-        let mut window = self.cfg.inflight;
+        // `upstream.inflight` bounds events in flight (and so duplicates after a reconnect);
+        // with batches, that is fewer messages.
+        let messages = self.cfg.inflight.div_ceil(self.cfg.batch_events).max(1);
+        let mut window = messages;
         let session = Session::open(&self.cfg, url, window);
         let ev_rx = session.events.clone();
         let mut state = Inflight::default();
         let mut cursor = Cursor::default();
+        // Caught up with the file at least once on this connection: the in-memory tail may
+        // answer from now on (it never holds what an earlier connection left unacknowledged).
+        let mut synced = false;
+        let batch_events = self.cfg.batch_events;
         let mut committed = self.queue.committed();
         let mut connected = false;
         let mut draining_since: Option<Instant> = None;
@@ -157,28 +171,52 @@ impl Forwarder {
         let mut rate = RateLimit::new(self.cfg.max_rate);
 
         let end = loop {
-            // Lease more when connected, not stopping, and there is room in the window.
+            // Lease more when connected, not stopping, and there is room in the window (of
+            // messages; a message carries up to `batch_events` events).
             let room = window.saturating_sub(state.len());
-            let allowed = rate.available(room);
+            let allowed = rate.available(room.saturating_mul(batch_events));
+            let quarter = window.div_ceil(4);
             if connected
                 && draining_since.is_none()
                 && !caught_up
                 && allowed > 0
-                && (allowed >= window.div_ceil(4).min(rate.burst()) || state.len() == 0)
+                && ((room >= quarter && allowed >= quarter.min(rate.burst())) || state.len() == 0)
             {
-                let room = allowed;
                 // Mark the current commit as seen before reading, so a commit that lands
                 // after the read still wakes us.
                 committed.borrow_and_update();
-                let Ok(rows) = self.queue.lease(cursor, room).await else {
-                    break End::Shutdown;
+                let fresh = if synced {
+                    self.queue.take_committed(&mut cursor, allowed)
+                } else {
+                    None
+                };
+                let rows = match fresh {
+                    Some(rows) => rows,
+                    None => {
+                        let Ok(leased) = self.queue.lease(cursor, allowed).await else {
+                            break End::Shutdown;
+                        };
+                        for row in &leased.rows {
+                            cursor.advance(row);
+                        }
+                        if let (true, Some(upto)) = (leased.rows.len() < allowed, leased.upto) {
+                            cursor.alert = cursor.alert.max(upto);
+                            cursor.telemetry = cursor.telemetry.max(upto);
+                            synced = true;
+                        }
+                        leased.rows
+                    }
                 };
                 caught_up = rows.is_empty();
+                let mut batch = Batch::default();
                 let mut failed = None;
                 for row in rows {
-                    cursor.advance(&row);
                     let StoredEvent {
-                        pos, topic, body, ..
+                        pos,
+                        class,
+                        topic,
+                        body,
+                        ..
                     } = row;
                     if let Some(until) = self.refused.get(&pos) {
                         if Instant::now() < *until {
@@ -189,13 +227,33 @@ impl Forwarder {
                     if pos <= self.sent_high {
                         self.metrics.events_resent.inc();
                     }
+                    rate.take();
+                    state.sent_high = state.sent_high.max(pos);
+                    if batch_events > 1 && class == Class::Telemetry {
+                        if batch.is_full(body.len(), batch_events, self.cfg.batch_bytes) {
+                            if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        batch.add(pos, &body);
+                        continue;
+                    }
+                    // Alerts (and everything without batching) go alone, in lease order.
+                    if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
+                        failed = Some(e);
+                        break;
+                    }
                     if let Err(e) = session.publish(topic, body) {
                         failed = Some(e);
                         break;
                     }
-                    state.requested.push_back(pos);
-                    rate.take();
-                    state.sent_high = state.sent_high.max(pos);
+                    state.requested.push_back(vec![pos]);
+                }
+                if failed.is_none() {
+                    if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
+                        failed = Some(e);
+                    }
                 }
                 if let Some(e) = failed {
                     break End::Error(format!("publish request failed: {e}"));
@@ -210,7 +268,7 @@ impl Forwarder {
                         Ok(Up::Connected { session_present, receive_max }) => {
                             connected = true;
                             caught_up = false;
-                            window = session::effective_window(self.cfg.inflight, receive_max);
+                            window = session::effective_window(messages, receive_max);
                             self.set_connected(true, None);
                             match down_since.take() {
                                 Some(t) => tracing::info!(session_present, down_for = ?t.elapsed(), window, "upstream connected again"),
@@ -231,15 +289,18 @@ impl Forwarder {
                                 match refused {
                                     None => {
                                         self.metrics.ack_latency.observe(sent.elapsed().as_secs_f64());
-                                        acks.push(pos);
+                                        acks.extend_from_slice(&pos);
                                         acks_since.get_or_insert_with(Instant::now);
                                     }
                                     // MQTT 5 failure reason: not delivered, so not deleted. It is
                                     // held back for a while, then sent again.
                                     Some(reason) => {
-                                        self.metrics.events_refused.inc();
-                                        self.refused.insert(pos, Instant::now() + REFUSED_RETRY);
-                                        tracing::warn!(reason, position = pos, retry_in = ?REFUSED_RETRY, "upstream refused an event (PUBACK failure reason); it stays queued");
+                                        self.metrics.events_refused.inc_by(pos.len() as u64);
+                                        let until = Instant::now() + REFUSED_RETRY;
+                                        for p in &pos {
+                                            self.refused.insert(*p, until);
+                                        }
+                                        tracing::warn!(reason, position = pos[0], events = pos.len(), retry_in = ?REFUSED_RETRY, "upstream refused a message (PUBACK failure reason); its events stay queued");
                                     }
                                 }
                             }
@@ -271,7 +332,8 @@ impl Forwarder {
             // ACK_BATCH_WAIT after the first, whichever comes first. Deleting later is safe:
             // an acknowledged row is never leased again on this connection.
             if let Some(since) = acks_since {
-                if acks.len() >= window.div_ceil(2) || since.elapsed() >= ACK_BATCH_WAIT {
+                if acks.len() >= self.cfg.inflight.div_ceil(2) || since.elapsed() >= ACK_BATCH_WAIT
+                {
                     self.metrics.events_forwarded.inc_by(acks.len() as u64);
                     acks_since = None;
                     if self.queue.ack(std::mem::take(&mut acks)).await.is_err() {
@@ -323,22 +385,25 @@ impl Forwarder {
         let head = state
             .by_pkid
             .values()
-            .min_by_key(|(p, _)| *p)
+            .min_by_key(|(p, _)| p.first().copied())
             .filter(|(_, sent)| sent.elapsed() < POISON_WINDOW);
-        let Some(&(head, _)) = head else {
+        let Some((head, _)) = head else {
             self.failure_head = None;
             return;
         };
-        let count = match self.failure_head {
+        let count = match &self.failure_head {
             Some((pos, n)) if pos == head => n + 1,
             _ => 1,
         };
-        self.failure_head = Some((head, count));
-        if count >= POISON_AFTER && !self.refused.contains_key(&head) {
-            self.metrics.events_refused.inc();
-            self.refused.insert(head, Instant::now() + REFUSED_RETRY);
+        self.failure_head = Some((head.clone(), count));
+        if count >= POISON_AFTER && !head.iter().any(|p| self.refused.contains_key(p)) {
+            self.metrics.events_refused.inc_by(head.len() as u64);
+            let until = Instant::now() + REFUSED_RETRY;
+            for p in head {
+                self.refused.insert(*p, until);
+            }
+            tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this message every time; holding its events back (they stay queued)");
             self.failure_head = None;
-            tracing::warn!(position = head, connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this event every time; holding it back (it stays queued)");
         }
     }
 }
@@ -348,12 +413,13 @@ const POISON_AFTER: u32 = 3;
 /// ...each within this time of sending it.
 const POISON_WINDOW: Duration = Duration::from_secs(1);
 
-/// Publishes of one connection that are not yet acknowledged.
+/// Publishes of one connection that are not yet acknowledged; each message carries the queue
+/// positions of its events (one, or a batch).
 struct Inflight {
-    /// Queue positions requested from rumqttc, packet id not yet known (FIFO).
-    requested: VecDeque<u64>,
+    /// Messages requested from rumqttc, packet id not yet known (FIFO).
+    requested: VecDeque<Vec<u64>>,
     /// Sent with a packet id, awaiting PUBACK.
-    by_pkid: HashMap<u16, (u64, Instant)>,
+    by_pkid: HashMap<u16, (Vec<u64>, Instant)>,
     last_progress: Instant,
     /// Highest queue position requested on this connection.
     sent_high: u64,
@@ -371,8 +437,56 @@ impl Default for Inflight {
 }
 
 impl Inflight {
+    /// Messages in flight.
     fn len(&self) -> usize {
         self.requested.len() + self.by_pkid.len()
+    }
+}
+
+/// Telemetry events gathered into one upstream message: a CloudEvents JSON batch, i.e. a JSON
+/// array of the frozen envelopes (each byte for byte as it would go alone).
+#[derive(Default)]
+struct Batch {
+    positions: Vec<u64>,
+    payload: Vec<u8>,
+}
+
+impl Batch {
+    /// Would adding a body of `len` bytes go over either bound?
+    fn is_full(&self, len: usize, max_events: usize, max_bytes: usize) -> bool {
+        !self.positions.is_empty()
+            && (self.positions.len() >= max_events || self.payload.len() + len + 2 > max_bytes)
+    }
+
+    fn add(&mut self, pos: u64, body: &[u8]) {
+        self.payload.push(if self.positions.is_empty() {
+            b'['
+        } else {
+            b','
+        });
+        self.payload.extend_from_slice(body);
+        self.positions.push(pos);
+    }
+}
+
+impl Forwarder {
+    /// Publish the gathered batch (if any) on `upstream.batch_topic`.
+    fn send_batch(
+        &self,
+        session: &Session,
+        state: &mut Inflight,
+        batch: &mut Batch,
+    ) -> Result<(), String> {
+        if batch.positions.is_empty() {
+            return Ok(());
+        }
+        let mut payload = std::mem::take(&mut batch.payload);
+        payload.push(b']');
+        session.publish(self.cfg.batch_topic.clone(), payload)?;
+        state
+            .requested
+            .push_back(std::mem::take(&mut batch.positions));
+        Ok(())
     }
 }
 

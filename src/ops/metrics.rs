@@ -134,6 +134,8 @@ pub struct Metrics {
     pub broker_connections: Gauge,
     /// Times a client was slowed down by `broker.max_publish_rate` (nothing is dropped).
     pub broker_throttled: Counter,
+    /// Times a sensor connection paused because ingest was behind (nothing is dropped).
+    pub broker_paused: Counter,
     /// Liveness probes of a broker listener that failed, and internal listeners restarted.
     pub broker_probe_failures: Counter,
     pub broker_listener_restarts: Counter,
@@ -180,6 +182,7 @@ impl Metrics {
             broker_reject_log: Mutex::new(HashMap::new()),
             broker_connections: Gauge::default(),
             broker_throttled: Counter::default(),
+            broker_paused: Counter::default(),
             broker_probe_failures: Counter::default(),
             broker_listener_restarts: Counter::default(),
             drop_totals: Mutex::new(HashMap::new()),
@@ -263,6 +266,11 @@ impl Metrics {
             "broker_throttled",
             "Times a sensor was slowed down by broker.max_publish_rate",
             m.broker_throttled.clone(),
+        );
+        registry.register(
+            "broker_paused",
+            "Times a sensor connection paused because ingest was behind the broker (backpressure)",
+            m.broker_paused.clone(),
         );
         registry.register(
             "broker_probe_failures",

@@ -19,10 +19,11 @@
 //!   corrupt while running is quarantined and replaced, like at startup.
 
 pub mod store;
+pub mod tail;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use crate::config::{QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
 pub use store::{Cursor, Limits, Stats, Store, StoreError, StoredEvent};
+use tail::Tail;
 
 enum Command {
     Append(Event),
@@ -39,7 +41,7 @@ enum Command {
     Lease {
         cursor: Cursor,
         limit: usize,
-        reply: oneshot::Sender<Vec<StoredEvent>>,
+        reply: oneshot::Sender<Leased>,
     },
     Stats(oneshot::Sender<Stats>),
 }
@@ -49,6 +51,16 @@ enum Command {
 pub struct QueueHandle {
     tx: flume::Sender<Command>,
     committed: watch::Receiver<u64>,
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// What a lease read from the file.
+pub struct Leased {
+    pub rows: Vec<StoredEvent>,
+    /// The last committed position when the rows were read (`None`: the read failed): when
+    /// fewer rows than asked for came back, nothing of either class up to here is left after
+    /// the cursor.
+    pub upto: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +102,8 @@ impl QueueHandle {
             .map_err(|_| QueueClosed)
     }
 
-    /// Committed events after `cursor`, alerts first.
-    pub async fn lease(
-        &self,
-        cursor: Cursor,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, QueueClosed> {
+    /// Committed events after `cursor`, alerts first, read from the file.
+    pub async fn lease(&self, cursor: Cursor, limit: usize) -> Result<Leased, QueueClosed> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Command::Lease {
@@ -106,6 +114,16 @@ impl QueueHandle {
             .await
             .map_err(|_| QueueClosed)?;
         rx.await.map_err(|_| QueueClosed)
+    }
+
+    /// Committed events after `cursor`, alerts first, from the in-memory tail of the latest
+    /// commits, without a trip to the writer thread; `None` when the file must answer (see
+    /// [`tail`]). Advances the cursor.
+    pub fn take_committed(&self, cursor: &mut Cursor, limit: usize) -> Option<Vec<StoredEvent>> {
+        match self.tail.lock() {
+            Ok(mut t) => t.take(cursor, limit),
+            Err(_) => None,
+        }
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueClosed> {
@@ -150,17 +168,28 @@ pub fn limits(cfg: &QueueConfig) -> Limits {
     }
 }
 
-/// Start the writer thread on an opened store.
+/// How much of the latest commits is kept in memory for the forwarder (`tail_events` 0: none,
+/// for a gateway without an upstream).
+pub const TAIL_BYTES: usize = 1 << 20;
+
+/// Start the writer thread on an opened store. `tail_events`: how many freshly committed events
+/// are kept in memory for the forwarder (at most [`TAIL_BYTES`] of them).
 pub fn start(
     store: Store,
     cfg: &QueueConfig,
     path: PathBuf,
     source: String,
     capacity: usize,
+    tail_events: usize,
     metrics: Arc<Metrics>,
 ) -> Result<(QueueHandle, QueueWriter), std::io::Error> {
     let (tx, rx) = flume::bounded(capacity);
     let (committed_tx, committed) = watch::channel(0);
+    let tail = Arc::new(Mutex::new(Tail::new(
+        store.next_pos(),
+        tail_events,
+        TAIL_BYTES,
+    )));
     metrics.queue_depth.set(store.depth() as i64);
     metrics.queue_bytes.set(store.bytes() as i64);
     metrics.set_last_sequence(store.next_seq().saturating_sub(1));
@@ -175,6 +204,7 @@ pub fn start(
         retry: VecDeque::new(),
         retry_limit: capacity.max(cfg.max_batch),
         committed: committed_tx,
+        tail: tail.clone(),
         metrics,
         last_error_log: None,
         last_maintenance: Instant::now(),
@@ -183,7 +213,11 @@ pub fn start(
         .name("edgegate-queue".into())
         .spawn(move || writer.run())?;
     Ok((
-        QueueHandle { tx, committed },
+        QueueHandle {
+            tx,
+            committed,
+            tail,
+        },
         QueueWriter {
             thread: Some(thread),
         },
@@ -202,6 +236,7 @@ struct Writer {
     retry: VecDeque<Event>,
     retry_limit: usize,
     committed: watch::Sender<u64>,
+    tail: Arc<Mutex<Tail>>,
     metrics: Arc<Metrics>,
     last_error_log: Option<Instant>,
     last_maintenance: Instant,
@@ -320,6 +355,7 @@ impl Writer {
                     );
                 }
                 self.publish_counters();
+                self.reset_tail();
                 // Let the forwarder look again (a replay or purge may have changed what is there).
                 self.committed.send_modify(|_| {});
             }
@@ -369,9 +405,17 @@ impl Writer {
                     "replay: acknowledged events queued again (same ids)"
                 );
                 self.publish_counters();
+                self.reset_tail();
                 self.committed.send_replace(c.last_pos);
             }
             Err(e) => tracing::error!(error = %e, "replay failed"),
+        }
+    }
+
+    /// Rows were removed or inserted out of order: the forwarder must read the file again.
+    fn reset_tail(&self) {
+        if let Ok(mut t) = self.tail.lock() {
+            t.reset(self.store.next_pos());
         }
     }
 
@@ -383,10 +427,21 @@ impl Writer {
     fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
+        let mut fresh: Vec<StoredEvent> = Vec::with_capacity(appends.len() + self.retry.len());
         let result = (|| {
             let mut txn = self.store.begin()?;
             for e in self.retry.iter().chain(appends.iter()) {
-                txn.append(e, &self.source)?;
+                if let store::Appended::Queued { seq, pos, body } = txn.append(e, &self.source)? {
+                    fresh.push(StoredEvent {
+                        pos,
+                        seq,
+                        class: e.class,
+                        time_us: store::micros(e.time),
+                        subject: e.subject.clone(),
+                        topic: e.upstream_topic.clone(),
+                        body,
+                    });
+                }
             }
             txn.ack(acks, now)?;
             if expire {
@@ -430,6 +485,16 @@ impl Writer {
                         r.expired,
                         &"older than queue.max_age",
                     );
+                }
+                if r.evicted > 0 || r.expired > 0 {
+                    // Rows left from the middle of the queue, perhaps from the tail too.
+                    self.reset_tail();
+                } else if !fresh.is_empty() {
+                    if let Ok(mut t) = self.tail.lock() {
+                        for e in fresh {
+                            t.push(e);
+                        }
+                    }
                 }
                 if c.appended > 0 {
                     self.committed.send_replace(c.last_pos);
@@ -481,6 +546,7 @@ impl Writer {
                 }
                 self.store = store;
                 self.publish_counters();
+                self.reset_tail();
             }
             Err(e) => {
                 tracing::error!(error = %e, "queue file is corrupt and could not be replaced")
@@ -495,14 +561,18 @@ impl Writer {
                 limit,
                 reply,
             } => {
-                let rows = match self.store.lease(cursor, limit) {
-                    Ok(rows) => rows,
+                let upto = Some(self.store.next_pos().saturating_sub(1));
+                let leased = match self.store.lease(cursor, limit) {
+                    Ok(rows) => Leased { rows, upto },
                     Err(e) => {
                         tracing::error!(error = %e, "queue read failed");
-                        Vec::new()
+                        Leased {
+                            rows: Vec::new(),
+                            upto: None,
+                        }
                     }
                 };
-                let _ = reply.send(rows);
+                let _ = reply.send(leased);
             }
             Command::Stats(reply) => match self.store.stats() {
                 Ok(s) => {

@@ -202,7 +202,7 @@ pub fn now_us() -> i64 {
     micros(SystemTime::now())
 }
 
-fn micros(t: SystemTime) -> i64 {
+pub(crate) fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
@@ -678,6 +678,11 @@ impl Store {
         self.bytes
     }
 
+    /// The position the next append will get.
+    pub fn next_pos(&self) -> u64 {
+        self.next_pos
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -771,13 +776,27 @@ pub struct Txn<'a> {
     removed: Removed,
 }
 
+/// Runs of consecutive positions, as inclusive ranges (the input in any order, duplicates
+/// allowed).
+fn runs(positions: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = positions.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in sorted {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == p => *b = p,
+            _ => out.push((p, p)),
+        }
+    }
+    out
+}
+
 /// What became of an appended event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    Queued {
-        seq: u64,
-        pos: u64,
-    },
+    /// Written (visible once the transaction commits); `body` is the frozen envelope.
+    Queued { seq: u64, pos: u64, body: Vec<u8> },
     /// The queue is full and `when_full = "drop_newest"`.
     Rejected,
 }
@@ -861,7 +880,7 @@ impl Txn<'_> {
         if event.class == Class::Alert {
             self.d_alerts += 1;
         }
-        Ok(Appended::Queued { seq, pos })
+        Ok(Appended::Queued { seq, pos, body })
     }
 
     /// Evict oldest events until `events`/`bytes` more fit: telemetry first; alerts only when no
@@ -984,40 +1003,41 @@ impl Txn<'_> {
         if positions.is_empty() {
             return Ok(());
         }
+        // Acknowledgements come in runs of consecutive positions: one range statement per run
+        // rather than one per event.
+        let runs = runs(positions);
+        let sqlite = |e| StoreError::Sqlite {
+            path: self.path.to_path_buf(),
+            source: e,
+        };
         let keep = !self.limits.keep_acked.is_zero();
         if keep {
             let mut copy = self
                 .tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO acked (pos, seq, class, time_us, acked_us, subject, topic, body)
-                     SELECT pos, seq, class, time_us, ?2, subject, topic, body FROM events WHERE pos = ?1",
+                     SELECT pos, seq, class, time_us, ?3, subject, topic, body FROM events WHERE pos BETWEEN ?1 AND ?2",
                 )
-                .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
-            for &pos in positions {
-                copy.execute(params![pos as i64, now_us])
-                    .map_err(|e| StoreError::Sqlite {
-                        path: self.path.to_path_buf(),
-                        source: e,
-                    })?;
+                .map_err(sqlite)?;
+            for &(a, b) in &runs {
+                copy.execute(params![a as i64, b as i64, now_us])
+                    .map_err(sqlite)?;
             }
         }
         let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
         let mut stmt = self
             .tx
-            .prepare_cached("DELETE FROM events WHERE pos = ?1 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
-            .map_err(|e| StoreError::Sqlite { path: self.path.to_path_buf(), source: e })?;
+            .prepare_cached("DELETE FROM events WHERE pos BETWEEN ?1 AND ?2 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
+            .map_err(sqlite)?;
         let (mut depth, mut bytes, mut alerts, mut newest_gone) = (0i64, 0i64, 0i64, false);
-        for &pos in positions {
-            let row: Option<(i64, i64, i64)> = stmt
-                .query_row(params![pos as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.to_path_buf(),
-                    source: e,
-                })?;
-            if let Some((seq, class, len)) = row {
+        for &(a, b) in &runs {
+            let mut rows = stmt.query(params![a as i64, b as i64]).map_err(sqlite)?;
+            while let Some(r) = rows.next().map_err(sqlite)? {
+                let (seq, class, len): (i64, i64, i64) = (
+                    r.get(0).map_err(sqlite)?,
+                    r.get(1).map_err(sqlite)?,
+                    r.get(2).map_err(sqlite)?,
+                );
                 depth += 1;
                 bytes += len + ROW_OVERHEAD as i64;
                 alerts += (class == 0) as i64;
@@ -1099,6 +1119,12 @@ mod tests {
     use super::*;
     use crate::event::{Data, TYPE_READING};
     use bytes::Bytes;
+
+    #[test]
+    fn acknowledgements_group_into_runs() {
+        assert_eq!(runs(&[5, 3, 4, 9, 1, 4]), vec![(1, 1), (3, 5), (9, 9)]);
+        assert!(runs(&[]).is_empty());
+    }
 
     pub(crate) fn ev(class: Class, subject: &str) -> Event {
         Event {

@@ -212,6 +212,7 @@ pub fn test_config(data_dir: &Path, upstream: Option<&str>) -> Config {
     c.broker.listen = "127.0.0.1:0".parse().unwrap();
     c.metrics.listen = None;
     c.upstream.topic_prefix = "edge/gw1".into();
+    c.upstream.batch_topic = "edge/gw1/batch".into();
     c.upstream.url = upstream.map(|u| parse_upstream_url(u).expect("url"));
     c.upstream.reconnect_min = Duration::from_millis(50);
     c.upstream.reconnect_max = Duration::from_millis(500);
@@ -354,6 +355,19 @@ impl Cloud {
         let got = self.envelopes();
         assert!(ok, "cloud received {} of {n} events", got.len());
         got
+    }
+
+    /// Every event received so far, batches (JSON arrays) opened, with the topic of the message
+    /// that carried it; and how many messages that was.
+    pub fn events(&self) -> (Vec<(String, Value)>, usize) {
+        let r = self.received.lock().unwrap();
+        let mut out = Vec::new();
+        for (t, p) in r.iter() {
+            for e in edgegate::consumer::envelopes(p).expect("an envelope or a batch") {
+                out.push((t.clone(), e));
+            }
+        }
+        (out, r.len())
     }
 
     /// Everything received so far, parsed as JSON.

@@ -1,0 +1,230 @@
+//! The committed tail: events the writer just committed, handed to the forwarder in memory.
+//!
+//! Without it, every commit costs a second trip to the writer thread and an SQLite read (a read
+//! transaction, its file locks, and a copy of each row) before the forwarder can send. The
+//! writer pushes each committed group here; the forwarder takes from here while it is caught up
+//! with the file, and reads the file otherwise (after a reconnect, behind a backlog, after the
+//! tail overflowed).
+//!
+//! Invariants:
+//! - Only committed events are pushed (after their transaction committed), in position order.
+//! - Every committed event with a position `>= start` that is still queued is in `events`, until
+//!   the forwarder takes it. When the tail is full, the oldest event is dropped from memory (not
+//!   from the queue) and `start` moves past it. Anything that removes or inserts rows out of order
+//!   (eviction, expiry, replay, a purge by the CLI, a replaced file) resets the tail to empty at
+//!   the next position, so the forwarder goes back to the file.
+//! - The forwarder may take from the tail only when its cursor for both classes is at or past
+//!   `start - 1`: then the file holds nothing for it that the tail does not.
+
+use std::collections::VecDeque;
+
+use super::store::{Cursor, StoredEvent};
+use crate::event::Class;
+
+pub struct Tail {
+    /// Lowest position the tail answers for.
+    start: u64,
+    /// Highest committed position pushed (or the one before `start` after a reset).
+    end: u64,
+    events: VecDeque<StoredEvent>,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+impl Tail {
+    /// A tail answering for positions from `next_pos` on; `max_events == 0` keeps nothing (no
+    /// upstream: nobody would take the events).
+    pub fn new(next_pos: u64, max_events: usize, max_bytes: usize) -> Tail {
+        Tail {
+            start: next_pos,
+            end: next_pos.saturating_sub(1),
+            events: VecDeque::new(),
+            bytes: 0,
+            max_events,
+            max_bytes,
+        }
+    }
+
+    /// Forget what is held; answer only for positions from `next_pos` on.
+    pub fn reset(&mut self, next_pos: u64) {
+        self.events.clear();
+        self.bytes = 0;
+        self.start = next_pos;
+        self.end = next_pos.saturating_sub(1);
+    }
+
+    /// A committed event (positions must grow).
+    pub fn push(&mut self, e: StoredEvent) {
+        if e.pos <= self.end {
+            // Out of order: cannot vouch for completeness any more.
+            self.reset(e.pos.max(self.end) + 1);
+            return;
+        }
+        self.end = e.pos;
+        if self.max_events == 0 {
+            self.start = self.end + 1;
+            return;
+        }
+        self.bytes += e.body.len();
+        self.events.push_back(e);
+        while self.events.len() > self.max_events || self.bytes > self.max_bytes {
+            let Some(old) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= old.body.len();
+            self.start = old.pos + 1;
+        }
+    }
+
+    /// Up to `limit` events after `cursor`, alerts first (like the file's lease), taken out of
+    /// the tail; `None` when the cursor is behind `start` (the file must answer). When every
+    /// event after the cursor was taken, the cursor moves to the end of the tail for both
+    /// classes.
+    pub fn take(&mut self, cursor: &mut Cursor, limit: usize) -> Option<Vec<StoredEvent>> {
+        if cursor.alert.min(cursor.telemetry).saturating_add(1) < self.start {
+            return None;
+        }
+        let mut out = Vec::new();
+        for class in [Class::Alert, Class::Telemetry] {
+            let after = match class {
+                Class::Alert => cursor.alert,
+                Class::Telemetry => cursor.telemetry,
+            };
+            let mut i = 0;
+            while i < self.events.len() && out.len() < limit {
+                let e = &self.events[i];
+                if e.class == class && e.pos > after {
+                    if let Some(e) = self.events.remove(i) {
+                        self.bytes -= e.body.len();
+                        out.push(e);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for e in &out {
+            cursor.advance(e);
+        }
+        let rest = self.events.iter().any(|e| match e.class {
+            Class::Alert => e.pos > cursor.alert,
+            Class::Telemetry => e.pos > cursor.telemetry,
+        });
+        if !rest {
+            cursor.alert = cursor.alert.max(self.end);
+            cursor.telemetry = cursor.telemetry.max(self.end);
+            // Taken or already behind the cursor: nothing left worth keeping.
+            self.events.clear();
+            self.bytes = 0;
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(pos: u64, class: Class) -> StoredEvent {
+        StoredEvent {
+            pos,
+            seq: pos,
+            class,
+            time_us: 0,
+            subject: "s".into(),
+            topic: "t".into(),
+            body: vec![b'x'; 10],
+        }
+    }
+
+    fn positions(v: &[StoredEvent]) -> Vec<u64> {
+        v.iter().map(|e| e.pos).collect()
+    }
+
+    #[test]
+    fn a_cursor_behind_the_tail_must_read_the_file() {
+        let mut t = Tail::new(5, 100, 1 << 20);
+        t.push(ev(5, Class::Telemetry));
+        let mut c = Cursor {
+            alert: 3,
+            telemetry: 4,
+        };
+        assert!(t.take(&mut c, 10).is_none(), "position 4 may hold an alert");
+        c.alert = 4;
+        assert_eq!(positions(&t.take(&mut c, 10).unwrap()), vec![5]);
+        assert_eq!((c.alert, c.telemetry), (5, 5));
+    }
+
+    #[test]
+    fn alerts_first_within_the_limit_and_the_rest_stays() {
+        let mut t = Tail::new(1, 100, 1 << 20);
+        for (p, c) in [
+            (1, Class::Telemetry),
+            (2, Class::Alert),
+            (3, Class::Telemetry),
+            (4, Class::Alert),
+        ] {
+            t.push(ev(p, c));
+        }
+        let mut c = Cursor::default();
+        assert_eq!(positions(&t.take(&mut c, 3).unwrap()), vec![2, 4, 1]);
+        assert_eq!((c.alert, c.telemetry), (4, 1));
+        assert_eq!(positions(&t.take(&mut c, 3).unwrap()), vec![3]);
+        assert_eq!((c.alert, c.telemetry), (4, 4));
+        assert!(t.take(&mut c, 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn overflow_moves_start_so_the_forwarder_reads_the_file() {
+        let mut t = Tail::new(1, 2, 1 << 20);
+        for p in 1..=5 {
+            t.push(ev(p, Class::Telemetry));
+        }
+        let mut c = Cursor::default();
+        assert!(
+            t.take(&mut c, 10).is_none(),
+            "1..=3 were dropped from memory"
+        );
+        c = Cursor {
+            alert: 3,
+            telemetry: 3,
+        };
+        assert_eq!(positions(&t.take(&mut c, 10).unwrap()), vec![4, 5]);
+        // Bytes bound too.
+        let mut t = Tail::new(1, 100, 25);
+        for p in 1..=5 {
+            t.push(ev(p, Class::Telemetry));
+        }
+        let mut c = Cursor {
+            alert: 3,
+            telemetry: 3,
+        };
+        assert_eq!(positions(&t.take(&mut c, 10).unwrap()), vec![4, 5]);
+    }
+
+    #[test]
+    fn reset_and_disabled_tails_answer_only_for_what_follows() {
+        let mut t = Tail::new(1, 100, 1 << 20);
+        t.push(ev(1, Class::Telemetry));
+        t.reset(10);
+        let mut c = Cursor {
+            alert: 5,
+            telemetry: 5,
+        };
+        assert!(t.take(&mut c, 10).is_none());
+        let mut off = Tail::new(1, 0, 0);
+        off.push(ev(1, Class::Telemetry));
+        let mut c = Cursor::default();
+        assert!(off.take(&mut c, 10).is_none());
+        // Out of order pushes (a replay) reset the tail.
+        let mut t = Tail::new(1, 100, 1 << 20);
+        t.push(ev(3, Class::Telemetry));
+        t.push(ev(2, Class::Telemetry));
+        let mut c = Cursor {
+            alert: 2,
+            telemetry: 2,
+        };
+        assert!(t.take(&mut c, 10).is_none());
+    }
+}
