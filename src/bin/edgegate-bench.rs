@@ -731,7 +731,9 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         },
         a.seconds
     );
-    println!("  sent {sent_n}, acked by edge {acked_n}, unique at cloud {unique}, duplicates {}, lost {lost}", dups.load(Ordering::Relaxed));
+    // "missing": acknowledged by the edge, not at the cloud by the end of the settle time (lost,
+    // or still queued at the edge: the edge's own drop counters tell which).
+    println!("  sent {sent_n}, acked by edge {acked_n}, unique at cloud {unique}, duplicates {}, missing at the end {lost}", dups.load(Ordering::Relaxed));
     println!("  delivered             {:>10.0} events/s", throughput);
     println!(
         "  latency ms            p50 {:.2}  p99 {:.2}  max {:.2}",
