@@ -28,6 +28,8 @@ pub struct Tail {
     end: u64,
     events: VecDeque<StoredEvent>,
     bytes: usize,
+    /// Alerts among `events` (the alert pass of `take` is skipped without them).
+    alerts: usize,
     max_events: usize,
     max_bytes: usize,
 }
@@ -41,6 +43,7 @@ impl Tail {
             end: next_pos.saturating_sub(1),
             events: VecDeque::new(),
             bytes: 0,
+            alerts: 0,
             max_events,
             max_bytes,
         }
@@ -50,6 +53,7 @@ impl Tail {
     pub fn reset(&mut self, next_pos: u64) {
         self.events.clear();
         self.bytes = 0;
+        self.alerts = 0;
         self.start = next_pos;
         self.end = next_pos.saturating_sub(1);
     }
@@ -67,12 +71,14 @@ impl Tail {
             return;
         }
         self.bytes += e.body.len();
+        self.alerts += (e.class == Class::Alert) as usize;
         self.events.push_back(e);
         while self.events.len() > self.max_events || self.bytes > self.max_bytes {
             let Some(old) = self.events.pop_front() else {
                 break;
             };
             self.bytes -= old.body.len();
+            self.alerts -= (old.class == Class::Alert) as usize;
             self.start = old.pos + 1;
         }
     }
@@ -87,6 +93,9 @@ impl Tail {
         }
         let mut out = Vec::new();
         for class in [Class::Alert, Class::Telemetry] {
+            if class == Class::Alert && self.alerts == 0 {
+                continue;
+            }
             let after = match class {
                 Class::Alert => cursor.alert,
                 Class::Telemetry => cursor.telemetry,
@@ -97,6 +106,7 @@ impl Tail {
                 if e.class == class && e.pos > after {
                     if let Some(e) = self.events.remove(i) {
                         self.bytes -= e.body.len();
+                        self.alerts -= (e.class == Class::Alert) as usize;
                         out.push(e);
                     }
                 } else {
@@ -117,6 +127,7 @@ impl Tail {
             // Taken or already behind the cursor: nothing left worth keeping.
             self.events.clear();
             self.bytes = 0;
+            self.alerts = 0;
         }
         Some(out)
     }
@@ -201,6 +212,104 @@ mod tests {
             telemetry: 3,
         };
         assert_eq!(positions(&t.take(&mut c, 10).unwrap()), vec![4, 5]);
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push(bool),
+            Take(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => any::<bool>().prop_map(Op::Push),
+                2 => (1usize..6).prop_map(Op::Take),
+            ]
+        }
+
+        /// The file's lease: events after the cursor, alerts first.
+        fn file_lease(file: &[StoredEvent], c: Cursor, limit: usize) -> Vec<StoredEvent> {
+            let mut out: Vec<StoredEvent> = file
+                .iter()
+                .filter(|e| e.class == Class::Alert && e.pos > c.alert)
+                .take(limit)
+                .cloned()
+                .collect();
+            let rest = limit - out.len();
+            out.extend(
+                file.iter()
+                    .filter(|e| e.class == Class::Telemetry && e.pos > c.telemetry)
+                    .take(rest)
+                    .cloned(),
+            );
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            /// A forwarder that takes from the tail when it may and reads the file otherwise
+            /// (as the forwarder does) gets every committed event exactly once, in order within
+            /// each class, whatever the tail's size and the interleaving.
+            #[test]
+            fn tail_and_file_together_deliver_everything_once_in_order(
+                ops in proptest::collection::vec(op(), 1..80),
+                cap in 0usize..6,
+            ) {
+                let mut tail = Tail::new(1, cap, 1 << 20);
+                let mut file: Vec<StoredEvent> = Vec::new();
+                let mut cursor = Cursor::default();
+                let mut synced = false;
+                let mut got: Vec<StoredEvent> = Vec::new();
+                let mut drain = |tail: &mut Tail, file: &[StoredEvent], cursor: &mut Cursor,
+                                 synced: &mut bool, limit: usize| -> usize {
+                    let rows = match synced.then(|| tail.take(cursor, limit)).flatten() {
+                        Some(rows) => rows,
+                        None => {
+                            let rows = file_lease(file, *cursor, limit);
+                            for r in &rows {
+                                cursor.advance(r);
+                            }
+                            if rows.len() < limit {
+                                let upto = file.last().map(|e| e.pos).unwrap_or(0);
+                                cursor.alert = cursor.alert.max(upto);
+                                cursor.telemetry = cursor.telemetry.max(upto);
+                                *synced = true;
+                            }
+                            rows
+                        }
+                    };
+                    let n = rows.len();
+                    got.extend(rows);
+                    n
+                };
+                for op in ops {
+                    match op {
+                        Op::Push(alert) => {
+                            let pos = file.len() as u64 + 1;
+                            let e = ev(pos, if alert { Class::Alert } else { Class::Telemetry });
+                            file.push(e.clone());
+                            tail.push(e);
+                        }
+                        Op::Take(limit) => {
+                            drain(&mut tail, &file, &mut cursor, &mut synced, limit);
+                        }
+                    }
+                }
+                while drain(&mut tail, &file, &mut cursor, &mut synced, 4) > 0 {}
+                let mut positions: Vec<u64> = got.iter().map(|e| e.pos).collect();
+                for class in [Class::Alert, Class::Telemetry] {
+                    let seen: Vec<u64> =
+                        got.iter().filter(|e| e.class == class).map(|e| e.pos).collect();
+                    prop_assert!(seen.windows(2).all(|w| w[0] < w[1]), "order {:?}", seen);
+                }
+                positions.sort_unstable();
+                prop_assert_eq!(positions, (1..=file.len() as u64).collect::<Vec<_>>());
+            }
+        }
     }
 
     #[test]
