@@ -294,6 +294,9 @@ listen = "localhost"
 [upstream]
 url = "http://cloud"
 inflight = 0
+batch_events = 10
+batch_bytes = "4MiB"
+batch_topic = "edge/+/batch"
 [queue]
 sync = "maybe"
 [metrics]
@@ -315,6 +318,8 @@ match = "a/#/b"
         "broker.listen",
         "upstream.url",
         "upstream.inflight",
+        "upstream.batch_bytes",
+        "upstream.batch_topic",
         "queue.sync",
         "metrics.listen",
         "rules[0].match",
