@@ -91,7 +91,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Bytes this process has caused to be written to storage (/proc/self/io `write_bytes`).
 fn disk_write_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
+    io_write_bytes("/proc/self/io")
+}
+
+/// `write_bytes` of a /proc/*/io file (0 when unreadable).
+fn io_write_bytes(path: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
@@ -445,15 +450,7 @@ struct LoadArgs {
 
 /// Bytes `pid` has caused to be written to storage.
 fn pid_write_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("write_bytes: ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
+    io_write_bytes(&format!("/proc/{pid}/io"))
 }
 
 /// A relay on 127.0.0.1:`listen` to 127.0.0.1:`target` that can be cut (refuses and drops
