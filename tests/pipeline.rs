@@ -209,6 +209,52 @@ async fn batches_carry_many_events_per_message_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_too_big_to_share_a_batch_still_flow() {
+    // Each event fills a batch on its own: a lease of `inflight` events becomes that many
+    // messages, far more than the window of inflight / batch_events messages.
+    let mut cloud_broker = Mosquitto::start_persistent();
+    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-big").await;
+    cloud_broker.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), Some(&cloud_broker.url()));
+    config.upstream.batch_events = 20;
+    config.upstream.inflight = 40;
+    config.upstream.batch_bytes = 1024;
+    let gw = start_gateway(config).await;
+    let sensor = Sensor::connect(gw.broker_addr, "big").await;
+    for i in 0..300 {
+        sensor
+            .publish(
+                "sensors/big/v",
+                format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(700)),
+            )
+            .await;
+    }
+    sensor.wait_acked(300).await;
+    assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 300).await);
+    cloud_broker.restart();
+    assert!(eventually(WAIT, || gw.upstream_connected()).await);
+    let reconnects = gw.metrics().upstream_reconnects.get();
+    assert!(
+        eventually(WAIT, || gw.metrics().events_forwarded.get() == 300).await,
+        "forwarded {} of 300, {} reconnects",
+        gw.metrics().events_forwarded.get(),
+        gw.metrics().upstream_reconnects.get()
+    );
+    let (got, messages) = cloud.events();
+    assert_eq!(messages, 300, "one event per batch");
+    let (unique, _, missing) = dedup(&got);
+    assert_eq!(unique.len(), 300);
+    assert!(missing.is_empty());
+    assert_eq!(
+        gw.metrics().upstream_reconnects.get(),
+        reconnects,
+        "no connection was dropped"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequence_continues_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     // First run: no upstream, three readings queue up.

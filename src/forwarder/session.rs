@@ -61,7 +61,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// Queue a QoS 1 publish (never waits; the channel holds twice the window).
+    /// Queue a QoS 1 publish (never waits; the channel holds what one lease can turn into).
     pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
         (self.publish)(topic, payload)
     }
@@ -72,7 +72,10 @@ impl Session {
 
     /// Open a session (the connection is made by the event loop task).
     pub fn open(cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Session {
-        let cap = window * 2 + 16;
+        // A lease takes up to window x batch_events events; when they do not share batches
+        // (alerts, events near batch_bytes) that is as many messages, which wait here for
+        // rumqttc's in-flight limit (the window) rather than fail the connection.
+        let cap = window.saturating_mul(cfg.batch_events.max(2)) + 16;
         let (tx, events) = flume::bounded::<Result<Up, String>>(cap);
         let mut net = rumqttc::NetworkOptions::new();
         // Small packets, many in flight: without TCP_NODELAY, Nagle's algorithm and the peer's
