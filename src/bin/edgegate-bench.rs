@@ -348,12 +348,7 @@ async fn bench_drain(
     gw.shutdown().await;
     let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort_unstable();
-    let pct = |q: f64| {
-        l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let pct = |q: f64| percentile_ms(&l, q);
     println!("drain of {events} events with {live} live readings/s beside it (batch_events {batch}, inflight {inflight})");
     println!(
         "  drain rate            {:>10.0} events/s ({:.1} s)",
@@ -382,6 +377,12 @@ async fn bench_drain(
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The `q` quantile of sorted latencies in µs, in ms (0 without samples).
+fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
+    let i = ((sorted_us.len() as f64 * q) as usize).min(sorted_us.len().saturating_sub(1));
+    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
 }
 
 /// Resident set size of `pid` in kB.
@@ -704,12 +705,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     let unique = seen.lock().map(|s| s.len()).unwrap_or(0) as u64;
     let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort_unstable();
-    let pct = |q: f64| {
-        l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let pct = |q: f64| percentile_ms(&l, q);
     // Delivered rate: unique events over the time from the first to the last arrival.
     let (first, last) = window.lock().map(|w| *w).unwrap_or((0, 0));
     let span = ((last.saturating_sub(first)) as f64 / 1e6)

@@ -170,6 +170,15 @@ fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 const COALESCE: usize = 64 * 1024;
 
+/// Write what `out` holds (if anything) and empty it.
+async fn flush<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> std::io::Result<()> {
+    if !out.is_empty() {
+        w.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
 /// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -892,13 +901,10 @@ async fn relay<S: Io>(
         // Checked packets not yet written: passed on together while more are already buffered.
         let mut out = BytesMut::new();
         'frames: loop {
-            if !out.is_empty()
-                && (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
+            if (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
+                && flush(&mut iw, &mut out).await.is_err()
             {
-                if iw.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
+                return;
             }
             let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
                 Ok(Some(f)) => f,
@@ -965,10 +971,9 @@ async fn relay<S: Io>(
                     last = now;
                     if tokens < 1.0 {
                         guard.metrics.broker_throttled.inc();
-                        if iw.write_all(&out).await.is_err() {
+                        if flush(&mut iw, &mut out).await.is_err() {
                             return;
                         }
-                        out.clear();
                         let wait = (1.0 - tokens) / rate;
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                         tokens = 1.0;
@@ -981,10 +986,9 @@ async fn relay<S: Io>(
                         if pressure.over() {
                             // The router holds too much that ingest has not taken yet: pass on
                             // what is checked, then stop reading from this sensor for a while.
-                            if iw.write_all(&out).await.is_err() {
+                            if flush(&mut iw, &mut out).await.is_err() {
                                 return;
                             }
-                            out.clear();
                             guard.metrics.broker_paused.inc();
                             pressure.wait().await;
                         }
@@ -1037,9 +1041,7 @@ async fn relay<S: Io>(
         }
         // What passed the checks before the connection ended (or before a refused packet)
         // still goes on, as it would have one packet at a time.
-        if !out.is_empty() {
-            let _ = iw.write_all(&out).await;
-        }
+        let _ = flush(&mut iw, &mut out).await;
     };
     let down = async {
         // Framed, so that injected packets go between the broker's packets, never inside one.

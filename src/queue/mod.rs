@@ -205,6 +205,7 @@ pub fn start(
         retry_limit: capacity.max(cfg.max_batch),
         committed: committed_tx,
         tail: tail.clone(),
+        tail_keeps: tail_events > 0,
         metrics,
         last_error_log: None,
         last_maintenance: Instant::now(),
@@ -237,6 +238,8 @@ struct Writer {
     retry_limit: usize,
     committed: watch::Sender<u64>,
     tail: Arc<Mutex<Tail>>,
+    /// The tail keeps events (there is an upstream): only then are committed rows copied.
+    tail_keeps: bool,
     metrics: Arc<Metrics>,
     last_error_log: Option<Instant>,
     last_maintenance: Instant,
@@ -427,11 +430,14 @@ impl Writer {
     fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
-        let mut fresh: Vec<StoredEvent> = Vec::with_capacity(appends.len() + self.retry.len());
+        let mut fresh: Vec<StoredEvent> = Vec::new();
         let result = (|| {
             let mut txn = self.store.begin()?;
             for e in self.retry.iter().chain(appends.iter()) {
-                if let store::Appended::Queued { seq, pos, body } = txn.append(e, &self.source)? {
+                let appended = txn.append(e, &self.source)?;
+                if let (true, store::Appended::Queued { seq, pos, body }) =
+                    (self.tail_keeps, appended)
+                {
                     fresh.push(StoredEvent {
                         pos,
                         seq,

@@ -58,6 +58,11 @@ impl Tail {
         self.end = next_pos.saturating_sub(1);
     }
 
+    /// Does this tail keep events at all (a gateway with an upstream)?
+    pub fn keeps(&self) -> bool {
+        self.max_events > 0
+    }
+
     /// A committed event (positions must grow).
     pub fn push(&mut self, e: StoredEvent) {
         if e.pos <= self.end {
@@ -66,10 +71,6 @@ impl Tail {
             return;
         }
         self.end = e.pos;
-        if self.max_events == 0 {
-            self.start = self.end + 1;
-            return;
-        }
         self.bytes += e.body.len();
         self.alerts += (e.class == Class::Alert) as usize;
         self.events.push_back(e);
@@ -88,7 +89,7 @@ impl Tail {
     /// event after the cursor was taken, the cursor moves to the end of the tail for both
     /// classes.
     pub fn take(&mut self, cursor: &mut Cursor, limit: usize) -> Option<Vec<StoredEvent>> {
-        if cursor.alert.min(cursor.telemetry).saturating_add(1) < self.start {
+        if !self.keeps() || cursor.alert.min(cursor.telemetry).saturating_add(1) < self.start {
             return None;
         }
         let mut out = Vec::new();
