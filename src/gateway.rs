@@ -6,8 +6,8 @@
 //! ```
 //!
 //! Startup: queue (open, integrity), broker (listening), stages, metrics endpoint; only then is
-//! the gateway ready. Shutdown goes from the edge inwards: stop accepting sensors, drain the
-//! ingest link, let the rules hand everything to the queue, let the forwarder wait for in-flight
+//! the gateway ready. Shutdown goes from the edge inwards: stop accepting sensors and end their
+//! sessions (nothing more reaches rumqttd, which would PUBACK it), drain the ingest link, let the rules hand everything to the queue, let the forwarder wait for in-flight
 //! PUBACKs (up to a deadline), commit, close the file.
 
 use std::net::SocketAddr;
@@ -307,7 +307,9 @@ impl Gateway {
     pub async fn shutdown(self) -> Option<Stats> {
         systemd::stopping();
         tracing::info!("shutting down");
-        self.broker.stop_listeners();
+        // Its health checks would report the listeners closed below as a failure.
+        self.supervisor.abort();
+        self.broker.stop_listeners().await;
         let _ = self.shutdown_tx.send(true);
         match self.ingest.await {
             Ok(IngestEnd::LinkLost(e)) => {
@@ -322,7 +324,6 @@ impl Gateway {
         if let Err(e) = self.forwarder.await {
             tracing::error!(error = %e, "forwarder task failed");
         }
-        self.supervisor.abort();
         if let Some(h) = self.http {
             h.abort();
         }

@@ -164,6 +164,79 @@ async fn a_burst_faster_than_the_queue_is_held_back_not_skipped() {
     gw.shutdown().await;
 }
 
+/// A graceful stop while sensors keep publishing flat out: every reading a sensor got a PUBACK
+/// for is in the queue afterwards. (The guard must stop relaying before ingest stops taking:
+/// rumqttd PUBACKs whatever reaches it, whether or not anyone will read it.)
+#[test]
+fn a_stop_under_load_keeps_every_acknowledged_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let acked: Vec<u64> = rt.block_on(async {
+        let gw = start_gateway(test_config(dir.path(), None)).await;
+        let mut sensors = Vec::new();
+        for s in 0..4 {
+            sensors.push(Sensor::connect(gw.broker_addr, &format!("stop-{s}")).await);
+        }
+        let publishers: Vec<_> = sensors
+            .iter()
+            .enumerate()
+            .map(|(s, sensor)| {
+                let client = sensor.client.clone();
+                tokio::spawn(async move {
+                    for i in 0u64.. {
+                        let topic = format!("sensors/s{s}/v");
+                        let qos = rumqttc::QoS::AtLeastOnce;
+                        if client
+                            .publish(topic, qos, false, i.to_string())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let total = || sensors.iter().map(|s| s.acked()).sum::<u64>();
+        assert!(eventually(WAIT, || total() >= 4000).await);
+        // (Before the guard closed its sessions, this never ended: ingest waits for a quiet
+        // moment that sensors publishing flat out never gave it.)
+        let stop = tokio::time::timeout(Duration::from_secs(30), gw.shutdown()).await;
+        assert!(stop.is_ok(), "the stop did not finish within 30 s");
+        // Whatever PUBACK is still on its way arrives now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for p in publishers {
+            p.abort();
+        }
+        sensors.iter().map(|s| s.acked()).collect()
+    });
+    drop(rt);
+    let mut queued: HashMap<String, Vec<u64>> = HashMap::new();
+    for line in edgegate_cli(dir.path(), &["queue", "export"]).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let subject = v["event"]["subject"].as_str().unwrap().to_string();
+        let value = v["event"]["data"].as_f64().unwrap() as u64;
+        queued.entry(subject).or_default().push(value);
+    }
+    for (s, &n) in acked.iter().enumerate() {
+        let got = queued
+            .remove(&format!("sensors/s{s}/v"))
+            .unwrap_or_default();
+        let got: std::collections::HashSet<u64> = got.into_iter().collect();
+        let missing: Vec<u64> = (0..n).filter(|i| !got.contains(i)).collect();
+        assert!(
+            missing.is_empty(),
+            "sensor {s}: {} of {n} PUBACKed readings are not in the queue (first {:?})",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_load_loses_only_the_commit_window() {
     let cloud_broker = Mosquitto::start();
@@ -486,19 +559,7 @@ fn queue_cli_peek_export_purge_replay() {
         assert!(eventually(WAIT, || gw.metrics().events_committed.get() == 5).await);
         gw.shutdown().await;
     });
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(args)
-            .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| edgegate_cli(dir.path(), args);
     let peek = cli(&["queue", "peek", "-n", "2", "--topic", "sensors/a/#"]);
     let lines: Vec<serde_json::Value> = peek
         .lines()

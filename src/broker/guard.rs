@@ -84,6 +84,8 @@ pub struct Guard {
     /// prefix, so no sensor can take it.
     pub probe_id: String,
     active: AtomicUsize,
+    /// Set when the gateway stops: every session ends at once, relaying nothing more.
+    closing: watch::Sender<bool>,
     auth_slots: Semaphore,
     hasher: ahash::RandomState,
     topics: Mutex<HashSet<u64>>,
@@ -309,6 +311,7 @@ impl Guard {
             secret: uuid::Uuid::new_v4().simple().to_string(),
             probe_id: format!("{RESERVED_PREFIX}probe-{}", uuid::Uuid::new_v4().simple()),
             active: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
             auth_slots: Semaphore::new(AUTH_SLOTS),
             hasher: ahash::RandomState::new(),
             topics: Mutex::new(HashSet::new()),
@@ -329,6 +332,17 @@ impl Guard {
     #[doc(hidden)]
     pub fn secret_for_tests(&self) -> &str {
         &self.secret
+    }
+
+    /// Stop relaying: every open session ends (sensor and broker sides closed) without passing
+    /// on anything more. What rumqttd has already received stays in its log for ingest.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Connections admitted and not yet ended.
+    pub fn open_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
     }
 
     fn admit(self: &Arc<Guard>) -> Option<Admitted> {
@@ -457,26 +471,36 @@ pub async fn accept_loop(
         let guard = guard.clone();
         let tls = tls.clone();
         let target = *target.borrow();
+        let mut closing = guard.closing.subscribe();
         tokio::spawn(async move {
             let _admitted = admitted;
-            match tls {
-                Some(acceptor) => {
-                    match tokio::time::timeout(
-                        guard.policy.connect_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => session(s, peer, v5, target, guard).await,
-                        Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
-                        Err(_) => guard.reject(
-                            "tls_handshake_timeout",
-                            peer,
-                            &"no TLS handshake within broker.connection_timeout",
-                        ),
+            let work = async move {
+                match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            guard.policy.connect_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => session(s, peer, v5, target, guard).await,
+                            Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
+                            Err(_) => guard.reject(
+                                "tls_handshake_timeout",
+                                peer,
+                                &"no TLS handshake within broker.connection_timeout",
+                            ),
+                        }
                     }
+                    None => session(stream, peer, v5, target, guard).await,
                 }
-                None => session(stream, peer, v5, target, guard).await,
+            };
+            // Stopping: the session is dropped wherever it is. A packet cut off in the middle
+            // of its write to rumqttd is incomplete there and never PUBACKed; the sensor sends
+            // it again after it reconnects.
+            tokio::select! {
+                _ = work => {}
+                _ = closing.wait_for(|c| *c) => {}
             }
         });
     }

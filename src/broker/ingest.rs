@@ -28,7 +28,11 @@ use crate::decode::Payload;
 use crate::event::Reading;
 use crate::ops::metrics::{DropReason, Metrics};
 
+/// Shutting down: quiet this long with nothing relayed left untaken, and the drain is over.
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
+/// ...or quiet this long while the counts say something relayed was not taken (a publish
+/// rumqttd refused, a packet cut off when the guard closed: the counts are not exact).
+const DRAIN_UNCOUNTED: Duration = Duration::from_secs(1);
 
 /// The gateway's own topic namespace.
 pub const OWN_PREFIX: &str = "edgegate/";
@@ -63,11 +67,26 @@ impl Ingest {
         let mut active = true;
         loop {
             let n = if draining {
-                // Shutting down: the listeners are closed; take what the router still holds
-                // for us (already PUBACKed to sensors) until it has been quiet for a moment.
-                match tokio::time::timeout(DRAIN_IDLE, self.link.next()).await {
+                // Shutting down: the guard's sessions have ended; take what the router still
+                // holds for us (already PUBACKed to sensors) until all that the guard relayed
+                // has been taken and it has been quiet for a moment.
+                let left = self.pressure.as_ref().map_or(0, |p| p.backlog());
+                let quiet = if left == 0 {
+                    DRAIN_IDLE
+                } else {
+                    DRAIN_UNCOUNTED
+                };
+                match tokio::time::timeout(quiet, self.link.next()).await {
                     Ok(n) => n,
-                    Err(_) => return IngestEnd::Shutdown,
+                    Err(_) => {
+                        if left > 0 {
+                            tracing::info!(
+                                bytes = left,
+                                "ingest stopped with relayed bytes not seen on its link (refused by rumqttd or cut off at the close)"
+                            );
+                        }
+                        return IngestEnd::Shutdown;
+                    }
                 }
             } else {
                 tokio::select! {

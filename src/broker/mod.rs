@@ -57,6 +57,10 @@ type ListenerFactory = dyn Fn(&str, SocketAddr, bool) -> JoinHandle<()> + Send +
 /// Probe timeout: a healthy listener answers a CONNECT in milliseconds.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Longest wait for the guard's sessions to end when the broker stops (they end at their next
+/// poll; this only matters for a runtime starved of CPU).
+const SESSIONS_END: Duration = Duration::from_secs(2);
+
 /// An internal rumqttd listener (127.0.0.1, guard's secret only) behind a public one.
 struct Internal {
     name: &'static str,
@@ -317,11 +321,27 @@ impl Broker {
         (self.links)(client_id)
     }
 
-    /// Stop accepting connections. The router thread itself has no stop API in rumqttd 0.20;
-    /// it ends with the process.
-    pub fn stop_listeners(&self) {
+    /// Stop accepting connections and end every open one, so that nothing reaches rumqttd
+    /// after this returns: rumqttd PUBACKs whatever reaches it, and once ingest has stopped
+    /// nobody would take it (sensors publishing through a shutdown got PUBACKs for readings
+    /// that were never queued, and ingest never saw the quiet it waits for). Returns once every
+    /// session has ended, or after [`SESSIONS_END`] (then logged). The router thread itself has
+    /// no stop API in rumqttd 0.20; it ends with the process.
+    pub async fn stop_listeners(&self) {
         for p in &self.publics {
             p.task.abort();
+        }
+        self.guard.close();
+        let deadline = Instant::now() + SESSIONS_END;
+        while self.guard.open_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let open = self.guard.open_connections();
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "sensor connections still open {SESSIONS_END:?} after the broker began to stop"
+            );
         }
         for i in &self.internals {
             if let Ok(t) = i.task.lock() {

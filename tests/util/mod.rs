@@ -225,6 +225,21 @@ pub fn test_config(data_dir: &Path, upstream: Option<&str>) -> Config {
     c
 }
 
+/// Run the `edgegate` binary's CLI (e.g. `queue export`) on the data dir `dir`; its stdout.
+pub fn edgegate_cli(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(args)
+        .env("EDGEGATE__GATEWAY__DATA_DIR", dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub async fn start_gateway(config: Config) -> Gateway {
     init_logs();
     edgegate::init_crypto();
