@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-SCENARIOS=${SCENARIOS:-"queue throughput latency outage crash backlog"}
+SCENARIOS=${SCENARIOS:-"queue throughput latency outage crash backlog cpu"}
 OUT=${OUT:-$REPO/bench/results}
 mkdir -p "$OUT"
 command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install -y mosquitto)"; exit 1; }
@@ -129,6 +129,22 @@ for sc in $SCENARIOS; do
             esac
             wait $L || true; stop_edge
         done ;;
+    cpu)
+        # CPU at 1,000 events/s, three rounds of 20 s each, beside two references: the bridge, and
+        # rumqttd alone (`edgegate-bench floor`: the gateway's router settings, no guard, one
+        # link that takes every publish and drops it), the floor under anything edgegate adds.
+        for round in 1 2 3; do
+            start_mosquitto_edge $CLOUD false
+            load cpu-mosquitto-$round $EDGE_MQ --pid $EDGE_PID --rate 1000 --seconds 20 --settle 5 >/dev/null; stop_edge
+            "$BENCH" floor --listen 127.0.0.1:$EDGE_EG >"$WORK/floor.log" 2>&1 & EDGE_PID=$!; PIDS+=($EDGE_PID); wait_port $EDGE_EG
+            load cpu-rumqttd-floor-$round $EDGE_EG --pid $EDGE_PID --rate 1000 --seconds 20 --settle 0 >/dev/null; stop_edge
+            start_edgegate $CLOUD
+            load cpu-edgegate-$round $EDGE_EG --pid $EDGE_PID --rate 1000 --seconds 20 --settle 5 >/dev/null; stop_edge
+        done
+        for sys in mosquitto rumqttd-floor edgegate; do
+            printf '%-15s CPU %% of one core at 1,000 events/s, rounds 1-3: %s\n' "$sys" \
+                "$(for r in 1 2 3; do awk -F': ' '/"cpu_pct"/ {printf "%.1f\n", $2}' "$OUT/cpu-$sys-$r.json"; done | paste -sd' ')"
+        done | tee "$OUT/cpu.txt" ;;
     backlog)
         "$BENCH" drain --upstream mqtt://127.0.0.1:$CLOUD --events 1000000 --live 1000 --json "$OUT/backlog-edgegate.json" | tee "$OUT/backlog.txt"
         "$BENCH" drain --upstream mqtt://127.0.0.1:$CLOUD --events 1000000 --live 1000 --batch 100 --inflight 1000 --json "$OUT/backlog-edgegate-batched.json" | tee "$OUT/backlog-batched.txt" ;;

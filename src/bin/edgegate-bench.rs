@@ -10,6 +10,11 @@
 //!       sensors publish QoS 1 JSON readings (~100 B) to an edge broker (edgegate or a Mosquitto
 //!       bridge); a cloud subscriber counts unique, duplicate and lost readings and end-to-end
 //!       latency. Prints a table and writes JSON.
+//!   edgegate-bench floor  --listen HOST:PORT [--no-link]
+//!       rumqttd alone, with the gateway's router settings and one in-process link that takes
+//!       every publish and does nothing with it (what ingest's link costs, without ingest): the
+//!       cost of the broker the gateway is built on, before anything of the gateway's own.
+//!       Runs until killed; measure it with `load --pid`.
 //!
 //! Every figure in the README's benchmark section comes from these commands (see
 //! bench/run.sh for the side-by-side runs).
@@ -67,6 +72,14 @@ enum Cmd {
     },
     /// Sensors -> edge broker -> cloud broker -> subscriber.
     Load(LoadArgs),
+    /// rumqttd alone (the gateway's router settings, no guard), with one counting link.
+    Floor {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// No link: rumqttd with nobody subscribed.
+        #[arg(long)]
+        no_link: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,7 +99,54 @@ fn main() -> anyhow::Result<()> {
             json,
         } => rt.block_on(bench_drain(&upstream, events, live, batch, inflight, json)),
         Cmd::Load(args) => rt.block_on(bench_load(args)),
+        Cmd::Floor { listen, no_link } => rt.block_on(bench_floor(listen, no_link)),
     }
+}
+
+/// `floor`: rumqttd with the settings the gateway gives it, a plain listener (no guard) and, unless
+/// `no_link`, one in-process link subscribed to `#` like ingest's, which only counts.
+async fn bench_floor(listen: std::net::SocketAddr, no_link: bool) -> anyhow::Result<()> {
+    use rumqttd::{local::LinkBuilder, protocol::v4::V4, LinkType, Notification, Server};
+    let cfg = Config::defaults();
+    let (router_cfg, connections) = edgegate::broker::rumqttd_settings(&cfg.broker);
+    let router_tx = rumqttd::Router::new(0, router_cfg).spawn();
+    let (mut link_tx, mut link_rx, _) = LinkBuilder::new("floor", router_tx.clone())
+        .clean_session(true)
+        .dynamic_filters(true)
+        .build()?;
+    if !no_link {
+        link_tx.subscribe("#")?;
+    }
+    let server = rumqttd::ServerSettings {
+        name: "floor".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let server = tokio::spawn(async move {
+        Server::new(server, router_tx, V4)
+            .start(LinkType::Remote)
+            .await
+    });
+    println!("rumqttd listening on {listen} (link: {})", !no_link);
+    let mut taken = 0u64;
+    loop {
+        tokio::select! {
+            n = link_rx.next() => match n? {
+                Some(Notification::Forward(_)) => taken += 1,
+                Some(Notification::Unschedule) => link_rx.wake().await?,
+                _ => {}
+            },
+            r = tokio::signal::ctrl_c() => {
+                r?;
+                break;
+            }
+        }
+    }
+    server.abort();
+    println!("link took {taken} publishes");
+    Ok(())
 }
 
 /// Bytes this process has caused to be written to storage (/proc/self/io `write_bytes`).

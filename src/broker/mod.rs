@@ -91,6 +91,36 @@ pub struct Broker {
     pub addr_tls: Option<SocketAddr>,
 }
 
+/// rumqttd's router and connection settings for `cfg`, without authentication (the gateway adds
+/// the guard's secret check; `edgegate-bench floor` runs rumqttd alone with these).
+pub fn rumqttd_settings(cfg: &BrokerConfig) -> (RouterConfig, ConnectionSettings) {
+    let router_cfg = RouterConfig {
+        // The guard enforces broker.max_connections; the router's own limit (whose refusal
+        // path poisons a listener in rumqttd 0.20) must never be reached first: room for the
+        // gateway's links, the probe and connections still closing.
+        max_connections: cfg.max_connections.saturating_mul(2).saturating_add(16),
+        // Per read from a filter log to one QoS 0 subscriber (our links).
+        max_outgoing_packet_count: 200,
+        max_segment_size: cfg.segment_size,
+        max_segment_count: cfg.segment_count,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let settings = ConnectionSettings {
+        // The guard already enforced broker.connection_timeout; the CONNECT it relays
+        // arrives at once.
+        connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
+        max_payload_size: cfg.max_payload_size,
+        // rumqttd reads at most this many packets per batch from one connection.
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    (router_cfg, settings)
+}
+
 impl Broker {
     /// Start the router, without listeners: create the gateway's links now, so they are
     /// subscribed before the first sensor can connect (a publish that reaches the router before
@@ -123,31 +153,8 @@ impl Broker {
                 ))
             }),
         );
-        let router_cfg = RouterConfig {
-            // The guard enforces broker.max_connections; the router's own limit (whose refusal
-            // path poisons a listener in rumqttd 0.20) must never be reached first: room for the
-            // gateway's links, the probe and connections still closing.
-            max_connections: cfg.max_connections.saturating_mul(2).saturating_add(16),
-            // Per read from a filter log to one QoS 0 subscriber (our links).
-            max_outgoing_packet_count: 200,
-            max_segment_size: cfg.segment_size,
-            max_segment_count: cfg.segment_count,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        };
+        let (router_cfg, mut settings) = rumqttd_settings(cfg);
         let router_tx = rumqttd::Router::new(0, router_cfg).spawn();
-        let mut settings = ConnectionSettings {
-            // The guard already enforced broker.connection_timeout; the CONNECT it relays
-            // arrives at once.
-            connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
-            max_payload_size: cfg.max_payload_size,
-            // rumqttd reads at most this many packets per batch from one connection.
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        };
         let g = guard.clone();
         settings.set_auth_handler(move |_client_id, _user, password: String| {
             let ok = g.internal_password_ok(&password);
