@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks: edgegate vs a Mosquitto bridge, same machine, same load, same run.
 #
-#   bench/run.sh            # all scenarios (~10 min); results in bench/results/*.json and a table
+#   bench/run.sh            # all scenarios (~20 min); results in bench/results/*.json and a table
 #   SCENARIOS="throughput latency" bench/run.sh
 #
 # The peer: Mosquitto (Debian package) as the edge broker, bridged to a second Mosquitto playing the
