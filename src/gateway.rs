@@ -7,8 +7,9 @@
 //!
 //! Startup: queue (open, integrity), broker (listening), stages, metrics endpoint; only then is
 //! the gateway ready. Shutdown goes from the edge inwards: stop accepting sensors and end their
-//! sessions (nothing more reaches rumqttd, which would PUBACK it), drain the ingest link, let the rules hand everything to the queue, let the forwarder wait for in-flight
-//! PUBACKs (up to a deadline), commit, close the file.
+//! sessions (nothing more reaches rumqttd, which would PUBACK it), drain the ingest link, let
+//! the rules hand everything to the queue, let the forwarder wait for in-flight PUBACKs (up to
+//! a deadline), commit, close the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -29,10 +29,7 @@ async fn ten_thousand_readings_during_an_outage_all_arrive_in_order() {
     let link = Link::start(cloud_broker.port, false).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = start_gateway(test_config(dir.path(), Some(&link.url()))).await;
-    let mut sensors = Vec::new();
-    for s in 0..4 {
-        sensors.push(Sensor::connect(gw.broker_addr, &format!("sensor-{s}")).await);
-    }
+    let sensors = Sensor::connect_many(gw.broker_addr, "sensor", 4).await;
     for i in 0..2500 {
         for (s, sensor) in sensors.iter().enumerate() {
             sensor
@@ -137,10 +134,7 @@ async fn a_burst_faster_than_the_queue_is_held_back_not_skipped() {
     config.broker.segment_count = 2;
     config.queue.sync = edgegate::config::SyncMode::Full;
     let gw = start_gateway(config).await;
-    let mut sensors = Vec::new();
-    for s in 0..4 {
-        sensors.push(Sensor::connect(gw.broker_addr, &format!("burst-{s}")).await);
-    }
+    let sensors = Sensor::connect_many(gw.broker_addr, "burst", 4).await;
     let body = format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(120));
     for _ in 0..2500 {
         for (s, sensor) in sensors.iter().enumerate() {
@@ -177,10 +171,7 @@ fn a_stop_under_load_keeps_every_acknowledged_reading() {
         .unwrap();
     let acked: Vec<u64> = rt.block_on(async {
         let gw = start_gateway(test_config(dir.path(), None)).await;
-        let mut sensors = Vec::new();
-        for s in 0..4 {
-            sensors.push(Sensor::connect(gw.broker_addr, &format!("stop-{s}")).await);
-        }
+        let sensors = Sensor::connect_many(gw.broker_addr, "stop", 4).await;
         let publishers: Vec<_> = sensors
             .iter()
             .enumerate()
@@ -422,10 +413,7 @@ async fn queue_limits_evict_or_reject_with_counts() {
 
         link.set_up(true);
         let got = cloud.wait_for(depth as usize, WAIT).await;
-        let values: Vec<f64> = got
-            .iter()
-            .map(|(_, v)| v["data"].as_f64().unwrap())
-            .collect();
+        let values = values(&got);
         match policy {
             QueueFull::DropOldest => assert_eq!(values.last(), Some(&249.0), "newest kept"),
             QueueFull::DropNewest => assert_eq!(values.first(), Some(&0.0), "oldest kept"),

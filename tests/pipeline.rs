@@ -45,7 +45,7 @@ async fn readings_arrive_upstream_as_cloudevents() {
 
     let ids: HashSet<&str> = got.iter().map(|(_, v)| v["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 3, "ids are unique");
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    let seqs = seqs(&got);
     assert_eq!(seqs, [1, 2, 3]);
 
     let stats = gw.queue_stats().await.unwrap();
@@ -124,9 +124,7 @@ async fn opaque_payloads_arrive_as_base64_via_mosquitto_clients() {
 async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
     // The cloud consumer holds a persistent session on a persistent Mosquitto, which is then
     // stopped: the upstream is down, its process gone.
-    let mut cloud_broker = Mosquitto::start_persistent();
-    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-consumer").await;
-    cloud_broker.stop();
+    let (mut cloud_broker, cloud) = Cloud::on_a_stopped_broker("cloud-consumer").await;
 
     let dir = tempfile::tempdir().unwrap();
     let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
@@ -146,13 +144,10 @@ async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
     cloud_broker.restart();
     let got = cloud.wait_for(200, WAIT).await;
     // Each reading once, in order, sequence without gaps.
-    let values: Vec<f64> = got
-        .iter()
-        .map(|(_, v)| v["data"].as_f64().unwrap())
-        .collect();
+    let values = values(&got);
     let expected: Vec<f64> = (0..200).map(|i| i as f64).collect();
     assert_eq!(values, expected);
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    let seqs = seqs(&got);
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
     assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 200).await);
     assert_eq!(gw.shutdown().await.unwrap().depth, 0);
@@ -161,9 +156,7 @@ async fn readings_queued_while_upstream_is_down_arrive_when_it_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_carry_many_events_per_message_in_order() {
     // A backlog builds while the upstream is down; with batching it leaves in a few messages.
-    let mut cloud_broker = Mosquitto::start_persistent();
-    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-batches").await;
-    cloud_broker.stop();
+    let (mut cloud_broker, cloud) = Cloud::on_a_stopped_broker("cloud-batches").await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&cloud_broker.url()));
     config.upstream.batch_events = 100;
@@ -189,12 +182,9 @@ async fn batches_carry_many_events_per_message_in_order() {
         assert!((1..=100).contains(&n), "{n} events in one batch");
     }
     // Each event whole (its own envelope, subject and sequence), once, in queue order.
-    let values: Vec<f64> = got
-        .iter()
-        .map(|(_, v)| v["data"].as_f64().unwrap())
-        .collect();
+    let values = values(&got);
     assert_eq!(values, (0..450).map(|i| i as f64).collect::<Vec<_>>());
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    let seqs = seqs(&got);
     assert_eq!(seqs, (1..=450).collect::<Vec<_>>());
     assert_eq!(got[4].1["subject"], "sensors/s1/v");
     // Deleted only once acknowledged: every batch's PUBACK released all of its events.
@@ -212,9 +202,7 @@ async fn batches_carry_many_events_per_message_in_order() {
 async fn events_too_big_to_share_a_batch_still_flow() {
     // Each event fills a batch on its own: a lease of `inflight` events becomes that many
     // messages, far more than the window of inflight / batch_events messages.
-    let mut cloud_broker = Mosquitto::start_persistent();
-    let cloud = Cloud::subscribe_persistent(cloud_broker.port, "edge/#", "cloud-big").await;
-    cloud_broker.stop();
+    let (mut cloud_broker, cloud) = Cloud::on_a_stopped_broker("cloud-big").await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), Some(&cloud_broker.url()));
     config.upstream.batch_events = 20;
@@ -277,12 +265,9 @@ async fn sequence_continues_across_a_restart() {
         sensor.publish("sensors/a/v", format!("{i}")).await;
     }
     let got = cloud.wait_for(5, WAIT).await;
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| seq(v)).collect();
+    let seqs = seqs(&got);
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
-    let values: Vec<f64> = got
-        .iter()
-        .map(|(_, v)| v["data"].as_f64().unwrap())
-        .collect();
+    let values = values(&got);
     assert_eq!(values, [0.0, 1.0, 2.0, 3.0, 4.0]);
     assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 5).await);
     gw.shutdown().await;

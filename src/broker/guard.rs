@@ -137,22 +137,28 @@ enum FrameError {
     Unexpected(u8),
 }
 
-/// Fixed header: (byte 1, header length, remaining length), or `None` if more bytes are needed.
-fn parse_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, FrameError> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let mut len = 0usize;
+/// MQTT variable byte integer at the start of `buf`: (its length in bytes, its value), or `None`
+/// if more bytes are needed.
+fn var_int(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+    let mut value = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else {
+        let Some(&b) = buf.get(i) else {
             return Ok(None);
         };
-        len |= ((b & 0x7f) as usize) << (7 * i);
+        value |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
-            return Ok(Some((buf[0], 2 + i, len)));
+            return Ok(Some((i + 1, value)));
         }
     }
     Err(FrameError::Malformed)
+}
+
+/// Fixed header: (byte 1, header length, remaining length), or `None` if more bytes are needed.
+fn parse_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, FrameError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    Ok(var_int(&buf[1..])?.map(|(n, len)| (byte1, 1 + n, len)))
 }
 
 /// Length of the complete packets at the start of `buf` (up to about `limit` bytes, each at most
@@ -872,11 +878,8 @@ fn publish_bytes(frame: &[u8], header_len: usize, topic_len: usize, v5: bool) ->
     let mut fixed = header_len + 2 + topic_len + if qos > 0 { 2 } else { 0 };
     if v5 {
         // properties: variable byte integer length, then the properties
-        let mut fake = vec![0u8];
-        let at = frame.get(fixed..).unwrap_or_default();
-        fake.extend_from_slice(&at[..at.len().min(4)]);
-        if let Ok(Some((_, hl, plen))) = parse_header(&fake) {
-            fixed += hl - 1 + plen;
+        if let Ok(Some((n, plen))) = var_int(frame.get(fixed..).unwrap_or_default()) {
+            fixed += n + plen;
         }
     }
     topic_len + frame.len().saturating_sub(fixed)
@@ -887,12 +890,8 @@ fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[
     let mut body = frame.get(header_len + 2..)?; // after the packet id
     if v5 {
         // properties: variable byte integer length, then the properties
-        let (_, hl, plen) = {
-            let mut fake = vec![0u8];
-            fake.extend_from_slice(body.get(..body.len().min(4))?);
-            parse_header(&fake).ok()??
-        };
-        body = body.get(hl - 1 + plen..)?;
+        let (n, plen) = var_int(body).ok()??;
+        body = body.get(n + plen..)?;
     }
     let mut out = Vec::new();
     while !body.is_empty() {
@@ -1200,5 +1199,20 @@ mod tests {
         // v5: pkid, properties length 0
         let f = [0x82, 8, 0, 1, 0, 0, 1, b'x', 0];
         assert_eq!(subscribe_filters(&f, 2, true).unwrap(), vec![&b"x"[..]]);
+        // v5 with 3 bytes of properties (subscription identifier 0x0b, value 0x81 0x01)
+        let f = [0x82, 11, 0, 1, 3, 0x0b, 0x81, 0x01, 0, 1, b'x', 0];
+        assert_eq!(subscribe_filters(&f, 2, true).unwrap(), vec![&b"x"[..]]);
+    }
+
+    #[test]
+    fn publish_sizes() {
+        // v4 QoS 1: topic "a/b", pkid, payload "hello" -> topic + payload = 8
+        let f = [
+            0x32, 12, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'e', b'l', b'l', b'o',
+        ];
+        assert_eq!(publish_bytes(&f, 2, 3, false), 8);
+        // v5 QoS 0: topic "t", 2 bytes of properties (payload format 0x01 = 1), payload "xy"
+        let f = [0x30, 8, 0, 1, b't', 2, 0x01, 1, b'x', b'y'];
+        assert_eq!(publish_bytes(&f, 2, 1, true), 3);
     }
 }

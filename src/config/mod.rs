@@ -101,7 +101,8 @@ pub struct BrokerConfig {
     /// `broker.password_file`, parsed: users allowed with a password.
     pub passwords: Option<Arc<Passwords>>,
     pub password_file: Option<PathBuf>,
-    /// CONNECT without credentials accepted? Default: true without a password file.
+    /// CONNECT without credentials accepted? Default false; without a password file it must be
+    /// set (the shipped config sets it for a first run).
     pub allow_anonymous: bool,
     pub max_client_id_length: usize,
     pub max_topic_length: usize,
@@ -186,7 +187,7 @@ pub struct UpstreamConfig {
     /// topic). Above 1, consecutive telemetry events go out together as a CloudEvents JSON batch
     /// (a JSON array of envelopes) on `batch_topic`; alerts always go alone.
     pub batch_events: usize,
-    /// Bytes of envelopes per batch at most (an event larger than this goes alone).
+    /// Bytes of envelopes per batch at most (an event larger than this goes as a batch of one).
     pub batch_bytes: usize,
     /// Topic of batches: `{topic_prefix}/batch` unless configured.
     pub batch_topic: String,

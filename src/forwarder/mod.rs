@@ -13,10 +13,13 @@
 //!   state is trusted across connections (it drops unacknowledged publishes when the broker
 //!   reports no session). After any disconnect the lease cursor goes back to the head of the
 //!   queue, so every unacknowledged event is sent again, in order. Duplicates are bounded by
-//!   `upstream.inflight` and carry the same `id`.
+//!   `upstream.inflight` (with batches, up to two batches more) and carry the same `id`.
 //! - rumqttc's `publish()` returns no packet id: requests are matched FIFO to
-//!   `Outgoing::Publish(pkid)` events, and settled on `PubAck{pkid}`. In flight is kept strictly
-//!   below rumqttc's packet-id window, so ids never collide.
+//!   `Outgoing::Publish(pkid)` events, and settled on `PubAck{pkid}`. rumqttc's in-flight limit
+//!   is one above our window of messages and its packet ids wrap there; a lease that becomes
+//!   more messages than the window (events that cannot share a batch) waits in rumqttc's
+//!   request channel. Brokers acknowledge QoS 1 in order (MQTT 3.1.1 4.6), so an id is free
+//!   again before it comes round.
 //! - No PUBACK for `upstream.ack_timeout` while publishes are in flight: the link is presumed
 //!   half-open and is dropped.
 
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 pub mod session;
 
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
@@ -57,7 +61,7 @@ pub struct Forwarder {
     refused: HashMap<u64, Instant>,
     /// The oldest message in flight when the last connections failed (the positions it
     /// carried), and how many connections in a row.
-    failure_head: Option<(Vec<u64>, u32)>,
+    failure_head: Option<(Positions, u32)>,
 }
 
 /// How long a refused event is held back before it is offered again (on a later connection).
@@ -147,7 +151,6 @@ impl Forwarder {
 
     /// One connection, from CONNECT to its end.
     async fn connection(&mut self, url: &UpstreamUrl, down_since: &mut Option<Instant>) -> End {
-        // Below the broker's receive maximum (MQTT 5) once it is known.
         // `upstream.inflight` bounds events in flight (and so duplicates after a reconnect);
         // with batches, that is fewer messages.
         let messages = self.cfg.inflight.div_ceil(self.cfg.batch_events).max(1);
@@ -155,6 +158,10 @@ impl Forwarder {
         let session = Session::open(&self.cfg, url, window);
         let ev_rx = session.events.clone();
         let mut state = Inflight::default();
+        // This connection reads the queue from its start again; what was held back and is due
+        // is offered again now (and positions deleted meanwhile are forgotten).
+        let now = Instant::now();
+        self.refused.retain(|_, until| *until > now);
         let mut cursor = Cursor::default();
         // Caught up with the file at least once on this connection: the in-memory tail may
         // answer from now on (it never holds what an earlier connection left unacknowledged).
@@ -248,7 +255,7 @@ impl Forwarder {
                         failed = Some(e);
                         break;
                     }
-                    state.requested.push_back(vec![pos]);
+                    state.requested.push_back(Positions::from_elem(pos, 1));
                 }
                 if failed.is_none() {
                     if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
@@ -268,6 +275,7 @@ impl Forwarder {
                         Ok(Up::Connected { session_present, receive_max }) => {
                             connected = true;
                             caught_up = false;
+                            // Below the broker's receive maximum (MQTT 5).
                             window = session::effective_window(messages, receive_max);
                             self.set_connected(true, None);
                             match down_since.take() {
@@ -295,12 +303,8 @@ impl Forwarder {
                                     // MQTT 5 failure reason: not delivered, so not deleted. It is
                                     // held back for a while, then sent again.
                                     Some(reason) => {
-                                        self.metrics.events_refused.inc_by(pos.len() as u64);
-                                        let until = Instant::now() + REFUSED_RETRY;
-                                        for p in &pos {
-                                            self.refused.insert(*p, until);
-                                        }
-                                        tracing::warn!(reason, position = pos[0], events = pos.len(), retry_in = ?REFUSED_RETRY, "upstream refused a message (PUBACK failure reason); its events stay queued");
+                                        self.hold_back(&pos);
+                                        tracing::warn!(reason, position = pos.first(), events = pos.len(), retry_in = ?REFUSED_RETRY, "upstream refused a message (PUBACK failure reason); its events stay queued");
                                     }
                                 }
                             }
@@ -328,12 +332,13 @@ impl Forwarder {
             }
 
             // Hand settled events to the queue in batches: each Ack costs a commit (disk
-            // writes on an SD card) and PUBACKs arrive one by one. Half a window, or
-            // ACK_BATCH_WAIT after the first, whichever comes first. Deleting later is safe:
-            // an acknowledged row is never leased again on this connection.
+            // writes on an SD card) and PUBACKs arrive one by one. Half a window of events (as
+            // the broker's receive maximum allows), or ACK_BATCH_WAIT after the first,
+            // whichever comes first. Deleting later is safe: an acknowledged row is never
+            // leased again on this connection.
             if let Some(since) = acks_since {
-                if acks.len() >= self.cfg.inflight.div_ceil(2) || since.elapsed() >= ACK_BATCH_WAIT
-                {
+                let half_window = (window * batch_events).min(self.cfg.inflight).div_ceil(2);
+                if acks.len() >= half_window || since.elapsed() >= ACK_BATCH_WAIT {
                     self.metrics.events_forwarded.inc_by(acks.len() as u64);
                     acks_since = None;
                     if self.queue.ack(std::mem::take(&mut acks)).await.is_err() {
@@ -396,14 +401,22 @@ impl Forwarder {
             _ => 1,
         };
         self.failure_head = Some((head.clone(), count));
-        if count >= POISON_AFTER && !head.iter().any(|p| self.refused.contains_key(p)) {
-            self.metrics.events_refused.inc_by(head.len() as u64);
-            let until = Instant::now() + REFUSED_RETRY;
-            for p in head {
-                self.refused.insert(*p, until);
-            }
+        // (Not held back already: it was sent on this connection.)
+        if count >= POISON_AFTER {
+            self.hold_back(head);
             tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this message every time; holding its events back (they stay queued)");
             self.failure_head = None;
+        }
+    }
+}
+
+impl Forwarder {
+    /// Keep these events queued but unsent for [`REFUSED_RETRY`] (counted as refused).
+    fn hold_back(&mut self, positions: &[u64]) {
+        self.metrics.events_refused.inc_by(positions.len() as u64);
+        let until = Instant::now() + REFUSED_RETRY;
+        for p in positions {
+            self.refused.insert(*p, until);
         }
     }
 }
@@ -413,13 +426,17 @@ const POISON_AFTER: u32 = 3;
 /// ...each within this time of sending it.
 const POISON_WINDOW: Duration = Duration::from_secs(1);
 
+/// Queue positions of the events in one message: one (inline, no allocation per event), or a
+/// batch.
+type Positions = SmallVec<[u64; 1]>;
+
 /// Publishes of one connection that are not yet acknowledged; each message carries the queue
 /// positions of its events (one, or a batch).
 struct Inflight {
     /// Messages requested from rumqttc, packet id not yet known (FIFO).
-    requested: VecDeque<Vec<u64>>,
+    requested: VecDeque<Positions>,
     /// Sent with a packet id, awaiting PUBACK.
-    by_pkid: HashMap<u16, (Vec<u64>, Instant)>,
+    by_pkid: HashMap<u16, (Positions, Instant)>,
     last_progress: Instant,
     /// Highest queue position requested on this connection.
     sent_high: u64,
@@ -483,9 +500,8 @@ impl Forwarder {
         let mut payload = std::mem::take(&mut batch.payload);
         payload.push(b']');
         session.publish(self.cfg.batch_topic.clone(), payload)?;
-        state
-            .requested
-            .push_back(std::mem::take(&mut batch.positions));
+        let positions = std::mem::take(&mut batch.positions);
+        state.requested.push_back(Positions::from_vec(positions));
         Ok(())
     }
 }

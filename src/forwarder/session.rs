@@ -103,8 +103,7 @@ impl Session {
                 opts.set_keep_alive(cfg.keep_alive)
                     .set_clean_session(true)
                     .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
-                    .set_inflight(ids)
-                    .set_request_channel_capacity(cap);
+                    .set_inflight(ids);
                 if let Some(t) = transport {
                     opts.set_transport(t);
                 }
@@ -145,7 +144,6 @@ impl Session {
                     .set_clean_start(true)
                     .set_max_packet_size(Some(cfg.max_packet_size.min(u32::MAX as usize) as u32))
                     .set_outgoing_inflight_upper_limit(ids)
-                    .set_request_channel_capacity(cap)
                     .set_network_options(net);
                 if let Some(t) = transport {
                     opts.set_transport(t);

@@ -3,8 +3,12 @@
 //! ```text
 //! rules ──Append──┐                           ┌──> watch<last committed position> ──> forwarder
 //! forwarder ─Ack──┼─> [bounded channel] ─> writer thread (group commit)
-//! forwarder ─Lease┘                           └──> Lease reply (oneshot)
+//! forwarder ─Lease┘                           ├──> Lease reply (oneshot)
+//!                                             └──> tail (committed rows, in memory) ─> forwarder
 //! ```
+//!
+//! The tail ([`tail`]) hands freshly committed rows to the forwarder without a read of the file;
+//! the forwarder trusts it only once a lease on its connection caught up with the file.
 //!
 //! Invariants:
 //! - Commands are applied in channel order; a commit group is what arrived while the previous
@@ -430,23 +434,17 @@ impl Writer {
     fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
-        let mut fresh: Vec<StoredEvent> = Vec::new();
+        // For the forwarder's tail: (index in retry + appends, seq, pos, body). The events' own
+        // strings are moved in once the commit succeeded, not copied per event.
+        let mut fresh: Vec<(usize, u64, u64, Vec<u8>)> = Vec::new();
         let result = (|| {
             let mut txn = self.store.begin()?;
-            for e in self.retry.iter().chain(appends.iter()) {
+            for (i, e) in self.retry.iter().chain(appends.iter()).enumerate() {
                 let appended = txn.append(e, &self.source)?;
                 if let (true, store::Appended::Queued { seq, pos, body }) =
                     (self.tail_keeps, appended)
                 {
-                    fresh.push(StoredEvent {
-                        pos,
-                        seq,
-                        class: e.class,
-                        time_us: store::micros(e.time),
-                        subject: e.subject.clone(),
-                        topic: e.upstream_topic.clone(),
-                        body,
-                    });
+                    fresh.push((i, seq, pos, body));
                 }
             }
             txn.ack(acks, now)?;
@@ -457,6 +455,30 @@ impl Writer {
         })();
         match result {
             Ok(c) => {
+                let r = c.removed;
+                if r.evicted > 0 || r.expired > 0 {
+                    // Rows left from the middle of the queue, perhaps from the tail too.
+                    self.reset_tail();
+                } else if !fresh.is_empty() {
+                    if let Ok(mut t) = self.tail.lock() {
+                        let mut fresh = fresh.into_iter().peekable();
+                        let events = self.retry.iter_mut().chain(appends.iter_mut());
+                        for (i, e) in events.enumerate() {
+                            let Some((_, seq, pos, body)) = fresh.next_if(|f| f.0 == i) else {
+                                continue;
+                            };
+                            t.push(StoredEvent {
+                                pos,
+                                seq,
+                                class: e.class,
+                                time_us: store::micros(e.time),
+                                subject: std::mem::take(&mut e.subject),
+                                topic: std::mem::take(&mut e.upstream_topic),
+                                body,
+                            });
+                        }
+                    }
+                }
                 self.retry.clear();
                 appends.clear();
                 acks.clear();
@@ -470,7 +492,6 @@ impl Writer {
                 self.metrics.events_committed.inc_by(c.appended);
                 self.publish_counters();
                 self.metrics.set_last_sequence(c.last_seq);
-                let r = c.removed;
                 if r.evicted > 0 {
                     self.metrics.drop_events(
                         DropReason::Evicted,
@@ -491,16 +512,6 @@ impl Writer {
                         r.expired,
                         &"older than queue.max_age",
                     );
-                }
-                if r.evicted > 0 || r.expired > 0 {
-                    // Rows left from the middle of the queue, perhaps from the tail too.
-                    self.reset_tail();
-                } else if !fresh.is_empty() {
-                    if let Ok(mut t) = self.tail.lock() {
-                        for e in fresh {
-                            t.push(e);
-                        }
-                    }
                 }
                 if c.appended > 0 {
                     self.committed.send_replace(c.last_pos);

@@ -1007,10 +1007,6 @@ impl Txn<'_> {
         // Acknowledgements come in runs of consecutive positions: one range statement per run
         // rather than one per event.
         let runs = runs(positions);
-        let sqlite = |e| StoreError::Sqlite {
-            path: self.path.to_path_buf(),
-            source: e,
-        };
         let keep = !self.limits.keep_acked.is_zero();
         if keep {
             let mut copy = self
@@ -1019,25 +1015,27 @@ impl Txn<'_> {
                     "INSERT OR REPLACE INTO acked (pos, seq, class, time_us, acked_us, subject, topic, body)
                      SELECT pos, seq, class, time_us, ?3, subject, topic, body FROM events WHERE pos BETWEEN ?1 AND ?2",
                 )
-                .map_err(sqlite)?;
+                .map_err(|e| self.err(e))?;
             for &(a, b) in &runs {
                 copy.execute(params![a as i64, b as i64, now_us])
-                    .map_err(sqlite)?;
+                    .map_err(|e| self.err(e))?;
             }
         }
         let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
         let mut stmt = self
             .tx
             .prepare_cached("DELETE FROM events WHERE pos BETWEEN ?1 AND ?2 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
-            .map_err(sqlite)?;
+            .map_err(|e| self.err(e))?;
         let (mut depth, mut bytes, mut alerts, mut newest_gone) = (0i64, 0i64, 0i64, false);
         for &(a, b) in &runs {
-            let mut rows = stmt.query(params![a as i64, b as i64]).map_err(sqlite)?;
-            while let Some(r) = rows.next().map_err(sqlite)? {
+            let mut rows = stmt
+                .query(params![a as i64, b as i64])
+                .map_err(|e| self.err(e))?;
+            while let Some(r) = rows.next().map_err(|e| self.err(e))? {
                 let (seq, class, len): (i64, i64, i64) = (
-                    r.get(0).map_err(sqlite)?,
-                    r.get(1).map_err(sqlite)?,
-                    r.get(2).map_err(sqlite)?,
+                    r.get(0).map_err(|e| self.err(e))?,
+                    r.get(1).map_err(|e| self.err(e))?,
+                    r.get(2).map_err(|e| self.err(e))?,
                 );
                 depth += 1;
                 bytes += len + ROW_OVERHEAD as i64;

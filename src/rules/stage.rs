@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use rumqttd::local::LinkTx;
 
 use crate::config::{RuleConfig, WhenFull};
@@ -223,6 +224,8 @@ impl RulesStage {
                     },
                 },
                 Action::Publish { topic, payload } => {
+                    // Bytes: kept for the message without copying the topic per publish.
+                    let topic = Bytes::from(topic);
                     let sent = match &mut self.local {
                         Some(link) => link
                             .try_publish(topic.clone(), payload)
@@ -233,7 +236,10 @@ impl RulesStage {
                         self.metrics.drop_events(
                             DropReason::LocalPublishFailed,
                             1,
-                            &format_args!("local publish on {topic} failed: {e}"),
+                            &format_args!(
+                                "local publish on {} failed: {e}",
+                                String::from_utf8_lossy(&topic)
+                            ),
                         );
                     }
                 }

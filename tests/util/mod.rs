@@ -60,18 +60,21 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    /// With extra configuration lines.
-    pub fn start_with(extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().expect("tempdir");
+    fn launch(port: u16, persistent: bool, extra: &str) -> Mosquitto {
         let mut m = Mosquitto {
-            port: free_port(),
-            dir,
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
             child: None,
-            persistent: false,
+            persistent,
             extra: extra.to_string(),
         };
         m.restart();
         m
+    }
+
+    /// With extra configuration lines.
+    pub fn start_with(extra: &str) -> Mosquitto {
+        Self::launch(free_port(), false, extra)
     }
 
     pub fn start() -> Mosquitto {
@@ -79,30 +82,12 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Mosquitto {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut m = Mosquitto {
-            port,
-            dir,
-            child: None,
-            persistent: false,
-            extra: String::new(),
-        };
-        m.restart();
-        m
+        Self::launch(port, false, "")
     }
 
     /// With persistence: sessions and queued messages survive [`Mosquitto::stop`] + restart.
     pub fn start_persistent() -> Mosquitto {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut m = Mosquitto {
-            port: free_port(),
-            dir,
-            child: None,
-            persistent: true,
-            extra: String::new(),
-        };
-        m.restart();
-        m
+        Self::launch(free_port(), true, "")
     }
 
     /// SIGTERM (a persistent broker saves its sessions) and wait for the exit.
@@ -273,6 +258,15 @@ impl Sensor {
         Sensor { client, acks, task }
     }
 
+    /// `n` sensors with client ids `{prefix}-0`, `{prefix}-1`...
+    pub async fn connect_many(addr: SocketAddr, prefix: &str, n: usize) -> Vec<Sensor> {
+        let mut sensors = Vec::with_capacity(n);
+        for s in 0..n {
+            sensors.push(Sensor::connect(addr, &format!("{prefix}-{s}")).await);
+        }
+        sensors
+    }
+
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -318,6 +312,15 @@ impl Cloud {
 
     /// A consumer with a persistent session: what is published while it is away is kept for
     /// it by the broker (and by a persistent broker across restarts).
+    /// A persistent cloud broker, already stopped, where this consumer's session (on `edge/#`)
+    /// waits: whatever reaches the broker after [`Mosquitto::restart`] is kept for it.
+    pub async fn on_a_stopped_broker(client_id: &str) -> (Mosquitto, Cloud) {
+        let mut broker = Mosquitto::start_persistent();
+        let cloud = Cloud::subscribe_persistent(broker.port, "edge/#", client_id).await;
+        broker.stop();
+        (broker, cloud)
+    }
+
     pub async fn subscribe_persistent(port: u16, filter: &str, client_id: &str) -> Cloud {
         Self::subscribe_with(port, filter, client_id, false).await
     }
@@ -408,6 +411,18 @@ impl Drop for Cloud {
 }
 
 /// The `sequence` of an envelope as a number.
+/// The numeric `data` of each envelope.
+pub fn values(got: &[(String, Value)]) -> Vec<f64> {
+    got.iter()
+        .map(|(_, v)| v["data"].as_f64().expect("numeric data"))
+        .collect()
+}
+
+/// The sequence of each envelope.
+pub fn seqs(got: &[(String, Value)]) -> Vec<u64> {
+    got.iter().map(|(_, v)| seq(v)).collect()
+}
+
 pub fn seq(v: &Value) -> u64 {
     v["sequence"]
         .as_str()
