@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,9 +80,13 @@ pub struct Guard {
     pub policy: Policy,
     /// Credential of the guard towards rumqttd's internal listeners (and of the probe).
     secret: String,
-    /// The probe's fixed client id (one rumqttd session entry, not one per probe); reserved
-    /// prefix, so no sensor can take it.
+    /// Prefix of the probe's client ids (reserved, so no sensor can take one). Each probe
+    /// connects with an id of its own: rumqttd 0.20 panics, poisoning the listener, when a
+    /// client id reconnects while its previous connection is still being torn down, and a probe
+    /// retried 100 ms after a failure (or one that timed out half-way) did exactly that. With a
+    /// clean session rumqttd keeps nothing per id once the connection has ended.
     pub probe_id: String,
+    probes: AtomicU64,
     active: AtomicUsize,
     /// Set when the gateway stops: every session ends at once, relaying nothing more.
     closing: watch::Sender<bool>,
@@ -316,6 +320,7 @@ impl Guard {
             policy,
             secret: uuid::Uuid::new_v4().simple().to_string(),
             probe_id: format!("{RESERVED_PREFIX}probe-{}", uuid::Uuid::new_v4().simple()),
+            probes: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             closing: watch::Sender::new(false),
             auth_slots: Semaphore::new(AUTH_SLOTS),
@@ -1112,7 +1117,11 @@ pub async fn probe(
             .map_err(|e| format!("connect: {e}"))?;
         let connect = rumqttd::protocol::Connect {
             keep_alive: 10,
-            client_id: guard.probe_id.clone(),
+            client_id: format!(
+                "{}-{}",
+                guard.probe_id,
+                guard.probes.fetch_add(1, Ordering::Relaxed)
+            ),
             clean_session: true,
         };
         let login = Some(Login {

@@ -57,6 +57,9 @@ type ListenerFactory = dyn Fn(&str, SocketAddr, bool) -> JoinHandle<()> + Send +
 /// Probe timeout: a healthy listener answers a CONNECT in milliseconds.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Ports tried for an internal listener before giving up.
+const INTERNAL_PORT_ATTEMPTS: u32 = 5;
+
 /// Longest wait for the guard's sessions to end when the broker stops (they end at their next
 /// poll; this only matters for a runtime starved of CPU).
 const SESSIONS_END: Duration = Duration::from_secs(2);
@@ -212,12 +215,25 @@ impl Broker {
         name: &str,
         v5: bool,
     ) -> Result<(SocketAddr, JoinHandle<()>), BrokerError> {
-        let addr = resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let task = (self.listen)(name, addr, v5);
-        let task = [task];
-        wait_listening(addr, &task).await?;
-        let [task] = task;
-        Ok((addr, task))
+        // The port is free when picked, but another process (or another gateway in the same
+        // test binary) may bind it before rumqttd does: then pick another.
+        let mut attempt = 1;
+        loop {
+            let addr = resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let task = (self.listen)(name, addr, v5);
+            match wait_listening(addr, &task).await {
+                Ok(()) => return Ok((addr, task)),
+                Err(e) if attempt < INTERNAL_PORT_ATTEMPTS => {
+                    task.abort();
+                    tracing::debug!(listener = name, %addr, error = %e, "internal listener port taken; picking another");
+                    attempt += 1;
+                }
+                Err(e) => {
+                    task.abort();
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Start the listeners of `cfg`; returns once every listener accepts connections.
@@ -451,18 +467,24 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
 }
 
 /// Wait until `addr` accepts TCP connections, or fail if a listener task ended (bind error).
-async fn wait_listening(addr: SocketAddr, listeners: &[JoinHandle<()>]) -> Result<(), BrokerError> {
+async fn wait_listening(addr: SocketAddr, listener: &JoinHandle<()>) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let probe = loopback(addr);
+    let failed = || BrokerError::Listen {
+        key: "internal listener",
+        addr,
+        message: "could not listen (address in use or not permitted?)".into(),
+    };
     loop {
-        if listeners.iter().any(|l| l.is_finished()) {
-            return Err(BrokerError::Listen {
-                key: "internal listener",
-                addr,
-                message: "could not listen (address in use or not permitted?)".into(),
-            });
+        if listener.is_finished() {
+            return Err(failed());
         }
         if tokio::net::TcpStream::connect(probe).await.is_ok() {
+            // Someone listens there; make sure it is ours (a failed bind ends the task at once).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if listener.is_finished() {
+                return Err(failed());
+            }
             return Ok(());
         }
         if Instant::now() > deadline {
