@@ -165,6 +165,24 @@ impl Gateway {
         link_tx
             .subscribe("#")
             .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
+        // Every in-process link is built before the listeners open, while nothing else talks
+        // to rumqttd's router: no connection slot a link takes was ever a remote client's, so
+        // no late report about such a client can end a link (broker/guard.rs, on DISCONNECT);
+        // built after, the rules link once failed with "Channel recv error". And if one cannot
+        // be built, the start fails before any sensor got a PUBACK.
+        // The rules stage publishes derived events and alerts on its own local link.
+        let (rules_link, _) =
+            broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
+        let status_link = match broker.link(&format!(
+            "edgegate-status-{}",
+            uuid::Uuid::new_v4().simple()
+        )) {
+            Ok((tx, _rx)) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "no status link: edgegate/status will not be published");
+                None
+            }
+        };
         broker.listen(&config.broker).await?;
         let broker = Arc::new(broker);
 
@@ -181,9 +199,6 @@ impl Gateway {
             }
             .run(),
         );
-        // The rules stage publishes derived events and alerts on its own local link.
-        let (rules_link, _) =
-            broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
         let (rules_handle, reload_rx) = RulesHandle::channel();
         let rules = tokio::spawn(
             RulesStage {
@@ -229,16 +244,7 @@ impl Gateway {
             upstream_configured: config.upstream.url.is_some(),
             problems: problems.clone(),
             metrics: metrics.clone(),
-            status_link: match broker.link(&format!(
-                "edgegate-status-{}",
-                uuid::Uuid::new_v4().simple()
-            )) {
-                Ok((tx, _rx)) => Some(tx),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no status link: edgegate/status will not be published");
-                    None
-                }
-            },
+            status_link,
         };
         let supervisor = tokio::spawn(watched.run(shutdown_rx));
         let (metrics_addr, http) = match config.metrics.listen {

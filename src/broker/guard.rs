@@ -17,7 +17,14 @@
 //!   every packet from a client and closes the connection on one of those;
 //! - client ids starting with `edgegate-` are the gateway's own (in-process links): refused;
 //! - rumqttd keeps state per client id and per topic/filter forever: the guard caps the number
-//!   of distinct ones (`broker.max_client_ids`, `broker.max_topics`) and their lengths.
+//!   of distinct ones (`broker.max_client_ids`, `broker.max_topics`) and their lengths;
+//! - a DISCONNECT followed at once by the socket closing makes rumqttd disconnect the session
+//!   twice: the router frees its connection slot on the DISCONNECT, and the connection task,
+//!   reading the close, reports a disconnect for that slot again. The router hands a freed slot
+//!   to the next connection (a sensor, or one of the gateway's links), which that second report
+//!   then ends; a sensor on a clean session loses whatever it had not been PUBACKed. So after a
+//!   client's DISCONNECT (and the probe's own) the guard keeps the internal connection open
+//!   until rumqttd has closed it, which it does without a second report.
 //!
 //! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
 //! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
@@ -53,6 +60,8 @@ const RESERVED_IDS: [&str; 4] = [
 ];
 /// Longest wait for rumqttd's CONNACK on the internal connection.
 const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
+/// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
+const DISCONNECT_SETTLE: Duration = Duration::from_secs(2);
 /// Concurrent argon2 verifications (each ~20 MiB and tens of ms): a password-guessing flood
 /// cannot take every core.
 const AUTH_SLOTS: usize = 2;
@@ -923,7 +932,9 @@ async fn relay<S: Io>(
     let (mut ir, mut iw) = internal.into_split();
     let p = &guard.policy;
     let rate = p.max_publish_rate as f64;
+    // Ends when either side closes; true when the client's DISCONNECT was passed on.
     let up = async {
+        let mut disconnect = false;
         let mut tokens = rate;
         let mut last = Instant::now();
         // Checked packets not yet written: passed on together while more are already buffered.
@@ -932,7 +943,7 @@ async fn relay<S: Io>(
             if (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
                 && flush(&mut iw, &mut out).await.is_err()
             {
-                return;
+                return false;
             }
             let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
                 Ok(Some(f)) => f,
@@ -1000,7 +1011,7 @@ async fn relay<S: Io>(
                     if tokens < 1.0 {
                         guard.metrics.broker_throttled.inc();
                         if flush(&mut iw, &mut out).await.is_err() {
-                            return;
+                            return false;
                         }
                         let wait = (1.0 - tokens) / rate;
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
@@ -1015,7 +1026,7 @@ async fn relay<S: Io>(
                             // The router holds too much that ingest has not taken yet: pass on
                             // what is checked, then stop reading from this sensor for a while.
                             if flush(&mut iw, &mut out).await.is_err() {
-                                return;
+                                return false;
                             }
                             guard.metrics.broker_paused.inc();
                             pressure.wait().await;
@@ -1064,12 +1075,17 @@ async fn relay<S: Io>(
                         continue;
                     }
                 }
+            } else if kind == 14 {
+                // The client's last packet: nothing after it is read.
+                out.extend_from_slice(&frame);
+                disconnect = true;
+                break 'frames;
             }
             out.extend_from_slice(&frame);
         }
         // What passed the checks before the connection ended (or before a refused packet)
         // still goes on, as it would have one packet at a time.
-        let _ = flush(&mut iw, &mut out).await;
+        flush(&mut iw, &mut out).await.is_ok() && disconnect
     };
     let down = async {
         // Framed, so that injected packets go between the broker's packets, never inside one.
@@ -1094,12 +1110,32 @@ async fn relay<S: Io>(
             }
         }
     };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
+    let disconnected = tokio::select! {
+        d = up => d,
+        _ = down => false,
+    };
+    // rumqttd closes the connection once its router has ended the session; closing first
+    // would make it end a session twice (module docs).
+    if disconnected && !wait_closed(&mut ir, DISCONNECT_SETTLE).await {
+        guard.metrics.broker_disconnect_unsettled.inc();
+        tracing::warn!(%peer, "rumqttd did not close a session within {DISCONNECT_SETTLE:?} of its DISCONNECT; closed it");
     }
     let _ = iw.shutdown().await;
     let _ = cw.shutdown().await;
+}
+
+/// Read (and discard) until `conn` is closed by the other side (true), or `limit` passed.
+async fn wait_closed<R: AsyncRead + Unpin>(conn: &mut R, limit: Duration) -> bool {
+    let mut scratch = [0u8; 256];
+    tokio::time::timeout(limit, async {
+        while let Ok(n) = conn.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Liveness probe: a real CONNECT/CONNACK (and DISCONNECT) against rumqttd's internal listener
@@ -1141,18 +1177,111 @@ pub async fn probe(
         if f[0] >> 4 != 2 || f.get(3).copied() != Some(0) {
             return Err(format!("refused: {:02x?}", &f[..f.len().min(5)]));
         }
-        let _ = s.write_all(&[0xe0, 0x00]).await;
-        Ok(())
+        Ok(s)
     };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no CONNACK within {timeout:?}")),
+    let mut s = match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r?,
+        Err(_) => return Err(format!("no CONNACK within {timeout:?}")),
+    };
+    // Answered. Leave as a client should, and as the guard does (module docs).
+    if s.write_all(&[0xe0, 0x00]).await.is_ok() {
+        wait_closed(&mut s, DISCONNECT_SETTLE).await;
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn anonymous_guard() -> Arc<Guard> {
+        Guard::new(
+            Policy {
+                allow_anonymous: true,
+                passwords: None,
+                max_connections: 10,
+                connect_timeout: Duration::from_secs(5),
+                max_packet: 1 << 16,
+                max_client_id_length: 64,
+                max_topic_length: 256,
+                max_topics: 100,
+                max_client_ids: 100,
+                max_publish_rate: 0,
+                acl: None,
+                reserve_own_prefix: true,
+            },
+            Metrics::new(),
+            None,
+        )
+    }
+
+    /// rumqttd's side of the race (module docs) is timing inside its connection task, so it is
+    /// played here by a plain socket standing in for the internal listener: after a client's
+    /// DISCONNECT, the guard must leave the internal connection open until that side closes it,
+    /// however quickly the client itself goes.
+    #[tokio::test]
+    async fn after_disconnect_the_broker_closes_first() {
+        let guard = anonymous_guard();
+        let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_target_tx, target) = watch::channel(internal.local_addr().unwrap());
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let public_addr = public.local_addr().unwrap();
+        tokio::spawn(accept_loop(public, None, false, target, guard.clone()));
+
+        let mut client = TcpStream::connect(public_addr).await.unwrap();
+        let connect = encode(
+            false,
+            Packet::Connect(
+                rumqttd::protocol::Connect {
+                    keep_alive: 30,
+                    client_id: "leaver".into(),
+                    clean_session: true,
+                },
+                None,
+                None,
+                None,
+                None,
+            ),
+        )
+        .unwrap();
+        client.write_all(&connect).await.unwrap();
+        let (mut broker, _) = internal.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        let f = read_frame(&mut broker, &mut buf, 1 << 16)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f[0] >> 4, 1, "CONNECT relayed");
+        broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+
+        // The client leaves the way most do: DISCONNECT and close, in one go.
+        client.write_all(&[0xe0, 0x00]).await.unwrap();
+        drop(client);
+        let f = read_frame(&mut broker, &mut buf, 1 << 16)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&f[..], &[0xe0, 0x00], "DISCONNECT relayed");
+        let mut rest = [0u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(300), broker.read(&mut rest)).await;
+        assert!(
+            early.is_err(),
+            "the guard closed the internal connection before the broker did: {early:?}"
+        );
+        // The broker ends the session and closes: the guard lets go at once.
+        let ended = Instant::now();
+        drop(broker);
+        while guard.open_connections() > 0 {
+            assert!(
+                ended.elapsed() < Duration::from_secs(1),
+                "session still open"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     #[test]
     fn headers() {

@@ -86,6 +86,9 @@ pub struct Broker {
     listen: Arc<ListenerFactory>,
     guard: Arc<Guard>,
     internals: Vec<Internal>,
+    /// One liveness check at a time: two that found the same listener dead would each start a
+    /// replacement, and the guard could be left relaying to the one the other aborted.
+    checking: tokio::sync::Mutex<()>,
     publics: Vec<Public>,
     addr: Option<SocketAddr>,
     /// Address of the MQTT 5 listener, when enabled.
@@ -202,6 +205,7 @@ impl Broker {
             listen,
             guard,
             internals: Vec::new(),
+            checking: tokio::sync::Mutex::new(()),
             publics: Vec::new(),
             addr: None,
             addr_v5: None,
@@ -387,6 +391,7 @@ impl Broker {
     /// replaced by a fresh one (open connections stay on the old one, new ones go to the new
     /// one); returns the problems that remain.
     pub async fn check(&self) -> Vec<String> {
+        let _one_at_a_time = self.checking.lock().await;
         let mut problems = Vec::new();
         for p in &self.publics {
             if p.task.is_finished() {

@@ -139,6 +139,9 @@ pub struct Metrics {
     /// Liveness probes of a broker listener that failed, and internal listeners restarted.
     pub broker_probe_failures: Counter,
     pub broker_listener_restarts: Counter,
+    /// Sessions rumqttd did not close within 2 s of the client's DISCONNECT (the guard closed
+    /// them itself; see broker/guard.rs on why it waits).
+    pub broker_disconnect_unsettled: Counter,
     /// Totals per reason kept beside the Prometheus family, for tests and summaries.
     drop_totals: Mutex<HashMap<DropReason, u64>>,
     drop_log: Mutex<HashMap<DropReason, (Instant, u64)>>,
@@ -184,6 +187,7 @@ impl Metrics {
             broker_throttled: Counter::default(),
             broker_paused: Counter::default(),
             broker_probe_failures: Counter::default(),
+            broker_disconnect_unsettled: Counter::default(),
             broker_listener_restarts: Counter::default(),
             drop_totals: Mutex::new(HashMap::new()),
             drop_log: Mutex::new(HashMap::new()),
@@ -276,6 +280,11 @@ impl Metrics {
             "broker_probe_failures",
             "Failed liveness probes (MQTT CONNECT/CONNACK) of a broker listener",
             m.broker_probe_failures.clone(),
+        );
+        registry.register(
+            "broker_disconnect_unsettled",
+            "Sessions the broker did not close within 2 s of the client's DISCONNECT",
+            m.broker_disconnect_unsettled.clone(),
         );
         registry.register(
             "broker_listener_restarts",

@@ -431,7 +431,8 @@ pub fn seq(v: &Value) -> u64 {
         .expect("sequence is numeric")
 }
 
-/// The real `edgegate` binary as a child process (for tests where the process must die).
+/// The real `edgegate` binary as a child process (for tests where the process must die). Its
+/// stderr (the log) goes to a file beside the data directory, printed when the test fails.
 pub struct Daemon {
     pub broker_port: u16,
     child: Option<Child>,
@@ -509,9 +510,15 @@ impl Daemon {
             )
             .env("EDGEGATE__UPSTREAM__RECONNECT_MIN", "50ms")
             .env("EDGEGATE__UPSTREAM__RECONNECT_MAX", "500ms")
-            .env("RUST_LOG", "warn,rumqttd=off")
+            .env("RUST_LOG", "info,rumqttd=error")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())
+                    .map_or_else(|_| Stdio::inherit(), Stdio::from),
+            );
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
@@ -527,6 +534,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where the process's stderr goes (all its runs).
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.with_extension("stderr.log")
     }
 
     /// SIGKILL: no chance to commit or close anything.
@@ -566,6 +578,17 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "--- edgegate log ({}, last {} lines) ---\n{}\n--- end of log ---",
+                self.log_path().display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
