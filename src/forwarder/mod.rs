@@ -1,9 +1,9 @@
 //! Upstream forwarder: delivers the queue at-least-once to the cloud MQTT broker (rumqttc).
 //!
 //! Invariants:
-//! - Only committed events are sent: taken from the queue's in-memory tail of fresh commits
-//!   while the cursor is caught up with it, read from the file otherwise (at the start of every
-//!   connection, behind a backlog).
+//! - Only committed events are sent, read through a `queue::Reader` per connection: from the
+//!   queue's in-memory tail of fresh commits while caught up with the file, from the file
+//!   otherwise (at the start of every connection, behind a backlog).
 //! - With `upstream.batch_events > 1`, consecutive telemetry events ready at once leave as one
 //!   message (a CloudEvents JSON batch); its PUBACK acknowledges all of them, a refusal refuses
 //!   all of them. Nothing waits to fill a batch.
@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::event::Class;
 use crate::ops::metrics::Metrics;
-use crate::queue::{Cursor, QueueHandle, StoredEvent};
+use crate::queue::{QueueHandle, Reader, StoredEvent};
 use session::{Session, Up};
 
 /// Status shared with the rest of the daemon (health, systemd STATUS, demo).
@@ -162,10 +162,7 @@ impl Forwarder {
         // is offered again now (and positions deleted meanwhile are forgotten).
         let now = Instant::now();
         self.refused.retain(|_, until| *until > now);
-        let mut cursor = Cursor::default();
-        // Caught up with the file at least once on this connection: the in-memory tail may
-        // answer from now on (it never holds what an earlier connection left unacknowledged).
-        let mut synced = false;
+        let mut reader = Reader::default();
         let batch_events = self.cfg.batch_events;
         let mut committed = self.queue.committed();
         let mut connected = false;
@@ -192,27 +189,8 @@ impl Forwarder {
                 // Mark the current commit as seen before reading, so a commit that lands
                 // after the read still wakes us.
                 committed.borrow_and_update();
-                let fresh = if synced {
-                    self.queue.take_committed(&mut cursor, allowed)
-                } else {
-                    None
-                };
-                let rows = match fresh {
-                    Some(rows) => rows,
-                    None => {
-                        let Ok(leased) = self.queue.lease(cursor, allowed).await else {
-                            break End::Shutdown;
-                        };
-                        for row in &leased.rows {
-                            cursor.advance(row);
-                        }
-                        if let (true, Some(upto)) = (leased.rows.len() < allowed, leased.upto) {
-                            cursor.alert = cursor.alert.max(upto);
-                            cursor.telemetry = cursor.telemetry.max(upto);
-                            synced = true;
-                        }
-                        leased.rows
-                    }
+                let Ok(rows) = self.queue.read(&mut reader, allowed).await else {
+                    break End::Shutdown;
                 };
                 caught_up = rows.is_empty();
                 let mut batch = Batch::default();

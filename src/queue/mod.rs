@@ -37,6 +37,7 @@ use crate::config::{QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
 pub use store::{Cursor, Limits, Stats, Store, StoreError, StoredEvent};
+pub use tail::Reader;
 use tail::Tail;
 
 enum Command {
@@ -107,7 +108,7 @@ impl QueueHandle {
     }
 
     /// Committed events after `cursor`, alerts first, read from the file.
-    pub async fn lease(&self, cursor: Cursor, limit: usize) -> Result<Leased, QueueClosed> {
+    async fn lease(&self, cursor: Cursor, limit: usize) -> Result<Leased, QueueClosed> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Command::Lease {
@@ -120,14 +121,23 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueClosed)
     }
 
-    /// Committed events after `cursor`, alerts first, from the in-memory tail of the latest
-    /// commits, without a trip to the writer thread; `None` when the file must answer (see
-    /// [`tail`]). Advances the cursor.
-    pub fn take_committed(&self, cursor: &mut Cursor, limit: usize) -> Option<Vec<StoredEvent>> {
-        match self.tail.lock() {
-            Ok(mut t) => t.take(cursor, limit),
+    /// Up to `limit` committed events after `reader`'s place, alerts first; advances it. From
+    /// the in-memory tail of the latest commits when it may answer (no trip to the writer
+    /// thread), from the file otherwise (see [`tail`]).
+    pub async fn read(
+        &self,
+        reader: &mut Reader,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, QueueClosed> {
+        let fresh = match self.tail.lock() {
+            Ok(mut t) => reader.from_tail(&mut t, limit),
             Err(_) => None,
+        };
+        if let Some(rows) = fresh {
+            return Ok(rows);
         }
+        let leased = self.lease(reader.cursor(), limit).await?;
+        Ok(reader.from_file(leased, limit))
     }
 
     pub async fn stats(&self) -> Result<Stats, QueueClosed> {

@@ -19,7 +19,49 @@
 use std::collections::VecDeque;
 
 use super::store::{Cursor, StoredEvent};
+use super::Leased;
 use crate::event::Class;
+
+/// One upstream connection's place in the queue, and whether the tail may answer for it
+/// (`QueueHandle::read` is how the forwarder reads with it). A new connection starts a new
+/// reader at the head of the queue.
+#[derive(Debug, Default)]
+pub struct Reader {
+    cursor: Cursor,
+    /// Caught up with the file at least once: the tail may answer from now on. (Before that
+    /// the file holds what an earlier connection left unacknowledged, which the tail never has.)
+    synced: bool,
+}
+
+impl Reader {
+    /// Up to `limit` events from the tail, when it may and can answer; advances.
+    pub fn from_tail(&mut self, tail: &mut Tail, limit: usize) -> Option<Vec<StoredEvent>> {
+        if !self.synced {
+            return None;
+        }
+        tail.take(&mut self.cursor, limit)
+    }
+
+    /// Where a read of the file starts.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The file answered `leased` to a read of up to `limit` events: advance past them. Fewer
+    /// than asked for means nothing up to the last commit is left for us in the file, so the
+    /// tail may answer from here on.
+    pub fn from_file(&mut self, leased: Leased, limit: usize) -> Vec<StoredEvent> {
+        for row in &leased.rows {
+            self.cursor.advance(row);
+        }
+        if let (true, Some(upto)) = (leased.rows.len() < limit, leased.upto) {
+            self.cursor.alert = self.cursor.alert.max(upto);
+            self.cursor.telemetry = self.cursor.telemetry.max(upto);
+            self.synced = true;
+        }
+        leased.rows
+    }
+}
 
 pub struct Tail {
     /// Lowest position the tail answers for.
@@ -223,12 +265,15 @@ mod tests {
         enum Op {
             Push(bool),
             Take(usize),
+            /// A new upstream connection: nothing was acknowledged, so it must get everything.
+            Reconnect,
         }
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                3 => any::<bool>().prop_map(Op::Push),
-                2 => (1usize..6).prop_map(Op::Take),
+                6 => any::<bool>().prop_map(Op::Push),
+                4 => (1usize..6).prop_map(Op::Take),
+                1 => Just(Op::Reconnect),
             ]
         }
 
@@ -252,9 +297,11 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(256))]
-            /// A forwarder that takes from the tail when it may and reads the file otherwise
-            /// (as the forwarder does) gets every committed event exactly once, in order within
-            /// each class, whatever the tail's size and the interleaving.
+            /// A reader over the tail and a file (as `QueueHandle::read` combines them) gets
+            /// every committed event exactly once, in order within each class, whatever the
+            /// tail's size and the interleaving; a reader for a new connection gets them all
+            /// again (the file keeps every event here: none was acknowledged), though the
+            /// earlier connection already took some of them from the tail.
             #[test]
             fn tail_and_file_together_deliver_everything_once_in_order(
                 ops in proptest::collection::vec(op(), 1..80),
@@ -262,25 +309,18 @@ mod tests {
             ) {
                 let mut tail = Tail::new(1, cap, 1 << 20);
                 let mut file: Vec<StoredEvent> = Vec::new();
-                let mut cursor = Cursor::default();
-                let mut synced = false;
+                let mut reader = Reader::default();
                 let mut got: Vec<StoredEvent> = Vec::new();
-                let mut drain = |tail: &mut Tail, file: &[StoredEvent], cursor: &mut Cursor,
-                                 synced: &mut bool, limit: usize| -> usize {
-                    let rows = match synced.then(|| tail.take(cursor, limit)).flatten() {
+                let drain = |tail: &mut Tail, file: &[StoredEvent], reader: &mut Reader,
+                             got: &mut Vec<StoredEvent>, limit: usize| -> usize {
+                    let rows = match reader.from_tail(tail, limit) {
                         Some(rows) => rows,
                         None => {
-                            let rows = file_lease(file, *cursor, limit);
-                            for r in &rows {
-                                cursor.advance(r);
-                            }
-                            if rows.len() < limit {
-                                let upto = file.last().map(|e| e.pos).unwrap_or(0);
-                                cursor.alert = cursor.alert.max(upto);
-                                cursor.telemetry = cursor.telemetry.max(upto);
-                                *synced = true;
-                            }
-                            rows
+                            let leased = Leased {
+                                rows: file_lease(file, reader.cursor(), limit),
+                                upto: Some(file.last().map(|e| e.pos).unwrap_or(0)),
+                            };
+                            reader.from_file(leased, limit)
                         }
                     };
                     let n = rows.len();
@@ -296,11 +336,15 @@ mod tests {
                             tail.push(e);
                         }
                         Op::Take(limit) => {
-                            drain(&mut tail, &file, &mut cursor, &mut synced, limit);
+                            drain(&mut tail, &file, &mut reader, &mut got, limit);
+                        }
+                        Op::Reconnect => {
+                            reader = Reader::default();
+                            got.clear();
                         }
                     }
                 }
-                while drain(&mut tail, &file, &mut cursor, &mut synced, 4) > 0 {}
+                while drain(&mut tail, &file, &mut reader, &mut got, 4) > 0 {}
                 let mut positions: Vec<u64> = got.iter().map(|e| e.pos).collect();
                 for class in [Class::Alert, Class::Telemetry] {
                     let seen: Vec<u64> =
