@@ -563,13 +563,7 @@ fn queue_cli_peek_export_purge_replay() {
     assert!(cli(&["queue", "purge", "--topic", "sensors/b/#", "--yes"]).contains("deleted 2"));
     assert_eq!(cli(&["queue", "export"]).lines().count(), 3);
     // Without --yes and without a "y", nothing is deleted.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["queue", "purge"])
-        .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    edgegate_cli(dir.path(), &["queue", "purge"]);
     assert_eq!(cli(&["queue", "export"]).lines().count(), 3);
 }
 
@@ -588,16 +582,12 @@ async fn replay_sends_kept_events_again_with_the_same_ids() {
     let first = cloud.wait_for(3, WAIT).await;
     assert!(eventually(WAIT, || gw.metrics().events_forwarded.get() == 3).await);
     // The CLI asks the running daemon (it holds the data-dir lock) to replay.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["queue", "replay", "--since", "1h"])
-        .env("EDGEGATE__GATEWAY__DATA_DIR", dir.path())
-        .env("EDGEGATE__QUEUE__KEEP_ACKED", "1h")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    edgegate_ok(
+        &["queue", "replay", "--since", "1h"],
+        &[
+            ("EDGEGATE__GATEWAY__DATA_DIR", dir.path().as_os_str()),
+            ("EDGEGATE__QUEUE__KEEP_ACKED", "1h".as_ref()),
+        ],
     );
     let all = cloud.wait_for(6, WAIT).await;
     let ids = |v: &[(String, serde_json::Value)]| {

@@ -337,11 +337,7 @@ match = "a/#/b"
 "#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = edgegate_output(&["check-config", "--config", path_str(&bad)], &[]);
     assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
     let err = String::from_utf8_lossy(&out.stderr);
     for key in [
@@ -358,26 +354,21 @@ match = "a/#/b"
         assert!(err.contains(&format!("{key}:")), "missing {key} in:\n{err}");
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args([
+    // The shipped config is valid.
+    edgegate_ok(
+        &[
             "check-config",
             "--config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/edgegate.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "shipped config is valid: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[],
     );
 
     // Environment overrides use a double underscore and are validated too.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .arg("check-config")
-        .env("EDGEGATE__UPSTREAM__ACK_TIMEOUT", "soon")
-        .output()
-        .unwrap();
+    let out = edgegate_output(
+        &["check-config"],
+        &[("EDGEGATE__UPSTREAM__ACK_TIMEOUT", "soon".as_ref())],
+    );
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.ack_timeout:"));
 }

@@ -816,15 +816,14 @@ async fn password_file_authentication() {
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.starts_with("boiler:$argon2id$") && !text.contains("correct horse"));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .arg("check-config")
-        .env("EDGEGATE__BROKER__PASSWORD_FILE", &file)
-        .env("EDGEGATE__BROKER__ALLOW_ANONYMOUS", "false")
-        .env("EDGEGATE__GATEWAY__DATA_DIR", secrets.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = edgegate_ok(
+        &["check-config"],
+        &[
+            ("EDGEGATE__BROKER__PASSWORD_FILE", file.as_os_str()),
+            ("EDGEGATE__BROKER__ALLOW_ANONYMOUS", "false".as_ref()),
+            ("EDGEGATE__GATEWAY__DATA_DIR", secrets.path().as_os_str()),
+        ],
+    );
     assert!(stdout.contains("1 user(s), anonymous refused"), "{stdout}");
     assert!(!stdout.contains("argon2"), "{stdout}");
 
@@ -955,11 +954,7 @@ async fn upstream_mtls_against_mosquitto_require_certificate() {
         pw.display()
     );
     let cfg_file = write(certs.path(), "edgegate.toml", &toml);
-    let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(["check-config", "--config"])
-        .arg(&cfg_file)
-        .output()
-        .unwrap();
+    let out = edgegate_output(&["check-config", "--config", path_str(&cfg_file)], &[]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

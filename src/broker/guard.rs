@@ -421,6 +421,29 @@ impl Guard {
         self.metrics.broker_reject(reason, &peer, detail);
     }
 
+    /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
+    /// it, since closing first would make it end a session twice (module docs). Counted and
+    /// logged when rumqttd has not closed it within [`DISCONNECT_SETTLE`].
+    async fn await_close_after_disconnect<R: AsyncRead + Unpin>(
+        &self,
+        conn: &mut R,
+        who: &(dyn std::fmt::Display + Sync),
+    ) {
+        let mut scratch = [0u8; 256];
+        let closed = tokio::time::timeout(DISCONNECT_SETTLE, async {
+            while let Ok(n) = conn.read(&mut scratch).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        if closed.is_err() {
+            self.metrics.broker_disconnect_unsettled.inc();
+            tracing::warn!(client = %who, "rumqttd did not close a session within {DISCONNECT_SETTLE:?} of its DISCONNECT; closed it");
+        }
+    }
+
     /// Check a topic name or filter (length, distinct-topic budget).
     fn check_topic(&self, topic: &[u8]) -> Result<(), (&'static str, String)> {
         if topic.len() > self.policy.max_topic_length {
@@ -1114,28 +1137,11 @@ async fn relay<S: Io>(
         d = up => d,
         _ = down => false,
     };
-    // rumqttd closes the connection once its router has ended the session; closing first
-    // would make it end a session twice (module docs).
-    if disconnected && !wait_closed(&mut ir, DISCONNECT_SETTLE).await {
-        guard.metrics.broker_disconnect_unsettled.inc();
-        tracing::warn!(%peer, "rumqttd did not close a session within {DISCONNECT_SETTLE:?} of its DISCONNECT; closed it");
+    if disconnected {
+        guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
     let _ = iw.shutdown().await;
     let _ = cw.shutdown().await;
-}
-
-/// Read (and discard) until `conn` is closed by the other side (true), or `limit` passed.
-async fn wait_closed<R: AsyncRead + Unpin>(conn: &mut R, limit: Duration) -> bool {
-    let mut scratch = [0u8; 256];
-    tokio::time::timeout(limit, async {
-        while let Ok(n) = conn.read(&mut scratch).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await
-    .is_ok()
 }
 
 /// Liveness probe: a real CONNECT/CONNACK (and DISCONNECT) against rumqttd's internal listener
@@ -1185,7 +1191,9 @@ pub async fn probe(
     };
     // Answered. Leave as a client should, and as the guard does (module docs).
     if s.write_all(&[0xe0, 0x00]).await.is_ok() {
-        wait_closed(&mut s, DISCONNECT_SETTLE).await;
+        guard
+            .await_close_after_disconnect(&mut s, &"the liveness probe")
+            .await;
     }
     Ok(())
 }

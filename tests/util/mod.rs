@@ -2,6 +2,7 @@
 //! temp data dir, real MQTT clients as sensors and as the cloud consumer.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -210,19 +211,35 @@ pub fn test_config(data_dir: &Path, upstream: Option<&str>) -> Config {
     c
 }
 
-/// Run the `edgegate` binary's CLI (e.g. `queue export`) on the data dir `dir`; its stdout.
-pub fn edgegate_cli(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
-        .args(args)
-        .env("EDGEGATE__GATEWAY__DATA_DIR", dir)
-        .output()
-        .unwrap();
+/// Run the `edgegate` binary with `args` and extra environment; its output, whatever the status.
+pub fn edgegate_output(args: &[&str], env: &[(&str, &OsStr)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgegate"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run edgegate")
+}
+
+/// Like [`edgegate_output`], which must succeed; its stdout.
+pub fn edgegate_ok(args: &[&str], env: &[(&str, &OsStr)]) -> String {
+    let out = edgegate_output(args, env);
     assert!(
         out.status.success(),
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// A test path as a CLI argument (temporary directories are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Run the `edgegate` binary's CLI (e.g. `queue export`) on the data dir `dir`; its stdout.
+pub fn edgegate_cli(dir: &Path, args: &[&str]) -> String {
+    edgegate_ok(args, &[("EDGEGATE__GATEWAY__DATA_DIR", dir.as_os_str())])
 }
 
 pub async fn start_gateway(config: Config) -> Gateway {
@@ -561,17 +578,11 @@ impl Daemon {
 
     /// `edgegate queue stats --json` on this data directory.
     pub fn queue_stats(&self) -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_edgegate"))
-            .args(["queue", "stats", "--json", "--interval", "0s"])
-            .env("EDGEGATE__GATEWAY__DATA_DIR", &self.data_dir)
-            .output()
-            .expect("queue stats");
-        assert!(
-            out.status.success(),
-            "queue stats: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = edgegate_cli(
+            &self.data_dir,
+            &["queue", "stats", "--json", "--interval", "0s"],
         );
-        serde_json::from_slice(&out.stdout).expect("queue stats JSON")
+        serde_json::from_str(&out).expect("queue stats JSON")
     }
 }
 
