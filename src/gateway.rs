@@ -115,13 +115,72 @@ fn ingest_client_id() -> String {
     format!("edgegate-ingest-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The broker and the gateway's own links to it, listening.
+struct Started {
+    broker: Arc<Broker>,
+    link_rx: rumqttd::local::LinkRx,
+    rules_link: rumqttd::local::LinkTx,
+    status_link: Option<rumqttd::local::LinkTx>,
+}
+
+/// Start the broker: the ingest link subscribes before the listeners open (see Broker::new),
+/// and every in-process link is built before them too.
+async fn start_broker(config: &Config, metrics: Arc<Metrics>) -> Result<Started, StartError> {
+    if config.broker.allow_anonymous && config.broker.password_file.is_some() {
+        tracing::warn!("broker.allow_anonymous = true with a broker.password_file: clients without credentials are let in");
+    }
+    let mut broker = Broker::new(&config.broker, metrics.clone());
+    let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
+    link_tx
+        .subscribe("#")
+        .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
+    // Every in-process link is built before the listeners open, while nothing else talks
+    // to rumqttd's router: no connection slot a link takes was ever a remote client's, so
+    // no late report about such a client can end a link (broker/guard.rs, on DISCONNECT);
+    // built after, the rules link once failed with "Channel recv error". And if one cannot
+    // be built, the start fails before any sensor got a PUBACK.
+    // The rules stage publishes derived events and alerts on its own local link.
+    let (rules_link, _) =
+        broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
+    let status_link = match broker.link(&format!(
+        "edgegate-status-{}",
+        uuid::Uuid::new_v4().simple()
+    )) {
+        Ok((tx, _rx)) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no status link: edgegate/status will not be published");
+            None
+        }
+    };
+    broker.listen(&config.broker).await?;
+    let broker = Arc::new(broker);
+    Ok(Started {
+        broker,
+        link_rx,
+        rules_link,
+        status_link,
+    })
+}
+
 impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let metrics = Metrics::new();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-        // 1. Queue.
+        // 0. The data directory's lock, then every address we serve on that is not the
+        // broker's (the broker binds all of its own in `listen` before starting any): a taken
+        // port fails the start before any sensor could get a PUBACK.
         let lock = lock_data_dir(&config.gateway.data_dir)?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(
+                http::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+
+        // 1. Queue.
         let path = config.queue_path();
         let (sync, limits) = (config.queue.sync, queue::limits(&config.queue));
         let open_path = path.clone();
@@ -155,36 +214,22 @@ impl Gateway {
             metrics.clone(),
         )?;
 
-        // 2. Broker and the ingest link.
-        // The ingest link subscribes before the listeners open (see Broker::new).
-        if config.broker.allow_anonymous && config.broker.password_file.is_some() {
-            tracing::warn!("broker.allow_anonymous = true with a broker.password_file: clients without credentials are let in");
-        }
-        let mut broker = Broker::new(&config.broker, metrics.clone());
-        let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
-        link_tx
-            .subscribe("#")
-            .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
-        // Every in-process link is built before the listeners open, while nothing else talks
-        // to rumqttd's router: no connection slot a link takes was ever a remote client's, so
-        // no late report about such a client can end a link (broker/guard.rs, on DISCONNECT);
-        // built after, the rules link once failed with "Channel recv error". And if one cannot
-        // be built, the start fails before any sensor got a PUBACK.
-        // The rules stage publishes derived events and alerts on its own local link.
-        let (rules_link, _) =
-            broker.link(&format!("edgegate-rules-{}", uuid::Uuid::new_v4().simple()))?;
-        let status_link = match broker.link(&format!(
-            "edgegate-status-{}",
-            uuid::Uuid::new_v4().simple()
-        )) {
-            Ok((tx, _rx)) => Some(tx),
+        // 2. Broker and the ingest link. If this fails, the writer (already running) commits
+        // what it has and closes the file before the error is returned.
+        let broker = match start_broker(&config, metrics.clone()).await {
+            Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "no status link: edgegate/status will not be published");
-                None
+                drop(queue);
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                return Err(e);
             }
         };
-        broker.listen(&config.broker).await?;
-        let broker = Arc::new(broker);
+        let Started {
+            broker,
+            link_rx,
+            rules_link,
+            status_link,
+        } = broker;
 
         // 3. Stages.
         let (readings_tx, readings_rx) = flume::bounded(capacity);
@@ -247,15 +292,15 @@ impl Gateway {
             status_link,
         };
         let supervisor = tokio::spawn(watched.run(shutdown_rx));
-        let (metrics_addr, http) = match config.metrics.listen {
-            Some(addr) => {
+        let (metrics_addr, http) = match metrics_listener {
+            Some((listener, bound)) => {
                 let p = problems.clone();
                 let health: http::HealthFn =
                     Arc::new(move || p.lock().map(|v| v.clone()).unwrap_or_default());
-                let (bound, task) = http::serve(addr, metrics.clone(), health)
-                    .await
-                    .map_err(|source| StartError::Metrics { addr, source })?;
-                (Some(bound), Some(task))
+                (
+                    Some(bound),
+                    Some(http::serve(listener, metrics.clone(), health)),
+                )
             }
             None => (None, None),
         };

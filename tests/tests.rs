@@ -4,6 +4,7 @@
 mod util;
 
 mod durability;
+mod lifecycle;
 mod pipeline;
 
 mod rules;

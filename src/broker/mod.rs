@@ -240,8 +240,38 @@ impl Broker {
         }
     }
 
-    /// Start the listeners of `cfg`; returns once every listener accepts connections.
+    /// Start the listeners of `cfg`; returns once every listener accepts connections. Every
+    /// public address is bound before anything starts, so a taken port fails the start before
+    /// any sensor could connect; on any failure, whatever this started is stopped again.
     pub async fn listen(&mut self, cfg: &BrokerConfig) -> Result<(), BrokerError> {
+        let v4 = bind_public("broker.listen", cfg.listen).await?;
+        let v5 = match cfg.listen_v5 {
+            Some(a) => Some(bind_public("broker.listen_v5", a).await?),
+            None => None,
+        };
+        let tls = match (cfg.tls_listen, &cfg.tls) {
+            (Some(a), Some(tls)) => Some((
+                bind_public("broker.tls_listen", a).await?,
+                tokio_rustls::TlsAcceptor::from(tls.clone()),
+            )),
+            _ => None,
+        };
+        let started = self.start_listeners(v4, v5, tls).await;
+        if started.is_err() {
+            self.abort_listeners();
+        }
+        started
+    }
+
+    async fn start_listeners(
+        &mut self,
+        v4: (tokio::net::TcpListener, SocketAddr),
+        v5: Option<(tokio::net::TcpListener, SocketAddr)>,
+        tls: Option<(
+            (tokio::net::TcpListener, SocketAddr),
+            tokio_rustls::TlsAcceptor,
+        )>,
+    ) -> Result<(), BrokerError> {
         let (a4, t4) = self.spawn_internal("v4", false).await?;
         let (tx4, rx4) = watch::channel(a4);
         self.internals.push(Internal {
@@ -250,55 +280,54 @@ impl Broker {
             target: tx4,
             task: Mutex::new(t4),
         });
-        let addr = self
-            .public("v4", cfg.listen, false, None, rx4.clone())
-            .await?;
-        self.addr = Some(addr);
-        if let Some(a) = cfg.listen_v5 {
-            let (a5, t5) = self.spawn_internal("v5", true).await?;
-            let (tx5, rx5) = watch::channel(a5);
-            self.internals.push(Internal {
-                name: "v5",
-                v5: true,
-                target: tx5,
-                task: Mutex::new(t5),
-            });
-            self.addr_v5 = Some(self.public("v5", a, true, None, rx5).await?);
+        let rx5 = match v5 {
+            Some(_) => {
+                let (a5, t5) = self.spawn_internal("v5", true).await?;
+                let (tx5, rx5) = watch::channel(a5);
+                self.internals.push(Internal {
+                    name: "v5",
+                    v5: true,
+                    target: tx5,
+                    task: Mutex::new(t5),
+                });
+                Some(rx5)
+            }
+            None => None,
+        };
+        self.addr = Some(self.public("v4", v4, false, None, rx4.clone()));
+        if let (Some(l), Some(rx5)) = (v5, rx5) {
+            self.addr_v5 = Some(self.public("v5", l, true, None, rx5));
         }
-        if let (Some(a), Some(tls)) = (cfg.tls_listen, &cfg.tls) {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-            self.addr_tls = Some(self.public("tls", a, false, Some(acceptor), rx4).await?);
+        if let Some((l, acceptor)) = tls {
+            self.addr_tls = Some(self.public("tls", l, false, Some(acceptor), rx4));
         }
-        tracing::info!(%addr, v5 = ?self.addr_v5, tls = ?self.addr_tls, "broker listening");
+        tracing::info!(addr = ?self.addr, v5 = ?self.addr_v5, tls = ?self.addr_tls, "broker listening");
         Ok(())
     }
 
-    async fn public(
+    /// Stop every accept loop and internal listener started so far (a failed start).
+    fn abort_listeners(&mut self) {
+        for p in self.publics.drain(..) {
+            p.task.abort();
+        }
+        for i in self.internals.drain(..) {
+            if let Ok(t) = i.task.lock() {
+                t.abort();
+            }
+        }
+        self.addr = None;
+        self.addr_v5 = None;
+        self.addr_tls = None;
+    }
+
+    fn public(
         &mut self,
         name: &'static str,
-        addr: SocketAddr,
+        (listener, bound): (tokio::net::TcpListener, SocketAddr),
         v5: bool,
         tls: Option<tokio_rustls::TlsAcceptor>,
         target: watch::Receiver<SocketAddr>,
-    ) -> Result<SocketAddr, BrokerError> {
-        let key = match name {
-            "v5" => "broker.listen_v5",
-            "tls" => "broker.tls_listen",
-            _ => "broker.listen",
-        };
-        let listener =
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| BrokerError::Listen {
-                    key,
-                    addr,
-                    message: e.to_string(),
-                })?;
-        let bound = listener.local_addr().map_err(|e| BrokerError::Listen {
-            key,
-            addr,
-            message: e.to_string(),
-        })?;
+    ) -> SocketAddr {
         let task = tokio::spawn(guard::accept_loop(
             listener,
             tls,
@@ -311,7 +340,7 @@ impl Broker {
             addr: bound,
             task,
         });
-        Ok(bound)
+        bound
     }
 
     /// Router and listeners in one go (for a broker without links of its own, like the demo's
@@ -501,4 +530,21 @@ async fn wait_listening(addr: SocketAddr, listener: &JoinHandle<()>) -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Bind a public listener (`key` names it in the error).
+async fn bind_public(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), BrokerError> {
+    let listen_err = |e: std::io::Error| BrokerError::Listen {
+        key,
+        addr,
+        message: e.to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(listen_err)?;
+    let bound = listener.local_addr().map_err(listen_err)?;
+    Ok((listener, bound))
 }

@@ -20,15 +20,20 @@ pub type HealthFn = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bind `addr` and serve until the task is aborted. Returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: HealthFn,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+/// Bind `addr` (before anything else starts, so a taken port fails the start early).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
+    Ok((listener, bound))
+}
+
+/// Serve on a bound listener until the task is aborted.
+pub fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: HealthFn,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -45,8 +50,7 @@ pub async fn serve(
                 }
             }
         }
-    });
-    Ok((bound, task))
+    })
 }
 
 async fn handle(
@@ -136,9 +140,8 @@ mod tests {
                 vec!["queue writer not responding".into()]
             }
         });
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), metrics, health)
-            .await
-            .unwrap();
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let task = serve(listener, metrics, health);
         // A client that connects and sends nothing.
         let _idle = TcpStream::connect(addr).await.unwrap();
         let m = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -71,6 +71,26 @@ pub struct RuleConfig {
 }
 
 impl RuleConfig {
+    /// The same rule, whatever the engine-wide settings it carries: a change of
+    /// `[rules_engine]` (the tick, the sensor table's size) keeps every rule's state.
+    pub fn same_rule(&self, other: &RuleConfig) -> bool {
+        let RuleConfig {
+            name,
+            filter,
+            pattern,
+            when,
+            action,
+            actions,
+            settings: _,
+        } = self;
+        *name == other.name
+            && *filter == other.filter
+            && *pattern == other.pattern
+            && *when == other.when
+            && *action == other.action
+            && *actions == other.actions
+    }
+
     /// A rule with one action, as the original routing table had.
     pub fn simple(name: &str, filter: &str, action: RuleAction) -> RuleConfig {
         let pattern = Pattern::parse(filter).unwrap_or_else(|_| Pattern::literal(filter));

@@ -200,11 +200,13 @@ impl Engine {
         for cfg in rules {
             let prev = old
                 .iter_mut()
-                .find(|o| o.as_ref().is_some_and(|o| o.cfg == *cfg))
+                .find(|o| o.as_ref().is_some_and(|o| o.cfg.same_rule(cfg)))
                 .and_then(Option::take);
             match prev {
-                Some(r) => {
+                Some(mut r) => {
                     kept.push(cfg.name.clone());
+                    // Same rule; the engine-wide settings it carries may have changed.
+                    r.cfg.settings = cfg.settings.clone();
                     new.push(r);
                 }
                 None => new.push(Rule::new(cfg)),

@@ -63,6 +63,13 @@ pub struct RulesStage {
     pub reload: flume::Receiver<Reload>,
 }
 
+/// The timer of `missing` detectors and windows; a late tick is not made up for.
+fn ticker(period: std::time::Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// Counters already reported to the metrics, per rule name.
 #[derive(Default)]
 struct Reported {
@@ -74,8 +81,7 @@ impl RulesStage {
     /// Runs until the ingest side closes the channel and everything received is handed on.
     pub async fn run(mut self) {
         let mut actions = Vec::new();
-        let mut ticker = tokio::time::interval(self.engine.settings().tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = ticker(self.engine.settings().tick);
         let mut reported = Reported::default();
         let mut reload_open = true;
         loop {
@@ -99,7 +105,12 @@ impl RulesStage {
                 }
                 r = self.reload.recv_async(), if reload_open => match r {
                     Ok(req) => {
+                        let tick = self.engine.settings().tick;
                         let kept = self.engine.reload(&req.rules);
+                        if self.engine.settings().tick != tick {
+                            ticker = self::ticker(self.engine.settings().tick);
+                            tracing::info!(tick = ?self.engine.settings().tick, "rules_engine.tick applied");
+                        }
                         self.metrics.rules.reloads.inc();
                         tracing::info!(rules = req.rules.len(), kept_state = ?kept, "rules reloaded");
                         if let Some(done) = req.done {

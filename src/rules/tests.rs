@@ -563,3 +563,30 @@ fn rules_from_a_directory_with_keyed_errors() {
     let err = crate::config::Config::from_toml(&missing, None).unwrap_err();
     assert_eq!(err.0[0].key, "rules_engine.dir");
 }
+
+#[test]
+fn changing_the_engine_tick_keeps_every_rules_state() {
+    let text = |tick: &str| {
+        format!(
+            r#"
+            [rules_engine]
+            tick = "{tick}"
+            [[rules]]
+            name = "hot"
+            match = "t/#"
+            actions = [{{ type = "detect", detector = "threshold", above = 80 }}]
+            "#
+        )
+    };
+    let mut e = Engine::new(&rules(&text("1s")), "");
+    let mut out = Vec::new();
+    e.process(&at("t/a", b"90", 0.0), &mut out);
+    assert_eq!(alerts(&out).len(), 1);
+    let kept = e.reload(&rules(&text("250ms")));
+    assert_eq!(kept, vec!["hot".to_string()]);
+    assert_eq!(e.settings().tick, Duration::from_millis(250));
+    out.clear();
+    // Still in alarm: no second start.
+    e.process(&at("t/a", b"95", 1.0), &mut out);
+    assert!(alerts(&out).is_empty());
+}
