@@ -9,3 +9,4 @@ mod pipeline;
 
 mod rules;
 mod security;
+mod status;

@@ -3,5 +3,6 @@
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod status;
 pub mod supervisor;
 pub mod systemd;

@@ -25,6 +25,7 @@ use tokio::task::AbortHandle;
 use crate::broker::Broker;
 use crate::forwarder::UpstreamStatus;
 use crate::ops::metrics::Metrics;
+use crate::ops::status::{Snapshot, StatusPublisher};
 use crate::ops::systemd;
 use crate::queue::QueueHandle;
 
@@ -48,16 +49,9 @@ pub struct Watched {
     pub status_link: Option<rumqttd::local::LinkTx>,
 }
 
-/// Where the gateway publishes its status (retained) on the local broker.
-pub const STATUS_TOPIC: &str = "edgegate/status";
-
 impl Watched {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut last_counts = (
-            self.metrics.readings_received.get(),
-            self.metrics.events_forwarded.get(),
-            Instant::now(),
-        );
+        let mut status = StatusPublisher::new(self.status_link.take());
         let watchdog = systemd::watchdog_interval();
         let period = watchdog
             .map(|w| (w / 3).min(Duration::from_secs(2)))
@@ -137,35 +131,17 @@ impl Watched {
                 self.metrics.readings_received.get(),
                 self.metrics.events_forwarded.get(),
             );
-            let secs = last_counts.2.elapsed().as_secs_f64().max(1e-3);
-            let status = serde_json::json!({
-                "healthy": healthy,
-                "problems": problems,
-                "upstream_configured": self.upstream_configured,
-                "upstream_connected": up.connected,
-                "queue_depth": depth,
-                "queue_oldest_us": stats.as_ref().and_then(|s| s.oldest_us),
-                "readings_per_second": (r.saturating_sub(last_counts.0)) as f64 / secs,
-                "forwarded_per_second": (f.saturating_sub(last_counts.1)) as f64 / secs,
-                "readings_total": r,
-                "forwarded_total": f,
-                "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            });
-            last_counts = (r, f, Instant::now());
-            if let Some(link) = self.status_link.as_mut() {
-                let publish = rumqttd::protocol::Publish::new(
-                    STATUS_TOPIC.as_bytes().to_vec(),
-                    status.to_string().into_bytes(),
-                    true,
-                );
-                if let Err(e) = link
-                    .send(rumqttd::protocol::Packet::Publish(publish, None))
-                    .await
-                {
-                    tracing::warn!(error = %e, "status publish on the local broker failed");
-                    self.status_link = None;
-                }
-            }
+            status
+                .observe(&Snapshot {
+                    problems: &problems,
+                    upstream_configured: self.upstream_configured,
+                    upstream_connected: up.connected,
+                    queue_depth: depth,
+                    queue_oldest_us: stats.as_ref().and_then(|s| s.oldest_us),
+                    readings_total: r,
+                    forwarded_total: f,
+                })
+                .await;
             systemd::status(&format!(
                 "{}{upstream}; queue {depth} events; {} readings in; {} forwarded",
                 if healthy { "" } else { "UNHEALTHY; " },
