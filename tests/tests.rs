@@ -7,5 +7,6 @@ mod durability;
 mod lifecycle;
 mod pipeline;
 
+mod conformance;
 mod rules;
 mod security;
