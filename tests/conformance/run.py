@@ -183,20 +183,29 @@ def matches(case, keys):
     return any(case == k or (k.endswith("_") and case.startswith(k)) for k in keys)
 
 
-def cell(results, proto, keys):
-    rs = [r for r in results if r["protocol"] == proto and matches(r["case"], keys)]
+def runs(results, proto, keys):
+    return [r for r in results if r["protocol"] == proto and matches(r["case"], keys)]
+
+
+def cell(rs):
+    """yes / partly / no, with passed/total case runs (one run per client library)."""
     if not rs:
         return "n/a"
     passed = sum(r["result"] == "pass" for r in rs)
-    if passed == len(rs):
-        return f"yes ({passed}/{len(rs)})"
-    fails = sorted({f"{r['suite']}: {r['detail']}" for r in rs if r["result"] != "pass"})
-    word = "partly" if passed else "no"
-    why = fails[0] if len(fails) == 1 else f"{fails[0]} (+{len(fails) - 1} more)"
-    return f"{word} ({passed}/{len(rs)}): {why.replace('|', '/')}"
+    word = "yes" if passed == len(rs) else "partly" if passed else "no"
+    return f"{word} {passed}/{len(rs)}"
+
+
+def first_failure(rs):
+    fails = [r for r in rs if r["result"] != "pass"]
+    if not fails:
+        return ""
+    d = f"{fails[0]['suite']}: {fails[0]['detail']}".replace("|", "/").replace("\n", " ")
+    return d if len(d) <= 90 else d[:87] + "..."
 
 
 def table(a_file, b_file):
+    """Markdown: per feature and protocol, A's and B's results and A's first failing run."""
     a, b = (json.load(open(f)) for f in (a_file, b_file))
     ra, rb = a["results"], b["results"]
     lines = []
@@ -206,13 +215,14 @@ def table(a_file, b_file):
         lines.append(f"**MQTT {proto}**: {a['label']} passes "
                      f"{sum(r['result'] == 'pass' for r in pa)}/{len(pa)} case runs, "
                      f"{b['label']} {sum(r['result'] == 'pass' for r in pb)}/{len(pb)}.\n")
-        lines.append(f"| feature (MQTT {proto}) | {a['label']} | {b['label']} |")
-        lines.append("| --- | --- | --- |")
+        lines.append(f"| feature (MQTT {proto}) | {a['label']} | {b['label']} | "
+                     f"{a['label']}: first failing run |")
+        lines.append("| --- | --- | --- | --- |")
         for title, keys in FEATURES:
-            ca, cb = cell(ra, proto, keys), cell(rb, proto, keys)
-            if ca == cb == "n/a":
+            xa, xb = runs(ra, proto, keys), runs(rb, proto, keys)
+            if not xa and not xb:
                 continue
-            lines.append(f"| {title} | {ca} | {cb} |")
+            lines.append(f"| {title} | {cell(xa)} | {cell(xb)} | {first_failure(xa)} |")
         lines.append("")
     return "\n".join(lines)
 
