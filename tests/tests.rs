@@ -7,6 +7,7 @@ mod durability;
 mod lifecycle;
 mod pipeline;
 
+mod conformance;
 mod rules;
 mod security;
 mod status;
