@@ -23,9 +23,6 @@ const EXPECTED_FAILURES: &[(&str, &str, &str)] = &[
     // cannot send keep alive 0, so only paho and MQTT.js run this case.)
     ("*", "3.1.1", "connect_keepalive_0"),
     ("*", "5", "connect_keepalive_0"),
-    // `edgegate/status` is republished, retained, every 2 s: every `#` / `+/+` subscriber gets it.
-    ("*", "3.1.1", "wildcard_no_gateway_chatter"),
-    ("*", "5", "wildcard_no_gateway_chatter"),
     // No QoS downgrade: rumqttd delivers at the subscription's QoS, not min(publish, granted)
     // (§3.8.4), so the three combinations with publish QoS < subscription QoS fail.
     ("*", "3.1.1", "qos_pub0_sub1"),

@@ -1,11 +1,13 @@
-//! The gateway's status document, retained on the local broker at [`STATUS_TOPIC`].
+//! The gateway's status document on the local broker at [`STATUS_TOPIC`].
 //!
-//! Invariant: it is published when the gateway's state changes (healthy or not, the problems,
-//! the upstream link) and otherwise only every [`STATUS_HEARTBEAT`], so a local app subscribed
-//! to `#` is not fed the gateway's own chatter (before, it was republished every 2 s). A late
-//! subscriber still gets the last document at once: it is retained. It cannot live under `$SYS`:
-//! rumqttd 0.20 refuses every filter that starts with `$` and routes no topic that does
-//! (`protocol::matches`, `router::routing::validate_subscription`).
+//! Invariant: it is published only when the gateway's state changes (healthy or not, the
+//! problems, the upstream link), and not retained, so a local app subscribed to `#` or `+/+` is
+//! not fed the gateway's own chatter: before, it was republished, retained, every 2 s. Retained
+//! it would still reach every wildcard subscriber once, and a client that clears the retained
+//! messages it finds (as test suites and some apps do) would publish into `edgegate/`, which the
+//! guard refuses. The current state is always at `/healthz` and the status page. It cannot live
+//! under `$SYS`: rumqttd 0.20 refuses every filter that starts with `$` and routes no topic that
+//! does (`protocol::matches`, `router::routing::validate_subscription`).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,9 +15,6 @@ use rumqttd::local::LinkTx;
 
 /// Where the gateway publishes its status (retained) on the local broker.
 pub const STATUS_TOPIC: &str = "edgegate/status";
-
-/// Longest time between two status documents while nothing changes.
-pub const STATUS_HEARTBEAT: Duration = Duration::from_secs(300);
 
 /// One supervision tick's view of the gateway.
 pub struct Snapshot<'a> {
@@ -28,7 +27,7 @@ pub struct Snapshot<'a> {
     pub forwarded_total: u64,
 }
 
-/// What makes a new document worth publishing before the heartbeat: health, the problems
+/// What makes a new document worth publishing: health, the problems
 /// (digits left out, so a stall's growing duration is not a change), the upstream link.
 #[derive(PartialEq, Eq)]
 struct State {
@@ -49,29 +48,24 @@ impl State {
     }
 }
 
-/// Publishes the status document on change and as a slow heartbeat.
+/// Publishes the status document when the state changes.
 pub struct StatusPublisher {
     link: Option<LinkTx>,
     last: Option<(State, Instant, u64, u64)>,
-    heartbeat: Duration,
 }
 
 impl StatusPublisher {
     pub fn new(link: Option<LinkTx>) -> StatusPublisher {
-        StatusPublisher {
-            link,
-            last: None,
-            heartbeat: STATUS_HEARTBEAT,
-        }
+        StatusPublisher { link, last: None }
     }
 
-    /// Publish `s` if the state changed or the heartbeat is due. Returns whether it did.
+    /// Publish `s` if the state changed since the last document. Returns whether it did.
     pub async fn observe(&mut self, s: &Snapshot<'_>) -> bool {
         let state = State::of(s);
         let now = Instant::now();
         let due = match &self.last {
             None => true,
-            Some((last, at, _, _)) => *last != state || now.duration_since(*at) >= self.heartbeat,
+            Some((last, _, _, _)) => *last != state,
         };
         if !due {
             return false;
@@ -101,7 +95,7 @@ impl StatusPublisher {
         let publish = rumqttd::protocol::Publish::new(
             STATUS_TOPIC.as_bytes().to_vec(),
             doc.to_string().into_bytes(),
-            true,
+            false,
         );
         if let Err(e) = link
             .send(rumqttd::protocol::Packet::Publish(publish, None))
