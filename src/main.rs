@@ -40,7 +40,8 @@ enum Command {
         /// Rules from this configuration (default: the built-in default rules).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// CSV (`timestamp,value[,topic]`) or JSON lines; `-` for standard input.
+        /// CSV (`timestamp,value[,topic]`, or one sensor per column) or JSON lines; `-` for
+        /// standard input. With --labels: a directory, every *.csv under it one series.
         #[arg(long, short)]
         input: PathBuf,
         /// Topic of readings without a topic column.
@@ -49,6 +50,16 @@ enum Command {
         /// Print `timestamp,value,score,alert` per reading instead of the events.
         #[arg(long)]
         scores: bool,
+        /// Score the alerts against incident windows: a JSON object mapping each file's path
+        /// relative to --input to a list of [start, end] timestamps.
+        #[arg(long, conflicts_with = "scores")]
+        labels: Option<PathBuf>,
+        /// With --labels: one JSON object instead of a table.
+        #[arg(long, requires = "labels")]
+        json: bool,
+        /// With --labels: share of each series whose alerts are not scored (learning time).
+        #[arg(long, default_value_t = edgegate::rules::backtest::score::PROBATION)]
+        probation: f64,
     },
     /// Set USER's password in the broker password file FILE (argon2id), reading the password
     /// from the first line of standard input. Creates FILE (mode 0600) if needed.
@@ -126,7 +137,18 @@ fn main() -> ExitCode {
             input,
             topic,
             scores,
-        } => edgegate::rules::backtest::main(config.as_deref(), &input, topic.as_deref(), scores),
+            labels,
+            json,
+            probation,
+        } => edgegate::rules::backtest::main(&edgegate::rules::backtest::Options {
+            config: config.as_deref(),
+            input: &input,
+            topic: topic.as_deref(),
+            scores,
+            labels: labels.as_deref(),
+            json,
+            probation,
+        }),
         Command::Queue { command } => match command {
             QueueCommand::Stats {
                 config,

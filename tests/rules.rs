@@ -105,3 +105,44 @@ async fn reload_keeps_state_of_unchanged_rules() {
     assert_eq!(alerts(&upstream)[1].1["data"]["state"], "clear");
     gw.shutdown().await;
 }
+
+/// `edgegate backtest --input DIR --labels FILE --json` on the tiny labelled set shipped in
+/// tests/backtest/data: a NAB-style `timestamp,value` file with one spike in its window, and a
+/// SKAB-style `;`-separated file of two sensors (label columns skipped) with no incident.
+#[test]
+fn backtest_scores_a_labelled_directory() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/backtest/data");
+    let labels = format!("{dir}/labels.json");
+    let out = edgegate_ok(
+        &["backtest", "--input", dir, "--labels", &labels, "--json"],
+        &[],
+    );
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(r["series"], 2);
+    assert_eq!(r["windows"], 1);
+    assert_eq!(r["windows_detected"], 1, "{r}");
+    assert_eq!(r["false_alerts"], 0, "{r}");
+    // Two sensor columns of 240 rows, plus 300 readings.
+    assert_eq!(r["readings"], 780);
+    // The spike at row 220 of the window rows 210..=230: sigma(-11/21), normalized.
+    let sigma = |y: f64| 2.0 / (1.0 + (5.0 * y).exp()) - 1.0;
+    let want = 100.0 * (sigma(-11.0 / 21.0) + 1.0) / (sigma(-1.0) + 1.0);
+    let score = r["score"].as_f64().expect("score");
+    assert!((score - want).abs() < 1e-6, "{score} != {want}");
+
+    // A CSV without labels is an error, not "no incident".
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(format!("{dir}/temp.csv"), tmp.path().join("other.csv")).expect("copy");
+    let out = edgegate_output(
+        &[
+            "backtest",
+            "--input",
+            path_str(tmp.path()),
+            "--labels",
+            &labels,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no labels for other.csv"));
+}

@@ -1,13 +1,25 @@
 //! `edgegate backtest`: recorded readings through the rules, offline, at full speed.
 //!
-//! Input: CSV (`timestamp,value[,topic]`, header optional; with a header the columns are found
-//! by name: `timestamp`/`time`/`ts`, `value`, `topic`) or JSON lines (`{"timestamp": ...,
-//! "topic": ..., <fields>}`; the fields other than timestamp and topic are the payload).
+//! Input: CSV read with the `csv` crate (quoted fields, `,` `;` or tab as delimiter, found from
+//! the first line), or JSON lines (`{"timestamp": ..., "topic": ..., <fields>}`; the fields
+//! other than timestamp and topic are the payload).
+//! - Without a header: `timestamp,value[,topic]`.
+//! - With a header, columns are found by name: `timestamp`/`time`/`ts`/`datetime`/`date`, and
+//!   `topic`. If there is a `value` column, it is the one sensor of the file. Otherwise **every
+//!   other column is one sensor** (SKAB's `datetime;Accelerometer1RMS;...;Volume Flow RateRMS`),
+//!   on topic `{topic}/{column}`; label columns (`anomaly`, `changepoint`, `label`,
+//!   `is_anomaly`) are never fed to the rules. A row of such a file is one instant of one
+//!   machine: its score is the highest of its sensors', its alert says whether any of them
+//!   started an episode.
+//!
 //! Timestamps: RFC 3339, `YYYY-MM-DD HH:MM:SS[.fff]` (UTC), or Unix seconds.
 //!
 //! Output: the events the rules produce, one CloudEvents JSON per line (and local publishes as
-//! `{"publish": topic, "payload": ...}`); with `--scores`, one CSV line per reading instead:
-//! `timestamp,value,score,alert` (`alert` = 1 where an alert started on that reading).
+//! `{"publish": topic, "payload": ...}`); with `--scores`, one CSV line per row instead:
+//! `timestamp,value,score,alert`, where `score` is the highest detector score of the row (an
+//! anomaly likelihood in [0, 1], see `rules::detect`) and `alert` is 1 on the row where an alert
+//! episode started, 0 otherwise. With `--labels`, the directory mode of [`score`]: every `*.csv`
+//! under a directory, scored against labelled incident windows.
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,6 +30,8 @@ use super::{Action, Engine};
 use crate::config::RuleConfig;
 use crate::decode::Payload;
 use crate::event::{Reading, TYPE_ALERT};
+
+pub mod score;
 
 /// The rules used without `--config`: those of the shipped `config/edgegate.toml`.
 pub fn default_rules() -> Vec<RuleConfig> {
@@ -58,154 +72,244 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
         })
 }
 
-/// One input record.
+/// One input row: one or more readings taken at the same time.
 pub struct Record {
     pub stamp: String,
-    pub value_text: String,
-    pub reading: Reading,
+    pub time: SystemTime,
+    /// The value as written (for `--scores`), and the reading.
+    pub readings: Vec<(String, Reading)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BacktestError {
     #[error("line {line}: {msg}")]
-    Input { line: usize, msg: String },
+    Input { line: u64, msg: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
+/// Columns that label the data rather than measure it: never fed to the rules.
+const LABEL_COLUMNS: [&str; 4] = ["anomaly", "changepoint", "label", "is_anomaly"];
+const TIME_COLUMNS: [&str; 5] = ["timestamp", "time", "ts", "datetime", "date"];
+
 struct Columns {
     ts: usize,
-    value: usize,
+    /// Column index and topic of each sensor (topic `None`: the row's topic).
+    values: Vec<(usize, Option<String>)>,
     topic: Option<usize>,
 }
 
+/// A column name as one MQTT topic level: no separators or wildcards.
+fn topic_level(name: &str) -> String {
+    name.chars()
+        .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
+        .collect()
+}
+
+enum Source<R: BufRead> {
+    Csv(csv::Reader<R>, csv::StringRecord),
+    Json(std::io::Lines<R>, u64),
+}
+
 /// Reads records from CSV or JSON lines.
-pub struct Reader<R> {
-    lines: std::io::Lines<R>,
-    line: usize,
+pub struct Reader<R: BufRead> {
+    source: Source<R>,
     columns: Option<Columns>,
     topic: String,
 }
 
+/// The delimiter of a CSV whose first line is `line`: the most frequent of `,` `;` and tab.
+fn sniff_delimiter(line: &[u8]) -> u8 {
+    let count = |d: u8| line.iter().filter(|&&b| b == d).count();
+    [b',', b';', b'\t']
+        .into_iter()
+        .max_by_key(|&d| (count(d), d == b','))
+        .unwrap_or(b',')
+}
+
 impl<R: BufRead> Reader<R> {
-    pub fn new(input: R, default_topic: &str) -> Self {
-        Reader {
-            lines: input.lines(),
-            line: 0,
+    pub fn new(mut input: R, default_topic: &str) -> Result<Self, BacktestError> {
+        // Peek at the first meaningful line (within the buffer) to choose the format.
+        let head = input.fill_buf()?;
+        let first = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.trim_ascii())
+            .find(|l| !l.is_empty() && !l.starts_with(b"#"))
+            .unwrap_or_default();
+        let source = if first.starts_with(b"{") {
+            Source::Json(input.lines(), 0)
+        } else {
+            let reader = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .delimiter(sniff_delimiter(first))
+                .flexible(true)
+                .trim(csv::Trim::All)
+                .comment(Some(b'#'))
+                .from_reader(input);
+            Source::Csv(reader, csv::StringRecord::new())
+        };
+        Ok(Reader {
+            source,
             columns: None,
             topic: default_topic.to_string(),
-        }
-    }
-
-    fn err(&self, msg: impl Into<String>) -> BacktestError {
-        BacktestError::Input {
-            line: self.line,
-            msg: msg.into(),
-        }
+        })
     }
 
     pub fn next_record(&mut self) -> Result<Option<Record>, BacktestError> {
-        loop {
-            let Some(line) = self.lines.next() else {
-                return Ok(None);
-            };
-            let line = line?;
-            self.line += 1;
-            let text = line.trim();
-            if text.is_empty() || text.starts_with('#') {
-                continue;
-            }
-            if text.starts_with('{') {
-                return self.json(text).map(Some);
-            }
-            let cells: Vec<&str> = text
-                .split(',')
-                .map(|c| c.trim().trim_matches('"'))
-                .collect();
-            if self.columns.is_none() {
-                if parse_time(cells[0]).is_none() {
-                    let find = |names: &[&str]| {
-                        cells
-                            .iter()
-                            .position(|c| names.contains(&c.to_ascii_lowercase().as_str()))
-                    };
-                    let ts = find(&["timestamp", "time", "ts"]).unwrap_or(0);
-                    let value = find(&["value"]).unwrap_or(1);
-                    let topic = find(&["topic"]);
-                    self.columns = Some(Columns { ts, value, topic });
+        match &mut self.source {
+            Source::Json(lines, line) => loop {
+                let Some(text) = lines.next() else {
+                    return Ok(None);
+                };
+                let text = text?;
+                *line += 1;
+                let text = text.trim();
+                if text.is_empty() || text.starts_with('#') {
                     continue;
                 }
-                self.columns = Some(Columns {
-                    ts: 0,
-                    value: 1,
-                    topic: (cells.len() > 2).then_some(2),
-                });
-            }
-            let Some(c) = &self.columns else { continue };
-            let (Some(ts), Some(value)) = (cells.get(c.ts), cells.get(c.value)) else {
-                return Err(self.err("too few columns"));
-            };
-            let Some(time) = parse_time(ts) else {
-                return Err(self.err(format!("{ts:?} is not a timestamp")));
-            };
-            let topic = c
-                .topic
-                .and_then(|i| cells.get(i))
-                .filter(|t| !t.is_empty())
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| self.topic.clone());
-            return Ok(Some(Record {
-                stamp: ts.to_string(),
-                value_text: value.to_string(),
-                reading: Reading {
-                    topic,
-                    received: time,
-                    payload: Payload::decode(Bytes::copy_from_slice(value.as_bytes())),
-                    traceparent: None,
-                },
-            }));
+                return json(text, &self.topic)
+                    .map(Some)
+                    .map_err(|msg| BacktestError::Input { line: *line, msg });
+            },
+            Source::Csv(reader, row) => loop {
+                let more = reader.read_record(row).map_err(|e| {
+                    let line = e.position().map_or(0, |p| p.line());
+                    match e.into_kind() {
+                        csv::ErrorKind::Io(io) => BacktestError::Io(io),
+                        other => BacktestError::Input {
+                            line,
+                            msg: format!("{other:?}"),
+                        },
+                    }
+                })?;
+                if !more {
+                    return Ok(None);
+                }
+                let line = row.position().map_or(0, |p| p.line());
+                let err = |msg: String| BacktestError::Input { line, msg };
+                if row.iter().all(str::is_empty) {
+                    continue;
+                }
+                if self.columns.is_none() {
+                    let first = row.get(0).unwrap_or_default();
+                    if parse_time(first).is_none() {
+                        self.columns = Some(header(row, &self.topic));
+                        continue;
+                    }
+                    self.columns = Some(Columns {
+                        ts: 0,
+                        values: vec![(1, None)],
+                        topic: (row.len() > 2).then_some(2),
+                    });
+                }
+                let Some(c) = &self.columns else { continue };
+                let Some(ts) = row.get(c.ts) else {
+                    return Err(err("too few columns".into()));
+                };
+                let Some(time) = parse_time(ts) else {
+                    return Err(err(format!("{ts:?} is not a timestamp")));
+                };
+                let row_topic = c
+                    .topic
+                    .and_then(|i| row.get(i))
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or(&self.topic);
+                let mut readings = Vec::with_capacity(c.values.len());
+                for (i, topic) in &c.values {
+                    let Some(value) = row.get(*i) else {
+                        return Err(err("too few columns".into()));
+                    };
+                    readings.push((
+                        value.to_string(),
+                        Reading {
+                            topic: topic.clone().unwrap_or_else(|| row_topic.to_string()),
+                            received: time,
+                            payload: Payload::decode(Bytes::copy_from_slice(value.as_bytes())),
+                            traceparent: None,
+                        },
+                    ));
+                }
+                return Ok(Some(Record {
+                    stamp: ts.to_string(),
+                    time,
+                    readings,
+                }));
+            },
         }
     }
+}
 
-    fn json(&self, text: &str) -> Result<Record, BacktestError> {
-        let mut obj: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(text).map_err(|e| self.err(e.to_string()))?;
-        let ts = ["timestamp", "time", "ts"]
-            .iter()
-            .find_map(|k| obj.remove(*k))
-            .ok_or_else(|| self.err("no timestamp field"))?;
-        let stamp = match &ts {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let time =
-            parse_time(&stamp).ok_or_else(|| self.err(format!("{stamp:?} is not a timestamp")))?;
-        let topic = match obj.remove("topic") {
-            Some(serde_json::Value::String(s)) => s,
-            _ => self.topic.clone(),
-        };
-        let payload = match obj.remove("payload") {
-            Some(p) => p,
-            None => serde_json::Value::Object(obj),
-        };
-        let value_text = match &payload {
-            serde_json::Value::Object(m) => {
-                m.get("value").map(|v| v.to_string()).unwrap_or_default()
+/// The columns named by a header row.
+fn header(row: &csv::StringRecord, topic: &str) -> Columns {
+    let names: Vec<String> = row.iter().map(|c| c.to_ascii_lowercase()).collect();
+    let find = |set: &[&str]| names.iter().position(|c| set.contains(&c.as_str()));
+    let ts = find(&TIME_COLUMNS).unwrap_or(0);
+    let topic_col = find(&["topic"]);
+    let values = match find(&["value"]) {
+        Some(v) => vec![(v, None)],
+        None => {
+            let cols: Vec<usize> = (0..names.len())
+                .filter(|&i| {
+                    i != ts && Some(i) != topic_col && !LABEL_COLUMNS.contains(&names[i].as_str())
+                })
+                .collect();
+            if cols.len() == 1 {
+                vec![(cols[0], None)]
+            } else {
+                cols.into_iter()
+                    .map(|i| {
+                        let name = topic_level(row.get(i).unwrap_or_default());
+                        (i, Some(format!("{topic}/{name}")))
+                    })
+                    .collect()
             }
-            other => other.to_string(),
-        };
-        let bytes = serde_json::to_vec(&payload).map_err(|e| self.err(e.to_string()))?;
-        Ok(Record {
-            stamp,
+        }
+    };
+    Columns {
+        ts,
+        values,
+        topic: topic_col,
+    }
+}
+
+fn json(text: &str, default_topic: &str) -> Result<Record, String> {
+    let mut obj: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let ts = ["timestamp", "time", "ts"]
+        .iter()
+        .find_map(|k| obj.remove(*k))
+        .ok_or("no timestamp field")?;
+    let stamp = match &ts {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let time = parse_time(&stamp).ok_or(format!("{stamp:?} is not a timestamp"))?;
+    let topic = match obj.remove("topic") {
+        Some(serde_json::Value::String(s)) => s,
+        _ => default_topic.to_string(),
+    };
+    let payload = match obj.remove("payload") {
+        Some(p) => p,
+        None => serde_json::Value::Object(obj),
+    };
+    let value_text = match &payload {
+        serde_json::Value::Object(m) => m.get("value").map(|v| v.to_string()).unwrap_or_default(),
+        other => other.to_string(),
+    };
+    let bytes = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+    Ok(Record {
+        stamp,
+        time,
+        readings: vec![(
             value_text,
-            reading: Reading {
+            Reading {
                 topic,
                 received: time,
                 payload: Payload::decode(Bytes::from(bytes)),
                 traceparent: None,
             },
-        })
-    }
+        )],
+    })
 }
 
 /// Summary of a run.
@@ -216,27 +320,34 @@ pub struct Summary {
     pub alerts: u64,
 }
 
-/// Run `input` through `rules`, writing events (or scores) to `out`.
-pub fn run<R: BufRead, W: Write>(
+/// What the rules said about one input row.
+pub struct RowResult<'a> {
+    pub record: &'a Record,
+    /// Highest detector score of the row's readings.
+    pub score: f64,
+    /// An alert episode started on this row.
+    pub alert: bool,
+}
+
+/// Feed `input` through `rules`; `row` sees every row's result and the actions it produced
+/// (timers due before the row included), then `None` with the actions of the final timers
+/// (windows still open at the end).
+pub fn drive<R: BufRead>(
     rules: &[RuleConfig],
     topic_prefix: &str,
     input: R,
     default_topic: &str,
-    scores: bool,
-    mut out: W,
+    mut row: impl FnMut(Option<RowResult<'_>>, &mut Vec<Action>) -> Result<(), BacktestError>,
 ) -> Result<Summary, BacktestError> {
     let mut engine = Engine::new(rules, topic_prefix);
     let tick = engine.settings().tick;
-    let mut reader = Reader::new(input, default_topic);
+    let mut reader = Reader::new(input, default_topic)?;
     let mut actions = Vec::new();
     let mut summary = Summary::default();
     let mut next_tick: Option<SystemTime> = None;
     let mut last_time = UNIX_EPOCH;
-    if scores {
-        writeln!(out, "timestamp,value,score,alert")?;
-    }
     while let Some(rec) = reader.next_record()? {
-        let t = rec.reading.received;
+        let t = rec.time;
         // Timers between readings (missing, window closing), at most 10,000 per gap.
         let mut nt = next_tick.unwrap_or(t + tick);
         let mut steps = 0;
@@ -249,42 +360,81 @@ pub fn run<R: BufRead, W: Write>(
             nt = t + tick;
         }
         next_tick = Some(nt);
-        if !scores {
-            emit(&mut actions, &mut summary, &mut out)?;
-        } else {
-            count(&mut actions, &mut summary);
+        let before = actions.len();
+        let mut score = 0.0f64;
+        for (_, reading) in &rec.readings {
+            engine.process(reading, &mut actions);
+            score = score.max(engine.last_score().0);
+            summary.readings += 1;
         }
-        engine.process(&rec.reading, &mut actions);
-        summary.readings += 1;
         last_time = last_time.max(t);
-        let (score, _) = engine.last_score();
-        let started = actions.iter().any(|a| match a {
-            Action::Forward(e) => e.kind == TYPE_ALERT && is_start(e),
-            _ => false,
-        });
-        if scores {
-            writeln!(
-                out,
-                "{},{},{:.4},{}",
-                rec.stamp,
-                rec.value_text,
+        let alert = actions[before..].iter().any(is_alert_start);
+        count(&actions, &mut summary);
+        row(
+            Some(RowResult {
+                record: &rec,
                 score,
-                u8::from(started)
-            )?;
-            count(&mut actions, &mut summary);
-        } else {
-            emit(&mut actions, &mut summary, &mut out)?;
-        }
+                alert,
+            }),
+            &mut actions,
+        )?;
+        actions.clear();
     }
     // Close open windows.
     engine.tick(last_time + Duration::from_secs(366 * 86_400), &mut actions);
+    count(&actions, &mut summary);
+    row(None, &mut actions)?;
+    Ok(summary)
+}
+
+/// Run `input` through `rules`, writing events (or scores) to `out`.
+pub fn run<R: BufRead, W: Write>(
+    rules: &[RuleConfig],
+    topic_prefix: &str,
+    input: R,
+    default_topic: &str,
+    scores: bool,
+    out: W,
+) -> Result<Summary, BacktestError> {
+    let mut out = std::io::BufWriter::new(out);
     if scores {
-        count(&mut actions, &mut summary);
-    } else {
-        emit(&mut actions, &mut summary, &mut out)?;
+        writeln!(out, "timestamp,value,score,alert")?;
     }
+    let mut events = 0u64;
+    let summary = drive(rules, topic_prefix, input, default_topic, |r, actions| {
+        if let (true, Some(r)) = (scores, r) {
+            let values: Vec<&str> = r.record.readings.iter().map(|(v, _)| v.as_str()).collect();
+            writeln!(
+                out,
+                "{},{},{:.4},{}",
+                csv_field(&r.record.stamp),
+                csv_field(&values.join(";")),
+                r.score,
+                u8::from(r.alert)
+            )?;
+        } else if !scores {
+            emit(actions, &mut events, &mut out)?;
+        }
+        Ok(())
+    })?;
     out.flush()?;
     Ok(summary)
+}
+
+/// A CSV field, quoted if it needs to be.
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
+}
+
+fn is_alert_start(a: &Action) -> bool {
+    match a {
+        Action::Forward(e) => e.kind == TYPE_ALERT && is_start(e),
+        _ => false,
+    }
 }
 
 fn is_start(e: &crate::event::Event) -> bool {
@@ -303,26 +453,23 @@ fn is_start(e: &crate::event::Event) -> bool {
     }
 }
 
-fn count(actions: &mut Vec<Action>, s: &mut Summary) {
-    for a in actions.drain(..) {
-        if let Action::Forward(e) = a {
+fn count(actions: &[Action], s: &mut Summary) {
+    for a in actions {
+        if let Action::Forward(_) = a {
             s.events += 1;
-            if e.kind == TYPE_ALERT && is_start(&e) {
+            if is_alert_start(a) {
                 s.alerts += 1;
             }
         }
     }
 }
 
-fn emit<W: Write>(actions: &mut Vec<Action>, s: &mut Summary, out: &mut W) -> std::io::Result<()> {
+fn emit<W: Write>(actions: &mut Vec<Action>, n: &mut u64, out: &mut W) -> std::io::Result<()> {
     for a in actions.drain(..) {
         match a {
             Action::Forward(e) => {
-                s.events += 1;
-                if e.kind == TYPE_ALERT && is_start(&e) {
-                    s.alerts += 1;
-                }
-                out.write_all(&e.envelope("edgegate://backtest", s.events))?;
+                *n += 1;
+                out.write_all(&e.envelope("edgegate://backtest", *n))?;
                 out.write_all(b"\n")?;
             }
             Action::Publish { topic, payload } => {
@@ -338,14 +485,22 @@ fn emit<W: Write>(actions: &mut Vec<Action>, s: &mut Summary, out: &mut W) -> st
     Ok(())
 }
 
+/// What `edgegate backtest` was asked to do.
+pub struct Options<'a> {
+    pub config: Option<&'a std::path::Path>,
+    /// A file (`-`: standard input), or with `labels` a directory.
+    pub input: &'a std::path::Path,
+    pub topic: Option<&'a str>,
+    pub scores: bool,
+    /// Score every `*.csv` under `input` against these incident windows.
+    pub labels: Option<&'a std::path::Path>,
+    pub json: bool,
+    pub probation: f64,
+}
+
 /// The `backtest` command; returns the process exit code.
-pub fn main(
-    config: Option<&std::path::Path>,
-    input: &std::path::Path,
-    topic: Option<&str>,
-    scores: bool,
-) -> i32 {
-    let (rules, prefix) = match config {
+pub fn main(o: &Options<'_>) -> i32 {
+    let (rules, prefix) = match o.config {
         Some(p) => match crate::config::Config::load(Some(p)) {
             Ok(c) => (c.rules, c.upstream.topic_prefix),
             Err(e) => {
@@ -355,6 +510,18 @@ pub fn main(
         },
         None => (default_rules(), "edge/backtest".to_string()),
     };
+    if let Some(labels) = o.labels {
+        if !(0.0..1.0).contains(&o.probation) {
+            eprintln!("edgegate: --probation must be in [0, 1)");
+            return crate::cli::exit::USAGE;
+        }
+        return score::main(&rules, o.input, labels, o.json, o.probation);
+    }
+    if o.json {
+        eprintln!("edgegate: --json goes with --labels");
+        return crate::cli::exit::USAGE;
+    }
+    let input = o.input;
     let file: Box<dyn BufRead> = if input.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -367,15 +534,14 @@ pub fn main(
         }
     };
     let stdout = std::io::stdout();
-    let out = std::io::BufWriter::new(stdout.lock());
     let started = std::time::Instant::now();
     match run(
         &rules,
         &prefix,
         file,
-        topic.unwrap_or("sensors/backtest/value"),
-        scores,
-        out,
+        o.topic.unwrap_or("sensors/backtest/value"),
+        o.scores,
+        stdout.lock(),
     ) {
         Ok(s) => {
             eprintln!(

@@ -235,8 +235,9 @@ pub enum DetectorConfig {
         max_rate: f64,
         min_duration: Duration,
     },
-    /// Streaming robust detector (see `detect::Outlier`); `threshold` in robust sigmas.
-    Outlier { threshold: f64, warmup: u32 },
+    /// Self-tuning streaming detector (see `detect::Outlier`): `threshold` is the noise floor in
+    /// robust sigmas, `ratio` the factor over the recent largest surprise, `memory` its half-life.
+    Outlier(super::detect::OutlierSettings),
     /// Value within `epsilon` of where it got stuck for `duration` and `min_count` readings.
     Flatline {
         epsilon: f64,
@@ -252,7 +253,7 @@ impl DetectorConfig {
         match self {
             DetectorConfig::Threshold { .. } => "threshold",
             DetectorConfig::RateOfChange { .. } => "rate_of_change",
-            DetectorConfig::Outlier { .. } => "outlier",
+            DetectorConfig::Outlier(_) => "outlier",
             DetectorConfig::Flatline { .. } => "flatline",
             DetectorConfig::Missing { .. } => "missing",
         }
@@ -447,14 +448,29 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
                     }
                 }
                 "outlier" => {
-                    let threshold = float(a, "threshold").unwrap_or(super::detect::OUTLIER_Z);
+                    use super::detect::{
+                        OUTLIER_MEMORY_SECS, OUTLIER_RATIO, OUTLIER_WARMUP, OUTLIER_Z,
+                    };
+                    let threshold = float(a, "threshold").unwrap_or(OUTLIER_Z);
                     if threshold <= 1.0 {
                         a.error("threshold", "must be greater than 1 (robust sigmas)");
                     }
-                    DetectorConfig::Outlier {
-                        threshold,
-                        warmup: a.usize_in("warmup", 30, 5, 1_000_000) as u32,
+                    let ratio = float(a, "ratio").unwrap_or(OUTLIER_RATIO);
+                    if ratio <= 1.0 {
+                        a.error(
+                            "ratio",
+                            "must be greater than 1 (times the recent largest surprise)",
+                        );
                     }
+                    let memory =
+                        a.duration_in("memory", "7days", Duration::from_secs(1), 365 * DAY);
+                    debug_assert_eq!(OUTLIER_MEMORY_SECS, 7.0 * DAY.as_secs_f64());
+                    DetectorConfig::Outlier(super::detect::OutlierSettings {
+                        threshold,
+                        ratio,
+                        memory: memory.as_secs_f64(),
+                        warmup: a.usize_in("warmup", OUTLIER_WARMUP as usize, 5, 1_000_000) as u32,
+                    })
                 }
                 "flatline" => {
                     let epsilon = float(a, "epsilon").unwrap_or(0.0);

@@ -1,42 +1,66 @@
 //! Per-sensor anomaly detectors. Each is a small fixed-size state updated per reading (and, for
-//! `missing`, per tick); each reports a score in [0, 1] and, when the anomaly starts or ends, a
+//! `missing`, per tick); each reports a score in [0, 1] and, when an anomaly starts or ends, a
 //! transition. Once started, an alert stays active until its clear condition holds: one start and
 //! one clear per episode, never a flood.
+//!
+//! ## Scores
+//! `score` is an anomaly likelihood: 0.5 is the alert threshold, and for `outlier` and
+//! `flatline` it is high on the reading where an anomaly starts and falls back afterwards (it is
+//! not a flag held through an episode), so "readings with score >= x" counts onsets, not
+//! durations.
+//!
+//! ## Outlier: novelty of surprise (see [`Outlier`])
+//! Real series differ wildly (noiseless cycles, square waves, counts with bursts, heavy tails,
+//! steps that become the new normal), so no fixed z-score fits them all. The detector asks
+//! instead "is this reading more surprising, by a clear factor, than anything this sensor did
+//! recently?": two surprise features are compared with their own decayed maxima (an
+//! extreme-value baseline that learns each series' normal bursts, cycles and tails), and
+//! separately with a noise floor in robust sigmas.
+//!
+//! ## Flatline: stuck relative to the sensor's own habits
+//! A value that stays put is "stuck" only if the sensor used to move: it must have changed at
+//! least `min_count` times before, and the run must last `for` and twice its longest earlier run
+//! (a square wave's plateaus, a constant series or a count that is 0 every night are its normal).
+//! One alert at the onset, score 1 on that reading only.
 
 use super::config::DetectorConfig;
 
 #[cfg(test)]
-mod quality;
+mod tests;
 
-/// Default alert threshold of the outlier detector, in robust standard deviations.
-pub const OUTLIER_Z: f64 = 6.0;
+/// Default noise floor of the outlier detector, in robust standard deviations of the jump
+/// feature (a reading closer than this to its prediction never alerts).
+pub const OUTLIER_Z: f64 = 4.0;
+/// Default novelty ratio: a surprise must exceed the sensor's recent maximum by this factor.
+pub const OUTLIER_RATIO: f64 = 2.0;
+/// Default half-life (seconds) of the recent maximum of each surprise feature: 7 days, so a
+/// weekly pattern's largest excursions are still remembered when they come back.
+pub const OUTLIER_MEMORY_SECS: f64 = 7.0 * 86_400.0;
+/// Default readings before the outlier detector may alert.
+pub const OUTLIER_WARMUP: u32 = 50;
 
-/// Outlier detector constants (chosen by measurement, see `quality::outlier_quality`).
-#[derive(Debug, Clone, Copy)]
-pub struct Params {
-    /// Level smoothing.
-    pub alpha: f64,
-    /// Trend smoothing (fraction of the level correction).
-    pub beta: f64,
-    /// Spread smoothing.
-    pub gamma: f64,
-    /// Residuals beyond `clip` sigmas update the baseline as `clip` sigmas.
-    pub clip: f64,
-    /// Weight of the sustained-shift EWMA (0: off).
-    pub sustain: f64,
-}
-
-pub const PARAMS: Params = Params {
-    alpha: 0.1,
-    beta: 0.02,
-    gamma: 0.02,
-    clip: 3.0,
-    sustain: 0.3,
-};
-const CLEAR_Z_RATIO: f64 = 0.5; // clear below threshold * ratio ...
-const CLEAR_COUNT: u32 = 3; // ... for this many consecutive readings
+/// Smoothing of the fast level (the prediction of the next reading).
+const FAST: f64 = 0.3;
+/// Smoothing of the short mean (a few readings).
+const SHORT: f64 = 0.2;
+/// Smoothing of the slow baseline (~50 readings).
+const SLOW: f64 = 0.02;
+/// Smoothing of the jump feature's mean absolute size (the noise floor).
+const SPREAD: f64 = 0.01;
+/// After this many identical readings, the first different one re-anchors the levels and is
+/// not scored: a stuck or idle stretch says nothing about what comes next (the flatline
+/// detector owns the stuck episode, the pump's start after a night off is its normal).
+const FLAT_RESET: u32 = 10;
+/// A larger surprise raises a feature's maximum by this share of the excess (a soft maximum):
+/// one outlier does not blind the detector for the whole `memory`, while recurring events
+/// become normal after a few. (Development set: 1.0, a hard maximum, missed level shifts that
+/// build up over the short EWMA; 0.3 caught them; 0.1 doubled the false alerts.)
+const RISE: f64 = 0.3;
 /// Mean absolute deviation of a normal distribution is 0.7979 sigma.
 const MAD_TO_SIGMA: f64 = 1.2533;
+/// The episode clears after this many readings below a quarter of the alert level.
+const CLEAR_COUNT: u32 = 3;
+const CLEAR_SCORE: f64 = 0.25;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transition {
@@ -55,87 +79,146 @@ pub struct Verdict {
     pub active: bool,
 }
 
+/// Settings of the outlier detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierSettings {
+    /// Noise floor in robust sigmas.
+    pub threshold: f64,
+    /// Novelty ratio over the recent maximum surprise.
+    pub ratio: f64,
+    /// Half-life of the recent maximum, seconds.
+    pub memory: f64,
+    pub warmup: u32,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            threshold: OUTLIER_Z,
+            ratio: OUTLIER_RATIO,
+            memory: OUTLIER_MEMORY_SECS,
+            warmup: OUTLIER_WARMUP,
+        }
+    }
+}
+
+/// `q^4 / (q^4 + 1)`: 0.5 at q = 1, a likelihood-like squashing of a ratio to its threshold.
+fn squash(q: f64) -> f64 {
+    let q4 = (q * q) * (q * q);
+    if q4.is_finite() {
+        q4 / (q4 + 1.0)
+    } else {
+        1.0
+    }
+}
+
+/// Outlier detector state (104 bytes).
+///
+/// Features of reading `x` at time `t` (levels before the reading is taken in):
+/// - jump `j = |x - fast|`, `fast` an EWMA (0.3) of the readings: spikes, steps, noise bursts;
+/// - shift `h = |short' - slow|`, `short'` the short EWMA (0.2) including `x`, `slow` an EWMA
+///   (0.02): level shifts, drifts, drops that last a few readings.
+///
+/// Each feature `f` has a decayed maximum `M` (half-life `memory`, in time) of its values up to
+/// the reading before. Score of a
+/// feature: `min(squash(f / (ratio · M)), squash(f / (threshold · σ)))`, with `σ` the robust
+/// spread of the jump feature; the reading's score is the larger of the two, and 0.5 or more
+/// starts an alert. Then `M` takes in `f` (softly, see `RISE`), so an event does not keep
+/// alerting and the score falls back. Invariants: `M >= 0`, `σ >= 0`; no
+/// alert while `n <= warmup` or while a feature has never been non-zero (no scale to compare).
 #[derive(Debug, Clone, Default)]
 pub struct Outlier {
     n: u32,
-    level: f64,
-    trend: f64,
-    /// Running mean absolute residual (robust: residuals are clipped before they enter).
-    spread: f64,
-    slow_spread: f64,
-    /// EWMA of the standardised residual (sustained shifts).
-    zbar: f64,
     active: bool,
     calm: u32,
+    last_t: f64,
+    fast: f64,
+    short: f64,
+    slow: f64,
+    spread: f64,
+    max_jump: f64,
+    max_shift: f64,
+    prev_jump: f64,
+    prev_shift: f64,
+    /// Identical readings in a row, and the last reading.
+    same: u32,
+    last: f64,
 }
 
 impl Outlier {
-    pub fn update(&mut self, threshold: f64, warmup: u32, v: f64) -> Verdict {
-        self.update_with(&PARAMS, threshold, warmup, v)
-    }
-
-    pub fn update_with(&mut self, p: &Params, threshold: f64, warmup: u32, v: f64) -> Verdict {
-        let (alpha, beta, gamma, clip) = (p.alpha, p.beta, p.gamma, p.clip);
-        self.n = self.n.saturating_add(1);
-        if self.n == 1 {
-            self.level = v;
+    pub fn update(&mut self, s: &OutlierSettings, t: f64, x: f64) -> Verdict {
+        if !x.is_finite() {
             return Verdict::default();
         }
-        let pred = self.level + self.trend;
-        let r = v - pred;
-        let floor = 1e-9 + 1e-6 * self.level.abs();
-        let sigma = (self.spread.max(0.5 * self.slow_spread) * MAD_TO_SIGMA).max(floor);
-        let z = r.abs() / sigma;
-        let warming = self.n <= warmup;
-        // Warm-up: plain running means, so the first readings set the baseline quickly.
-        let a = if warming {
-            (1.0 / self.n as f64).max(alpha)
+        self.n = self.n.saturating_add(1);
+        let after_flat = x != self.last && self.same >= FLAT_RESET;
+        self.same = if x == self.last {
+            self.same.saturating_add(1)
         } else {
-            alpha
+            0
         };
-        let g = if warming {
-            (1.0 / (self.n - 1) as f64).max(gamma)
-        } else {
-            gamma
-        };
-        let rc = if warming {
-            r
-        } else {
-            r.clamp(-clip * sigma, clip * sigma)
-        };
-        self.level = pred + a * rc;
-        if !warming {
-            self.trend += beta * a * rc;
-        }
-        self.spread += g * (rc.abs() - self.spread);
-        // A slow copy of the spread floors the fast one at half its size: a stuck or unusually
-        // quiet stretch does not make the next normal noise look anomalous.
-        self.slow_spread += g * 0.1 * (rc.abs() - self.slow_spread);
-        if warming {
-            self.slow_spread = self.spread;
-        }
-        // Sustained shifts: a short EWMA of the standardised residual, scaled to unit variance
-        // (the EWMA of iid N(0,1) with weight w has variance w / (2 - w)).
-        let zs = (r / sigma).clamp(-2.0 * threshold, 2.0 * threshold);
-        self.zbar += p.sustain * (zs - self.zbar);
-        let zbar = self.zbar.abs() / (p.sustain / (2.0 - p.sustain)).sqrt();
-        let z = if p.sustain > 0.0 { z.max(zbar) } else { z };
-        let band = (pred - threshold * sigma, pred + threshold * sigma);
-        if warming {
+        self.last = x;
+        if self.n == 1 || after_flat {
+            (self.fast, self.short, self.slow, self.last_t) = (x, x, x, t);
+            (self.prev_jump, self.prev_shift) = (0.0, 0.0);
             return Verdict {
-                expected: Some(pred),
-                band: Some(band),
+                active: self.active,
                 ..Verdict::default()
             };
         }
-        let score = z * z / (z * z + threshold * threshold);
+        let dt = (t - self.last_t).max(0.0);
+        self.last_t = self.last_t.max(t);
+        let decay = if s.memory > 0.0 {
+            (-std::f64::consts::LN_2 * dt / s.memory).exp()
+        } else {
+            0.0
+        };
+        let pred = self.fast;
+        let jump = (x - pred).abs();
+        let short = self.short + SHORT * (x - self.short);
+        let shift = (short - self.slow).abs();
+        let (m_jump, m_shift) = (self.max_jump * decay, self.max_shift * decay);
+        let sigma = self.spread * MAD_TO_SIGMA;
+        let warming = self.n <= s.warmup;
+        let feature = |f: f64, m: f64| {
+            if warming || m <= 0.0 || sigma <= 0.0 {
+                return 0.0;
+            }
+            squash(f / (s.ratio * m)).min(squash(f / (s.threshold * sigma)))
+        };
+        let score_jump = feature(jump, m_jump);
+        let score_shift = feature(shift, m_shift);
+        let score = score_jump.max(score_shift);
+        let alerting = score >= 0.5;
+        // Take the reading in. A feature's maximum takes in the previous reading's value (one
+        // reading late: a shift that builds up over a few readings is still compared with the
+        // maximum from before it).
+        let rise = |f: f64, m: f64| if m > 0.0 { m + RISE * (f - m) } else { f };
+        self.max_jump = m_jump.max(rise(self.prev_jump, m_jump));
+        self.max_shift = m_shift.max(rise(self.prev_shift, m_shift));
+        (self.prev_jump, self.prev_shift) = (jump, shift);
+        // The noise floor learns from clipped jumps (an outlier moves it by at most 4 sigma).
+        let clipped = if sigma > 0.0 {
+            jump.min(4.0 * sigma)
+        } else {
+            jump
+        };
+        let rate = if self.n <= s.warmup.max(2) {
+            1.0 / f64::from(self.n - 1)
+        } else {
+            SPREAD
+        };
+        self.spread += rate.max(SPREAD) * (clipped - self.spread);
+        self.fast += FAST * (x - self.fast);
+        self.short = short;
+        self.slow += SLOW * (x - self.slow);
         let mut transition = None;
-        if !self.active && z >= threshold {
+        if !self.active && alerting {
             self.active = true;
             self.calm = 0;
             transition = Some(Transition::Start);
         } else if self.active {
-            if z < threshold * CLEAR_Z_RATIO {
+            if score < CLEAR_SCORE {
                 self.calm += 1;
                 if self.calm >= CLEAR_COUNT {
                     self.active = false;
@@ -145,11 +228,77 @@ impl Outlier {
                 self.calm = 0;
             }
         }
+        let half = (s.ratio * m_jump).max(s.threshold * sigma);
         Verdict {
             transition,
             score,
             expected: Some(pred),
-            band: Some(band),
+            band: (!warming).then_some((pred - half, pred + half)),
+            active: self.active,
+        }
+    }
+}
+
+/// Stuck-sensor detector state (48 bytes); see the module doc.
+#[derive(Debug, Clone, Default)]
+pub struct Flatline {
+    /// Where the current run started: time and value.
+    anchor: Option<(f64, f64)>,
+    /// Readings in the current run.
+    count: u32,
+    /// Times the value changed.
+    changes: u32,
+    /// Longest earlier run, seconds.
+    longest: f64,
+    active: bool,
+}
+
+impl Flatline {
+    pub fn update(
+        &mut self,
+        epsilon: f64,
+        duration: f64,
+        min_count: u32,
+        t: f64,
+        v: f64,
+    ) -> Verdict {
+        let mut transition = None;
+        let mut score = 0.0;
+        match self.anchor {
+            Some((t0, v0)) if (v - v0).abs() <= epsilon.max(1e-12 * v0.abs()) => {
+                self.count = self.count.saturating_add(1);
+                let run = t - t0;
+                if !self.active
+                    && self.count >= min_count
+                    && run >= duration
+                    && run >= 2.0 * self.longest
+                    && self.changes >= min_count
+                {
+                    self.active = true;
+                    score = 1.0;
+                    transition = Some(Transition::Start);
+                }
+            }
+            _ => {
+                if let Some((t0, _)) = self.anchor {
+                    self.changes = self.changes.saturating_add(1);
+                    // Every run is learnt, a stuck one too: the same stuck value for a while
+                    // is this sensor's habit (a pump that is off 16 hours a day).
+                    self.longest = self.longest.max(t - t0);
+                }
+                if self.active {
+                    self.active = false;
+                    transition = Some(Transition::Clear);
+                }
+                self.anchor = Some((t, v));
+                self.count = 1;
+            }
+        }
+        Verdict {
+            transition,
+            score,
+            expected: None,
+            band: self.anchor.map(|(_, v0)| (v0 - epsilon, v0 + epsilon)),
             active: self.active,
         }
     }
@@ -157,7 +306,7 @@ impl Outlier {
 
 /// Debounced condition: true for `min` seconds before it starts.
 #[derive(Debug, Clone, Default)]
-struct Debounce {
+pub struct Debounce {
     pending_since: Option<f64>,
     active: bool,
 }
@@ -185,113 +334,131 @@ impl Debounce {
     }
 }
 
-/// The state of one detector for one sensor.
+/// The state of one detector for one sensor: only the kind its configuration needs.
 #[derive(Debug, Clone, Default)]
-pub struct DetectorState {
-    debounce: Debounce,
-    outlier: Outlier,
-    prev: Option<(f64, f64)>,
-    anchor: Option<(f64, f64)>,
-    count: u32,
-    /// Last reading time (for `missing`).
-    pub last_seen: f64,
-    pub seen: bool,
-    active: bool,
+pub enum DetectorState {
+    /// No reading yet.
+    #[default]
+    New,
+    Debounce {
+        debounce: Debounce,
+        /// Previous reading (rate of change).
+        prev: Option<(f64, f64)>,
+    },
+    Outlier(Outlier),
+    Flatline(Flatline),
+    Missing {
+        /// Last reading time.
+        last_seen: f64,
+        active: bool,
+    },
 }
 
 impl DetectorState {
     pub fn active(&self) -> bool {
-        self.active || self.debounce.active || self.outlier.active
+        match self {
+            DetectorState::New => false,
+            DetectorState::Debounce { debounce, .. } => debounce.active,
+            DetectorState::Outlier(o) => o.active,
+            DetectorState::Flatline(f) => f.active,
+            DetectorState::Missing { active, .. } => *active,
+        }
+    }
+
+    /// The state for `cfg`, made afresh if it is of another kind.
+    fn for_config(&mut self, cfg: &DetectorConfig) -> &mut DetectorState {
+        let fits = matches!(
+            (&*self, cfg),
+            (
+                DetectorState::Debounce { .. },
+                DetectorConfig::Threshold { .. } | DetectorConfig::RateOfChange { .. }
+            ) | (DetectorState::Outlier(_), DetectorConfig::Outlier(_))
+                | (DetectorState::Flatline(_), DetectorConfig::Flatline { .. })
+                | (
+                    DetectorState::Missing { .. },
+                    DetectorConfig::Missing { .. }
+                )
+        );
+        if !fits {
+            *self = match cfg {
+                DetectorConfig::Threshold { .. } | DetectorConfig::RateOfChange { .. } => {
+                    DetectorState::Debounce {
+                        debounce: Debounce::default(),
+                        prev: None,
+                    }
+                }
+                DetectorConfig::Outlier(_) => DetectorState::Outlier(Outlier::default()),
+                DetectorConfig::Flatline { .. } => DetectorState::Flatline(Flatline::default()),
+                DetectorConfig::Missing { .. } => DetectorState::Missing {
+                    last_seen: 0.0,
+                    active: false,
+                },
+            };
+        }
+        self
     }
 
     /// Update with a reading `v` at `t` (seconds).
     pub fn update(&mut self, cfg: &DetectorConfig, t: f64, v: f64) -> Verdict {
-        self.last_seen = t;
-        self.seen = true;
-        match cfg {
-            DetectorConfig::Threshold {
-                above,
-                below,
-                hysteresis,
-                min_duration,
-            } => {
+        match (cfg, self.for_config(cfg)) {
+            (
+                DetectorConfig::Threshold {
+                    above,
+                    below,
+                    hysteresis,
+                    min_duration,
+                },
+                DetectorState::Debounce { debounce, .. },
+            ) => {
                 let hi = above.unwrap_or(f64::INFINITY);
                 let lo = below.unwrap_or(f64::NEG_INFINITY);
                 let beyond = v > hi || v < lo;
                 let cleared = v <= hi - hysteresis && v >= lo + hysteresis;
-                let transition = self
-                    .debounce
-                    .step(t, beyond, cleared, min_duration.as_secs_f64());
+                let transition = debounce.step(t, beyond, cleared, min_duration.as_secs_f64());
                 Verdict {
                     transition,
                     score: if beyond { 1.0 } else { 0.0 },
                     expected: None,
                     band: Some((lo, hi)),
-                    active: self.debounce.active,
+                    active: debounce.active,
                 }
             }
-            DetectorConfig::RateOfChange {
-                max_rate,
-                min_duration,
-            } => {
-                let rate = match self.prev {
+            (
+                DetectorConfig::RateOfChange {
+                    max_rate,
+                    min_duration,
+                },
+                DetectorState::Debounce { debounce, prev },
+            ) => {
+                let rate = match *prev {
                     Some((pt, pv)) if t > pt => (v - pv).abs() / (t - pt),
                     Some(_) => return Verdict::default(),
                     None => 0.0,
                 };
-                self.prev = Some((t, v));
+                *prev = Some((t, v));
                 let beyond = rate > *max_rate;
-                let transition = self
-                    .debounce
-                    .step(t, beyond, !beyond, min_duration.as_secs_f64());
+                let transition = debounce.step(t, beyond, !beyond, min_duration.as_secs_f64());
                 Verdict {
                     transition,
                     score: rate / (rate + max_rate.max(f64::MIN_POSITIVE)),
                     expected: None,
                     band: Some((-max_rate, *max_rate)),
-                    active: self.debounce.active,
+                    active: debounce.active,
                 }
             }
-            DetectorConfig::Outlier { threshold, warmup } => {
-                self.outlier.update(*threshold, *warmup, v)
-            }
-            DetectorConfig::Flatline {
-                epsilon,
-                duration,
-                min_count,
-            } => {
-                let mut transition = None;
-                match self.anchor {
-                    Some((t0, v0)) if (v - v0).abs() <= epsilon.max(1e-12 * v0.abs()) => {
-                        self.count = self.count.saturating_add(1);
-                        if !self.active
-                            && t - t0 >= duration.as_secs_f64()
-                            && self.count >= *min_count
-                        {
-                            self.active = true;
-                            transition = Some(Transition::Start);
-                        }
-                    }
-                    _ => {
-                        if self.active {
-                            self.active = false;
-                            transition = Some(Transition::Clear);
-                        }
-                        self.anchor = Some((t, v));
-                        self.count = 1;
-                    }
-                }
-                Verdict {
-                    transition,
-                    score: if self.active { 1.0 } else { 0.0 },
-                    expected: None,
-                    band: self.anchor.map(|(_, v0)| (v0 - epsilon, v0 + epsilon)),
-                    active: self.active,
-                }
-            }
-            DetectorConfig::Missing { .. } => {
-                let transition = if self.active {
-                    self.active = false;
+            (DetectorConfig::Outlier(s), DetectorState::Outlier(o)) => o.update(s, t, v),
+            (
+                DetectorConfig::Flatline {
+                    epsilon,
+                    duration,
+                    min_count,
+                },
+                DetectorState::Flatline(f),
+            ) => f.update(*epsilon, duration.as_secs_f64(), *min_count, t, v),
+            (DetectorConfig::Missing { .. }, DetectorState::Missing { last_seen, active }) => {
+                *last_seen = t;
+                let transition = if *active {
+                    *active = false;
                     Some(Transition::Clear)
                 } else {
                     None
@@ -301,14 +468,18 @@ impl DetectorState {
                     ..Verdict::default()
                 }
             }
+            // for_config made the state fit the configuration.
+            _ => Verdict::default(),
         }
     }
 
     /// Timer check (only `missing` acts on it): start when nothing arrived for `after`.
     pub fn tick(&mut self, cfg: &DetectorConfig, now: f64) -> Option<Transition> {
-        if let DetectorConfig::Missing { after } = cfg {
-            if self.seen && !self.active && now - self.last_seen >= after.as_secs_f64() {
-                self.active = true;
+        if let (DetectorConfig::Missing { after }, DetectorState::Missing { last_seen, active }) =
+            (cfg, self)
+        {
+            if !*active && now - *last_seen >= after.as_secs_f64() {
+                *active = true;
                 return Some(Transition::Start);
             }
         }
