@@ -8,3 +8,4 @@ mod pipeline;
 
 mod rules;
 mod security;
+mod topics;
