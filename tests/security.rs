@@ -489,17 +489,6 @@ async fn fm4_reserved_client_ids_cannot_kick_the_internal_links() {
     still_serving(&gw, &cloud, "fm4", "sensors/fm4/t", 5).await;
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Failure mode 5: distinct topics/filters and client ids are capped (`broker.max_topics`,
 /// `broker.max_client_ids`); the attacker's growth stops at the cap, known topics keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +501,7 @@ async fn fm5_distinct_topics_and_client_ids_are_bounded() {
     // The healthy sensor's topic and id are known before the flood.
     still_serving(&gw, &cloud, "fm5", "sensors/fm5/t", 2).await;
     let guard = gw.broker().guard().clone();
-    let rss0 = rss_kib();
+    let rss0 = rss_kib(None);
     let mut sent = 0;
     let mut connections = 0;
     while sent < 500 && connections < 50 {
@@ -562,7 +551,7 @@ async fn fm5_distinct_topics_and_client_ids_are_bounded() {
         guard.topics_noted(),
         guard.client_ids_noted(),
         rss0,
-        rss_kib()
+        rss_kib(None)
     );
     // Known sensor, known topic: still served.
     still_serving(&gw, &cloud, "fm5", "sensors/fm5/t", 2).await;

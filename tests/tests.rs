@@ -6,6 +6,7 @@ mod util;
 mod durability;
 mod pipeline;
 
+mod limits;
 mod rules;
 mod security;
 mod topics;
