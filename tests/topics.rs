@@ -39,6 +39,10 @@ pub(crate) fn publish_raw(
 
 /// A CONNECT with a will (QoS 0, not retained) on `will_topic`.
 fn connect_with_will(v5: bool, client_id: &str, will_topic: &[u8]) -> Vec<u8> {
+    connect_with_will_payload(v5, client_id, will_topic, b"gone")
+}
+
+fn connect_with_will_payload(v5: bool, client_id: &str, will_topic: &[u8], will: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
     mqtt_str(&mut b, b"MQTT");
     b.push(if v5 { 5 } else { 4 });
@@ -52,7 +56,7 @@ fn connect_with_will(v5: bool, client_id: &str, will_topic: &[u8]) -> Vec<u8> {
         b.push(0); // will properties
     }
     mqtt_str(&mut b, will_topic);
-    mqtt_str(&mut b, b"gone");
+    mqtt_str(&mut b, will);
     frame(0x10, &b)
 }
 
@@ -272,6 +276,18 @@ async fn publishes_into_the_gateways_namespace() {
     assert_eq!(arrived(&cloud, "edgegate/x/t"), 0);
 }
 
+/// A small in-memory log (256 KiB: an overflow is quick to reach), and only the honest
+/// readings forwarded (the floods are not what is measured).
+fn small_log_sensors_forwarded(c: &mut edgegate::Config) {
+    c.broker.segment_size = 64 * 1024;
+    c.broker.segment_count = 4;
+    c.rules = vec![edgegate::config::RuleConfig::simple(
+        "sensors",
+        "sensors/#",
+        edgegate::config::RuleAction::Forward,
+    )];
+}
+
 /// Floods `topic_of(i)` with QoS 0 messages of `size` bytes over a raw socket until `stop`;
 /// returns how many it wrote.
 async fn flood(
@@ -307,8 +323,7 @@ async fn flood(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings() {
     let (_m, cloud, gw, _d) = setup(|c| {
-        c.broker.segment_size = 64 * 1024;
-        c.broker.segment_count = 4;
+        small_log_sensors_forwarded(c);
         c.broker.acl = Some(Arc::new(Acl {
             rules: vec![AclRule {
                 user: "*".into(),
@@ -316,12 +331,6 @@ async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings(
                 subscribe: vec![],
             }],
         }));
-        // Only the honest readings are forwarded: the floods are not what is measured.
-        c.rules = vec![edgegate::config::RuleConfig::simple(
-            "sensors",
-            "sensors/#",
-            edgegate::config::RuleAction::Forward,
-        )];
     })
     .await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -341,8 +350,72 @@ async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings(
             sent.clone(),
         )));
     }
+    beside_honest_sensors(
+        &gw,
+        &cloud,
+        750,
+        "large QoS 0 messages",
+        &sent,
+        &stop,
+        floods,
+    )
+    .await;
+}
+
+/// The sibling through wills: rumqttd publishes a client's will when its connection ends
+/// without DISCONNECT, into the ingest link's log, never passing the guard's relay. Clients
+/// with 60 KB wills connecting and vanishing beside honest sensors: nothing may be skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_wills_never_make_rumqttd_skip_acknowledged_readings() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        small_log_sensors_forwarded(c);
+        // A slow queue (an fsync per commit, small channels) makes ingest wait now and then,
+        // as on an SD card: the moments when the log fills.
+        c.queue.sync = edgegate::config::SyncMode::Full;
+        c.pipeline.channel_capacity = 8;
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wills = Arc::new(AtomicU64::new(0));
+    let mut floods = Vec::new();
+    for k in 0..8 {
+        let (stop, wills, addr) = (stop.clone(), wills.clone(), gw.broker_addr);
+        floods.push(tokio::spawn(async move {
+            let will = vec![b'w'; 60_000];
+            while !stop.load(Ordering::Relaxed) {
+                let n = wills.fetch_add(1, Ordering::Relaxed);
+                let id = format!("vanisher-{k}-{n}");
+                let packet = connect_with_will_payload(false, &id, b"big/will", &will);
+                // CONNACK, then the connection dies without DISCONNECT: the will fires.
+                let _ = exchange(addr, &packet, Duration::from_secs(2)).await;
+            }
+        }));
+    }
+    beside_honest_sensors(
+        &gw,
+        &cloud,
+        1500,
+        "connections with 60 KB wills",
+        &wills,
+        &stop,
+        floods,
+    )
+    .await;
+}
+
+/// While `floods` run, four honest sensors publish `per_sensor` QoS 1 readings each on
+/// `sensors/h{k}/t`; then the floods stop. rumqttd must have skipped nothing, and every reading
+/// a sensor got a PUBACK for must reach the cloud.
+async fn beside_honest_sensors(
+    gw: &edgegate::Gateway,
+    cloud: &Cloud,
+    per_sensor: u64,
+    what: &str,
+    flooded: &AtomicU64,
+    stop: &AtomicBool,
+    floods: Vec<tokio::task::JoinHandle<()>>,
+) {
     let sensors = Sensor::connect_many(gw.broker_addr, "honest", 4).await;
-    let per_sensor = 750u64;
     let t0 = Instant::now();
     for i in 0..per_sensor {
         for (k, s) in sensors.iter().enumerate() {
@@ -358,8 +431,8 @@ async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings(
     }
     let m = gw.metrics().clone();
     eprintln!(
-        "flood: {} large QoS 0 messages beside {} readings in {:?}; broker_skipped {}, paused {}",
-        sent.load(Ordering::Relaxed),
+        "{} {what} beside {} readings in {:?}; broker_skipped {}, paused {}",
+        flooded.load(Ordering::Relaxed),
         4 * per_sensor,
         t0.elapsed(),
         m.dropped(DropReason::BrokerSkipped),
@@ -374,9 +447,9 @@ async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings(
         let topic = format!("sensors/h{k}/t");
         let want = sensor.acked() as usize;
         assert!(
-            eventually(Duration::from_secs(60), || arrived(&cloud, &topic) >= want).await,
+            eventually(Duration::from_secs(60), || arrived(cloud, &topic) >= want).await,
             "{topic}: {} of {want} PUBACKed readings reached the cloud",
-            arrived(&cloud, &topic)
+            arrived(cloud, &topic)
         );
     }
 }

@@ -875,6 +875,7 @@ async fn session<S: Io>(
         crate::broker::pressure::topic_hash(client_id.as_bytes())
     };
     let mut retained_will = None;
+    let mut will_lands = None;
     if let Some(w) = will.as_mut() {
         if reserved_topic(&w.topic) && !reserved_allowed(perms.as_ref(), &w.topic) {
             let reply = refuse(
@@ -901,12 +902,23 @@ async fn session<S: Io>(
                 w.retain = false;
             }
         }
+        will_lands = Some((
+            AliasTopic {
+                hash: crate::broker::pressure::topic_hash(&w.topic),
+                len: w.topic.len(),
+                lands: w.topic.first() != Some(&b'$'),
+                own: w.topic.starts_with(OWN_PREFIX.as_bytes()),
+            },
+            w.message.len(),
+        ));
     }
-    let conn = Conn {
+    let mut conn = Conn {
         owner,
         aliases: HashMap::new(),
         subscriptions: HashSet::new(),
         retained_will,
+        will: will_lands,
+        will_cancelled: false,
         perms,
     };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
@@ -1007,7 +1019,7 @@ async fn session<S: Io>(
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
             tokio::select! {
-                _ = relay(client, buf, internal, peer, v5, &guard, conn) => {}
+                _ = relay(client, buf, internal, peer, v5, &guard, &mut conn) => {}
                 // A newer session with this client id: the takeover.
                 _ = async {
                     loop {
@@ -1024,8 +1036,10 @@ async fn session<S: Io>(
             drop(taken);
             guard.release_turn(client_id, turn);
         }
-        None => relay(client, buf, internal, peer, v5, &guard, conn).await,
+        None => relay(client, buf, internal, peer, v5, &guard, &mut conn).await,
     }
+    // After a takeover the relay was dropped before it could count the will.
+    guard.will_fires(&mut conn).await;
 }
 
 /// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
@@ -1119,6 +1133,10 @@ struct Conn {
     subscriptions: HashSet<Vec<u8>>,
     /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
     retained_will: Option<(u64, usize)>,
+    /// The will's topic and payload size, published by rumqttd unless the client leaves cleanly.
+    will: Option<(AliasTopic, usize)>,
+    /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
+    will_cancelled: bool,
     perms: Option<Perms>,
 }
 
@@ -1252,6 +1270,30 @@ impl Guard {
         }
     }
 
+    /// The session ends without a clean DISCONNECT: rumqttd publishes the will, which lands in
+    /// the ingest link's log like any publish, without passing the relay. Count it (once), after
+    /// waiting while ingest is behind: clients with large wills connecting and vanishing must
+    /// not outrun the backpressure.
+    async fn will_fires(&self, conn: &mut Conn) {
+        if conn.will_cancelled {
+            return;
+        }
+        let (Some((t, payload)), Some(pressure)) = (conn.will.take(), &self.pressure) else {
+            return;
+        };
+        if !t.lands {
+            return;
+        }
+        if pressure.over() {
+            self.metrics.broker_paused.inc();
+            pressure.wait().await;
+        }
+        if t.own {
+            pressure.relayed_reserved(t.hash);
+        }
+        pressure.relayed(t.len + payload);
+    }
+
     /// Retained messages held (messages, bytes), as the guard accounts them.
     pub fn retained_held(&self) -> (usize, usize) {
         self.retained
@@ -1268,7 +1310,7 @@ async fn relay<S: Io>(
     peer: SocketAddr,
     v5: bool,
     guard: &Guard,
-    mut conn: Conn,
+    conn: &mut Conn,
 ) {
     let (mut cr, mut cw) = tokio::io::split(client);
     // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE; the MQTT 5 DISCONNECT
@@ -1539,6 +1581,7 @@ async fn relay<S: Io>(
                 // The client's last packet: nothing after it is read. A will does not fire
                 // after it (unless an MQTT 5 client asks for it, reason 0x04).
                 let with_will = v5 && frame.get(header_len) == Some(&0x04);
+                conn.will_cancelled = !with_will;
                 if let (Some((topic, bytes)), false) = (conn.retained_will, with_will) {
                     guard
                         .retained
@@ -1594,6 +1637,8 @@ async fn relay<S: Io>(
     if disconnected {
         guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
+    // Closing the internal connection makes rumqttd publish the will: not while ingest is behind.
+    guard.will_fires(conn).await;
     let _ = iw.shutdown().await;
     let _ = cw.shutdown().await;
 }

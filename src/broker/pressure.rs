@@ -18,7 +18,9 @@
 //!   `$` ones, which rumqttd's `#` does not match), with the topic an MQTT 5 alias stands for;
 //!   ingest counts every publish it takes that the guard relayed. A flood under `edgegate/` or
 //!   of retained messages therefore holds sensors back like any other (issue 12.2: uncounted,
-//!   60 KB QoS 0 messages under `edgegate/` made rumqttd skip 26,067 PUBACKed readings).
+//!   60 KB QoS 0 messages under `edgegate/` made rumqttd skip 26,067 PUBACKed readings). A
+//!   will, which rumqttd publishes itself when a connection ends without DISCONNECT, is counted
+//!   by the guard when it closes that connection, which it does only once ingest is not behind.
 //! - The gateway's own output (alerts, status: published by in-process links under
 //!   `edgegate/`) also lands in that log, but is counted on neither side. To tell a sensor's
 //!   publish under `edgegate/` (allowed by an ACL) from the gateway's own, the guard notes each
