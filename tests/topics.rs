@@ -288,6 +288,35 @@ fn small_log_sensors_forwarded(c: &mut edgegate::Config) {
     )];
 }
 
+/// As [`small_log_sensors_forwarded`], with a slow queue (an fsync per commit, small
+/// channels): ingest waits now and then, as on an SD card, the moments when the log fills.
+fn slow_queue(c: &mut edgegate::Config) {
+    small_log_sensors_forwarded(c);
+    c.queue.sync = edgegate::config::SyncMode::Full;
+    c.pipeline.channel_capacity = 8;
+}
+
+/// Connects as `id`, writes `first`, then `one` over and over (in batches of 100) until
+/// `stop`, counting what it wrote in `sent`.
+async fn batch_flood(
+    addr: std::net::SocketAddr,
+    v5: bool,
+    id: String,
+    first: Vec<u8>,
+    one: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) {
+    let mut s = connected(addr, v5, &id, None).await;
+    if s.write_all(&first).await.is_err() {
+        return;
+    }
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 100).collect();
+    while !stop.load(Ordering::Relaxed) && s.write_all(&batch).await.is_ok() {
+        sent.fetch_add(100, Ordering::Relaxed);
+    }
+}
+
 /// Floods `topic_of(i)` with QoS 0 messages of `size` bytes over a raw socket until `stop`;
 /// returns how many it wrote.
 async fn flood(
@@ -367,14 +396,7 @@ async fn floods_of_large_messages_never_make_rumqttd_skip_acknowledged_readings(
 /// with 60 KB wills connecting and vanishing beside honest sensors: nothing may be skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_wills_never_make_rumqttd_skip_acknowledged_readings() {
-    let (_m, cloud, gw, _d) = setup(|c| {
-        small_log_sensors_forwarded(c);
-        // A slow queue (an fsync per commit, small channels) makes ingest wait now and then,
-        // as on an SD card: the moments when the log fills.
-        c.queue.sync = edgegate::config::SyncMode::Full;
-        c.pipeline.channel_capacity = 8;
-    })
-    .await;
+    let (_m, cloud, gw, _d) = setup(slow_queue).await;
     let stop = Arc::new(AtomicBool::new(false));
     let wills = Arc::new(AtomicU64::new(0));
     let mut floods = Vec::new();
@@ -452,4 +474,74 @@ async fn beside_honest_sensors(
             arrived(cloud, &topic)
         );
     }
+}
+
+/// The sibling through MQTT 5 topic aliases: a publish with an alias carries no topic, but
+/// rumqttd logs the full topic it stands for. Long topics behind aliases with 1-byte payloads
+/// must count as what lands in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_through_topic_aliases_never_make_rumqttd_skip_acknowledged_readings() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        slow_queue(c);
+        c.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let v5_addr = gw.broker_addr_v5.expect("MQTT 5 listener");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut floods = Vec::new();
+    for k in 0..2 {
+        let topic = format!("long/{k}/{}", "t".repeat(500));
+        let alias = [0x23, 0, 1];
+        floods.push(tokio::spawn(batch_flood(
+            v5_addr,
+            true,
+            format!("aliaser-{k}"),
+            publish_raw(true, topic.as_bytes(), 0, false, &alias, b"1"),
+            publish_raw(true, b"", 0, false, &alias, b"1"),
+            stop.clone(),
+            sent.clone(),
+        )));
+    }
+    beside_honest_sensors(
+        &gw,
+        &cloud,
+        1500,
+        "alias publishes of 500-byte topics",
+        &sent,
+        &stop,
+        floods,
+    )
+    .await;
+}
+
+/// The sibling through tiny messages: rumqttd's log charges 4 bytes per message beyond topic
+/// and payload; a flood of 1-byte topics with empty payloads is 5 times what it looks like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_tiny_messages_never_make_rumqttd_skip_acknowledged_readings() {
+    let (_m, cloud, gw, _d) = setup(slow_queue).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut floods = Vec::new();
+    for k in 0..2 {
+        floods.push(tokio::spawn(batch_flood(
+            gw.broker_addr,
+            false,
+            format!("tiny-{k}"),
+            Vec::new(),
+            publish_raw(false, b"z", 0, false, &[], b""),
+            stop.clone(),
+            sent.clone(),
+        )));
+    }
+    beside_honest_sensors(
+        &gw,
+        &cloud,
+        1500,
+        "empty publishes on topic z",
+        &sent,
+        &stop,
+        floods,
+    )
+    .await;
 }

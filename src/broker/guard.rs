@@ -1291,7 +1291,7 @@ impl Guard {
         if t.own {
             pressure.relayed_reserved(t.hash);
         }
-        pressure.relayed(t.len + payload);
+        pressure.relayed(crate::broker::pressure::log_bytes(t.len, payload));
     }
 
     /// Retained messages held (messages, bytes), as the guard accounts them.
@@ -1434,6 +1434,7 @@ async fn relay<S: Io>(
                     t
                 };
                 let bytes = target.len + meta.payload_len;
+                let logged = crate::broker::pressure::log_bytes(target.len, meta.payload_len);
                 if meta.payload_len == 0 {
                     // rumqttd drops a topic's retained message on any empty publish to it.
                     guard
@@ -1477,7 +1478,7 @@ async fn relay<S: Io>(
                     if target.own {
                         pressure.relayed_reserved(target.hash);
                     }
-                    pressure.relayed(bytes);
+                    pressure.relayed(logged);
                 }
             } else if kind == 8 {
                 if frame[0] & 0x0f != 0x02 {

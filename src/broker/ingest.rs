@@ -96,7 +96,11 @@ impl Ingest {
         // Idle detection for the guard's backpressure without a timer per reading: a tick every
         // SETTLE_AFTER; two ticks without a reading between them settle the counts.
         let mut idle_tick = tokio::time::interval(pressure::SETTLE_AFTER);
-        let mut active = true;
+        // Not `Burst`: ticks missed while ingest waited for the rules stage must not fire back
+        // to back and pass for quiet (they settled the counts while the log was full).
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When ingest last took something from its link or finished handing it on.
+        let mut busy = tokio::time::Instant::now();
         loop {
             let n = if draining {
                 // Shutting down: the guard's sessions have ended; take what the router still
@@ -130,13 +134,14 @@ impl Ingest {
                     n = self.link.next() => n,
                     // Idle: nothing relayed can still be in the router for us.
                     _ = idle_tick.tick(), if self.pressure.is_some() => {
-                        if let (false, Some(p)) = (std::mem::take(&mut active), &self.pressure) {
+                        if let (true, Some(p)) = (busy.elapsed() >= pressure::SETTLE_AFTER, &self.pressure) {
                             p.settle();
                         }
                         continue;
                     }
                 }
             };
+            busy = tokio::time::Instant::now();
             let notification = match n {
                 Ok(Some(n)) => n,
                 Ok(None) => continue,
@@ -160,12 +165,11 @@ impl Ingest {
                         Ok(t) => t.to_string(),
                         Err(_) => String::from_utf8_lossy(&f.publish.topic).into_owned(),
                     };
-                    let bytes = f.publish.topic.len() + f.publish.payload.len();
+                    let bytes = pressure::log_bytes(f.publish.topic.len(), f.publish.payload.len());
                     if topic.starts_with(OWN_PREFIX) {
                         if let Some(p) = &self.pressure {
                             if p.take_reserved(topic.as_bytes()) {
                                 p.consumed(bytes);
-                                active = true;
                                 self.metrics.drop_events(
                                     DropReason::ReservedTopic,
                                     1,
@@ -177,7 +181,6 @@ impl Ingest {
                     }
                     if let Some(p) = &self.pressure {
                         p.consumed(bytes);
-                        active = true;
                     }
                     self.metrics.readings_received.inc();
                     let traceparent = f.properties.as_ref().and_then(|p| {
@@ -203,6 +206,7 @@ impl Ingest {
                     if !self.send(reading).await {
                         return IngestEnd::Downstream;
                     }
+                    busy = tokio::time::Instant::now();
                 }
                 Notification::Unschedule => {
                     if let Err(e) = self.link.wake().await {

@@ -26,9 +26,11 @@
 //!   publish under `edgegate/` (allowed by an ACL) from the gateway's own, the guard notes each
 //!   such topic it relays ([`Pressure::relayed_reserved`]) and ingest takes the note back
 //!   ([`Pressure::take_reserved`]): what was noted is a sensor's, the rest is the gateway's.
-//! - Counts may drift (a publish rumqttd refuses, a skipped reading, a topic alias): whenever
-//!   ingest has been idle for [`SETTLE_AFTER`], nothing can be in the log for it, and the
-//!   counts are made equal again. A stall therefore lasts at most about that long.
+//! - Both sides count a publish as rumqttd's log does: 4 + topic + payload ([`log_bytes`]).
+//! - Counts may drift (a publish rumqttd refuses, a skipped reading): whenever ingest has
+//!   taken and handed on nothing for [`SETTLE_AFTER`] (time spent waiting for the rules stage
+//!   is not idle), nothing can be in the log for it, and the counts are made equal again. A
+//!   stall therefore lasts at most about that long.
 //! - Waiting is never unbounded: the guard re-checks every [`RECHECK`].
 
 use std::collections::HashMap;
@@ -42,6 +44,13 @@ use tokio::sync::Notify;
 pub const SETTLE_AFTER: Duration = Duration::from_millis(200);
 /// A waiting guard connection re-checks at least this often.
 const RECHECK: Duration = Duration::from_millis(50);
+
+/// Bytes a publish takes in rumqttd's log: its `Storage::size` for a publish is 4 + topic +
+/// payload (router/logs.rs). The 4 matter for floods of tiny messages (a 1-byte topic and an
+/// empty payload take 5 bytes there, not 1).
+pub fn log_bytes(topic_len: usize, payload_len: usize) -> usize {
+    4 + topic_len + payload_len
+}
 
 /// Hash of a topic, the same for the guard and ingest within one process (random keys).
 pub fn topic_hash(topic: &[u8]) -> u64 {
