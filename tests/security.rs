@@ -15,14 +15,14 @@ use tokio::net::TcpStream;
 
 use crate::util::*;
 
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
-fn mqtt_str(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn mqtt_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
 
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![byte1];
     let mut n = body.len();
     loop {
@@ -41,7 +41,7 @@ fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// A CONNECT packet (MQTT 3.1.1 or 5), clean session, keep-alive 30 s.
-fn connect_packet(v5: bool, client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+pub(crate) fn connect_packet(v5: bool, client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
     let mut b = Vec::new();
     mqtt_str(&mut b, b"MQTT");
     b.push(if v5 { 5 } else { 4 });
@@ -59,7 +59,7 @@ fn connect_packet(v5: bool, client_id: &str, login: Option<(&str, &str)>) -> Vec
 }
 
 /// A PUBLISH, QoS 1 with packet id `pkid` (or QoS 0 when `pkid` is 0).
-fn publish_packet(v5: bool, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn publish_packet(v5: bool, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
     mqtt_str(&mut b, topic.as_bytes());
     if pkid > 0 {
@@ -74,7 +74,11 @@ fn publish_packet(v5: bool, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
 
 /// Send `bytes` on a new connection; the first bytes the server answers within `wait`, or
 /// `None` if it closed the connection without answering.
-async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (Option<Vec<u8>>, TcpStream) {
+pub(crate) async fn exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> (Option<Vec<u8>>, TcpStream) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.write_all(bytes).await;
     let mut buf = vec![0u8; 64];
@@ -86,7 +90,7 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (Option<Vec
 }
 
 /// The CONNACK return code (3.1.1) or reason code (5) for `client_id`, `None` without CONNACK.
-async fn connack_code(
+pub(crate) async fn connack_code(
     addr: SocketAddr,
     v5: bool,
     client_id: &str,
@@ -105,7 +109,7 @@ async fn connack_code(
 }
 
 /// A connection whose CONNECT (MQTT 5 when `v5`) as `client_id` was accepted.
-async fn connected(
+pub(crate) async fn connected(
     addr: SocketAddr,
     v5: bool,
     client_id: &str,
@@ -126,7 +130,7 @@ async fn connected(
 }
 
 /// Is the connection closed by the server within `wait`?
-async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+pub(crate) async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     let mut buf = [0u8; 256];
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
@@ -141,7 +145,7 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
 
 /// The gateway still serves: a new sensor publishes `n` readings on `topic` and every one of
 /// them reaches the cloud broker.
-async fn still_serving(gw: &Gateway, cloud: &Cloud, tag: &str, topic: &str, n: u64) {
+pub(crate) async fn still_serving(gw: &Gateway, cloud: &Cloud, tag: &str, topic: &str, n: u64) {
     let sensor = Sensor::connect(gw.broker_addr, &format!("healthy-{tag}")).await;
     for i in 0..n {
         sensor.publish(topic, format!("{{\"i\":{i}}}")).await;
@@ -159,7 +163,7 @@ async fn still_serving(gw: &Gateway, cloud: &Cloud, tag: &str, topic: &str, n: u
     );
 }
 
-fn arrived(cloud: &Cloud, topic: &str) -> usize {
+pub(crate) fn arrived(cloud: &Cloud, topic: &str) -> usize {
     let want = format!("edge/gw1/{topic}");
     cloud
         .received
@@ -170,7 +174,7 @@ fn arrived(cloud: &Cloud, topic: &str) -> usize {
         .count()
 }
 
-async fn setup(
+pub(crate) async fn setup(
     tweak: impl FnOnce(&mut edgegate::Config),
 ) -> (Mosquitto, Cloud, Gateway, tempfile::TempDir) {
     let mosq = Mosquitto::start();
@@ -485,17 +489,6 @@ async fn fm4_reserved_client_ids_cannot_kick_the_internal_links() {
     still_serving(&gw, &cloud, "fm4", "sensors/fm4/t", 5).await;
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Failure mode 5: distinct topics/filters and client ids are capped (`broker.max_topics`,
 /// `broker.max_client_ids`); the attacker's growth stops at the cap, known topics keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,7 +501,7 @@ async fn fm5_distinct_topics_and_client_ids_are_bounded() {
     // The healthy sensor's topic and id are known before the flood.
     still_serving(&gw, &cloud, "fm5", "sensors/fm5/t", 2).await;
     let guard = gw.broker().guard().clone();
-    let rss0 = rss_kib();
+    let rss0 = rss_kib(None);
     let mut sent = 0;
     let mut connections = 0;
     while sent < 500 && connections < 50 {
@@ -558,7 +551,7 @@ async fn fm5_distinct_topics_and_client_ids_are_bounded() {
         guard.topics_noted(),
         guard.client_ids_noted(),
         rss0,
-        rss_kib()
+        rss_kib(None)
     );
     // Known sensor, known topic: still served.
     still_serving(&gw, &cloud, "fm5", "sensors/fm5/t", 2).await;
@@ -978,7 +971,7 @@ async fn upstream_mtls_against_mosquitto_require_certificate() {
 }
 
 /// Read one MQTT packet (test side): (first byte, body).
-async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub(crate) async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut b1 = [0u8; 1];
     tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b1))
         .await

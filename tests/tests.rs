@@ -8,6 +8,8 @@ mod lifecycle;
 mod pipeline;
 
 mod conformance;
+mod limits;
 mod rules;
 mod security;
 mod status;
+mod topics;

@@ -74,8 +74,21 @@ impl Acl {
 }
 
 impl Perms {
+    /// A topic *name* only: a topic with a wildcard is never allowed (a pattern
+    /// `sensors/{client_id}/#` must not let the topic `sensors/c1/#` through).
     pub fn may_publish(&self, topic: &str) -> bool {
-        self.publish.iter().any(|p| matches(p, topic))
+        !topic.contains(['+', '#']) && self.publish.iter().any(|p| matches(p, topic))
+    }
+
+    /// Does a publish pattern allow `topic` with a literal first level? The gateway's reserved
+    /// namespaces (`edgegate/`, `$`) are open to a client only through a pattern that names
+    /// them, never through `#` or `+/...`.
+    pub fn names_explicitly(&self, topic: &str) -> bool {
+        !topic.contains(['+', '#'])
+            && self
+                .publish
+                .iter()
+                .any(|p| !p.starts_with(['+', '#']) && matches(p, topic))
     }
 
     pub fn may_subscribe(&self, filter: &str) -> bool {
@@ -139,6 +152,12 @@ mod tests {
         assert!(!p.may_subscribe("sensors/+/+"));
         assert!(p.may_subscribe("home/ops/+"));
         assert!(p.may_subscribe("$share/g/sensors/a/temp"));
+        assert!(
+            !p.may_publish("sensors/dev1/#"),
+            "a wildcard topic is no topic name"
+        );
+        assert!(!p.may_publish("sensors/dev1/+"));
+        assert!(!p.names_explicitly("edgegate/x"));
         let anon = acl().for_client(None, "dev2");
         assert!(anon.may_publish("sensors/dev2/x"));
         assert!(!anon.may_subscribe("sensors/x/temp"));
@@ -157,6 +176,23 @@ mod tests {
         assert!(!p.may_publish("u/x/y"));
         assert!(!p.may_subscribe("u/#"));
         assert!(a.for_client(None, "c").publish.is_empty());
+    }
+
+    #[test]
+    fn reserved_namespaces_need_a_pattern_that_names_them() {
+        let a = Acl {
+            rules: vec![AclRule {
+                user: "*".into(),
+                publish: vec!["#".into(), "edgegate/in/+".into(), "$local/#".into()],
+                subscribe: vec![],
+            }],
+        };
+        let p = a.for_client(None, "c");
+        assert!(p.may_publish("edgegate/x"), "`#` matches it...");
+        assert!(!p.names_explicitly("edgegate/x"), "...but does not name it");
+        assert!(p.names_explicitly("edgegate/in/t"));
+        assert!(p.names_explicitly("$local/a"));
+        assert!(!p.names_explicitly("$SYS/a"));
     }
 
     #[test]

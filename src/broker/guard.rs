@@ -31,7 +31,7 @@
 //! connection before rumqttd sees it, so the sensor has no PUBACK for it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +46,7 @@ use crate::broker::acl::{Acl, Perms};
 use crate::broker::auth::Passwords;
 use crate::broker::ingest::OWN_PREFIX;
 use crate::broker::pressure::Pressure;
+use crate::broker::retained::{RetainedBook, RetainedLimits};
 use crate::ops::metrics::Metrics;
 
 /// Client ids with this prefix belong to the gateway itself.
@@ -79,6 +80,15 @@ pub struct Policy {
     pub max_client_ids: usize,
     pub max_publish_rate: u32,
     pub acl: Option<Arc<Acl>>,
+    /// Retained messages rumqttd may hold (see [`crate::broker::retained`]).
+    pub retained: RetainedLimits,
+    /// Open connections from one source address.
+    pub max_connections_per_address: usize,
+    /// Filters one connection may hold subscribed at once.
+    pub max_subscriptions_per_client: usize,
+    /// Distinct subscription filters rumqttd will ever hold (it never frees one; each new topic
+    /// is matched against all of them, each new filter against every topic seen).
+    pub max_filters: usize,
     /// Refuse client ids with the gateway's own prefix (off for a broker without links of its
     /// own, like the demo's cloud, where the gateway itself connects as `edgegate-{id}`).
     pub reserve_own_prefix: bool,
@@ -103,6 +113,11 @@ pub struct Guard {
     hasher: ahash::RandomState,
     topics: Mutex<HashSet<u64>>,
     client_ids: Mutex<HashSet<u64>>,
+    /// Distinct subscription filters relayed to rumqttd.
+    filters: Mutex<HashSet<u64>>,
+    retained: Mutex<RetainedBook>,
+    /// Open connections per source address.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
     /// One live session per client id at rumqttd (see [`Turn`]).
     turns: Mutex<HashMap<String, Arc<Turn>>>,
     pub metrics: Arc<Metrics>,
@@ -127,13 +142,20 @@ struct Turn {
 /// Pause between the end of a session and the next one with the same client id.
 const TURN_GAP: Duration = Duration::from_millis(50);
 
-/// Counts an admitted connection until dropped.
-struct Admitted(Arc<Guard>);
+/// Counts an admitted connection (in all and for its source address) until dropped.
+struct Admitted(Arc<Guard>, IpAddr);
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         self.0.metrics.broker_connections.dec();
+        let mut per = self.0.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -250,6 +272,11 @@ enum Refuse {
     BadLogin,
     NotAuthorized,
     Unavailable,
+    /// A will topic MQTT forbids or the gateway reserves (3.1.1 has no better code than "not
+    /// authorized"; MQTT 5 has 0x90 "topic name invalid").
+    TopicName,
+    /// A protocol level the listener does not speak (3.1.1 0x01, MQTT 5 0x84).
+    Version,
 }
 
 fn connack(v5: bool, why: Refuse) -> Vec<u8> {
@@ -259,6 +286,8 @@ fn connack(v5: bool, why: Refuse) -> Vec<u8> {
             Refuse::BadLogin => 0x86,
             Refuse::NotAuthorized => 0x87,
             Refuse::Unavailable => 0x89,
+            Refuse::TopicName => 0x90,
+            Refuse::Version => 0x84,
         };
         vec![0x20, 0x03, 0x00, code, 0x00]
     } else {
@@ -266,7 +295,8 @@ fn connack(v5: bool, why: Refuse) -> Vec<u8> {
             Refuse::ClientId => 0x02,
             Refuse::Unavailable => 0x03,
             Refuse::BadLogin => 0x04,
-            Refuse::NotAuthorized => 0x05,
+            Refuse::NotAuthorized | Refuse::TopicName => 0x05,
+            Refuse::Version => 0x01,
         };
         vec![0x20, 0x02, 0x00, code]
     }
@@ -319,6 +349,47 @@ pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, St
     Ok(())
 }
 
+/// Is `topic` a topic *name* MQTT lets a client publish to (PUBLISH, will)? Wildcards, NUL,
+/// invalid UTF-8 and the empty name are refused (an MQTT 5 publish with a topic alias is checked
+/// by the caller). Such a topic PUBACKed and queued would block the forwarder, whose client
+/// library refuses it (issue 12.1). `Err(reason, detail)`.
+pub fn check_topic_name(topic: &[u8]) -> Result<(), (&'static str, String)> {
+    let Ok(t) = std::str::from_utf8(topic) else {
+        return Err((
+            "topic_invalid",
+            format!(
+                "topic {:?} is not valid UTF-8",
+                String::from_utf8_lossy(topic)
+            ),
+        ));
+    };
+    if t.is_empty() {
+        return Err(("topic_invalid", "empty topic name".into()));
+    }
+    if t.contains(['+', '#']) {
+        return Err((
+            "topic_wildcard",
+            format!("topic name {t:?} contains a wildcard"),
+        ));
+    }
+    if t.contains('\0') {
+        return Err(("topic_invalid", format!("topic name {t:?} contains NUL")));
+    }
+    Ok(())
+}
+
+/// Topics sensors may not publish to unless an ACL pattern names them explicitly: the gateway's
+/// own namespace (its alerts and status live there; ingest does not take readings from it) and
+/// `$` topics (reserved by MQTT for the server; they reach no reader of ours).
+pub fn reserved_topic(topic: &[u8]) -> bool {
+    topic.starts_with(OWN_PREFIX.as_bytes()) || topic.first() == Some(&b'$')
+}
+
+/// May a client with `perms` (no ACL: `None`) publish to the reserved `topic`?
+fn reserved_allowed(perms: Option<&Perms>, topic: &[u8]) -> bool {
+    perms.is_some_and(|p| p.names_explicitly(&String::from_utf8_lossy(topic)))
+}
+
 impl Guard {
     pub fn new(
         policy: Policy,
@@ -336,6 +407,9 @@ impl Guard {
             hasher: ahash::RandomState::new(),
             topics: Mutex::new(HashSet::new()),
             client_ids: Mutex::new(HashSet::new()),
+            filters: Mutex::new(HashSet::new()),
+            retained: Mutex::new(RetainedBook::default()),
+            per_address: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             metrics,
             pressure,
@@ -365,14 +439,38 @@ impl Guard {
         self.active.load(Ordering::SeqCst)
     }
 
-    fn admit(self: &Arc<Guard>) -> Option<Admitted> {
+    /// Admit a connection from `ip`: `Err(reason, detail)` over `broker.max_connections` or
+    /// `broker.max_connections_per_address`.
+    fn admit(self: &Arc<Guard>, ip: IpAddr) -> Result<Admitted, (&'static str, String)> {
         let n = self.active.fetch_add(1, Ordering::SeqCst);
         if n >= self.policy.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            return None;
+            return Err((
+                "connection_limit",
+                format!(
+                    "broker.max_connections {} reached",
+                    self.policy.max_connections
+                ),
+            ));
+        }
+        {
+            let mut per = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = per.entry(ip).or_default();
+            if *mine >= self.policy.max_connections_per_address {
+                drop(per);
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                return Err((
+                    "address_limit",
+                    format!(
+                        "broker.max_connections_per_address {} reached for {ip}",
+                        self.policy.max_connections_per_address
+                    ),
+                ));
+            }
+            *mine += 1;
         }
         self.metrics.broker_connections.inc();
-        Some(Admitted(self.clone()))
+        Ok(Admitted(self.clone(), ip))
     }
 
     /// Remember `key` in a bounded set; false if it is new and the set is full.
@@ -490,26 +588,22 @@ pub async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Some(admitted) = guard.admit() else {
-            guard.reject(
-                "connection_limit",
-                peer,
-                &format_args!(
-                    "broker.max_connections {} reached",
-                    guard.policy.max_connections
-                ),
-            );
-            if tls.is_none() {
-                tokio::spawn(async move {
-                    let mut s = stream;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        s.write_all(&connack(v5, Refuse::Unavailable)),
-                    )
-                    .await;
-                });
+        let admitted = match guard.admit(peer.ip()) {
+            Ok(a) => a,
+            Err((reason, detail)) => {
+                guard.reject(reason, peer, &detail);
+                if tls.is_none() {
+                    tokio::spawn(async move {
+                        let mut s = stream;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            s.write_all(&connack(v5, Refuse::Unavailable)),
+                        )
+                        .await;
+                    });
+                }
+                continue;
             }
-            continue;
         };
         let guard = guard.clone();
         let tls = tls.clone();
@@ -599,7 +693,38 @@ async fn session<S: Io>(
             &format_args!("packet type {} before CONNECT", frame[0] >> 4),
         );
     }
-    let Some(Packet::Connect(connect, props, will, will_props, login)) =
+    // Protocol name and level, and the connect flags, which rumqttd's decoder does not check.
+    let header_len = parse_header(&frame).ok().flatten().map_or(2, |h| h.1);
+    let body = frame.get(header_len..).unwrap_or_default();
+    let name_len = body
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+    let (name, level, flags) = (
+        body.get(2..2 + name_len).unwrap_or_default(),
+        body.get(2 + name_len).copied(),
+        body.get(3 + name_len).copied(),
+    );
+    if name == b"MQIsdp" || (name == b"MQTT" && level != Some(if v5 { 5 } else { 4 })) {
+        let reply = refuse(
+            &mut client,
+            v5,
+            Refuse::Version,
+            &guard,
+            "protocol_version",
+            peer,
+            &format_args!(
+                "protocol {:?} level {level:?}: this listener speaks MQTT {}",
+                String::from_utf8_lossy(name),
+                if v5 { "5" } else { "3.1.1" }
+            ),
+        );
+        return reply.await;
+    }
+    if flags.is_some_and(|f| f & 1 == 1) {
+        // MQTT 3.1.1 3.1.2.3 / 5 3.1.2.3: the server must close the connection.
+        return guard.reject("protocol", peer, &"CONNECT with the reserved flag set");
+    }
+    let Some(Packet::Connect(connect, props, mut will, will_props, login)) =
         decode(v5, &mut frame, p.max_packet)
     else {
         return guard.reject("malformed", peer, &"CONNECT could not be decoded");
@@ -626,11 +751,13 @@ async fn session<S: Io>(
             return reply.await;
         }
         if let Some(w) = &will {
-            if let Err((reason, detail)) = guard.check_topic(&w.topic) {
+            if let Err((reason, detail)) =
+                check_topic_name(&w.topic).and_then(|()| guard.check_topic(&w.topic))
+            {
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::NotAuthorized,
+                    Refuse::TopicName,
                     &guard,
                     reason,
                     peer,
@@ -742,6 +869,58 @@ async fn session<S: Io>(
         }
     }
     let client_id = connect.client_id.clone();
+    let owner = if client_id.is_empty() {
+        crate::broker::pressure::topic_hash(uuid::Uuid::new_v4().as_bytes())
+    } else {
+        crate::broker::pressure::topic_hash(client_id.as_bytes())
+    };
+    let mut retained_will = None;
+    let mut will_lands = None;
+    if let Some(w) = will.as_mut() {
+        if reserved_topic(&w.topic) && !reserved_allowed(perms.as_ref(), &w.topic) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::TopicName,
+                &guard,
+                "reserved_topic",
+                peer,
+                &format_args!(
+                    "will topic {:?}: reserved for the gateway (edgegate/) or the broker ($)",
+                    String::from_utf8_lossy(&w.topic)
+                ),
+            );
+            return reply.await;
+        }
+        // A retained will is stored when it fires: charged now, released by a clean DISCONNECT.
+        if w.retain && !w.message.is_empty() {
+            let hash = crate::broker::pressure::topic_hash(&w.topic);
+            let bytes = w.topic.len() + w.message.len();
+            if guard.keep_retained(hash, owner, bytes, peer, &w.topic) {
+                retained_will = Some((hash, bytes));
+            } else {
+                w.retain = false;
+            }
+        }
+        will_lands = Some((
+            AliasTopic {
+                hash: crate::broker::pressure::topic_hash(&w.topic),
+                len: w.topic.len(),
+                lands: w.topic.first() != Some(&b'$'),
+                own: w.topic.starts_with(OWN_PREFIX.as_bytes()),
+            },
+            w.message.len(),
+        ));
+    }
+    let mut conn = Conn {
+        owner,
+        aliases: HashMap::new(),
+        subscriptions: HashSet::new(),
+        retained_will,
+        will: will_lands,
+        will_cancelled: false,
+        perms,
+    };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
     let turn = (!client_id.is_empty()).then(|| {
         let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
@@ -840,7 +1019,7 @@ async fn session<S: Io>(
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
             tokio::select! {
-                _ = relay(client, buf, internal, peer, v5, &guard, perms) => {}
+                _ = relay(client, buf, internal, peer, v5, &guard, &mut conn) => {}
                 // A newer session with this client id: the takeover.
                 _ = async {
                     loop {
@@ -857,8 +1036,10 @@ async fn session<S: Io>(
             drop(taken);
             guard.release_turn(client_id, turn);
         }
-        None => relay(client, buf, internal, peer, v5, &guard, perms).await,
+        None => relay(client, buf, internal, peer, v5, &guard, &mut conn).await,
     }
+    // After a takeover the relay was dropped before it could count the will.
+    guard.will_fires(&mut conn).await;
 }
 
 /// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
@@ -909,21 +1090,8 @@ fn publish_topic(frame: &[u8], header_len: usize) -> Option<&[u8]> {
     body.get(2..2 + len)
 }
 
-/// Topic and payload bytes of a PUBLISH frame (what the router logs, and ingest counts).
-fn publish_bytes(frame: &[u8], header_len: usize, topic_len: usize, v5: bool) -> usize {
-    let qos = (frame[0] >> 1) & 3;
-    let mut fixed = header_len + 2 + topic_len + if qos > 0 { 2 } else { 0 };
-    if v5 {
-        // properties: variable byte integer length, then the properties
-        if let Ok(Some((n, plen))) = var_int(frame.get(fixed..).unwrap_or_default()) {
-            fixed += n + plen;
-        }
-    }
-    topic_len + frame.len().saturating_sub(fixed)
-}
-
-/// Filters of a SUBSCRIBE frame.
-fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
+/// Filters of a SUBSCRIBE frame, each with its options byte.
+fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<(&[u8], u8)>> {
     let mut body = frame.get(header_len + 2..)?; // after the packet id
     if v5 {
         // properties: variable byte integer length, then the properties
@@ -933,10 +1101,206 @@ fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[
     let mut out = Vec::new();
     while !body.is_empty() {
         let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-        out.push(body.get(2..2 + len)?);
+        out.push((body.get(2..2 + len)?, *body.get(2 + len)?));
         body = body.get(2 + len + 1..)?; // + options byte
     }
     Some(out)
+}
+
+/// Filters of an UNSUBSCRIBE frame.
+fn unsubscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
+    let mut body = frame.get(header_len + 2..)?;
+    if v5 {
+        let (n, plen) = var_int(body).ok()??;
+        body = body.get(n + plen..)?;
+    }
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+        out.push(body.get(2..2 + len)?);
+        body = body.get(2 + len..)?;
+    }
+    Some(out)
+}
+
+/// What the guard knows of one connection's session.
+struct Conn {
+    /// Whose retained messages these are (hash of the client id; of a fresh id for an empty one).
+    owner: u64,
+    /// MQTT 5 topic aliases set on this connection: the topic each stands for.
+    aliases: HashMap<u16, AliasTopic>,
+    /// Filters subscribed on this connection (for `broker.max_subscriptions_per_client`).
+    subscriptions: HashSet<Vec<u8>>,
+    /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
+    retained_will: Option<(u64, usize)>,
+    /// The will's topic and payload size, published by rumqttd unless the client leaves cleanly.
+    will: Option<(AliasTopic, usize)>,
+    /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
+    will_cancelled: bool,
+    perms: Option<Perms>,
+}
+
+/// The topic an MQTT 5 alias stands for, as far as the guard needs it.
+#[derive(Clone, Copy)]
+struct AliasTopic {
+    hash: u64,
+    len: usize,
+    /// Lands in the ingest link's log (not a `$` topic).
+    lands: bool,
+    /// Under the gateway's own namespace.
+    own: bool,
+}
+
+/// rumqttd 0.20's largest topic alias (`TOPIC_ALIAS_MAX`, advertised in its CONNACK).
+const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// The parts of a PUBLISH frame the guard checks.
+struct PublishMeta<'a> {
+    topic: &'a [u8],
+    retain: bool,
+    alias: Option<u16>,
+    payload_len: usize,
+}
+
+/// Parse a PUBLISH frame (`None`: malformed).
+fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta<'_>> {
+    let qos = (frame.first()? >> 1) & 3;
+    if qos == 3 {
+        return None;
+    }
+    let topic = publish_topic(frame, header_len)?;
+    let mut at = header_len + 2 + topic.len() + if qos > 0 { 2 } else { 0 };
+    let mut alias = None;
+    if v5 {
+        let (n, plen) = var_int(frame.get(at..)?).ok()??;
+        let mut props = frame.get(at + n..at + n + plen)?;
+        at += n + plen;
+        while let Some((&id, rest)) = props.split_first() {
+            let string = |r: &[u8]| -> Option<usize> {
+                Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
+            };
+            let len = match id {
+                0x01 => 1,
+                0x02 => 4,
+                0x23 => {
+                    alias = Some(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+                    2
+                }
+                0x03 | 0x08 | 0x09 => string(rest)?,
+                0x26 => {
+                    let k = string(rest)?;
+                    k + string(rest.get(k..)?)?
+                }
+                0x0b => var_int(rest).ok()??.0,
+                _ => return None,
+            };
+            props = rest.get(len..)?;
+        }
+    }
+    Some(PublishMeta {
+        topic,
+        retain: frame[0] & 1 == 1,
+        alias,
+        payload_len: frame.len().checked_sub(at)?,
+    })
+}
+
+/// A SUBACK refusing every filter of the SUBSCRIBE `frame` with `code`.
+fn suback_refusal(frame: &[u8], header_len: usize, v5: bool, code: u8, filters: usize) -> Vec<u8> {
+    let pkid = frame.get(header_len..header_len + 2).unwrap_or(&[0, 0]);
+    let mut body = pkid.to_vec();
+    if v5 {
+        body.push(0);
+    }
+    body.extend(std::iter::repeat_n(code, filters));
+    frame_of(0x90, &body)
+}
+
+/// Is `filter` a valid MQTT topic filter? (`#` only as the last whole level, `+` only as a
+/// whole level, UTF-8 without NUL, not empty.)
+fn valid_filter(filter: &[u8]) -> bool {
+    let Ok(f) = std::str::from_utf8(filter) else {
+        return false;
+    };
+    !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
+}
+
+/// MQTT 5 DISCONNECT reason code for a refusal after CONNECT.
+fn disconnect_code(reason: &str) -> u8 {
+    match reason {
+        "topic_wildcard" | "topic_invalid" | "reserved_topic" | "topic_too_long" => 0x90,
+        "acl_publish" => 0x87,
+        "topic_limit" => 0x97,
+        "oversize" => 0x95,
+        "malformed" => 0x81,
+        "topic_alias" => 0x94,
+        _ => 0x82,
+    }
+}
+
+impl Guard {
+    /// Account a retained publish of `bytes` on `topic` by `owner`: false (counted, logged) when
+    /// over a bound, and the retain flag must be cleared.
+    fn keep_retained(
+        &self,
+        topic: u64,
+        owner: u64,
+        bytes: usize,
+        peer: SocketAddr,
+        shown: &[u8],
+    ) -> bool {
+        let stored = self
+            .retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .store(&self.policy.retained, topic, owner, bytes);
+        match stored {
+            Ok(()) => true,
+            Err(why) => {
+                self.reject(
+                    "retained_limit",
+                    peer,
+                    &format_args!(
+                        "retained message on {:?} ({bytes} bytes) beyond {why}: passed on without retain",
+                        String::from_utf8_lossy(shown)
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    /// The session ends without a clean DISCONNECT: rumqttd publishes the will, which lands in
+    /// the ingest link's log like any publish, without passing the relay. Count it (once), after
+    /// waiting while ingest is behind: clients with large wills connecting and vanishing must
+    /// not outrun the backpressure.
+    async fn will_fires(&self, conn: &mut Conn) {
+        if conn.will_cancelled {
+            return;
+        }
+        let (Some((t, payload)), Some(pressure)) = (conn.will.take(), &self.pressure) else {
+            return;
+        };
+        if !t.lands {
+            return;
+        }
+        if pressure.over() {
+            self.metrics.broker_paused.inc();
+            pressure.wait().await;
+        }
+        if t.own {
+            pressure.relayed_reserved(t.hash);
+        }
+        pressure.relayed(crate::broker::pressure::log_bytes(t.len, payload));
+    }
+
+    /// Retained messages held (messages, bytes), as the guard accounts them.
+    pub fn retained_held(&self) -> (usize, usize) {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .totals()
+    }
 }
 
 async fn relay<S: Io>(
@@ -946,12 +1310,13 @@ async fn relay<S: Io>(
     peer: SocketAddr,
     v5: bool,
     guard: &Guard,
-    perms: Option<Perms>,
+    conn: &mut Conn,
 ) {
     let (mut cr, mut cw) = tokio::io::split(client);
-    // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE), written between the
-    // broker's packets.
-    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE; the MQTT 5 DISCONNECT
+    // of a refusal, after which the connection ends: `true`), written between the broker's
+    // packets.
+    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, bool)>(8);
     let (mut ir, mut iw) = internal.into_split();
     let p = &guard.policy;
     let rate = p.max_publish_rate as f64;
@@ -962,22 +1327,27 @@ async fn relay<S: Io>(
         let mut last = Instant::now();
         // Checked packets not yet written: passed on together while more are already buffered.
         let mut out = BytesMut::new();
-        'frames: loop {
+        let refused: Option<&'static str> = 'frames: loop {
             if (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
                 && flush(&mut iw, &mut out).await.is_err()
             {
                 return false;
             }
-            let frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
+            let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
+                guard.reject(reason, peer, detail);
+                Some(reason)
+            };
+            let mut frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
                 Ok(Some(f)) => f,
-                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => break 'frames,
+                Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => {
+                    break 'frames None
+                }
                 Err(FrameError::Malformed) => {
-                    break 'frames guard.reject("malformed", peer, &"bad remaining length")
+                    break 'frames refuse("malformed", &"bad remaining length")
                 }
                 Err(FrameError::Oversize(n)) => {
-                    break 'frames guard.reject(
+                    break 'frames refuse(
                         "oversize",
-                        peer,
                         &format_args!(
                             "packet of {n} bytes (broker.max_payload_size {})",
                             p.max_packet
@@ -987,9 +1357,8 @@ async fn relay<S: Io>(
             };
             let kind = frame[0] >> 4;
             if !allowed_from_client(kind) {
-                break 'frames guard.reject(
+                break 'frames refuse(
                     "protocol",
-                    peer,
                     &format_args!("packet type {kind} is not one a client may send"),
                 );
             }
@@ -999,33 +1368,84 @@ async fn relay<S: Io>(
                 .map(|h| h.1)
                 .unwrap_or(2);
             if kind == 3 {
-                let Some(topic) = publish_topic(&frame, header_len) else {
-                    break 'frames guard.reject("malformed", peer, &"PUBLISH without a topic");
+                let Some(meta) = publish_meta(&frame, header_len, v5) else {
+                    break 'frames refuse("malformed", &"PUBLISH could not be parsed");
                 };
-                // MQTT 5 topic aliases publish with an empty topic; the alias was checked when set.
-                if !topic.is_empty() {
-                    if let Err((reason, detail)) = guard.check_topic(topic) {
-                        break 'frames guard.reject(reason, peer, &detail);
-                    }
-                }
-                if let Some(perms) = &perms {
-                    let t = String::from_utf8_lossy(topic);
-                    if t.is_empty() {
-                        break 'frames guard.reject(
+                // The topic this publish goes to: its own, or the one its MQTT 5 alias stands for.
+                let target = if meta.topic.is_empty() && v5 {
+                    let Some(alias) = meta.alias.and_then(|a| conn.aliases.get(&a).copied()) else {
+                        break 'frames refuse(
+                            "topic_invalid",
+                            &"PUBLISH without a topic name or a known topic alias",
+                        );
+                    };
+                    if conn.perms.is_some() {
+                        break 'frames refuse(
                             "acl_publish",
-                            peer,
                             &"MQTT 5 topic alias without a topic: not supported with broker.acl",
                         );
                     }
-                    if !perms.may_publish(&t) {
-                        // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
-                        // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
-                        break 'frames guard.reject(
-                            "acl_publish",
-                            peer,
-                            &format_args!("publish to {t:?} not allowed by broker.acl"),
+                    alias
+                } else {
+                    if let Err((reason, detail)) = check_topic_name(meta.topic) {
+                        break 'frames refuse(reason, &detail);
+                    }
+                    if let Err((reason, detail)) = guard.check_topic(meta.topic) {
+                        break 'frames refuse(reason, &detail);
+                    }
+                    let own = meta.topic.starts_with(OWN_PREFIX.as_bytes());
+                    if reserved_topic(meta.topic)
+                        && !reserved_allowed(conn.perms.as_ref(), meta.topic)
+                    {
+                        break 'frames refuse(
+                            "reserved_topic",
+                            &format_args!(
+                                "publish to {:?}: reserved for the gateway (edgegate/) or the broker ($); no broker.acl pattern names it",
+                                String::from_utf8_lossy(meta.topic)
+                            ),
                         );
                     }
+                    if let Some(perms) = &conn.perms {
+                        let t = String::from_utf8_lossy(meta.topic);
+                        if !perms.may_publish(&t) {
+                            // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
+                            // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
+                            break 'frames refuse(
+                                "acl_publish",
+                                &format_args!("publish to {t:?} not allowed by broker.acl"),
+                            );
+                        }
+                    }
+                    let t = AliasTopic {
+                        hash: crate::broker::pressure::topic_hash(meta.topic),
+                        len: meta.topic.len(),
+                        lands: meta.topic.first() != Some(&b'$'),
+                        own,
+                    };
+                    if let Some(a) = meta.alias {
+                        if a == 0 || a > TOPIC_ALIAS_MAX {
+                            break 'frames refuse(
+                                "topic_alias",
+                                &format_args!("topic alias {a} outside 1..={TOPIC_ALIAS_MAX}"),
+                            );
+                        }
+                        conn.aliases.insert(a, t);
+                    }
+                    t
+                };
+                let bytes = target.len + meta.payload_len;
+                let logged = crate::broker::pressure::log_bytes(target.len, meta.payload_len);
+                if meta.payload_len == 0 {
+                    // rumqttd drops a topic's retained message on any empty publish to it.
+                    guard
+                        .retained
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear(target.hash);
+                } else if meta.retain
+                    && !guard.keep_retained(target.hash, conn.owner, bytes, peer, meta.topic)
+                {
+                    frame[0] &= !1;
                 }
                 if rate > 0.0 {
                     let now = Instant::now();
@@ -1043,78 +1463,156 @@ async fn relay<S: Io>(
                     }
                     tokens -= 1.0;
                 }
-                if let Some(pressure) = &guard.pressure {
-                    if !topic.starts_with(OWN_PREFIX.as_bytes()) {
-                        if pressure.over() {
-                            // The router holds too much that ingest has not taken yet: pass on
-                            // what is checked, then stop reading from this sensor for a while.
-                            if flush(&mut iw, &mut out).await.is_err() {
-                                return false;
-                            }
-                            guard.metrics.broker_paused.inc();
-                            pressure.wait().await;
+                if let (Some(pressure), true) = (&guard.pressure, target.lands) {
+                    // Every publish that lands in the ingest link's log is counted, whatever
+                    // its topic (see pressure.rs).
+                    if pressure.over() {
+                        // The router holds too much that ingest has not taken yet: pass on
+                        // what is checked, then stop reading from this sensor for a while.
+                        if flush(&mut iw, &mut out).await.is_err() {
+                            return false;
                         }
-                        pressure.relayed(publish_bytes(&frame, header_len, topic.len(), v5));
+                        guard.metrics.broker_paused.inc();
+                        pressure.wait().await;
                     }
+                    if target.own {
+                        pressure.relayed_reserved(target.hash);
+                    }
+                    pressure.relayed(logged);
                 }
             } else if kind == 8 {
+                if frame[0] & 0x0f != 0x02 {
+                    break 'frames refuse("protocol", &"SUBSCRIBE with reserved header flags");
+                }
                 let Some(filters) = subscribe_filters(&frame, header_len, v5) else {
-                    break 'frames guard.reject(
-                        "malformed",
-                        peer,
-                        &"SUBSCRIBE could not be parsed",
-                    );
+                    break 'frames refuse("malformed", &"SUBSCRIBE could not be parsed");
                 };
-                for f in &filters {
+                if filters.is_empty() {
+                    break 'frames refuse("protocol", &"SUBSCRIBE without a filter");
+                }
+                // Reserved option bits (3.1.1: all but the QoS; 5: the top two), QoS 3 and
+                // retain handling 3 are malformed: close.
+                if let Some((f, o)) = filters.iter().find(|(_, o)| {
+                    let reserved = if v5 { 0xc0 } else { 0xfc };
+                    o & reserved != 0 || o & 3 == 3 || (v5 && (o >> 4) & 3 == 3)
+                }) {
+                    break 'frames refuse(
+                        "protocol",
+                        &format_args!(
+                            "SUBSCRIBE to {:?} with reserved option bits {o:#04x}",
+                            String::from_utf8_lossy(f)
+                        ),
+                    );
+                }
+                for (f, _) in &filters {
                     if let Err((reason, detail)) = guard.check_topic(f) {
-                        break 'frames guard.reject(reason, peer, &detail);
+                        break 'frames refuse(reason, &detail);
                     }
                 }
-                if let Some(perms) = &perms {
-                    let denied = filters
+                // A SUBSCRIBE with a filter that cannot be granted is refused whole, with a
+                // failure code for every filter; it never reaches rumqttd.
+                let refusal = if let Some((f, _)) = filters.iter().find(|(f, _)| !valid_filter(f)) {
+                    Some((
+                        "filter_invalid",
+                        if v5 { 0x8f } else { 0x80 },
+                        format!("invalid topic filter {:?}", String::from_utf8_lossy(f)),
+                    ))
+                } else if let Some((f, _)) = conn.perms.as_ref().and_then(|perms| {
+                    filters
                         .iter()
-                        .map(|f| String::from_utf8_lossy(f))
-                        .find(|f| !perms.may_subscribe(f));
-                    if let Some(f) = denied {
-                        // The whole SUBSCRIBE is refused with a failure code per filter; it
-                        // never reaches rumqttd.
-                        guard.reject(
-                            "acl_subscribe",
-                            peer,
-                            &format_args!("subscription to {f:?} not allowed by broker.acl"),
-                        );
-                        let pkid = frame.get(header_len..header_len + 2).unwrap_or(&[0, 0]);
-                        let mut body = pkid.to_vec();
-                        if v5 {
-                            body.push(0);
-                        }
-                        body.extend(std::iter::repeat_n(
-                            if v5 { 0x87 } else { 0x80 },
-                            filters.len(),
-                        ));
-                        if inject_tx.send(frame_of(0x90, &body)).await.is_err() {
-                            break 'frames;
-                        }
-                        continue;
+                        .find(|(f, _)| !perms.may_subscribe(&String::from_utf8_lossy(f)))
+                }) {
+                    Some((
+                        "acl_subscribe",
+                        if v5 { 0x87 } else { 0x80 },
+                        format!(
+                            "subscription to {:?} not allowed by broker.acl",
+                            String::from_utf8_lossy(f)
+                        ),
+                    ))
+                } else if conn.subscriptions.len()
+                    + filters
+                        .iter()
+                        .filter(|(f, _)| !conn.subscriptions.contains(*f))
+                        .count()
+                    > p.max_subscriptions_per_client
+                {
+                    Some((
+                        "subscription_limit",
+                        if v5 { 0x97 } else { 0x80 },
+                        format!(
+                            "more than broker.max_subscriptions_per_client {} filters",
+                            p.max_subscriptions_per_client
+                        ),
+                    ))
+                } else if let Some((f, _)) = filters
+                    .iter()
+                    .find(|(f, _)| !guard.note(&guard.filters, f, p.max_filters))
+                {
+                    Some((
+                        "filter_limit",
+                        if v5 { 0x97 } else { 0x80 },
+                        format!(
+                            "new filter {:?} beyond broker.max_filters {}",
+                            String::from_utf8_lossy(f),
+                            p.max_filters
+                        ),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((reason, code, detail)) = refusal {
+                    guard.reject(reason, peer, &detail);
+                    let suback = suback_refusal(&frame, header_len, v5, code, filters.len());
+                    if inject_tx.send((suback, false)).await.is_err() {
+                        break 'frames None;
+                    }
+                    continue;
+                }
+                for (f, _) in &filters {
+                    conn.subscriptions.insert(f.to_vec());
+                }
+            } else if kind == 10 {
+                if let Some(filters) = unsubscribe_filters(&frame, header_len, v5) {
+                    for f in filters {
+                        conn.subscriptions.remove(f);
                     }
                 }
             } else if kind == 14 {
-                // The client's last packet: nothing after it is read.
+                // The client's last packet: nothing after it is read. A will does not fire
+                // after it (unless an MQTT 5 client asks for it, reason 0x04).
+                let with_will = v5 && frame.get(header_len) == Some(&0x04);
+                conn.will_cancelled = !with_will;
+                if let (Some((topic, bytes)), false) = (conn.retained_will, with_will) {
+                    guard
+                        .retained
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .release_if(topic, conn.owner, bytes);
+                }
                 out.extend_from_slice(&frame);
                 disconnect = true;
-                break 'frames;
+                break 'frames None;
             }
             out.extend_from_slice(&frame);
-        }
+        };
         // What passed the checks before the connection ended (or before a refused packet)
         // still goes on, as it would have one packet at a time.
-        flush(&mut iw, &mut out).await.is_ok() && disconnect
+        let flushed = flush(&mut iw, &mut out).await.is_ok();
+        if let (Some(reason), true) = (refused, v5) {
+            // MQTT 5 says why: a DISCONNECT with the reason, after which the relay ends.
+            let d = frame_of(0xe0, &[disconnect_code(reason)]);
+            if inject_tx.send((d, true)).await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        flushed && disconnect
     };
     let down = async {
         // Framed, so that injected packets go between the broker's packets, never inside one.
         let mut ibuf = BytesMut::with_capacity(8192);
         loop {
-            let out = tokio::select! {
+            let (out, last) = tokio::select! {
                 f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
                     Ok(Some(mut f)) => {
                         // And every whole packet behind it, in one write.
@@ -1122,13 +1620,13 @@ async fn relay<S: Io>(
                         if more > 0 {
                             f.extend_from_slice(&ibuf.split_to(more));
                         }
-                        f
+                        (f, false)
                     }
                     _ => return,
                 },
-                Some(b) = inject_rx.recv() => BytesMut::from(&b[..]),
+                Some((b, last)) = inject_rx.recv() => (BytesMut::from(&b[..]), last),
             };
-            if cw.write_all(&out).await.is_err() {
+            if cw.write_all(&out).await.is_err() || last {
                 return;
             }
         }
@@ -1140,6 +1638,8 @@ async fn relay<S: Io>(
     if disconnected {
         guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
+    // Closing the internal connection makes rumqttd publish the will: not while ingest is behind.
+    guard.will_fires(conn).await;
     let _ = iw.shutdown().await;
     let _ = cw.shutdown().await;
 }
@@ -1216,6 +1716,15 @@ mod tests {
                 max_client_ids: 100,
                 max_publish_rate: 0,
                 acl: None,
+                retained: RetainedLimits {
+                    messages: 10,
+                    bytes: 1 << 16,
+                    per_client: 10,
+                    bytes_per_client: 1 << 16,
+                },
+                max_connections_per_address: 10,
+                max_subscriptions_per_client: 10,
+                max_filters: 100,
                 reserve_own_prefix: true,
             },
             Metrics::new(),
@@ -1310,6 +1819,29 @@ mod tests {
     }
 
     #[test]
+    fn topic_names_and_filters() {
+        assert!(check_topic_name(b"sensors/a/t").is_ok());
+        for (bad, reason) in [
+            (&b"sensors/+"[..], "topic_wildcard"),
+            (b"#", "topic_wildcard"),
+            (b"a/b#", "topic_wildcard"),
+            (b"", "topic_invalid"),
+            (b"a\0b", "topic_invalid"),
+            (b"a/\xc3", "topic_invalid"),
+        ] {
+            assert_eq!(check_topic_name(bad).unwrap_err().0, reason, "{bad:?}");
+        }
+        assert!(reserved_topic(b"edgegate/x") && reserved_topic(b"$SYS/x"));
+        assert!(!reserved_topic(b"edgegatex/y"));
+        for good in [&b"a/+/b"[..], b"#", b"+", b"a/#", b"$share/g/a/+"] {
+            assert!(valid_filter(good), "{good:?}");
+        }
+        for bad in [&b"a/#/b"[..], b"a+/b", b"a/b#", b"", b"a\0", b"\xff"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn client_ids() {
         assert!(check_client_id("boiler-1", 128).is_ok());
         assert!(check_client_id("", 128).is_ok());
@@ -1340,25 +1872,51 @@ mod tests {
         let f = [0x82, 12, 0, 1, 0, 3, b'a', b'/', b'b', 1, 0, 1, b'c', 0];
         assert_eq!(
             subscribe_filters(&f, 2, false).unwrap(),
-            vec![&b"a/b"[..], &b"c"[..]]
+            vec![(&b"a/b"[..], 1), (&b"c"[..], 0)]
         );
         // v5: pkid, properties length 0
         let f = [0x82, 8, 0, 1, 0, 0, 1, b'x', 0];
-        assert_eq!(subscribe_filters(&f, 2, true).unwrap(), vec![&b"x"[..]]);
+        assert_eq!(
+            subscribe_filters(&f, 2, true).unwrap(),
+            vec![(&b"x"[..], 0)]
+        );
         // v5 with 3 bytes of properties (subscription identifier 0x0b, value 0x81 0x01)
         let f = [0x82, 11, 0, 1, 3, 0x0b, 0x81, 0x01, 0, 1, b'x', 0];
-        assert_eq!(subscribe_filters(&f, 2, true).unwrap(), vec![&b"x"[..]]);
+        assert_eq!(
+            subscribe_filters(&f, 2, true).unwrap(),
+            vec![(&b"x"[..], 0)]
+        );
+        // UNSUBSCRIBE v4: pkid 1, "a/b"
+        let f = [0xa2, 7, 0, 1, 0, 3, b'a', b'/', b'b'];
+        assert_eq!(
+            unsubscribe_filters(&f, 2, false).unwrap(),
+            vec![&b"a/b"[..]]
+        );
     }
 
     #[test]
-    fn publish_sizes() {
+    fn publish_parsing() {
         // v4 QoS 1: topic "a/b", pkid, payload "hello" -> topic + payload = 8
         let f = [
             0x32, 12, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'e', b'l', b'l', b'o',
         ];
-        assert_eq!(publish_bytes(&f, 2, 3, false), 8);
-        // v5 QoS 0: topic "t", 2 bytes of properties (payload format 0x01 = 1), payload "xy"
-        let f = [0x30, 8, 0, 1, b't', 2, 0x01, 1, b'x', b'y'];
-        assert_eq!(publish_bytes(&f, 2, 1, true), 3);
+        let m = publish_meta(&f, 2, false).unwrap();
+        assert_eq!(
+            (m.topic, m.payload_len, m.retain, m.alias),
+            (&b"a/b"[..], 5, false, None)
+        );
+        // v5 QoS 0 retained: topic "t", properties payload format 0x01 = 1 and topic alias
+        // 0x23 = 7, payload "xy"
+        let f = [0x31, 11, 0, 1, b't', 5, 0x01, 1, 0x23, 0, 7, b'x', b'y'];
+        let m = publish_meta(&f, 2, true).unwrap();
+        assert_eq!(
+            (m.topic, m.payload_len, m.retain, m.alias),
+            (&b"t"[..], 2, true, Some(7))
+        );
+        // unknown property: malformed
+        let f = [0x30, 8, 0, 1, b't', 2, 0x7f, 1, b'x', b'y'];
+        assert!(publish_meta(&f, 2, true).is_none());
+        // QoS 3: malformed
+        assert!(publish_meta(&[0x36, 3, 0, 1, b't'], 2, false).is_none());
     }
 }

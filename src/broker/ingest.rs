@@ -14,6 +14,13 @@
 //!   while the router's log holds more than half its size for us (see [`super::pressure`]).
 //!
 //! Topics under `edgegate/` are the gateway's own output (alerts, status) and are not readings.
+//! The guard refuses sensor publishes there unless an ACL names the namespace; one it let
+//! through was PUBACKed, so it is counted as dropped (`reserved_topic`) and logged, while the
+//! gateway's own output is skipped silently (the guard's notes tell them apart, see
+//! [`super::pressure`]).
+//! - A `traceparent` user property goes into the event only in W3C form
+//!   ([`valid_traceparent`]); anything else is left out and counted
+//!   (`edgegate_traceparent_invalid_total`), the reading kept.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -57,6 +64,31 @@ pub enum IngestEnd {
     Downstream,
 }
 
+/// W3C trace context (version 00 form, which later versions extend): `vv-{32 hex}-{16 hex}-ff`,
+/// lowercase hex, trace id and parent id not all zeros, version not `ff`. Anything else would
+/// be copied into every event of the reading unchecked.
+pub fn valid_traceparent(tp: &str) -> bool {
+    fn hex(s: &str, n: usize) -> bool {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    let mut parts = tp.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    // Version 00 has exactly four fields; a later version may append more.
+    let rest_ok = version != "00" || parts.next().is_none();
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && rest_ok
+}
+
 impl Ingest {
     pub async fn run(mut self) -> IngestEnd {
         let mut next_offset: Option<u64> = None;
@@ -64,7 +96,11 @@ impl Ingest {
         // Idle detection for the guard's backpressure without a timer per reading: a tick every
         // SETTLE_AFTER; two ticks without a reading between them settle the counts.
         let mut idle_tick = tokio::time::interval(pressure::SETTLE_AFTER);
-        let mut active = true;
+        // Not `Burst`: ticks missed while ingest waited for the rules stage must not fire back
+        // to back and pass for quiet (they settled the counts while the log was full).
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When ingest last took something from its link or finished handing it on.
+        let mut busy = tokio::time::Instant::now();
         loop {
             let n = if draining {
                 // Shutting down: the guard's sessions have ended; take what the router still
@@ -98,13 +134,14 @@ impl Ingest {
                     n = self.link.next() => n,
                     // Idle: nothing relayed can still be in the router for us.
                     _ = idle_tick.tick(), if self.pressure.is_some() => {
-                        if let (false, Some(p)) = (std::mem::take(&mut active), &self.pressure) {
+                        if let (true, Some(p)) = (busy.elapsed() >= pressure::SETTLE_AFTER, &self.pressure) {
                             p.settle();
                         }
                         continue;
                     }
                 }
             };
+            busy = tokio::time::Instant::now();
             let notification = match n {
                 Ok(Some(n)) => n,
                 Ok(None) => continue,
@@ -128,12 +165,22 @@ impl Ingest {
                         Ok(t) => t.to_string(),
                         Err(_) => String::from_utf8_lossy(&f.publish.topic).into_owned(),
                     };
+                    let bytes = pressure::log_bytes(f.publish.topic.len(), f.publish.payload.len());
                     if topic.starts_with(OWN_PREFIX) {
+                        if let Some(p) = &self.pressure {
+                            if p.take_reserved(topic.as_bytes()) {
+                                p.consumed(bytes);
+                                self.metrics.drop_events(
+                                    DropReason::ReservedTopic,
+                                    1,
+                                    &format_args!("a sensor published to {topic:?}, in the gateway's own namespace (allowed by broker.acl): not a reading"),
+                                );
+                            }
+                        }
                         continue;
                     }
                     if let Some(p) = &self.pressure {
-                        p.consumed(f.publish.topic.len() + f.publish.payload.len());
-                        active = true;
+                        p.consumed(bytes);
                     }
                     self.metrics.readings_received.inc();
                     let traceparent = f.properties.as_ref().and_then(|p| {
@@ -142,6 +189,14 @@ impl Ingest {
                             .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
                             .map(|(_, v)| v.clone())
                     });
+                    let traceparent = match traceparent {
+                        Some(tp) if !valid_traceparent(&tp) => {
+                            self.metrics.traceparent_invalid.inc();
+                            tracing::debug!(%topic, traceparent = %tp.escape_debug(), "traceparent is not W3C trace context: left out");
+                            None
+                        }
+                        tp => tp,
+                    };
                     let reading = Reading {
                         topic,
                         received: SystemTime::now(),
@@ -151,6 +206,7 @@ impl Ingest {
                     if !self.send(reading).await {
                         return IngestEnd::Downstream;
                     }
+                    busy = tokio::time::Instant::now();
                 }
                 Notification::Unschedule => {
                     if let Err(e) = self.link.wake().await {
@@ -180,6 +236,33 @@ impl Ingest {
                 }
                 Err(flume::TrySendError::Disconnected(_)) => false,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_traceparent;
+
+    #[test]
+    fn traceparents() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473\u{e9}-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1z",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad:?}");
         }
     }
 }

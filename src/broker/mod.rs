@@ -21,6 +21,7 @@ pub mod auth;
 pub mod guard;
 pub mod ingest;
 pub mod pressure;
+pub mod retained;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,15 @@ impl Broker {
                 max_client_ids: cfg.max_client_ids,
                 max_publish_rate: cfg.max_publish_rate,
                 acl: cfg.acl.clone(),
+                retained: retained::RetainedLimits {
+                    messages: cfg.max_retained_messages,
+                    bytes: cfg.max_retained_bytes,
+                    per_client: cfg.max_retained_per_client,
+                    bytes_per_client: cfg.max_retained_bytes_per_client,
+                },
+                max_connections_per_address: cfg.max_connections_per_address,
+                max_subscriptions_per_client: cfg.max_subscriptions_per_client,
+                max_filters: cfg.max_filters,
                 reserve_own_prefix: own_links,
             },
             metrics,

@@ -13,14 +13,29 @@
 //! back on the sensors, as a broker without a queue in front of it would.
 //!
 //! Invariants:
-//! - Only topics outside the gateway's own namespace (`edgegate/`) are counted, on both sides;
-//!   the gateway's own publishes (alerts, status) never enter the guard.
-//! - Counts may drift (a publish rumqttd refuses, a skipped reading, a topic alias): whenever
-//!   ingest has been idle for [`SETTLE_AFTER`], nothing can be in the log for it, and the
-//!   counts are made equal again. A stall therefore lasts at most about that long.
+//! - Every byte a sensor publish puts into the ingest link's log is counted, whatever its topic:
+//!   the guard counts each publish whose topic the ingest filter `#` matches (every topic but
+//!   `$` ones, which rumqttd's `#` does not match), with the topic an MQTT 5 alias stands for;
+//!   ingest counts every publish it takes that the guard relayed. A flood under `edgegate/` or
+//!   of retained messages therefore holds sensors back like any other (issue 12.2: uncounted,
+//!   60 KB QoS 0 messages under `edgegate/` made rumqttd skip 26,067 PUBACKed readings). A
+//!   will, which rumqttd publishes itself when a connection ends without DISCONNECT, is counted
+//!   by the guard when it closes that connection, which it does only once ingest is not behind.
+//! - The gateway's own output (alerts, status: published by in-process links under
+//!   `edgegate/`) also lands in that log, but is counted on neither side. To tell a sensor's
+//!   publish under `edgegate/` (allowed by an ACL) from the gateway's own, the guard notes each
+//!   such topic it relays ([`Pressure::relayed_reserved`]) and ingest takes the note back
+//!   ([`Pressure::take_reserved`]): what was noted is a sensor's, the rest is the gateway's.
+//! - Both sides count a publish as rumqttd's log does: 4 + topic + payload ([`log_bytes`]).
+//! - Counts may drift (a publish rumqttd refuses, a skipped reading): whenever ingest has
+//!   taken and handed on nothing for [`SETTLE_AFTER`] (time spent waiting for the rules stage
+//!   is not idle), nothing can be in the log for it, and the counts are made equal again. A
+//!   stall therefore lasts at most about that long.
 //! - Waiting is never unbounded: the guard re-checks every [`RECHECK`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -30,7 +45,22 @@ pub const SETTLE_AFTER: Duration = Duration::from_millis(200);
 /// A waiting guard connection re-checks at least this often.
 const RECHECK: Duration = Duration::from_millis(50);
 
+/// Bytes a publish takes in rumqttd's log: its `Storage::size` for a publish is 4 + topic +
+/// payload (router/logs.rs). The 4 matter for floods of tiny messages (a 1-byte topic and an
+/// empty payload take 5 bytes there, not 1).
+pub fn log_bytes(topic_len: usize, payload_len: usize) -> usize {
+    4 + topic_len + payload_len
+}
+
+/// Hash of a topic, the same for the guard and ingest within one process (random keys).
+pub fn topic_hash(topic: &[u8]) -> u64 {
+    static HASHER: OnceLock<ahash::RandomState> = OnceLock::new();
+    HASHER.get_or_init(ahash::RandomState::new).hash_one(topic)
+}
+
 pub struct Pressure {
+    /// Sensor publishes under `edgegate/` relayed and not yet seen by ingest, by topic hash.
+    reserved: Mutex<HashMap<u64, u32>>,
     relayed: AtomicU64,
     consumed: AtomicU64,
     /// Bytes in the router's log for the ingest link above which sensors are paused.
@@ -42,6 +72,7 @@ pub struct Pressure {
 impl Pressure {
     pub fn new(limit: u64) -> Pressure {
         Pressure {
+            reserved: Mutex::new(HashMap::new()),
             relayed: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             limit: limit.max(1),
@@ -66,6 +97,30 @@ impl Pressure {
         self.relayed.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// The guard relayed a sensor's publish under the gateway's own namespace (module docs).
+    pub fn relayed_reserved(&self, topic_hash: u64) {
+        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        *r.entry(topic_hash).or_default() += 1;
+    }
+
+    /// Ingest took a publish on `topic` under the gateway's own namespace: was it a sensor's
+    /// (noted by the guard; the note is used up) rather than the gateway's own output?
+    pub fn take_reserved(&self, topic: &[u8]) -> bool {
+        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let h = topic_hash(topic);
+        match r.get_mut(&h) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                r.remove(&h);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ingest took a publish of `bytes` (topic and payload).
     pub fn consumed(&self, bytes: usize) {
         self.consumed.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -76,6 +131,11 @@ impl Pressure {
 
     /// Ingest has been idle: nothing is waiting for it in the router.
     pub fn settle(&self) {
+        // A noted publish rumqttd refused never arrives: forget the notes too.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.consumed
             .store(self.relayed.load(Ordering::Relaxed), Ordering::Relaxed);
         if self.waiting.load(Ordering::Relaxed) > 0 {
@@ -125,5 +185,19 @@ mod tests {
         assert!(p.over());
         p.settle();
         assert_eq!(p.backlog(), 0);
+    }
+
+    #[test]
+    fn notes_tell_a_sensors_reserved_publish_from_the_gateways_own() {
+        let p = Pressure::new(1000);
+        p.relayed_reserved(topic_hash(b"edgegate/x"));
+        p.relayed_reserved(topic_hash(b"edgegate/x"));
+        assert!(!p.take_reserved(b"edgegate/status"));
+        assert!(p.take_reserved(b"edgegate/x"));
+        assert!(p.take_reserved(b"edgegate/x"));
+        assert!(!p.take_reserved(b"edgegate/x"), "each note is used once");
+        p.relayed_reserved(topic_hash(b"edgegate/y"));
+        p.settle();
+        assert!(!p.take_reserved(b"edgegate/y"), "settling forgets notes");
     }
 }

@@ -114,6 +114,18 @@ pub struct BrokerConfig {
     pub max_publish_rate: u32,
     /// `[[broker.acl]]`: per-user topic permissions; `None` = everything allowed.
     pub acl: Option<Arc<Acl>>,
+    /// Retained messages rumqttd may hold, in all and per client (count, bytes); over them a
+    /// retained publish is passed on without its retain flag.
+    pub max_retained_messages: usize,
+    pub max_retained_bytes: usize,
+    pub max_retained_per_client: usize,
+    pub max_retained_bytes_per_client: usize,
+    /// Open connections from one source address.
+    pub max_connections_per_address: usize,
+    /// Subscription filters one connection may hold at once.
+    pub max_subscriptions_per_client: usize,
+    /// Distinct subscription filters the broker will ever hold state for.
+    pub max_filters: usize,
 }
 
 /// What a stage does when the bounded channel to the next stage is full.
@@ -383,6 +395,18 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         max_client_ids: b.usize_in("max_client_ids", 100_000, 1, 100_000_000),
         max_publish_rate: b.usize_in("max_publish_rate", 0, 0, 10_000_000) as u32,
         acl: None,
+        max_retained_messages: b.usize_in("max_retained_messages", 1000, 0, 10_000_000),
+        max_retained_bytes: b.size_in("max_retained_bytes", 16 << 20, 0, 1 << 40),
+        max_retained_per_client: b.usize_in("max_retained_per_client", 100, 0, 10_000_000),
+        max_retained_bytes_per_client: b.size_in(
+            "max_retained_bytes_per_client",
+            1 << 20,
+            0,
+            1 << 40,
+        ),
+        max_connections_per_address: b.usize_in("max_connections_per_address", 100, 1, 1_000_000),
+        max_subscriptions_per_client: b.usize_in("max_subscriptions_per_client", 100, 1, 1_000_000),
+        max_filters: b.usize_in("max_filters", 1000, 1, 10_000_000),
     };
     let mut broker = broker;
     let cert = b.string("tls_cert_file", "");
@@ -819,6 +843,52 @@ mod tests {
             "the shipped rules: forward sensors/# with detectors"
         );
         assert_eq!(c.rules[0].filter, "sensors/#");
+    }
+
+    #[test]
+    fn broker_limits_are_validated_and_default_as_shipped() {
+        let err = from_toml(
+            r#"
+            [broker]
+            max_connections_per_address = 0
+            max_subscriptions_per_client = -1
+            max_filters = "many"
+            max_retained_bytes = "lots"
+            max_retained_messages = 1.5
+            "#,
+        )
+        .unwrap_err();
+        assert_keys(
+            &err,
+            &[
+                "broker.max_connections_per_address",
+                "broker.max_subscriptions_per_client",
+                "broker.max_filters",
+                "broker.max_retained_bytes",
+                "broker.max_retained_messages",
+            ],
+        );
+        // The shipped file and the code agree.
+        for b in [Config::defaults().broker, from_toml("").unwrap().broker] {
+            assert_eq!(
+                (
+                    b.max_connections_per_address,
+                    b.max_subscriptions_per_client,
+                    b.max_filters,
+                    b.max_retained_messages,
+                    b.max_retained_bytes,
+                    b.max_retained_per_client,
+                    b.max_retained_bytes_per_client,
+                ),
+                (100, 100, 1000, 1000, 16 << 20, 100, 1 << 20)
+            );
+        }
+        let c = from_toml("[broker]\nmax_retained_messages = 0\nmax_retained_bytes = \"1MiB\"\n")
+            .unwrap();
+        assert_eq!(
+            (c.broker.max_retained_messages, c.broker.max_retained_bytes),
+            (0, 1 << 20)
+        );
     }
 
     #[test]

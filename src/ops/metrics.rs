@@ -142,6 +142,9 @@ pub struct Metrics {
     /// Sessions rumqttd did not close within 2 s of the client's DISCONNECT (the guard closed
     /// them itself; see broker/guard.rs on why it waits).
     pub broker_disconnect_unsettled: Counter,
+    /// `traceparent` user properties that were not W3C trace context and were left out of the
+    /// event (the reading itself is kept).
+    pub traceparent_invalid: Counter,
     /// Totals per reason kept beside the Prometheus family, for tests and summaries.
     drop_totals: Mutex<HashMap<DropReason, u64>>,
     drop_log: Mutex<HashMap<DropReason, (Instant, u64)>>,
@@ -188,6 +191,7 @@ impl Metrics {
             broker_paused: Counter::default(),
             broker_probe_failures: Counter::default(),
             broker_disconnect_unsettled: Counter::default(),
+            traceparent_invalid: Counter::default(),
             broker_listener_restarts: Counter::default(),
             drop_totals: Mutex::new(HashMap::new()),
             drop_log: Mutex::new(HashMap::new()),
@@ -285,6 +289,11 @@ impl Metrics {
             "broker_disconnect_unsettled",
             "Sessions the broker did not close within 2 s of the client's DISCONNECT",
             m.broker_disconnect_unsettled.clone(),
+        );
+        registry.register(
+            "traceparent_invalid",
+            "traceparent user properties dropped from readings because they were not W3C trace context",
+            m.traceparent_invalid.clone(),
         );
         registry.register(
             "broker_listener_restarts",

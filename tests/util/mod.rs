@@ -680,3 +680,16 @@ impl Drop for Link {
         self.task.abort();
     }
 }
+
+/// VmRSS of process `pid` (this process for `None`), in KiB; 0 if unknown.
+pub fn rss_kib(pid: Option<u32>) -> u64 {
+    let pid = pid.map_or("self".to_string(), |p| p.to_string());
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,348 @@
+//! Resource bounds and protocol checks of the broker guard (issue 12.4 and the degraded items
+//! of issue 12): retained messages, connections per source address, subscription filters,
+//! CONNECT/SUBSCRIBE protocol gaps, `traceparent`. Real gateway (or the real binary where
+//! memory is measured), real sockets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::security::*;
+use crate::topics::publish_raw;
+use crate::util::*;
+
+/// A SUBSCRIBE with packet id `pkid` of `(filter, options)` pairs (MQTT 5: no properties).
+fn subscribe_packet(v5: bool, pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    if v5 {
+        b.push(0);
+    }
+    for (f, o) in filters {
+        mqtt_str(&mut b, f.as_bytes());
+        b.push(*o);
+    }
+    frame(0x82, &b)
+}
+
+fn unsubscribe_packet(pkid: u16, filters: &[&str]) -> Vec<u8> {
+    let mut b = pkid.to_be_bytes().to_vec();
+    for f in filters {
+        mqtt_str(&mut b, f.as_bytes());
+    }
+    frame(0xa2, &b)
+}
+
+/// The return/reason codes of the SUBACK answering `pkid` (skipping other packets).
+async fn suback(s: &mut TcpStream, v5: bool) -> Option<Vec<u8>> {
+    loop {
+        let (b1, body) = read_packet(s).await?;
+        if b1 == 0x90 {
+            return Some(body[if v5 { 3 } else { 2 }..].to_vec());
+        }
+    }
+}
+
+/// Retained messages a fresh subscriber to `filter` receives within a second.
+async fn retained_for(addr: SocketAddr, id: &str, filter: &str) -> usize {
+    let mut s = connected(addr, false, id, None).await;
+    s.write_all(&subscribe_packet(false, 1, &[(filter, 0)]))
+        .await
+        .unwrap();
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some((b1, _))) = tokio::time::timeout_at(deadline, read_packet(&mut s)).await {
+        if b1 >> 4 == 3 && b1 & 1 == 1 {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Issue 12.4, against the release-like binary with its default limits: 20 clients store 30
+/// retained messages of 100 KB each (60 MB unbounded: the gateway's RSS grew by that and never
+/// shrank). Every publish is PUBACKed (the reading is kept), but rumqttd stores at most
+/// `broker.max_retained_bytes_per_client` (1 MiB: 10 of them) per client and
+/// `broker.max_retained_bytes` (16 MiB) in all; the RSS growth stays near that bound; clearing
+/// one makes room for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded_per_client_and_in_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::spawn(&dir.path().join("data"), None, &[]);
+    let addr = d.broker_addr();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = rss_kib(Some(d.pid()));
+    let payload = vec![b'r'; 100_000];
+    let (clients, each) = (20usize, 30u16);
+    for c in 0..clients {
+        let mut s = connected(addr, false, &format!("keeper-{c}"), None).await;
+        for i in 1..=each {
+            let topic = format!("r/{c}/{i}");
+            s.write_all(&publish_raw(
+                false,
+                topic.as_bytes(),
+                i,
+                true,
+                &[],
+                &payload,
+            ))
+            .await
+            .unwrap();
+        }
+        let mut acked = 0;
+        while acked < each {
+            let (b1, _) = read_packet(&mut s).await.expect("PUBACK for every publish");
+            if b1 == 0x40 {
+                acked += 1;
+            }
+        }
+        let _ = s.write_all(&[0xe0, 0x00]).await;
+    }
+    let rss1 = rss_kib(Some(d.pid()));
+    let mut stored = Vec::new();
+    for c in 0..clients {
+        stored.push(retained_for(addr, &format!("reader-{c}"), &format!("r/{c}/#")).await);
+    }
+    let total: usize = stored.iter().sum();
+    eprintln!(
+        "retained: {} x 100 KB stored with retain by {clients} clients; rumqttd holds {total} ({stored:?}); RSS {rss0} -> {rss1} KiB (+{} MiB)",
+        clients * each as usize,
+        (rss1.saturating_sub(rss0)) / 1024
+    );
+    assert!(
+        stored.iter().all(|&n| n <= 10),
+        "at most 1 MiB (10 messages) per client: {stored:?}"
+    );
+    assert!(
+        total <= (16 << 20) / 100_000,
+        "at most 16 MiB in all: {total}"
+    );
+    assert!(
+        total >= 100,
+        "the bounds, not less, are what is kept: {total}"
+    );
+    assert!(
+        rss1.saturating_sub(rss0) < 40 * 1024,
+        "RSS grew by {} KiB for a bound of 16 MiB",
+        rss1.saturating_sub(rss0)
+    );
+    // Clearing one (empty retained payload) makes room for a new one of the same client.
+    let mut s = connected(addr, false, "keeper-0", None).await;
+    s.write_all(&publish_raw(false, b"r/0/1", 1, true, &[], b""))
+        .await
+        .unwrap();
+    s.write_all(&publish_raw(false, b"r/0/new", 2, true, &[], &payload))
+        .await
+        .unwrap();
+    let mut acked = 0;
+    while acked < 2 {
+        let (b1, _) = read_packet(&mut s).await.expect("PUBACKs");
+        acked += usize::from(b1 == 0x40);
+    }
+    assert_eq!(retained_for(addr, "reader-new", "r/0/new").await, 1);
+}
+
+/// Issue 12, degraded: one source address cannot take every connection slot
+/// (`broker.max_connections_per_address`); another address still gets in, and a slot freed is
+/// a slot usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_limited_per_source_address() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.max_connections_per_address = 5;
+        c.broker.listen = "0.0.0.0:0".parse().unwrap();
+    })
+    .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], gw.broker_addr.port()));
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(connected(addr, false, &format!("hog-{i}"), None).await);
+    }
+    assert_eq!(
+        connack_code(addr, false, "hog-5", None).await,
+        Some(3),
+        "server unavailable for the 6th from one address"
+    );
+    assert_eq!(gw.metrics().broker_rejected("address_limit"), 1);
+    // Another address (127.0.0.2 is loopback too) is served.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = sock.connect(addr).await.unwrap();
+    other
+        .write_all(&connect_packet(false, "elsewhere", None))
+        .await
+        .unwrap();
+    let (b1, body) = read_packet(&mut other).await.expect("CONNACK");
+    assert_eq!((b1, body.get(1)), (0x20, Some(&0)), "another host gets in");
+    drop(held.pop());
+    assert!(
+        eventually(WAIT, || gw.broker().guard().open_connections() == 5).await,
+        "slot freed"
+    );
+    let _back = connected(addr, false, "hog-back", None).await;
+    drop(held);
+    still_serving(&gw, &cloud, "per-address", "sensors/ok/t", 3).await;
+}
+
+/// Issue 12, degraded: subscription filters are bounded per connection
+/// (`broker.max_subscriptions_per_client`, UNSUBSCRIBE frees) and in all (`broker.max_filters`,
+/// never freed, as in rumqttd): SUBACK failure 0x80 (3.1.1) / 0x97 (5), counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_filters_are_bounded_per_client_and_in_all() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap());
+        c.broker.max_subscriptions_per_client = 3;
+        c.broker.max_filters = 6;
+    })
+    .await;
+    let addr = gw.broker_addr;
+    let mut a = connected(addr, false, "subs-a", None).await;
+    a.write_all(&subscribe_packet(
+        false,
+        1,
+        &[("f/1", 0), ("f/2", 1), ("f/3", 0)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(suback(&mut a, false).await, Some(vec![0, 1, 0]));
+    a.write_all(&subscribe_packet(false, 2, &[("f/4", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut a, false).await, Some(vec![0x80]), "4th filter");
+    // Subscribing again to a filter it holds is no new one.
+    a.write_all(&subscribe_packet(false, 3, &[("f/1", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut a, false).await, Some(vec![1]));
+    a.write_all(&unsubscribe_packet(4, &["f/2"])).await.unwrap();
+    a.write_all(&subscribe_packet(false, 5, &[("f/4", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        suback(&mut a, false).await,
+        Some(vec![0]),
+        "room after UNSUBSCRIBE"
+    );
+    assert_eq!(gw.metrics().broker_rejected("subscription_limit"), 1);
+    // In all: f/1..f/4 are known; two more distinct filters, then the bound (MQTT 5: 0x97).
+    let v5_addr = gw.broker_addr_v5.expect("MQTT 5 listener");
+    let mut b = connected(v5_addr, true, "subs-b", None).await;
+    b.write_all(&subscribe_packet(true, 1, &[("g/1", 0), ("g/2", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut b, true).await, Some(vec![0, 0]));
+    b.write_all(&subscribe_packet(true, 2, &[("g/3", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut b, true).await, Some(vec![0x97]));
+    assert_eq!(gw.metrics().broker_rejected("filter_limit"), 1);
+    // A known filter is still fine.
+    b.write_all(&subscribe_packet(true, 3, &[("f/1", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut b, true).await, Some(vec![0]));
+    still_serving(&gw, &cloud, "subs", "sensors/ok/t", 3).await;
+}
+
+/// Issue 12, degraded: protocol gaps. CONNECT with the reserved flag: closed. A 3.1 client
+/// (`MQIsdp`, level 3): CONNACK 0x01, closed. SUBSCRIBE with reserved option bits: closed.
+/// Filters `a/#/b` and `a+/b`: SUBACK failure (0x80; MQTT 5 0x8F).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_gaps_in_connect_and_subscribe() {
+    let (_m, cloud, gw, _d) =
+        setup(|c| c.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = gw.broker_addr;
+    let v5_addr = gw.broker_addr_v5.expect("MQTT 5 listener");
+
+    let mut reserved = connect_packet(false, "reserved-flag", None);
+    reserved[9] |= 1; // connect flags: after header (2), name (6), level (1)
+    let (got, mut s) = exchange(addr, &reserved, Duration::from_secs(2)).await;
+    assert_eq!(got, None, "no CONNACK for a reserved connect flag");
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+
+    let mut b = Vec::new();
+    mqtt_str(&mut b, b"MQIsdp");
+    b.push(3);
+    b.push(0x02);
+    b.extend_from_slice(&30u16.to_be_bytes());
+    mqtt_str(&mut b, b"old-client");
+    let (got, mut s) = exchange(addr, &frame(0x10, &b), Duration::from_secs(2)).await;
+    assert_eq!(
+        got,
+        Some(vec![0x20, 0x02, 0x00, 0x01]),
+        "unacceptable protocol version"
+    );
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+
+    for (v5, a, opts) in [
+        (false, addr, 0x04u8),
+        (false, addr, 0x03),
+        (true, v5_addr, 0x40),
+    ] {
+        let mut s = connected(a, v5, &format!("opts-{v5}-{opts}"), None).await;
+        s.write_all(&subscribe_packet(v5, 1, &[("x/y", opts)]))
+            .await
+            .unwrap();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(2)).await,
+            "options {opts:#x} (v5 {v5}): closed"
+        );
+    }
+    for (v5, a, code) in [(false, addr, 0x80u8), (true, v5_addr, 0x8f)] {
+        let mut s = connected(a, v5, &format!("filters-{v5}"), None).await;
+        for (i, f) in ["a/#/b", "a+/b", "a/b#"].iter().enumerate() {
+            s.write_all(&subscribe_packet(v5, 1 + i as u16, &[(f, 0)]))
+                .await
+                .unwrap();
+            assert_eq!(suback(&mut s, v5).await, Some(vec![code]), "{f} (v5 {v5})");
+        }
+    }
+    let m = gw.metrics();
+    assert_eq!(m.broker_rejected("protocol_version"), 1);
+    assert_eq!(m.broker_rejected("protocol"), 4);
+    assert_eq!(m.broker_rejected("filter_invalid"), 6);
+    still_serving(&gw, &cloud, "gaps", "sensors/ok/t", 3).await;
+}
+
+/// Issue 12, degraded: a `traceparent` user property goes into the CloudEvent only in W3C form;
+/// garbage is left out (the reading is kept) and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_w3c_traceparents_reach_the_cloud() {
+    let (_m, cloud, gw, _d) =
+        setup(|c| c.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap())).await;
+    let v5_addr = gw.broker_addr_v5.expect("MQTT 5 listener");
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cases = [
+        good,
+        "<script>alert(1)</script>",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    ];
+    let mut s = connected(v5_addr, true, "tracer", None).await;
+    for (i, tp) in cases.iter().enumerate() {
+        let mut props = vec![0x26];
+        mqtt_str(&mut props, b"traceparent");
+        mqtt_str(&mut props, tp.as_bytes());
+        let topic = format!("sensors/trace/{i}");
+        s.write_all(&publish_raw(
+            true,
+            topic.as_bytes(),
+            1 + i as u16,
+            false,
+            &props,
+            b"1",
+        ))
+        .await
+        .unwrap();
+    }
+    let got = cloud.wait_for(cases.len(), WAIT).await;
+    for (i, tp) in cases.iter().enumerate() {
+        let (_, ev) = got
+            .iter()
+            .find(|(t, _)| *t == format!("edge/gw1/sensors/trace/{i}"))
+            .expect("the reading arrived");
+        let want = (i == 0).then_some(*tp);
+        assert_eq!(ev["traceparent"].as_str(), want, "{tp}");
+    }
+    assert_eq!(gw.metrics().traceparent_invalid.get(), 3);
+}
