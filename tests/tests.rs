@@ -10,3 +10,4 @@ mod pipeline;
 mod rules;
 mod security;
 mod status;
+mod web;
