@@ -6,7 +6,7 @@
 //!   snapshot over a bounded channel ([`Request`]), answered between readings.
 //! - Bounded: at most the rules engine's `max_sensors` sensors (the least recently seen
 //!   sixteenth is evicted when full, like the engine's own table), [`RECENT_ALERTS`] alert
-//!   transitions and [`MAX_ACTIVE`] active alerts. Per sensor: [`SensorHistory`] (328 bytes,
+//!   transitions and [`MAX_ACTIVE`] active alerts. Per sensor: [`SensorHistory`] (208 bytes,
 //!   checked by a test) plus its topic and the hash table's slot.
 //! - The numeric value of an object payload is parsed at most once per second per sensor (a
 //!   fast sensor costs a copy of a few bytes per reading, not a JSON parse).
@@ -33,6 +33,23 @@ pub const MAX_ACTIVE: usize = 1000;
 /// Rows one `/api/sensors` answer holds at most.
 pub const MAX_ROWS: usize = 1000;
 
+/// bfloat16 NaN: a minute without a value.
+const NONE16: u16 = 0x7fc0;
+
+fn to_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return NONE16;
+    }
+    // Round to nearest (ties to even) on the dropped half.
+    let b = v.to_bits();
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.saturating_add(round) >> 16) as u16
+}
+
+fn from_bf16(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
 const BINARY: u8 = 1;
 const TRUNCATED: u8 = 2;
 
@@ -52,8 +69,10 @@ pub struct SensorHistory {
     /// Second of the last value extraction.
     sampled: u32,
     total: u64,
-    /// Value per minute (the last sampled in that minute), indexed by minute % 60; NaN: none.
-    spark: [f32; SPARK_POINTS],
+    /// Value per minute (the last sampled in that minute) as bfloat16 (the top half of an
+    /// `f32`: about 3 significant digits, plenty for a line 24 pixels high), indexed by
+    /// minute % 60; [`NONE16`]: no reading that minute.
+    spark: [u16; SPARK_POINTS],
     preview_len: u8,
     flags: u8,
     /// Active alerts on this sensor.
@@ -72,7 +91,7 @@ impl SensorHistory {
             per_min_prev: 0,
             sampled: 0,
             total: 0,
-            spark: [f32::NAN; SPARK_POINTS],
+            spark: [NONE16; SPARK_POINTS],
             preview_len: 0,
             flags: 0,
             alerts: 0,
@@ -102,7 +121,7 @@ impl SensorHistory {
             let gap = minute.wrapping_sub(self.minute) as usize;
             for k in 1..=gap.min(SPARK_POINTS) {
                 let m = self.minute.wrapping_add(k as u32);
-                self.spark[m as usize % SPARK_POINTS] = f32::NAN;
+                self.spark[m as usize % SPARK_POINTS] = NONE16;
             }
             self.minute = minute;
         }
@@ -130,7 +149,7 @@ impl SensorHistory {
         };
         if let Some(v) = value {
             self.value = v as f32;
-            self.spark[minute as usize % SPARK_POINTS] = v as f32;
+            self.spark[minute as usize % SPARK_POINTS] = to_bf16(v as f32);
         }
     }
 
@@ -145,7 +164,7 @@ impl SensorHistory {
                 if m > self.minute || self.minute - m >= SPARK_POINTS as u32 {
                     None
                 } else {
-                    let v = self.spark[m as usize % SPARK_POINTS];
+                    let v = from_bf16(self.spark[m as usize % SPARK_POINTS]);
                     (!v.is_nan()).then_some(v)
                 }
             })
@@ -647,7 +666,7 @@ mod tests {
 
     #[test]
     fn state_per_sensor_is_small() {
-        assert_eq!(std::mem::size_of::<SensorHistory>(), 328);
+        assert_eq!(std::mem::size_of::<SensorHistory>(), 208);
     }
 
     #[test]
@@ -666,6 +685,11 @@ mod tests {
         let s = h.sparkline(m + 2);
         assert_eq!(s.len(), SPARK_POINTS);
         assert_eq!(&s[SPARK_POINTS - 3..], &[Some(3.0), None, Some(7.5)]);
+        // bfloat16: about three significant digits.
+        for v in [21.37f32, -0.0123, 1013.25, 1e9] {
+            let back = from_bf16(to_bf16(v));
+            assert!((back - v).abs() <= v.abs() / 256.0, "{v} -> {back}");
+        }
         assert!(s[..SPARK_POINTS - 3].iter().all(Option::is_none));
         assert_eq!(h.per_minute(m + 2), 1);
         assert_eq!(h.per_minute(m + 3), 1);
