@@ -117,8 +117,12 @@ fn chromium_path() -> std::path::PathBuf {
     );
 }
 
+/// Chromium in a process group of its own: Debian's `/usr/bin/chromium` is a shell script
+/// that starts the browser as a child, so killing the script alone would leave it running.
 fn chromium_command(profile: &std::path::Path) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(chromium_path());
+    cmd.process_group(0);
     cmd.args([
         "--headless",
         "--no-sandbox",
@@ -311,7 +315,9 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole group: the wrapper script and the browser with its helpers.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
 }
