@@ -98,6 +98,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
         gw.broker_addr.port()
     );
     if let Some(m) = gw.metrics_addr {
+        println!("  status page     http://{m}/   (sensors, alerts, queue, uplink; live)");
         println!("  metrics         http://{m}/metrics");
     }
     println!(

@@ -24,6 +24,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::forwarder::{Forwarder, UpstreamStatus};
 use crate::ops::metrics::Metrics;
+use crate::ops::web::{history::Tap, Web};
 use crate::ops::{http, supervisor, systemd};
 use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
 use crate::rules::stage::{RulesHandle, RulesStage};
@@ -245,6 +246,14 @@ impl Gateway {
             .run(),
         );
         let (rules_handle, reload_rx) = RulesHandle::channel();
+        // The status page's recorder lives in the rules stage (no lock per reading).
+        let (tap, page_requests) = match metrics_listener {
+            Some(_) => {
+                let (tap, tx) = Tap::channel();
+                (Some(tap), Some(tx))
+            }
+            None => (None, None),
+        };
         let rules = tokio::spawn(
             RulesStage {
                 engine: Engine::new(&config.rules, &config.upstream.topic_prefix),
@@ -254,6 +263,7 @@ impl Gateway {
                 metrics: metrics.clone(),
                 local: Some(rules_link),
                 reload: reload_rx,
+                tap,
             }
             .run(),
         );
@@ -297,10 +307,22 @@ impl Gateway {
                 let p = problems.clone();
                 let health: http::HealthFn =
                     Arc::new(move || p.lock().map(|v| v.clone()).unwrap_or_default());
-                (
-                    Some(bound),
-                    Some(http::serve(listener, metrics.clone(), health)),
-                )
+                let web = page_requests.map(|requests| {
+                    Web::new(
+                        &config,
+                        bound,
+                        (metrics.clone(), health.clone()),
+                        (queue.clone(), upstream.clone()),
+                        requests,
+                        rules_handle.reloads.clone(),
+                    )
+                });
+                let routes = http::Routes {
+                    metrics: metrics.clone(),
+                    health,
+                    web,
+                };
+                (Some(bound), Some(http::serve(listener, routes)))
             }
             None => (None, None),
         };

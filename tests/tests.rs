@@ -13,3 +13,4 @@ mod rules;
 mod security;
 mod status;
 mod topics;
+mod web;

@@ -1,4 +1,5 @@
-//! Operations around the pipeline: metrics and health endpoint, logging, systemd integration.
+//! Operations around the pipeline: metrics, the HTTP listener (metrics, health, status page),
+//! logging, systemd integration.
 
 pub mod http;
 pub mod logging;
@@ -6,3 +7,4 @@ pub mod metrics;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;
+pub mod web;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rumqttd::local::LinkTx;
 
 use crate::config::{RuleConfig, WhenFull};
-use crate::event::Reading;
+use crate::event::{Reading, TYPE_ALERT};
 use crate::ops::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
 use crate::queue::{QueueHandle, TryAppend};
 
@@ -29,12 +29,26 @@ pub struct Reload {
 #[derive(Clone)]
 pub struct RulesHandle {
     tx: flume::Sender<Reload>,
+    /// The outcome of the last SIGHUP reload, for the status page.
+    pub reloads: crate::ops::web::ReloadLog,
 }
 
 impl RulesHandle {
     pub fn channel() -> (RulesHandle, flume::Receiver<Reload>) {
         let (tx, rx) = flume::bounded(4);
-        (RulesHandle { tx }, rx)
+        let reloads = Default::default();
+        (RulesHandle { tx, reloads }, rx)
+    }
+
+    fn log_reload(&self, errors: Vec<(String, String)>, kept: Vec<String>) {
+        if let Ok(mut r) = self.reloads.lock() {
+            *r = Some(crate::ops::web::ReloadReport {
+                time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                ok: errors.is_empty(),
+                errors,
+                kept,
+            });
+        }
     }
 
     /// Replace the running rules; returns the rules whose state survived, or `None` if the
@@ -61,6 +75,8 @@ pub struct RulesStage {
     /// Link to the local broker for `publish` actions and alerts (`None`: not published).
     pub local: Option<LinkTx>,
     pub reload: flume::Receiver<Reload>,
+    /// The status page's view of sensors and alerts (`None`: no page).
+    pub tap: Option<crate::ops::web::history::Tap>,
 }
 
 /// The timer of `missing` detectors and windows; a late tick is not made up for.
@@ -84,6 +100,8 @@ impl RulesStage {
         let mut ticker = ticker(self.engine.settings().tick);
         let mut reported = Reported::default();
         let mut reload_open = true;
+        let requests = self.tap.as_ref().map(|t| t.requests.clone());
+        let mut requests_open = requests.is_some();
         loop {
             tokio::select! {
                 r = self.input.recv_async() => {
@@ -96,6 +114,9 @@ impl RulesStage {
                     let d = self.engine.process(&reading, &mut actions);
                     self.count(d, &reading);
                     drop(span);
+                    if let Some(tap) = &mut self.tap {
+                        tap.reading(&reading, self.engine.settings().max_sensors);
+                    }
                     self.perform(&mut actions).await;
                 }
                 _ = ticker.tick() => {
@@ -112,12 +133,19 @@ impl RulesStage {
                             tracing::info!(tick = ?self.engine.settings().tick, "rules_engine.tick applied");
                         }
                         self.metrics.rules.reloads.inc();
+                        if let Some(tap) = &mut self.tap {
+                            tap.rules_reloaded(&kept);
+                        }
                         tracing::info!(rules = req.rules.len(), kept_state = ?kept, "rules reloaded");
                         if let Some(done) = req.done {
                             let _ = done.send(kept);
                         }
                     }
                     Err(_) => reload_open = false,
+                },
+                r = async { requests.as_ref()?.recv_async().await.ok() }, if requests_open => match (r, &self.tap) {
+                    (Some(req), Some(tap)) => tap.answer(req, &self.engine),
+                    _ => requests_open = false,
                 },
             }
         }
@@ -209,6 +237,21 @@ impl RulesStage {
 
     async fn perform(&mut self, actions: &mut Vec<Action>) {
         for action in actions.drain(..) {
+            if let Some(tap) = &mut self.tap {
+                match &action {
+                    Action::Forward(e) if e.kind == TYPE_ALERT => {
+                        if let crate::event::Data::Json(b) = &e.data {
+                            tap.alert(b);
+                        }
+                    }
+                    Action::Publish { topic, payload }
+                        if topic.starts_with(self.engine.settings().alert_topic.as_str()) =>
+                    {
+                        tap.alert(payload)
+                    }
+                    _ => {}
+                }
+            }
             match action {
                 Action::Forward(event) => match self.when_full {
                     WhenFull::Block => {
@@ -277,6 +320,14 @@ pub async fn reload_on_sighup(
                 for e in &errors.0 {
                     tracing::error!(key = %e.key, error = %e.message, "invalid configuration");
                 }
+                handle.log_reload(
+                    errors
+                        .0
+                        .iter()
+                        .map(|e| (e.key.to_string(), e.message.to_string()))
+                        .collect(),
+                    Vec::new(),
+                );
                 tracing::error!("{errors}; the running rules are kept");
                 systemd::ready("reload rejected: invalid configuration, running rules kept");
             }
@@ -287,6 +338,7 @@ pub async fn reload_on_sighup(
                 match handle.reload(config.rules).await {
                     Some(kept) => {
                         tracing::info!(kept_state = ?kept, "rules reload applied");
+                        handle.log_reload(Vec::new(), kept.clone());
                         systemd::ready("rules reloaded");
                     }
                     None => return,
