@@ -300,8 +300,10 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
     let mut samples: Vec<Sample> = Vec::new();
     let mut peak = (0u64, 0u64); // (VmRSS max, VmHWM)
     let mut last_unique = 0;
+    let mut last_acked = 0;
     let mut stopped_at: Option<Instant> = None;
     let mut gateway_gone = false;
+    let mut quiet_secs = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -317,6 +319,9 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
             );
         }
         let health = http_get(&metrics_addr, "/healthz").await;
+        let queued = http_get(&metrics_addr, "/metrics")
+            .await
+            .and_then(|(_, body)| metric_value(&body, "edgegate_queue_depth"));
         if let Some(pid) = a.pid {
             match proc_status_kb(pid) {
                 Some((rss, hwm)) => peak = (peak.0.max(rss), peak.1.max(hwm)),
@@ -336,18 +341,26 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
             upstream_up: soak.upstream_up.load(Ordering::SeqCst),
             delivered: unique - last_unique,
             pending: acked.saturating_sub(unique),
+            queued,
+            acked: acked - last_acked,
+            publishing: stopped_at.is_none(),
         };
         last_unique = unique;
+        last_acked = acked;
         if soak.secs().is_multiple_of(10) || samples.is_empty() {
             println!(
-                "  {:>4}s  acked {acked:>7}  at cloud {unique:>7}  pending {:>7}  healthz {:<5}  upstream {}  RSS {} MB",
+                "  {:>4}s  acked {acked:>7}  at cloud {unique:>7}  not there {:>7}  gateway queue {:>7}  healthz {:<5}  upstream {}  RSS {} MB",
                 soak.secs(),
                 sample.pending,
+                queued.map_or("-".to_string(), |q| q.to_string()),
                 sample.healthy.map_or("-".to_string(), |h| h.to_string()),
                 if sample.upstream_up { "up" } else { "DOWN" },
                 a.pid.and_then(proc_status_kb).map_or(0, |(r, _)| r / 1024),
             );
         }
+        // Nothing left to deliver: the gateway's queue empty, nothing arriving, upstream up.
+        let drained = sample.upstream_up && sample.delivered == 0 && sample.queued == Some(0);
+        quiet_secs = if drained { quiet_secs + 1 } else { 0 };
         let all_arrived = sample.pending == 0
             && sensors
                 .iter()
@@ -356,7 +369,9 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
         samples.push(sample);
         if let Some(at) = stopped_at {
             let sensors_done = sensor_tasks.iter().all(|t| t.is_finished());
-            if sensors_done && (all_arrived || at.elapsed() >= Duration::from_secs(a.settle)) {
+            if sensors_done
+                && (all_arrived || quiet_secs >= 5 || at.elapsed() >= Duration::from_secs(a.settle))
+            {
                 break;
             }
         }
@@ -1178,6 +1193,12 @@ struct Sample {
     delivered: u64,
     /// Honest readings PUBACKed and not (yet) at the cloud.
     pending: u64,
+    /// Events in the gateway's queue (edgegate_queue_depth); `None`: /metrics did not answer.
+    queued: Option<u64>,
+    /// Honest readings PUBACKed in this second.
+    acked: u64,
+    /// The sensors were publishing.
+    publishing: bool,
 }
 
 /// GET `path` from `addr` (2 s at most): (status, body).
@@ -1212,6 +1233,19 @@ fn proc_status_kb(pid: u32) -> Option<(u64, u64)> {
         })
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Delivery could flow (the upstream is up, the gateway holds events) and no reading arrived.
+fn stalled_sample(s: &Sample) -> bool {
+    s.upstream_up && s.delivered == 0 && s.queued.is_some_and(|q| q > 0)
+}
+
+/// The value of the unlabelled metric `name`.
+fn metric_value(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let v = l.strip_prefix(name)?.strip_prefix(' ')?;
+        v.trim().parse::<f64>().ok().map(|f| f as u64)
+    })
 }
 
 /// `{reason: count}` of the Prometheus counter family `name` (labelled by `reason`).
@@ -1287,15 +1321,14 @@ impl Report {
         // /healthz against what delivery could do.
         let flowing: Vec<&Sample> = samples.iter().filter(|s| s.delivered > 0).collect();
         let outage_samples: Vec<&Sample> = samples.iter().filter(|s| !s.upstream_up).collect();
-        let stalled: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| s.upstream_up && s.delivered == 0 && s.pending > 0)
-            .collect();
+        let stalled: Vec<&Sample> = samples.iter().filter(|s| stalled_sample(s)).collect();
         let frac = |v: &[&Sample], want: bool| -> Option<f64> {
             (!v.is_empty()).then(|| {
                 v.iter().filter(|s| s.healthy == Some(want)).count() as f64 / v.len() as f64
             })
         };
+        let queue_max = samples.iter().filter_map(|s| s.queued).max().unwrap_or(0);
+        let queue_end = samples.last().and_then(|s| s.queued);
         let no_answer = samples.iter().filter(|s| s.healthy.is_none()).count();
         let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
         for s in samples.iter().filter(|s| s.healthy == Some(false)) {
@@ -1315,12 +1348,19 @@ impl Report {
                 *reasons.entry(key).or_default() += 1;
             }
         }
-        // Longest run of seconds without delivery while readings were pending and the
-        // upstream was up.
+        // Seconds in which the sensors, publishing, got no PUBACK at all (held back).
+        let held: Vec<bool> = samples
+            .iter()
+            .skip(1)
+            .map(|s| s.publishing && s.acked == 0)
+            .collect();
+        let held_secs = held.iter().filter(|h| **h).count();
+        let longest_held = held.split(|h| !*h).map(|run| run.len()).max().unwrap_or(0);
+        // Longest run of stalled seconds.
         let mut longest_stall = 0u64;
         let mut cur = 0u64;
         for s in samples {
-            if s.upstream_up && s.delivered == 0 && s.pending > 0 {
+            if stalled_sample(s) {
                 cur += 1;
                 longest_stall = longest_stall.max(cur);
             } else {
@@ -1352,8 +1392,10 @@ impl Report {
         ];
         head.append(&mut text);
         let mut text = head;
+        let offered = a.rate * a.duration.as_secs();
         text.push(format!(
-            "  sensors               reconnects {reconnects}, failed connects {connect_failures}"
+            "  sensors               PUBACKed {:.0} % of the {offered} readings offered; {held_secs} s without any PUBACK while publishing (longest {longest_held} s); reconnects {reconnects}, failed connects {connect_failures}",
+            acked as f64 * 100.0 / offered.max(1) as f64
         ));
         text.push(format!(
             "  latency ms            p50 {:.1}  p99 {:.1}  max {:.1}",
@@ -1376,11 +1418,15 @@ impl Report {
             outage.map_or(String::new(), |(s, e)| format!(" ({s}-{e} s)")),
         ));
         text.push(format!(
-            "                        stalled (upstream up, readings pending, none delivered): {} s, longest {} s, unhealthy {}; no answer {} s",
+            "                        stalled (upstream up, events queued, no reading delivered): {} s, longest {} s, unhealthy {}; no answer {} s",
             stalled.len(),
             longest_stall,
             pct(frac(&stalled, false)),
             no_answer
+        ));
+        text.push(format!(
+            "  gateway queue         at most {queue_max} events, {} at the end",
+            queue_end.map_or("?".to_string(), |q| q.to_string())
         ));
         for (r, n) in &reasons {
             text.push(format!(
@@ -1407,9 +1453,11 @@ impl Report {
             "attacks": a.attacks,
             "sent": sent, "acked": acked, "unique_at_cloud": unique, "duplicates": duplicates,
             "acked_never_at_cloud": lost_total, "lost_by_sensor": lost,
+            "offered": offered, "held_back_s": held_secs, "longest_held_back_s": longest_held,
             "sensor_reconnects": reconnects, "sensor_connect_failures": connect_failures,
             "latency_p50_ms": percentile_ms(&lat, 0.5), "latency_p99_ms": percentile_ms(&lat, 0.99),
             "latency_max_ms": percentile_ms(&lat, 1.0),
+            "queue_depth_max": queue_max, "queue_depth_end": queue_end,
             "rss_peak_kb": rss_max, "vm_hwm_kb": hwm,
             "healthz": {
                 "flowing_s": flowing.len(), "healthy_while_flowing": frac(&flowing, true),
@@ -1418,8 +1466,9 @@ impl Report {
                 "stalled_s": stalled.len(), "longest_stall_s": longest_stall,
                 "unhealthy_while_stalled": frac(&stalled, false),
                 "no_answer_s": no_answer, "unhealthy_reasons": reasons,
+                "sample_fields": ["t_s", "healthy", "upstream_up", "delivered", "acked_not_at_cloud", "gateway_queue_depth", "acked"],
                 "samples": samples.iter().map(|s| serde_json::json!([
-                    (s.t * 10.0).round() / 10.0, s.healthy, s.upstream_up, s.delivered, s.pending
+                    (s.t * 10.0).round() / 10.0, s.healthy, s.upstream_up, s.delivered, s.pending, s.queued, s.acked
                 ])).collect::<Vec<_>>(),
             },
             "events_dropped": dropped, "broker_rejected": rejected, "attack_outcomes": tally,
