@@ -33,8 +33,9 @@ BENCH=${BENCH:-$TARGET/release/edgegate-bench}
 mkdir -p "$(dirname "$JSON")"
 WORK=$(mktemp -d /tmp/edgegate-soak.XXXXXX)
 CLOUD=22883 EDGE=22884 EDGE_V5=22885 METRICS=22886
-EG_PID=""
+EG_PID="" BENCH_PID=""
 cleanup() {
+    if [ -n "$BENCH_PID" ]; then kill "$BENCH_PID" 2>/dev/null || true; wait "$BENCH_PID" 2>/dev/null || true; fi
     if [ -n "$EG_PID" ]; then kill -9 "$EG_PID" 2>/dev/null || true; wait "$EG_PID" 2>/dev/null || true; fi
     [ -f "$WORK/mq.pid" ] && kill -9 "$(cat "$WORK/mq.pid")" 2>/dev/null || true
     mountpoint -q "$WORK/data" 2>/dev/null && umount "$WORK/data" || true
@@ -95,7 +96,11 @@ status=0
 "$BENCH" soak --edge 127.0.0.1:$EDGE --edge-v5 127.0.0.1:$EDGE_V5 --cloud 127.0.0.1:$CLOUD \
     --metrics 127.0.0.1:$METRICS --pid "$EG_PID" --duration "$DURATION" --json "$JSON" \
     --upstream-stop "kill \$(cat $WORK/mq.pid); while [ -f $WORK/mq.pid ]; do sleep 0.1; done" \
-    --upstream-start "mosquitto -c $WORK/cloud.conf -d 2>/dev/null" "$@" || status=$?
+    --upstream-start "mosquitto -c $WORK/cloud.conf -d 2>/dev/null" "$@" &
+BENCH_PID=$!
+# In the background, so that a signal to this script stops everything at once.
+wait "$BENCH_PID" || status=$?
+BENCH_PID=""
 if kill -0 "$EG_PID" 2>/dev/null; then
     echo "gateway still running at the end"
 else

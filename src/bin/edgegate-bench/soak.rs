@@ -1410,6 +1410,10 @@ impl Report {
             if a.pid.is_none() { " (no --pid)" } else { "" }
         ));
         text.push(format!(
+            "  gateway queue         at most {queue_max} events, {} at the end",
+            queue_end.map_or("?".to_string(), |q| q.to_string())
+        ));
+        text.push(format!(
             "  /healthz              healthy while delivery flowed: {} of {} s; unhealthy during the outage: {} of {} s{}",
             pct(frac(&flowing, true)),
             flowing.len(),
@@ -1423,10 +1427,6 @@ impl Report {
             longest_stall,
             pct(frac(&stalled, false)),
             no_answer
-        ));
-        text.push(format!(
-            "  gateway queue         at most {queue_max} events, {} at the end",
-            queue_end.map_or("?".to_string(), |q| q.to_string())
         ));
         for (r, n) in &reasons {
             text.push(format!(
