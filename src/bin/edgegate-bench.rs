@@ -15,6 +15,11 @@
 //!       every publish and does nothing with it (what ingest's link costs, without ingest): the
 //!       cost of the broker the gateway is built on, before anything of the gateway's own.
 //!       Runs until killed; measure it with `load --pid`.
+//!   edgegate-bench soak   --edge HOST:PORT [--edge-v5 HOST:PORT] --cloud HOST:PORT
+//!                         --metrics HOST:PORT [--pid PID] [--duration 10m] [--json FILE] ...
+//!       every attack of issue 12 at once beside 4 honest sensors (1,000 QoS 1 readings/s), with
+//!       an upstream outage: readings PUBACKed but lost, peak RSS, /healthz against delivery,
+//!       drops and refusals by reason (edgegate-bench/soak.rs; bench/soak.sh runs it).
 //!
 //! Every figure in the README's benchmark section comes from these commands (see
 //! bench/run.sh for the side-by-side runs).
@@ -32,6 +37,11 @@ use edgegate::event::{new_id, Class, Data, Event, TYPE_READING};
 use edgegate::ops::metrics::Metrics;
 use edgegate::queue::{self, Store};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+
+#[path = "edgegate-bench/soak.rs"]
+mod soak;
+#[path = "edgegate-bench/wire.rs"]
+mod wire;
 
 #[derive(Parser)]
 #[command(name = "edgegate-bench")]
@@ -80,6 +90,8 @@ enum Cmd {
         #[arg(long)]
         no_link: bool,
     },
+    /// Every attack of issue 12 at once, beside honest sensors and an upstream outage.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         } => rt.block_on(bench_drain(&upstream, events, live, batch, inflight, json)),
         Cmd::Load(args) => rt.block_on(bench_load(args)),
         Cmd::Floor { listen, no_link } => rt.block_on(bench_floor(listen, no_link)),
+        Cmd::Soak(args) => rt.block_on(soak::run(args)),
     }
 }
 
@@ -570,62 +583,40 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     let dups = Arc::new(AtomicU64::new(0));
     let window: Arc<Mutex<(u64, u64)>> = Arc::new(Mutex::new((0, 0)));
     let lat: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut opts = MqttOptions::new(format!("bench-cloud-{run}"), cloud_host, cloud_port);
-    opts.set_keep_alive(Duration::from_secs(60))
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_inflight(1000);
-    let (sub_client, mut sub_el) = AsyncClient::new(opts, 1000);
-    sub_client.subscribe(&a.filter, QoS::AtLeastOnce).await?;
-    let subscribed = Arc::new(AtomicBool::new(false));
     let sub_task = {
         let window = window.clone();
-        let (seen, dups, lat, subscribed, run) = (
-            seen.clone(),
-            dups.clone(),
-            lat.clone(),
-            subscribed.clone(),
-            run.clone(),
-        );
-        tokio::spawn(async move {
-            let _c = sub_client;
-            loop {
-                match sub_el.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                        subscribed.store(true, Ordering::SeqCst)
+        let (seen, dups, lat, run) = (seen.clone(), dups.clone(), lat.clone(), run.clone());
+        cloud_subscriber(
+            (cloud_host, cloud_port),
+            format!("bench-cloud-{run}"),
+            a.filter.clone(),
+            false,
+            move |payload, now| {
+                for (run_id, publisher, n, ts) in parse_readings(payload) {
+                    if run_id != run {
+                        continue;
                     }
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        let now = now_us();
-                        for (run_id, publisher, n, ts) in parse_readings(&p.payload) {
-                            if run_id != run {
-                                continue;
-                            }
-                            let new = seen
-                                .lock()
-                                .map(|mut s| s.insert((publisher, n)))
-                                .unwrap_or(false);
-                            if new {
-                                if let Ok(mut l) = lat.lock() {
-                                    l.push(now.saturating_sub(ts));
-                                }
-                                // First and last arrival (µs), for the delivered rate.
-                                if let Ok(mut w) = window.lock() {
-                                    w.0 = if w.0 == 0 { now } else { w.0.min(now) };
-                                    w.1 = w.1.max(now);
-                                }
-                            } else {
-                                dups.fetch_add(1, Ordering::Relaxed);
-                            }
+                    let new = seen
+                        .lock()
+                        .map(|mut s| s.insert((publisher, n)))
+                        .unwrap_or(false);
+                    if new {
+                        if let Ok(mut l) = lat.lock() {
+                            l.push(now.saturating_sub(ts));
                         }
+                        // First and last arrival (µs), for the delivered rate.
+                        if let Ok(mut w) = window.lock() {
+                            w.0 = if w.0 == 0 { now } else { w.0.min(now) };
+                            w.1 = w.1.max(now);
+                        }
+                    } else {
+                        dups.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
-            }
-        })
+            },
+        )
+        .await?
     };
-    while !subscribed.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     // Publishers.
     let acked = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -814,6 +805,54 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// A subscriber on the cloud broker at `host:port`: subscribes to `filter` at QoS 1 whenever it
+/// connects without a session (with `persistent`, its session outlives a restart of a broker
+/// with persistence, so nothing published meanwhile is missed), and hands each message's payload
+/// with its arrival time (µs since the epoch) to `on_message`. Reconnects until aborted; returns
+/// once the first SUBACK arrived.
+async fn cloud_subscriber(
+    (host, port): (String, u16),
+    client_id: String,
+    filter: String,
+    persistent: bool,
+    mut on_message: impl FnMut(&[u8], u64) + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(1000)
+        .set_clean_session(!persistent);
+    let (client, mut el) = AsyncClient::new(opts, 1000);
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let task = {
+        let subscribed = subscribed.clone();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(c))) if !c.session_present => {
+                        let _ = client.try_subscribe(&filter, QoS::AtLeastOnce);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        subscribed.store(true, Ordering::SeqCst)
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => on_message(&p.payload, now_us()),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    let t0 = Instant::now();
+    while !subscribed.load(Ordering::SeqCst) {
+        if t0.elapsed() > Duration::from_secs(10) {
+            task.abort();
+            anyhow::bail!("the cloud subscriber got no SUBACK within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(task)
 }
 
 /// (run, publisher, n, ts) of each reading in a message: bare (Mosquitto bridge), in an
