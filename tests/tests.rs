@@ -3,6 +3,7 @@
 
 mod util;
 
+mod disk;
 mod durability;
 mod pipeline;
 

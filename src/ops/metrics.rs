@@ -46,6 +46,9 @@ pub enum DropReason {
     RuleError,
     /// A rule's `publish` (or an alert's local copy) could not be handed to the local broker.
     LocalPublishFailed,
+    /// Queued in a file found corrupt while running: the file was moved aside (kept for
+    /// inspection), the gateway went on with a fresh one.
+    Quarantined,
 }
 
 impl DropReason {
@@ -64,6 +67,7 @@ impl DropReason {
             DropReason::RuleFiltered => "rule_filtered",
             DropReason::RuleError => "rule_error",
             DropReason::LocalPublishFailed => "local_publish_failed",
+            DropReason::Quarantined => "quarantined",
         }
     }
 

@@ -132,6 +132,11 @@ pub fn row_bytes(body: usize, topic: usize, subject: usize) -> u64 {
 
 const ROW_OVERHEAD: u64 = 40;
 
+/// What the WAL may take: the autocheckpoint threshold (1000 pages of 1 KiB) plus a commit
+/// group written before the checkpoint runs (1024 events of a few hundred bytes and their
+/// index pages). The space check keeps this much free beside `queue.min_free`.
+pub const WAL_LIMIT: u64 = 2 << 20;
+
 /// Events removed other than by an acknowledgement, by reason, in one transaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Removed {
@@ -169,6 +174,9 @@ pub struct Store {
     bytes: u64,
     alerts: u64,
     data_version: i64,
+    /// While the file system is short of `queue.min_free`: the accounted bytes the queue may
+    /// not grow past (0: no such cap).
+    space_cap: u64,
 }
 
 const SCHEMA: &str = "
@@ -303,6 +311,10 @@ impl Store {
         // 4096 pages wrote 35 % more per event at 1,000 events/s).
         conn.pragma_update(None, "wal_autocheckpoint", 1000)
             .map_err(err)?;
+        // After a checkpoint, cut a WAL that one large transaction grew back to that size, so
+        // it does not keep holding the space (queue::space counts on it).
+        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT as i64)
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         let mut store = Store {
             conn,
@@ -314,6 +326,7 @@ impl Store {
             bytes: 0,
             alerts: 0,
             data_version: 0,
+            space_cap: 0,
         };
         store.load_counters()?;
         Ok(store)
@@ -343,6 +356,7 @@ impl Store {
             bytes: 0,
             alerts: 0,
             data_version: 0,
+            space_cap: 0,
         };
         store.load_counters()?;
         Ok(store)
@@ -406,6 +420,16 @@ impl Store {
         Ok(true)
     }
 
+    /// Go on numbering after another file (one replaced while running): positions and
+    /// sequences never go below `next_pos`/`next_seq`.
+    pub fn continue_after(&mut self, next_seq: u64, next_pos: u64) -> Result<(), StoreError> {
+        self.next_pos = self.next_pos.max(next_pos);
+        if next_seq > self.next_seq {
+            self.set_next_seq(next_seq)?;
+        }
+        Ok(())
+    }
+
     fn set_next_seq(&mut self, next: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
@@ -429,6 +453,10 @@ impl Store {
             tx,
             path: &self.path,
             limits: &self.limits,
+            max_bytes: match (self.limits.max_bytes, self.space_cap) {
+                (0, cap) | (cap, 0) => cap,
+                (a, b) => a.min(b),
+            },
             next_seq: &mut self.next_seq,
             next_pos: &mut self.next_pos,
             depth: &mut self.depth,
@@ -692,6 +720,30 @@ impl Store {
         self.limits
     }
 
+    /// While its file system is short of `queue.min_free`, the queue grows no further: capped
+    /// at its size when the shortage began (at least one byte: an empty queue then takes
+    /// nothing new). The cap stays put while the shortage lasts (new events take the place of
+    /// old ones in the pages they freed); `false` lifts it.
+    pub fn cap_at_current_size(&mut self, cap: bool) {
+        self.space_cap = match (cap, self.space_cap) {
+            (false, _) => 0,
+            (true, 0) => self.bytes.max(1),
+            (true, c) => c,
+        };
+    }
+
+    /// Size of the WAL file now (0 when there is none).
+    pub fn wal_len(&self) -> u64 {
+        std::fs::metadata(format!("{}-wal", self.path.display()))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Is the queue capped by the free space of its file system?
+    pub fn space_capped(&self) -> bool {
+        self.space_cap > 0
+    }
+
     /// Give up to `pages` free pages back to the file system.
     pub fn reclaim(&mut self, pages: u32) -> Result<(), StoreError> {
         self.conn
@@ -762,6 +814,8 @@ pub struct Txn<'a> {
     tx: rusqlite::Transaction<'a>,
     path: &'a Path,
     limits: &'a Limits,
+    /// `limits.max_bytes`, or less while the file system is short of space (0: unbounded).
+    max_bytes: u64,
     next_seq: &'a mut u64,
     next_pos: &'a mut u64,
     depth: &'a mut u64,
@@ -824,7 +878,7 @@ impl Txn<'_> {
 
     fn over(&self, extra_events: u64, extra_bytes: u64) -> bool {
         (self.limits.max_events > 0 && self.depth_now() + extra_events > self.limits.max_events)
-            || (self.limits.max_bytes > 0 && self.bytes_now() + extra_bytes > self.limits.max_bytes)
+            || (self.max_bytes > 0 && self.bytes_now() + extra_bytes > self.max_bytes)
     }
 
     /// Append `event` with the next sequence, as the envelope from `source`, making room or
@@ -889,7 +943,7 @@ impl Txn<'_> {
     /// so eviction runs once per batch, not once per event. Returns whether it fits now.
     fn evict_for(&mut self, events: u64, bytes: u64, incoming: Class) -> Result<bool, StoreError> {
         let slack_events = self.limits.max_events / 64;
-        let slack_bytes = self.limits.max_bytes / 64;
+        let slack_bytes = self.max_bytes / 64;
         for class in [Class::Telemetry, Class::Alert] {
             if class == Class::Alert && incoming == Class::Telemetry {
                 break;
@@ -916,10 +970,10 @@ impl Txn<'_> {
         } else {
             0
         };
-        let by_bytes = if self.limits.max_bytes > 0 && depth > 0 {
+        let by_bytes = if self.max_bytes > 0 && depth > 0 {
             let avg = (self.bytes_now() / depth).max(1);
             (self.bytes_now() + bytes)
-                .saturating_sub(self.limits.max_bytes)
+                .saturating_sub(self.max_bytes)
                 .div_ceil(avg)
         } else {
             0

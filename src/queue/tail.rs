@@ -27,6 +27,8 @@ use crate::event::Class;
 /// reader at the head of the queue.
 #[derive(Debug, Default)]
 pub struct Reader {
+    /// The queue file this reader's positions belong to (see [`Tail::new_epoch`]).
+    epoch: u64,
     cursor: Cursor,
     /// Caught up with the file at least once: the tail may answer from now on. (Before that
     /// the file holds what an earlier connection left unacknowledged, which the tail never has.)
@@ -36,6 +38,14 @@ pub struct Reader {
 impl Reader {
     /// Up to `limit` events from the tail, when it may and can answer; advances.
     pub fn from_tail(&mut self, tail: &mut Tail, limit: usize) -> Option<Vec<StoredEvent>> {
+        if self.epoch != tail.epoch {
+            // The file was replaced: start over at its head.
+            *self = Reader {
+                epoch: tail.epoch,
+                ..Reader::default()
+            };
+            return None;
+        }
         if !self.synced {
             return None;
         }
@@ -64,6 +74,9 @@ impl Reader {
 }
 
 pub struct Tail {
+    /// Bumped when the queue file is replaced while running (corruption): readers of an
+    /// earlier epoch start over.
+    epoch: u64,
     /// Lowest position the tail answers for.
     start: u64,
     /// Highest committed position pushed (or the one before `start` after a reset).
@@ -81,6 +94,7 @@ impl Tail {
     /// upstream: nobody would take the events).
     pub fn new(next_pos: u64, max_events: usize, max_bytes: usize) -> Tail {
         Tail {
+            epoch: 0,
             start: next_pos,
             end: next_pos.saturating_sub(1),
             events: VecDeque::new(),
@@ -98,6 +112,12 @@ impl Tail {
         self.alerts = 0;
         self.start = next_pos;
         self.end = next_pos.saturating_sub(1);
+    }
+
+    /// The queue file was replaced: forget what is held, and make every reader start over.
+    pub fn new_epoch(&mut self, next_pos: u64) {
+        self.epoch += 1;
+        self.reset(next_pos);
     }
 
     /// Does this tail keep events at all (a gateway with an upstream)?
