@@ -657,3 +657,79 @@ async fn mqtt5_upstream_checks_puback_reason_codes() {
     assert_eq!(cloud.count(), 1);
     gw.shutdown().await;
 }
+
+/// Issue 18.1: the queue file is found corrupt while the gateway runs, with the forwarder caught
+/// up (its cursor at the last position). The fresh file must go on numbering positions after
+/// the old one: before, its positions restarted at 1, below the forwarder's cursor, so the tail
+/// discarded every new event and nothing more went upstream (and acknowledgements of old
+/// positions could delete rows of the new file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_file_corrupted_while_running_is_replaced_and_forwarding_goes_on() {
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(test_config(dir.path(), Some(&cloud_broker.url()))).await;
+    let m = gw.metrics().clone();
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    for i in 0..500 {
+        sensor.publish("sensors/a/v", i.to_string()).await;
+    }
+    cloud.wait_for(500, WAIT).await;
+    assert!(eventually(WAIT, || m.events_forwarded.get() == 500).await);
+    // Idle: the writer checkpoints, so every page is read from the file itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Damage every page but the first (the schema stays readable, the tables do not), and
+    // spoil the shared-memory index so the writer's page cache is dropped at its next
+    // transaction and the damaged pages are read.
+    let db = dir.path().join("queue.db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in &mut bytes[1024.min(len)..] {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let shm = dir.path().join("queue.db-shm");
+    if let Ok(mut s) = std::fs::read(&shm) {
+        for b in s.iter_mut().take(136) {
+            *b = 0;
+        }
+        std::fs::write(&shm, &s).unwrap();
+    }
+
+    for i in 0..20 {
+        sensor.publish("sensors/b/v", i.to_string()).await;
+    }
+    sensor.wait_acked(520).await;
+    let aside = || {
+        std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("queue.db.corrupt-")
+        })
+    };
+    assert!(
+        eventually(WAIT, aside).await,
+        "the corrupt file was moved aside"
+    );
+    let got = cloud.wait_for(520, WAIT).await;
+    let new: std::collections::HashSet<String> = got
+        .iter()
+        .filter(|(_, e)| e["subject"] == "sensors/b/v")
+        .map(|(_, e)| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        new.len(),
+        20,
+        "every event after the replacement went upstream"
+    );
+    assert!(eventually(WAIT, || m.events_forwarded.get() == 520).await);
+    let stats = gw.queue_stats().await.unwrap();
+    assert_eq!(stats.depth, 0);
+    assert!(
+        stats.next_sequence > 520,
+        "sequences go on: {}",
+        stats.next_sequence
+    );
+    gw.shutdown().await;
+}

@@ -231,6 +231,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_epoch_sends_every_reader_back_to_the_file() {
+        let mut t = Tail::new(1, 100, 1 << 20);
+        let mut r = Reader::default();
+        let leased = Leased {
+            rows: vec![ev(1, Class::Telemetry)],
+            upto: Some(1),
+        };
+        assert_eq!(positions(&r.from_file(leased, 10)), vec![1]);
+        t.push(ev(2, Class::Telemetry));
+        assert_eq!(positions(&r.from_tail(&mut t, 10).unwrap()), vec![2]);
+        // The file is replaced: the reader starts over at its head (cursor 0, not synced).
+        t.new_epoch(3);
+        t.push(ev(3, Class::Telemetry));
+        assert!(r.from_tail(&mut t, 10).is_none());
+        assert_eq!(r.cursor(), Cursor::default());
+        assert!(
+            r.from_tail(&mut t, 10).is_none(),
+            "must catch up with the file first"
+        );
+    }
+
+    #[test]
     fn alerts_first_within_the_limit_and_the_rest_stays() {
         let mut t = Tail::new(1, 100, 1 << 20);
         for (p, c) in [
