@@ -613,9 +613,9 @@ async fn replay_sends_kept_events_again_with_the_same_ids() {
     gw.shutdown().await;
 }
 
-/// MQTT 5 upstream: events go out, and an event the broker refuses (PUBACK reason
-/// "not authorized", from a Mosquitto ACL) is not deleted: it stays queued, is counted, and does
-/// not hold back the events behind it.
+/// MQTT 5 upstream: events go out, and an event the broker refuses for good (PUBACK reason
+/// "not authorized", from a Mosquitto ACL) is not deleted: it is set aside (parked, listed by
+/// `queue peek --parked`), counted, and does not hold back the events behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_upstream_checks_puback_reason_codes() {
     // ACL lines before any `user` line apply to anonymous clients: the gateway may write only
@@ -648,11 +648,13 @@ async fn mqtt5_upstream_checks_puback_reason_codes() {
         "refused PUBACK counted"
     );
     assert!(eventually(WAIT, || m.events_forwarded.get() == 1).await);
+    assert!(eventually(WAIT, || m.events_parked.get() == 1).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = gw.queue_stats().await.unwrap();
     assert_eq!(
-        gw.queue_stats().await.unwrap().depth,
-        1,
-        "the refused event stays queued"
+        (stats.depth, stats.parked),
+        (0, 1),
+        "the refused event is set aside, not deleted"
     );
     assert_eq!(cloud.count(), 1);
     gw.shutdown().await;

@@ -5,6 +5,7 @@ mod util;
 
 mod disk;
 mod durability;
+mod parked;
 mod pipeline;
 
 mod rules;

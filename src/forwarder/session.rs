@@ -196,6 +196,16 @@ async fn forward(tx: &flume::Sender<Result<Up, String>>, ev: Result<Up, String>)
     tx.send_async(ev).await.is_ok() && !failed
 }
 
+/// Is an MQTT 5 PUBACK failure reason (as `Up::Acked` reports it) one that sending the same
+/// event again cannot change? Quota and broker trouble may pass; a bad topic, a packet too
+/// large, a payload in the wrong format or a denied topic stay as they are.
+pub fn refusal_is_final(reason: &str) -> bool {
+    matches!(
+        reason,
+        "NotAuthorized" | "TopicNameInvalid" | "PayloadFormatInvalid"
+    )
+}
+
 /// rumqttc numbers packets 1..=N and wraps: one more id than our window means an id is never
 /// reused while its packet is still in flight.
 pub fn packet_ids(window: usize) -> u16 {

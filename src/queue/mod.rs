@@ -37,13 +37,15 @@ use tokio::sync::{oneshot, watch};
 use crate::config::{MinFree, QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
-pub use store::{Cursor, Limits, Stats, Store, StoreError, StoredEvent};
+pub use store::{Cursor, Limits, Request, Stats, Store, StoreError, StoredEvent};
 pub use tail::Reader;
 use tail::Tail;
 
 enum Command {
     Append(Event),
     Ack(Vec<u64>),
+    /// Set these events aside (the forwarder cannot hand them to the upstream), with the reason.
+    Park(Vec<u64>, String),
     Lease {
         cursor: Cursor,
         limit: usize,
@@ -106,6 +108,19 @@ impl QueueHandle {
         }
         self.tx
             .send_async(Command::Ack(positions))
+            .await
+            .map_err(|_| QueueClosed)
+    }
+
+    /// Set events aside that the upstream can never accept as they are (see `store`'s module
+    /// doc): they leave the queue for the `parked` table, listed by `queue stats`/`peek
+    /// --parked`, until `queue retry` or `queue purge --parked`.
+    pub async fn park(&self, positions: Vec<u64>, reason: String) -> Result<(), QueueClosed> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send_async(Command::Park(positions, reason))
             .await
             .map_err(|_| QueueClosed)
     }
@@ -357,7 +372,7 @@ impl Writer {
     }
 
     fn sort(
-        &self,
+        &mut self,
         c: Command,
         appends: &mut Vec<Event>,
         acks: &mut Vec<u64>,
@@ -366,12 +381,37 @@ impl Writer {
         match c {
             Command::Append(e) => appends.push(e),
             Command::Ack(s) => acks.extend(s),
+            Command::Park(positions, reason) => {
+                // Rare: on its own, before the group (the forwarder has skipped these already).
+                let now = store::now_us();
+                let result = (|| {
+                    let mut txn = self.store.begin()?;
+                    let n = txn.park(&positions, &reason, now)?;
+                    txn.commit().map(|_| n)
+                })();
+                match result {
+                    Ok(n) => {
+                        self.metrics.events_parked.inc_by(n);
+                        self.publish_counters();
+                        self.reset_tail();
+                        tracing::warn!(events = n, position = positions.first(), reason, "set aside: the upstream cannot accept these events as they are (queue peek --parked; queue retry or queue purge --parked)");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "queue: setting events aside failed (they stay queued)")
+                    }
+                }
+            }
             other => replies.push(other),
         }
     }
 
     /// Take what is already waiting (and, with a commit delay, what arrives soon) into the group.
-    fn gather(&self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, replies: &mut Vec<Command>) {
+    fn gather(
+        &mut self,
+        appends: &mut Vec<Event>,
+        acks: &mut Vec<u64>,
+        replies: &mut Vec<Command>,
+    ) {
         let deadline = Instant::now() + self.commit_delay;
         while appends.len() < self.max_batch && acks.len() < self.max_batch * 4 {
             match self.rx.try_recv() {
@@ -413,8 +453,8 @@ impl Writer {
         }
         match self.store.take_requests() {
             Ok(reqs) => {
-                for (since_us, filter) in reqs {
-                    self.replay(since_us, filter.as_deref());
+                for req in reqs {
+                    self.apply(&req);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "queue: reading replay requests failed"),
@@ -439,25 +479,16 @@ impl Writer {
         }
     }
 
-    fn replay(&mut self, since_us: i64, filter: Option<&str>) {
-        let result = self.store.kept_since(since_us, filter).and_then(|events| {
-            let mut txn = self.store.begin()?;
-            let n = txn.requeue(&events)?;
-            txn.commit().map(|c| (n, c))
-        });
-        match result {
+    /// A CLI request (replay of kept events, retry of parked ones).
+    fn apply(&mut self, req: &Request) {
+        match self.store.apply(req) {
             Ok((n, c)) => {
-                tracing::info!(
-                    events = n,
-                    since_us,
-                    filter,
-                    "replay: acknowledged events queued again (same ids)"
-                );
+                tracing::info!(events = n, request = ?req, "queued again at the CLI's request (same ids)");
                 self.publish_counters();
                 self.reset_tail();
                 self.committed.send_replace(c.last_pos);
             }
-            Err(e) => tracing::error!(error = %e, "replay failed"),
+            Err(e) => tracing::error!(error = %e, request = ?req, "queue request failed"),
         }
     }
 
@@ -812,7 +843,7 @@ impl Writer {
                 }
                 Err(e) => tracing::error!(error = %e, "queue stats failed"),
             },
-            Command::Append(_) | Command::Ack(_) => {}
+            Command::Append(_) | Command::Ack(_) | Command::Park(..) => {}
         }
     }
 }

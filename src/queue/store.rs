@@ -5,6 +5,10 @@
 //!   forwarder leases and acknowledges by); `seq` is the event's CloudEvents `sequence`; `body`
 //!   is the frozen envelope, so a resend is byte-for-byte the first send.
 //! - `acked`: with `queue.keep_acked`, acknowledged rows are moved here for replay.
+//! - `parked`: events the upstream can never accept as they are (a wildcard or empty topic, too
+//!   large for `upstream.max_packet_size`, refused for good by the broker), set aside by the
+//!   forwarder so the events behind them go on, with the reason. They are not counted in the
+//!   depth; `queue retry` queues them again (same envelope), `queue purge --parked` deletes them.
 //! - `meta`: the sequence high-water mark.
 //! - `requests`: work asked for by the CLI while the daemon runs (replay).
 //!
@@ -97,6 +101,8 @@ pub struct Stats {
     pub next_sequence: u64,
     /// Acknowledged events kept for replay.
     pub kept: u64,
+    /// Events set aside (see the module doc).
+    pub parked: u64,
 }
 
 /// Bounds on what the queue holds.
@@ -200,9 +206,23 @@ CREATE TABLE IF NOT EXISTS acked (
     topic    TEXT NOT NULL,
     body     BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS parked (
+    pos       INTEGER PRIMARY KEY,
+    seq       INTEGER NOT NULL,
+    class     INTEGER NOT NULL,
+    time_us   INTEGER NOT NULL,
+    parked_us INTEGER NOT NULL,
+    reason    TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    body      BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, since_us INTEGER NOT NULL, filter TEXT);
 ";
+
+/// Rows read per statement when paging through a table.
+const PAGE: usize = 1000;
 
 const SELECT_EVENT: &str = "SELECT pos, seq, class, time_us, subject, topic, body FROM events";
 
@@ -226,6 +246,18 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         topic: r.get(5)?,
         body: r.get(6)?,
     })
+}
+
+/// Work on the queue the CLI asks for (carried out by [`Store::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Queue acknowledged events kept by `queue.keep_acked` again (same envelopes).
+    Replay {
+        since_us: i64,
+        filter: Option<String>,
+    },
+    /// Queue parked events again.
+    Retry { filter: Option<String> },
 }
 
 /// What happened when the queue file was opened.
@@ -381,7 +413,11 @@ impl Store {
                 .map_err(|e| self.err(e))?;
         let max_acked: Option<i64> = self
             .conn
-            .query_row("SELECT MAX(pos) FROM acked", [], |r| r.get(0))
+            .query_row(
+                "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM acked UNION ALL SELECT MAX(pos) FROM parked)",
+                [],
+                |r| r.get(0),
+            )
             .map_err(|e| self.err(e))?;
         let meta_next: Option<i64> = self
             .conn
@@ -514,21 +550,34 @@ impl Store {
     /// Oldest first, optionally only events whose subject matches `filter`; up to `limit`.
     pub fn peek(&self, limit: usize, filter: Option<&str>) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{SELECT_EVENT} ORDER BY pos"))
-            .map_err(|e| self.err(e))?;
-        let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
-        for row in rows {
-            let e = row.map_err(|e| self.err(e))?;
-            if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
-                out.push(e);
-                if out.len() >= limit {
-                    break;
+        self.each(filter, |e| {
+            out.push(e);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Every queued event matching `filter`, oldest first, handed to `f` one at a time (read a
+    /// page at a time: constant memory), until `f` returns false.
+    pub fn each(
+        &self,
+        filter: Option<&str>,
+        mut f: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = 0;
+        loop {
+            let page = self.page(after, PAGE)?;
+            let full = page.len() == PAGE;
+            for e in page {
+                after = e.pos;
+                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject)) && !f(e) {
+                    return Ok(());
                 }
             }
+            if !full {
+                return Ok(());
+            }
         }
-        Ok(out)
     }
 
     /// Delete queued events older than `before_us` whose subject matches `filter` (CLI purge).
@@ -567,19 +616,11 @@ impl Store {
                     doomed.push(pos);
                 }
             }
-            let mut del = tx
-                .prepare("DELETE FROM events WHERE pos = ?1")
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            for pos in &doomed {
-                del.execute(params![pos]).map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            }
         }
+        delete_each(&tx, "events", &doomed).map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
         // The newest sequence may have gone with them: record the high-water mark.
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
@@ -594,62 +635,117 @@ impl Store {
         Ok(doomed.len() as u64)
     }
 
-    /// Ask the running daemon to replay kept events (it picks the request up within a second).
-    pub fn request_replay(
-        &mut self,
-        since_us: i64,
+    /// Delete parked events matching `filter` (CLI `purge --parked`). Returns how many.
+    pub fn purge_parked(&mut self, filter: Option<&str>) -> Result<u64, StoreError> {
+        let mut doomed = Vec::new();
+        self.each_parked(filter, |e, _| {
+            doomed.push(e.pos as i64);
+            true
+        })?;
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        delete_each(&tx, "parked", &doomed).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(doomed.len() as u64)
+    }
+
+    /// Every parked event matching `filter` with its reason, oldest first, handed to `f` a page
+    /// at a time (constant memory), until `f` returns false.
+    pub fn each_parked(
+        &self,
         filter: Option<&str>,
+        mut f: impl FnMut(StoredEvent, String) -> bool,
     ) -> Result<(), StoreError> {
+        let mut after = 0;
+        loop {
+            let page = self.parked_page(after, PAGE)?;
+            let full = page.len() == PAGE;
+            for (e, reason) in page {
+                after = e.pos;
+                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject))
+                    && !f(e, reason)
+                {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Ask the running daemon to do `req` (it picks the request up within a second).
+    pub fn request(&mut self, req: &Request) -> Result<(), StoreError> {
+        let (kind, since_us, filter) = match req {
+            Request::Replay { since_us, filter } => ("replay", *since_us, filter),
+            Request::Retry { filter } => ("retry", 0, filter),
+        };
         self.conn
             .execute(
-                "INSERT INTO requests (kind, since_us, filter) VALUES ('replay', ?1, ?2)",
-                params![since_us, filter],
+                "INSERT INTO requests (kind, since_us, filter) VALUES (?1, ?2, ?3)",
+                params![kind, since_us, filter],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
     /// Pending CLI requests, removed from the table.
-    pub fn take_requests(&mut self) -> Result<Vec<(i64, Option<String>)>, StoreError> {
+    pub fn take_requests(&mut self) -> Result<Vec<Request>, StoreError> {
         let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
             path: self.path.clone(),
             source: e,
         })?;
+        let err = |e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        };
         let mut out = Vec::new();
         {
             let mut stmt = tx
-                .prepare("SELECT since_us, filter FROM requests WHERE kind = 'replay' ORDER BY id")
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+                .prepare("SELECT kind, since_us, filter FROM requests ORDER BY id")
+                .map_err(err)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
                 })
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+                .map_err(err)?;
             for row in rows {
-                out.push(row.map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?);
+                let (kind, since_us, filter) = row.map_err(err)?;
+                match kind.as_str() {
+                    "replay" => out.push(Request::Replay { since_us, filter }),
+                    "retry" => out.push(Request::Retry { filter }),
+                    other => tracing::warn!(kind = other, "queue: unknown request ignored"),
+                }
             }
         }
-        if !out.is_empty() {
-            tx.execute("DELETE FROM requests", [])
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-        }
-        tx.commit().map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        tx.execute("DELETE FROM requests", []).map_err(err)?;
+        tx.commit().map_err(err)?;
         Ok(out)
+    }
+
+    /// Carry out `req` in one transaction: the one implementation, used by the daemon's writer
+    /// (for a CLI request) and by the CLI itself when no daemon runs (holding the data-dir
+    /// lock). Returns how many events were queued again.
+    pub fn apply(&mut self, req: &Request) -> Result<(u64, Committed), StoreError> {
+        let kept = match req {
+            Request::Replay { since_us, filter } => {
+                self.kept_since(*since_us, filter.as_deref())?
+            }
+            Request::Retry { .. } => Vec::new(),
+        };
+        let mut txn = self.begin()?;
+        let n = match req {
+            Request::Replay { .. } => txn.requeue(&kept)?,
+            Request::Retry { filter } => txn.unpark(filter.as_deref())?,
+        };
+        txn.commit().map(|c| (n, c))
     }
 
     /// Kept (acknowledged) events received since `since_us`, matching `filter`, oldest first.
@@ -675,6 +771,36 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` queued events after position `after`, in position order (one page of an
+    /// export: constant memory however long the queue).
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(PAGE));
+        self.select_into(
+            &format!("{SELECT_EVENT} WHERE pos > ?1 ORDER BY pos LIMIT ?2"),
+            params![after as i64, limit as i64],
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Like [`Store::page`], of the parked events, each with the reason it was set aside.
+    pub fn parked_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(StoredEvent, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT pos, seq, class, time_us, subject, topic, body, reason FROM parked WHERE pos > ?1 ORDER BY pos LIMIT ?2")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok((row_to_event(r)?, r.get::<_, String>(7)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| r.map_err(|e| self.err(e))).collect()
+    }
+
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let oldest: Option<i64> = self
             .conn
@@ -689,6 +815,10 @@ impl Store {
             .conn
             .query_row("SELECT COUNT(*) FROM acked", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
+        let parked: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM parked", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
         Ok(Stats {
             depth: self.depth,
             bytes: self.bytes,
@@ -696,6 +826,7 @@ impl Store {
             oldest_us: oldest,
             next_sequence: self.next_seq,
             kept: kept as u64,
+            parked: parked as u64,
         })
     }
 
@@ -765,6 +896,19 @@ impl Store {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| self.err(e))
     }
+}
+
+/// Delete the rows of `table` at `positions`, one statement each.
+fn delete_each(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    positions: &[i64],
+) -> rusqlite::Result<()> {
+    let mut del = tx.prepare(&format!("DELETE FROM {table} WHERE pos = ?1"))?;
+    for p in positions {
+        del.execute(params![p])?;
+    }
+    Ok(())
 }
 
 fn integrity_failed(e: &StoreError) -> bool {
@@ -1075,13 +1219,18 @@ impl Txn<'_> {
                     .map_err(|e| self.err(e))?;
             }
         }
+        self.delete_runs(&runs)
+    }
+
+    /// Delete the rows of `runs` (inclusive position ranges) from `events`, counted.
+    fn delete_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), StoreError> {
         let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
         let mut stmt = self
             .tx
             .prepare_cached("DELETE FROM events WHERE pos BETWEEN ?1 AND ?2 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
             .map_err(|e| self.err(e))?;
         let (mut depth, mut bytes, mut alerts, mut newest_gone) = (0i64, 0i64, 0i64, false);
-        for &(a, b) in &runs {
+        for &(a, b) in runs {
             let mut rows = stmt
                 .query(params![a as i64, b as i64])
                 .map_err(|e| self.err(e))?;
@@ -1103,6 +1252,64 @@ impl Txn<'_> {
         self.d_alerts -= alerts;
         self.removed_newest |= newest_gone;
         Ok(())
+    }
+
+    /// Set queued events aside (see the module doc): moved to `parked` with `reason`. Unknown
+    /// positions are ignored. Returns how many were moved.
+    pub fn park(
+        &mut self,
+        positions: &[u64],
+        reason: &str,
+        now_us: i64,
+    ) -> Result<u64, StoreError> {
+        let runs = runs(positions);
+        let mut moved = 0;
+        {
+            let mut copy = self
+                .tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO parked (pos, seq, class, time_us, parked_us, reason, subject, topic, body)
+                     SELECT pos, seq, class, time_us, ?3, ?4, subject, topic, body FROM events WHERE pos BETWEEN ?1 AND ?2",
+                )
+                .map_err(|e| self.err(e))?;
+            for &(a, b) in &runs {
+                moved += copy
+                    .execute(params![a as i64, b as i64, now_us, reason])
+                    .map_err(|e| self.err(e))? as u64;
+            }
+        }
+        self.delete_runs(&runs)?;
+        Ok(moved)
+    }
+
+    /// Queue parked events again (`queue retry`; same envelope), matching `filter`, at the end
+    /// of the queue. Returns how many.
+    pub fn unpark(&mut self, filter: Option<&str>) -> Result<u64, StoreError> {
+        let mut events = Vec::new();
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT pos, seq, class, time_us, subject, topic, body FROM parked ORDER BY pos")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
+            for r in rows {
+                let e = r.map_err(|e| self.err(e))?;
+                if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+                    events.push(e);
+                }
+            }
+        }
+        {
+            let mut del = self
+                .tx
+                .prepare_cached("DELETE FROM parked WHERE pos = ?1")
+                .map_err(|e| self.err(e))?;
+            for e in &events {
+                del.execute(params![e.pos as i64])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        self.requeue(&events)
     }
 
     /// Queue kept events again (same envelope: same id and sequence) at the end of the queue.
