@@ -735,3 +735,112 @@ async fn a_queue_file_corrupted_while_running_is_replaced_and_forwarding_goes_on
     );
     gw.shutdown().await;
 }
+
+/// Issue 18.4: `queue export` streams the queue a page at a time; all of a long queue comes out,
+/// in order (and the peek limit and topic filter still hold across pages).
+#[test]
+fn queue_export_streams_every_event_in_order() {
+    use edgegate::event::{Class, Data, Event, TYPE_READING};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut store, _) = edgegate::queue::Store::open(
+            &dir.path().join("queue.db"),
+            edgegate::config::SyncMode::Normal,
+            edgegate::queue::Limits::default(),
+        )
+        .unwrap();
+        let mut txn = store.begin().unwrap();
+        for i in 0..5_500 {
+            let subject = format!("sensors/{}/v", if i % 2 == 0 { "a" } else { "b" });
+            txn.append(
+                &Event {
+                    id: edgegate::event::new_id(),
+                    class: Class::Telemetry,
+                    kind: TYPE_READING,
+                    upstream_topic: format!("edge/gw1/{subject}"),
+                    subject,
+                    time: std::time::SystemTime::now(),
+                    data: Data::Json(bytes::Bytes::from(i.to_string())),
+                    traceparent: None,
+                },
+                "edgegate://gw1",
+            )
+            .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let cli = |args: &[&str]| edgegate_cli(dir.path(), args);
+    let seqs = |out: &str| -> Vec<u64> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["sequence"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        seqs(&cli(&["queue", "export"])),
+        (1..=5_500).collect::<Vec<_>>()
+    );
+    let odd = seqs(&cli(&["queue", "export", "--topic", "sensors/a/#"]));
+    assert_eq!(odd, (1..=5_500).step_by(2).collect::<Vec<_>>());
+    let peek = seqs(&cli(&[
+        "queue",
+        "peek",
+        "-n",
+        "1500",
+        "--topic",
+        "sensors/b/#",
+    ]));
+    assert_eq!(peek, (2..=3_000).step_by(2).collect::<Vec<_>>());
+}
+
+/// Issue 18.5: the CLI writes to the queue only holding the data-dir lock the daemon takes. A
+/// purge while a gateway runs is refused (exit 75, nothing deleted); while a purge waits for
+/// its confirmation, a gateway cannot start on the data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_writes_take_the_data_dir_lock() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut daemon = Daemon::spawn(&data, None, &[]);
+    let sensor = Sensor::connect(daemon.broker_addr(), "s").await;
+    sensor.publish("sensors/a/v", "1").await;
+    sensor.wait_acked(1).await;
+    assert!(eventually(WAIT, || daemon.queue_stats()["depth"] == 1).await);
+    let out = edgegate_output(
+        &["queue", "purge", "--yes"],
+        &[("EDGEGATE__GATEWAY__DATA_DIR", data.as_os_str())],
+    );
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running"));
+    assert_eq!(daemon.queue_stats()["depth"], 1, "nothing deleted");
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // A purge waiting for its "y": the lock is held, a gateway cannot start meanwhile.
+    let mut purge = std::process::Command::new(env!("CARGO_BIN_EXE_edgegate"))
+        .args(["queue", "purge"])
+        .env("EDGEGATE__GATEWAY__DATA_DIR", &data)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(WAIT, || edgegate::gateway::data_dir_in_use(&data)).await,
+        "the CLI holds the lock"
+    );
+    init_logs();
+    edgegate::init_crypto();
+    let start = edgegate::Gateway::start(test_config(&data, None)).await;
+    assert!(
+        matches!(start, Err(edgegate::gateway::StartError::InUse(_))),
+        "a gateway started while the CLI was writing"
+    );
+    purge.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let out = purge.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 1"));
+    assert!(!edgegate::gateway::data_dir_in_use(&data));
+}

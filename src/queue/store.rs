@@ -183,6 +183,9 @@ pub struct Store {
     /// While the file system is short of `queue.min_free`: the accounted bytes the queue may
     /// not grow past (0: no such cap).
     space_cap: u64,
+    /// The file has the `parked` table (a queue written only by an older version, opened by
+    /// the CLI, has not).
+    has_parked: bool,
 }
 
 const SCHEMA: &str = "
@@ -359,6 +362,7 @@ impl Store {
             alerts: 0,
             data_version: 0,
             space_cap: 0,
+            has_parked: true,
         };
         store.load_counters()?;
         Ok(store)
@@ -378,6 +382,14 @@ impl Store {
         };
         let conn = Connection::open_with_flags(path, flags).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        let has_parked = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'parked'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -389,6 +401,7 @@ impl Store {
             alerts: 0,
             data_version: 0,
             space_cap: 0,
+            has_parked,
         };
         store.load_counters()?;
         Ok(store)
@@ -411,14 +424,18 @@ impl Store {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })
                 .map_err(|e| self.err(e))?;
-        let max_acked: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM acked UNION ALL SELECT MAX(pos) FROM parked)",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.err(e))?;
+        let max_pos_of = |table: &str| {
+            self.conn
+                .query_row(&format!("SELECT MAX(pos) FROM {table}"), [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .map_err(|e| self.err(e))
+        };
+        let max_acked = max_pos_of("acked")?.max(if self.has_parked {
+            max_pos_of("parked")?
+        } else {
+            None
+        });
         let meta_next: Option<i64> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
@@ -789,6 +806,9 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(StoredEvent, String)>, StoreError> {
+        if !self.has_parked {
+            return Ok(Vec::new());
+        }
         let mut stmt = self
             .conn
             .prepare_cached("SELECT pos, seq, class, time_us, subject, topic, body, reason FROM parked WHERE pos > ?1 ORDER BY pos LIMIT ?2")
@@ -815,10 +835,13 @@ impl Store {
             .conn
             .query_row("SELECT COUNT(*) FROM acked", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
-        let parked: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM parked", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
+        let parked: i64 = if self.has_parked {
+            self.conn
+                .query_row("SELECT COUNT(*) FROM parked", [], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+        } else {
+            0
+        };
         Ok(Stats {
             depth: self.depth,
             bytes: self.bytes,
@@ -1664,6 +1687,52 @@ mod tests {
             seq == 1 || seq == 501,
             "numbering restarts only if nothing could be salvaged: {seq}"
         );
+    }
+
+    #[test]
+    fn the_cli_reads_a_queue_written_before_parking_existed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let mut s = open(dir.path(), Limits::default());
+            let mut t = s.begin().unwrap();
+            t.append(&ev(Class::Telemetry, "a"), "src").unwrap();
+            t.commit().unwrap();
+            s.conn.execute_batch("DROP TABLE parked").unwrap();
+        }
+        let s = Store::open_cli(&path, false).unwrap();
+        assert_eq!(s.stats().unwrap().parked, 0);
+        assert!(s.parked_page(0, 10).unwrap().is_empty());
+        assert_eq!(s.peek(10, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn parked_events_leave_the_queue_and_come_back_on_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), Limits::default());
+        let mut t = s.begin().unwrap();
+        for n in ["a", "b", "c"] {
+            t.append(&ev(Class::Telemetry, n), "src").unwrap();
+        }
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        assert_eq!(t.park(&[2, 9], "bad", 0).unwrap(), 1);
+        t.commit().unwrap();
+        assert_eq!(subjects(&s), ["a", "c"]);
+        let st = s.stats().unwrap();
+        assert_eq!((st.depth, st.parked), (2, 1));
+        let parked = s.parked_page(0, 10).unwrap();
+        assert_eq!(
+            (parked[0].0.subject.as_str(), parked[0].1.as_str()),
+            ("b", "bad")
+        );
+        let (n, _) = s.apply(&Request::Retry { filter: None }).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(subjects(&s), ["a", "c", "b"]);
+        let again = s.lease(Cursor::default(), 10).unwrap();
+        assert_eq!(again[2].body, parked[0].0.body, "same envelope");
+        assert!(again[2].pos > 3, "a new position");
+        assert_eq!(s.stats().unwrap().parked, 0);
     }
 
     #[test]
