@@ -387,11 +387,19 @@ impl Writer {
                 let result = (|| {
                     let mut txn = self.store.begin()?;
                     let n = txn.park(&positions, &reason, now)?;
-                    txn.commit().map(|_| n)
+                    txn.commit().map(|c| (n, c))
                 })();
                 match result {
-                    Ok(n) => {
+                    Ok((n, c)) => {
                         self.metrics.events_parked.inc_by(n);
+                        self.metrics.drop_events(
+                            DropReason::Evicted,
+                            c.removed.evicted,
+                            &format_args!(
+                                "more than {} parked events: the oldest parked deleted",
+                                store::PARKED_MAX
+                            ),
+                        );
                         self.publish_counters();
                         self.reset_tail();
                         tracing::warn!(events = n, position = positions.first(), reason, "set aside: the upstream cannot accept these events as they are (queue peek --parked; queue retry or queue purge --parked)");

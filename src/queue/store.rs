@@ -224,6 +224,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, since_us INTEGER NOT NULL, filter TEXT);
 ";
 
+/// Most parked events kept: beyond, the oldest parked event is deleted (counted as evicted),
+/// so a flood of events the upstream cannot take cannot fill the disk.
+pub const PARKED_MAX: u64 = 10_000;
+
 /// Rows read per statement when paging through a table.
 const PAGE: usize = 1000;
 
@@ -742,7 +746,12 @@ impl Store {
                 }
             }
         }
-        tx.execute("DELETE FROM requests", []).map_err(err)?;
+        let seen: i64 = tx
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .map_err(err)?;
+        if seen > 0 {
+            tx.execute("DELETE FROM requests", []).map_err(err)?;
+        }
         tx.commit().map_err(err)?;
         Ok(out)
     }
@@ -1278,7 +1287,8 @@ impl Txn<'_> {
     }
 
     /// Set queued events aside (see the module doc): moved to `parked` with `reason`. Unknown
-    /// positions are ignored. Returns how many were moved.
+    /// positions are ignored. Returns how many were moved; parked events beyond [`PARKED_MAX`]
+    /// (the oldest) are deleted and counted in `removed.evicted`.
     pub fn park(
         &mut self,
         positions: &[u64],
@@ -1302,6 +1312,15 @@ impl Txn<'_> {
             }
         }
         self.delete_runs(&runs)?;
+        // Parked events are bounded too: beyond PARKED_MAX the oldest go (counted as evicted).
+        let over = self
+            .tx
+            .execute(
+                "DELETE FROM parked WHERE pos IN (SELECT pos FROM parked ORDER BY pos LIMIT MAX(0, (SELECT COUNT(*) FROM parked) - ?1))",
+                params![PARKED_MAX as i64],
+            )
+            .map_err(|e| self.err(e))? as u64;
+        self.removed.evicted += over;
         Ok(moved)
     }
 
@@ -1726,12 +1745,44 @@ mod tests {
             (parked[0].0.subject.as_str(), parked[0].1.as_str()),
             ("b", "bad")
         );
+        // Bounded: beyond PARKED_MAX the oldest parked go, counted.
+        let mut t = s.begin().unwrap();
+        for _ in 0..PARKED_MAX {
+            t.append(&ev(Class::Telemetry, "x"), "src").unwrap();
+        }
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        let first_x = 4;
+        let positions: Vec<u64> = (first_x..first_x + PARKED_MAX).collect();
+        assert_eq!(t.park(&positions, "flood", 0).unwrap(), PARKED_MAX);
+        assert_eq!(t.commit().unwrap().removed.evicted, 1);
+        assert_eq!(s.stats().unwrap().parked, PARKED_MAX);
+        assert_eq!(
+            s.parked_page(0, 1).unwrap()[0].0.subject,
+            "x",
+            "b went first"
+        );
+        let mut t = s.begin().unwrap();
+        t.unpark(Some("x")).unwrap();
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        t.ack(
+            &(first_x + PARKED_MAX..first_x + 3 * PARKED_MAX).collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        t.commit().unwrap();
+        assert_eq!(subjects(&s), ["a", "c"]);
+        let mut t = s.begin().unwrap();
+        t.park(&[1], "bad", 0).unwrap();
+        t.commit().unwrap();
+        let parked = s.parked_page(0, 10).unwrap();
         let (n, _) = s.apply(&Request::Retry { filter: None }).unwrap();
         assert_eq!(n, 1);
-        assert_eq!(subjects(&s), ["a", "c", "b"]);
+        assert_eq!(subjects(&s), ["c", "a"]);
         let again = s.lease(Cursor::default(), 10).unwrap();
-        assert_eq!(again[2].body, parked[0].0.body, "same envelope");
-        assert!(again[2].pos > 3, "a new position");
+        assert_eq!(again[1].body, parked[0].0.body, "same envelope");
+        assert!(again[1].pos > first_x + PARKED_MAX, "a new position");
         assert_eq!(s.stats().unwrap().parked, 0);
     }
 
