@@ -150,6 +150,8 @@ impl Watched {
                 "upstream_connected": up.connected,
                 "queue_depth": depth,
                 "queue_oldest_us": stats.as_ref().and_then(|s| s.oldest_us),
+                // Set aside for an operator (queue peek --parked); delivery goes on.
+                "queue_parked": stats.as_ref().map(|s| s.parked).unwrap_or(0),
                 "readings_per_second": (r.saturating_sub(last_counts.0)) as f64 / secs,
                 "forwarded_per_second": (f.saturating_sub(last_counts.1)) as f64 / secs,
                 "readings_total": r,
