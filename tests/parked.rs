@@ -105,7 +105,7 @@ async fn events_the_upstream_cannot_accept_are_set_aside_and_the_rest_goes_on() 
     assert!(body.contains("edgegate_events_parked_total 4"), "{body}");
     // Delivery flows: healthy (before, the blocked forwarder reported nothing at all).
     let a = gw.metrics_addr.unwrap();
-    let healthy = || http_get(a, "/healthz").0 == 200;
+    let healthy = move || http_get(a, "/healthz").0 == 200;
     assert!(
         tokio::task::spawn_blocking(move || {
             (0..50).any(|_| {
