@@ -213,7 +213,9 @@ impl Forwarder {
                     }
                     let batched = batch_events > 1 && class == Class::Telemetry;
                     let alone = (!batched).then_some(topic.as_str());
-                    if let Some(why) = unacceptable(alone, body.len(), &self.cfg) {
+                    // In a batch, at least the array's brackets come with it.
+                    let payload = body.len() + if batched { 2 } else { 0 };
+                    if let Some(why) = unacceptable(alone, payload, &self.cfg) {
                         unsendable.push((pos, why));
                         continue;
                     }
@@ -238,10 +240,13 @@ impl Forwarder {
                         break;
                     }
                     if let Err(e) = session.publish(topic, body) {
-                        // Refused by the client library before it got a packet id (or its
-                        // request channel is gone): the connection ends; if the same event
-                        // is refused again and again it is set aside (note_failure_head).
-                        state.refused_request = Some(Positions::from_elem(pos, 1));
+                        // Refused by the client library before it got a packet id: the
+                        // connection ends; if the same event is refused again and again it is
+                        // set aside (note_failure_head). (Not when the event loop is gone: its
+                        // request channel then refuses every event alike.)
+                        if session.alive() {
+                            state.refused_request = Some(Positions::from_elem(pos, 1));
+                        }
                         failed = Some(e);
                         break;
                     }

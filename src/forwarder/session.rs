@@ -70,6 +70,11 @@ impl Session {
         (self.disconnect)()
     }
 
+    /// Is the event loop still running (a refused request then was about the request itself)?
+    pub fn alive(&self) -> bool {
+        !self.poller.is_finished()
+    }
+
     /// Open a session (the connection is made by the event loop task).
     pub fn open(cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Session {
         // A lease takes up to window x batch_events events; when they do not share batches
