@@ -325,6 +325,9 @@ impl Writer {
         loop {
             let wait = if self.retry.is_empty() {
                 IDLE_TICK
+            } else if self.last_error_log.is_none() {
+                // Commits work again: the rest of the retry buffer goes at once.
+                Duration::ZERO
             } else {
                 RETRY_TICK
             };
