@@ -58,6 +58,19 @@ fn free_bytes(p: &Path) -> u64 {
         .unwrap()
 }
 
+/// Wait (up to [`WAIT`]) for the queue to be empty; the depth left.
+async fn drained(gw: &edgegate::Gateway) -> u64 {
+    let mut depth = u64::MAX;
+    for _ in 0..(WAIT.as_millis() / 200) {
+        depth = gw.queue_stats().await.map(|s| s.depth).unwrap_or(u64::MAX);
+        if depth == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    depth
+}
+
 async fn healthy(addr: SocketAddr) -> (bool, String) {
     let (code, body) = tokio::task::spawn_blocking(move || http_get(addr, "/healthz"))
         .await
@@ -128,15 +141,8 @@ async fn a_queue_that_fills_its_disk_drains_and_gives_the_space_back() {
 
     link.set_up(true);
     // The backlog drains: every queued event arrives and leaves the queue.
-    let mut drained = false;
-    for _ in 0..(WAIT.as_millis() / 200) {
-        if gw.queue_stats().await.map(|s| s.depth) == Some(0) {
-            drained = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let left = gw.queue_stats().await.unwrap().depth;
+    let left = drained(&gw).await;
+    let drained = left == 0;
     let (unique, dups, _) = dedup(&cloud.wait_for(depth as usize, WAIT).await);
     eprintln!(
         "after the outage: {left} left, {} unique upstream, {dups} duplicates, forwarded {}",
@@ -207,14 +213,7 @@ async fn acknowledgements_commit_on_a_disk_another_program_filled() {
 
     // The upstream returns while the disk is still full: the acknowledgements commit.
     link.set_up(true);
-    let mut depth = u64::MAX;
-    for _ in 0..(WAIT.as_millis() / 200) {
-        depth = gw.queue_stats().await.unwrap().depth;
-        if depth == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let depth = drained(&gw).await;
     let dropped: u64 = m.drops().iter().map(|(_, n)| n).sum();
     let (unique, dups, _) = dedup(&cloud.events().0);
     eprintln!(
@@ -314,4 +313,57 @@ fn fill(path: &Path) {
         .arg(format!("of={}", path.display()))
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+/// The same after a restart: a gateway stopped with its queue at the edge of a small file
+/// system starts again, drains the backlog once the upstream is back, and takes new readings.
+/// Before, the disk stayed full across the restart and nothing was ever deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_drains_after_a_restart() {
+    let Some(fs) = Tmpfs::mount("5m") else { return };
+    let cloud_broker = Mosquitto::start();
+    let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
+    let link = Link::start(cloud_broker.port, false).await;
+    let cfg = test_config(&fs.path, Some(&link.url()));
+    let gw = start_gateway(cfg.clone()).await;
+    let m = gw.metrics().clone();
+    let sensor = Sensor::connect(gw.broker_addr, "s").await;
+    let total = 20_000u64;
+    for i in 0..total {
+        sensor
+            .publish("sensors/a/v", format!("{{\"v\":{i},\"unit\":\"C\"}}"))
+            .await;
+    }
+    sensor.wait_acked(total).await;
+    let buffered = 2 * cfg.pipeline.channel_capacity as u64;
+    assert!(
+        eventually(WAIT, || {
+            m.events_committed.get() + m.drops().iter().map(|(_, n)| n).sum::<u64>() + buffered
+                >= total
+        })
+        .await
+    );
+    drop(sensor);
+    let depth = gw.shutdown().await.map(|s| s.depth).unwrap_or(0);
+    assert!(depth > 1000, "the queue filled up to its disk: {depth}");
+    eprintln!("stopped with {depth} queued, {} free", free_bytes(&fs.path));
+
+    link.set_up(true);
+    let gw = start_gateway(cfg).await;
+    let m = gw.metrics().clone();
+    let left = drained(&gw).await;
+    assert_eq!(left, 0, "the backlog drained after the restart");
+    let (unique, _, _) = dedup(&cloud.wait_for(depth as usize, WAIT).await);
+    assert!(unique.len() as u64 >= depth);
+    let sensor = Sensor::connect(gw.broker_addr, "s2").await;
+    for i in 0..100 {
+        sensor.publish("sensors/b/v", i.to_string()).await;
+    }
+    assert!(
+        eventually(WAIT, || m.events_forwarded.get() >= depth + 100).await,
+        "new readings reach the upstream: {}",
+        m.events_forwarded.get()
+    );
+    assert!(m.drops().is_empty(), "nothing dropped: {:?}", m.drops());
+    gw.shutdown().await;
 }
