@@ -19,8 +19,17 @@
 //! - A row leaves `events` only by an Ack (sent by the forwarder after the upstream PUBACK), or by
 //!   a limit (evicted, rejected, expired), each counted by reason and logged.
 //! - When a commit fails (disk full, I/O error), the group's appends are kept in a bounded memory
-//!   buffer and retried; what does not fit is counted as `queue_write_failed`. A file found
-//!   corrupt while running is quarantined and replaced, like at startup.
+//!   buffer and retried (`max_batch` at a time); what does not fit is counted as
+//!   `queue_write_failed`. Meanwhile acknowledgements and expiry commit first, in transactions
+//!   of their own: removing rows never waits on appends that cannot commit. The handles report
+//!   the failure (`commit_error`, for `/healthz`) until a commit succeeds.
+//! - The queue never takes the last free bytes of its file system ([`space`]): short of
+//!   `queue.min_free` (plus the WAL's allowance), or after the ballast was given back on a full
+//!   disk, it grows no further.
+//! - A file found corrupt while running is quarantined and replaced, like at startup; positions
+//!   and sequences go on after the old file's, pending acks are dropped, and the tail starts a
+//!   new epoch (readers start over).
+//! - Parked events (see [`store`]) leave the queue only at the forwarder's request (`Park`).
 
 pub mod space;
 pub mod store;
