@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::config::Config;
 use std::time::{Duration, Instant};
 
-use crate::queue::{Store, StoreError, StoredEvent};
+use crate::queue::{Request, Store, StoreError, StoredEvent};
 
 /// sysexits(3) codes.
 pub mod exit {
@@ -118,9 +118,39 @@ pub fn check_config(path: Option<&Path>) -> i32 {
     }
 }
 
-/// Open the queue of `path`'s configuration for the CLI.
-fn open_queue(path: Option<&Path>, write: bool) -> Result<(Config, Store), i32> {
+/// Open the queue of `path`'s configuration for reading (works while the daemon runs).
+fn open_queue(path: Option<&Path>) -> Result<(Config, Store), i32> {
     let cfg = load_config(path)?;
+    let store = open_queue_of(&cfg, false)?;
+    Ok((cfg, store))
+}
+
+/// The queue opened for writing by the CLI itself, with the data-dir lock the daemon takes,
+/// held until the returned lock is dropped: a daemon that starts meanwhile finds the data dir
+/// in use (and the CLI never writes under a running daemon, the only writer of `events`).
+/// `Err(None)` when a daemon holds the lock.
+fn lock_queue(cfg: &Config) -> Result<(std::fs::File, Store), Option<i32>> {
+    let lock = match crate::gateway::lock_data_dir(&cfg.gateway.data_dir) {
+        Ok(l) => l,
+        Err(crate::gateway::StartError::InUse(_)) => return Err(None),
+        Err(e) => {
+            eprintln!("edgegate: {e}");
+            return Err(Some(start_error_code(&e)));
+        }
+    };
+    let store = open_queue_of(cfg, true).map_err(Some)?;
+    Ok((lock, store))
+}
+
+fn in_use(cfg: &Config, what: &str) -> i32 {
+    eprintln!(
+        "edgegate: the gateway is running on {} (it holds the data-dir lock); stop it to {what}",
+        cfg.gateway.data_dir.display()
+    );
+    exit::TEMPFAIL
+}
+
+fn open_queue_of(cfg: &Config, write: bool) -> Result<Store, i32> {
     let db = cfg.queue_path();
     if !db.exists() {
         eprintln!(
@@ -129,13 +159,10 @@ fn open_queue(path: Option<&Path>, write: bool) -> Result<(Config, Store), i32> 
         );
         return Err(exit::NOINPUT);
     }
-    match Store::open_cli(&db, write) {
-        Ok(s) => Ok((cfg, s)),
-        Err(e) => {
-            eprintln!("edgegate: {e}");
-            Err(exit::IOERR)
-        }
-    }
+    Store::open_cli(&db, write).map_err(|e| {
+        eprintln!("edgegate: {e}");
+        exit::IOERR
+    })
 }
 
 fn now_us() -> i64 {
@@ -144,7 +171,7 @@ fn now_us() -> i64 {
 
 /// `queue stats`: depth, bytes, oldest age, and rates measured over `interval`.
 pub fn queue_stats(path: Option<&Path>, json: bool, interval: Duration) -> i32 {
-    let (cfg, mut store) = match open_queue(path, false) {
+    let (cfg, mut store) = match open_queue(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -182,6 +209,7 @@ pub fn queue_stats(path: Option<&Path>, json: bool, interval: Duration) -> i32 {
             "bytes": second.bytes,
             "alerts": second.alerts,
             "kept_for_replay": second.kept,
+            "parked": second.parked,
             "oldest_age_seconds": oldest_age_s,
             "next_sequence": second.next_sequence,
             "in_per_second": in_rate,
@@ -213,6 +241,10 @@ pub fn queue_stats(path: Option<&Path>, json: bool, interval: Duration) -> i32 {
             }
         }
         println!("kept (replay)  {}", second.kept);
+        println!(
+            "parked         {} (set aside: the upstream cannot accept them; queue peek --parked)",
+            second.parked
+        );
         println!("next sequence  {}", second.next_sequence);
     }
     exit::OK
@@ -237,29 +269,48 @@ fn event_json(e: &StoredEvent) -> serde_json::Value {
     })
 }
 
-/// `queue peek`: the oldest `n` events (optionally of one topic filter), one JSON line each.
-pub fn queue_peek(path: Option<&Path>, n: usize, filter: Option<&str>) -> i32 {
+/// `queue peek`: the oldest `n` events (optionally of one topic filter; of the parked ones
+/// with `parked`), one JSON line each.
+pub fn queue_peek(path: Option<&Path>, n: usize, filter: Option<&str>, parked: bool) -> i32 {
     if let Some(code) = bad_filter(filter) {
         return code;
     }
-    let (_, store) = match open_queue(path, false) {
+    let (_, store) = match open_queue(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match store.peek(n, filter) {
-        Ok(events) => {
-            for e in &events {
-                println!("{}", event_json(e));
-            }
-            exit::OK
-        }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut left = n;
+    let mut print = |line: serde_json::Value| {
+        use std::io::Write;
+        // A closed pipe (`| head`) ends the listing.
+        let more = writeln!(out, "{line}").is_ok();
+        left = left.saturating_sub(1);
+        more && left > 0
+    };
+    if n == 0 {
+        return exit::OK;
+    }
+    let result = if parked {
+        store.each_parked(filter, |e, reason| {
+            let mut v = event_json(&e);
+            v["parked_because"] = reason.into();
+            print(v)
+        })
+    } else {
+        store.each(filter, |e| print(event_json(&e)))
+    };
+    drop(out);
+    match result {
+        Ok(()) => exit::OK,
         Err(e) => io_error(e),
     }
 }
 
-/// `queue export`: every queued event, one JSON line each (for a support ticket or a replay).
-pub fn queue_export(path: Option<&Path>, filter: Option<&str>) -> i32 {
-    queue_peek(path, usize::MAX, filter)
+/// `queue export`: every queued (or parked) event, one JSON line each (for a support ticket or a
+/// replay). Streamed a page at a time: memory stays constant however long the queue.
+pub fn queue_export(path: Option<&Path>, filter: Option<&str>, parked: bool) -> i32 {
+    queue_peek(path, usize::MAX, filter, parked)
 }
 
 /// `queue purge`: delete queued events (older than a duration, of a topic filter).
@@ -267,17 +318,28 @@ pub fn queue_purge(
     path: Option<&Path>,
     older_than: Option<Duration>,
     filter: Option<&str>,
+    parked: bool,
     yes: bool,
 ) -> i32 {
     if let Some(code) = bad_filter(filter) {
         return code;
     }
-    let (_, mut store) = match open_queue(path, true) {
-        Ok(x) => x,
+    let cfg = match load_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
+    };
+    // Held until the purge is done (and while it asks for confirmation).
+    let (_lock, mut store) = match lock_queue(&cfg) {
+        Ok(x) => x,
+        Err(None) => return in_use(&cfg, "purge its queue"),
+        Err(Some(code)) => return code,
     };
     let before = older_than.map(|d| now_us() - d.as_micros() as i64);
     let what = match (older_than, filter) {
+        _ if parked => format!(
+            "parked events{}",
+            filter.map(|f| format!(" on {f}")).unwrap_or_default()
+        ),
         (None, None) => "ALL queued events".to_string(),
         (Some(d), None) => format!("queued events older than {}", humantime::format_duration(d)),
         (None, Some(f)) => format!("queued events on {f}"),
@@ -296,7 +358,12 @@ pub fn queue_purge(
             return exit::OK;
         }
     }
-    match store.purge(before, filter) {
+    let result = if parked {
+        store.purge_parked(filter)
+    } else {
+        store.purge(before, filter)
+    };
+    match result {
         Ok(n) => {
             println!("deleted {n} event(s)");
             exit::OK
@@ -325,38 +392,74 @@ pub fn queue_replay(path: Option<&Path>, since: &str, filter: Option<&str>) -> i
         eprintln!("edgegate: queue.keep_acked is 0: acknowledged events are not kept, there is nothing to replay");
         return exit::CONFIG;
     }
-    if crate::gateway::data_dir_in_use(&cfg.gateway.data_dir) {
-        let (_, mut store) = match open_queue(path, true) {
-            Ok(x) => x,
-            Err(code) => return code,
-        };
-        let n = match store.kept_since(since_us, filter) {
-            Ok(v) => v.len(),
-            Err(e) => return io_error(e),
-        };
-        if let Err(e) = store.request_replay(since_us, filter) {
-            return io_error(e);
-        }
-        println!(
-            "asked the running gateway to replay {n} event(s); it queues them within a second"
-        );
-        return exit::OK;
+    let req = Request::Replay {
+        since_us,
+        filter: filter.map(str::to_string),
+    };
+    queue_request(&cfg, &req, |store| {
+        store.kept_since(since_us, filter).map(|v| v.len() as u64)
+    })
+}
+
+/// `queue retry`: queue parked events again (same ids), e.g. after the upstream's limits or
+/// ACL were changed.
+pub fn queue_retry(path: Option<&Path>, filter: Option<&str>) -> i32 {
+    if let Some(code) = bad_filter(filter) {
+        return code;
     }
-    let limits = crate::queue::limits(&cfg.queue);
-    let result =
-        Store::open(&cfg.queue_path(), cfg.queue.sync, limits).and_then(|(mut store, _)| {
-            let events = store.kept_since(since_us, filter)?;
-            let mut txn = store.begin()?;
-            let n = txn.requeue(&events)?;
-            txn.commit()?;
-            Ok(n)
-        });
-    match result {
-        Ok(n) => {
-            println!("queued {n} event(s) again; they are sent when the gateway runs");
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = Request::Retry {
+        filter: filter.map(str::to_string),
+    };
+    queue_request(&cfg, &req, |store| {
+        let mut n = 0;
+        store
+            .each_parked(filter, |_, _| {
+                n += 1;
+                true
+            })
+            .map(|()| n)
+    })
+}
+
+/// Carry out `req`: by the running daemon (asked through the file; `count` says how many events
+/// it concerns), or, with no daemon, here, holding the data-dir lock. Either way by
+/// [`Store::apply`].
+fn queue_request(
+    cfg: &Config,
+    req: &Request,
+    count: impl FnOnce(&Store) -> Result<u64, StoreError>,
+) -> i32 {
+    match lock_queue(cfg) {
+        Ok((_lock, mut store)) => match store.apply(req) {
+            Ok((n, _)) => {
+                println!("queued {n} event(s) again; they are sent when the gateway runs");
+                exit::OK
+            }
+            Err(e) => io_error(e),
+        },
+        Err(Some(code)) => code,
+        Err(None) => {
+            // The daemon runs: it is the only writer of the queue; ask it.
+            let mut store = match open_queue_of(cfg, true) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let n = match count(&store) {
+                Ok(n) => n,
+                Err(e) => return io_error(e),
+            };
+            if let Err(e) = store.request(req) {
+                return io_error(e);
+            }
+            println!(
+                "asked the running gateway to queue {n} event(s) again; it does so within a second"
+            );
             exit::OK
         }
-        Err(e) => io_error(e),
     }
 }
 

@@ -77,8 +77,9 @@ pub struct Gateway {
     _lock: std::fs::File,
 }
 
-/// Lock `{data_dir}/edgegate.lock` exclusively (released when the file is closed).
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+/// Lock `{data_dir}/edgegate.lock` exclusively (released when the file is closed): held by a
+/// running gateway, and by the CLI while it writes to the queue itself.
+pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
     std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
         path: dir.to_path_buf(),
         source,

@@ -93,8 +93,11 @@ enum QueueCommand {
         /// Only events whose original topic matches this MQTT filter.
         #[arg(long)]
         topic: Option<String>,
+        /// The events set aside because the upstream cannot accept them, with the reason.
+        #[arg(long)]
+        parked: bool,
     },
-    /// Delete queued events (asks for confirmation unless --yes).
+    /// Delete queued events (asks for confirmation unless --yes). Not while the gateway runs.
     Purge {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -103,11 +106,24 @@ enum QueueCommand {
         older_than: Option<std::time::Duration>,
         #[arg(long)]
         topic: Option<String>,
+        /// Delete parked events (set aside) instead of queued ones.
+        #[arg(long)]
+        parked: bool,
         #[arg(long)]
         yes: bool,
     },
     /// Every queued event as JSON lines (for a support ticket or a manual replay).
     Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        topic: Option<String>,
+        /// The parked events (set aside) instead of the queued ones.
+        #[arg(long)]
+        parked: bool,
+    },
+    /// Queue parked events (set aside because the upstream could not accept them) again.
+    Retry {
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -155,17 +171,26 @@ fn main() -> ExitCode {
                 json,
                 interval,
             } => cli::queue_stats(config.as_deref(), json, interval),
-            QueueCommand::Peek { config, n, topic } => {
-                cli::queue_peek(config.as_deref(), n, topic.as_deref())
-            }
+            QueueCommand::Peek {
+                config,
+                n,
+                topic,
+                parked,
+            } => cli::queue_peek(config.as_deref(), n, topic.as_deref(), parked),
             QueueCommand::Purge {
                 config,
                 older_than,
                 topic,
+                parked,
                 yes,
-            } => cli::queue_purge(config.as_deref(), older_than, topic.as_deref(), yes),
-            QueueCommand::Export { config, topic } => {
-                cli::queue_export(config.as_deref(), topic.as_deref())
+            } => cli::queue_purge(config.as_deref(), older_than, topic.as_deref(), parked, yes),
+            QueueCommand::Export {
+                config,
+                topic,
+                parked,
+            } => cli::queue_export(config.as_deref(), topic.as_deref(), parked),
+            QueueCommand::Retry { config, topic } => {
+                cli::queue_retry(config.as_deref(), topic.as_deref())
             }
             QueueCommand::Replay {
                 config,

@@ -3,8 +3,10 @@
 
 mod util;
 
+mod disk;
 mod durability;
 mod lifecycle;
+mod parked;
 mod pipeline;
 
 mod conformance;

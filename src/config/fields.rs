@@ -142,6 +142,40 @@ pub(crate) trait Fields {
         self.check_range(key, n, min, max).unwrap_or(default)
     }
 
+    /// `queue.min_free`: a size (`"64MiB"`) or a share of the file system (`"10%"`, 0 to 90).
+    fn min_free(&mut self, key: &str, default: &str) -> super::MinFree {
+        let parse = |t: &str| -> Option<super::MinFree> {
+            let t = t.trim();
+            match t.strip_suffix('%') {
+                Some(p) => p
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 90)
+                    .map(super::MinFree::Percent),
+                None => parse_size(t).map(super::MinFree::Bytes),
+            }
+        };
+        let fallback = parse(default).unwrap_or(super::MinFree::Bytes(0));
+        let text = match self.get(key).map(|v| v.kind.clone()) {
+            None | Some(ValueKind::Nil) => return fallback,
+            Some(ValueKind::String(s)) => s,
+            Some(ValueKind::I64(i)) if i >= 0 => i.to_string(),
+            Some(ValueKind::U64(u)) => u.to_string(),
+            Some(_) => {
+                self.error(key, "expected a size (\"64MiB\") or a percentage (\"10%\")");
+                return fallback;
+            }
+        };
+        parse(&text).unwrap_or_else(|| {
+            self.error(
+                key,
+                &format!("{text:?} is not a size (\"64MiB\") or a percentage from 0% to 90%"),
+            );
+            fallback
+        })
+    }
+
     fn check_range(&mut self, key: &str, n: u64, min: usize, max: usize) -> Option<usize> {
         if n < min as u64 || n > max as u64 {
             self.error(key, &format!("{n} is out of range {min}..={max}"));

@@ -176,6 +176,25 @@ pub struct QueueConfig {
     pub commit_delay: Duration,
     /// Largest number of events in one commit group.
     pub max_batch: usize,
+    /// Free space the queue never takes from its file system.
+    pub min_free: MinFree,
+}
+
+/// `queue.min_free`: bytes, or a share of the file system's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl MinFree {
+    /// The reserve in bytes on a file system of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => total / 100 * p as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -535,6 +554,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Duration::from_secs(1),
         ),
         max_batch: q.usize_in("max_batch", 1024, 1, 100_000),
+        min_free: q.min_free("min_free", "10%"),
     };
     q.finish();
 
@@ -925,6 +945,19 @@ mod tests {
                 "rules[0].match",
             ],
         );
+    }
+
+    #[test]
+    fn queue_min_free_is_a_size_or_a_percentage() {
+        let q = |v: &str| from_toml(&format!("[queue]\nmin_free = {v}")).map(|c| c.queue.min_free);
+        assert_eq!(Config::defaults().queue.min_free, MinFree::Percent(10));
+        assert_eq!(q("\"5%\"").unwrap(), MinFree::Percent(5));
+        assert_eq!(q("\"64MiB\"").unwrap(), MinFree::Bytes(64 << 20));
+        assert_eq!(q("0").unwrap(), MinFree::Bytes(0));
+        assert_eq!(MinFree::Percent(10).bytes(1000), 100);
+        for bad in ["\"95%\"", "\"lots\"", "\"-3%\"", "true"] {
+            assert_keys(&q(bad).unwrap_err(), &["queue.min_free"]);
+        }
     }
 
     #[test]

@@ -195,6 +195,8 @@ impl Forwarder {
                 caught_up = rows.is_empty();
                 let mut batch = Batch::default();
                 let mut failed = None;
+                // Events the upstream can never accept as they are: set aside, not sent.
+                let mut unsendable: Vec<(u64, String)> = Vec::new();
                 for row in rows {
                     let StoredEvent {
                         pos,
@@ -208,6 +210,14 @@ impl Forwarder {
                             continue;
                         }
                         self.refused.remove(&pos);
+                    }
+                    let batched = batch_events > 1 && class == Class::Telemetry;
+                    let alone = (!batched).then_some(topic.as_str());
+                    // In a batch, at least the array's brackets come with it.
+                    let payload = body.len() + if batched { 2 } else { 0 };
+                    if let Some(why) = unacceptable(alone, payload, &self.cfg) {
+                        unsendable.push((pos, why));
+                        continue;
                     }
                     if pos <= self.sent_high {
                         self.metrics.events_resent.inc();
@@ -230,10 +240,23 @@ impl Forwarder {
                         break;
                     }
                     if let Err(e) = session.publish(topic, body) {
+                        // Refused by the client library before it got a packet id: the
+                        // connection ends; if the same event is refused again and again it is
+                        // set aside (note_failure_head). (Not when the event loop is gone: its
+                        // request channel then refuses every event alike.)
+                        if session.alive() {
+                            state.refused_request = Some(Positions::from_elem(pos, 1));
+                        }
                         failed = Some(e);
                         break;
                     }
                     state.requested.push_back(Positions::from_elem(pos, 1));
+                }
+                for (why, group) in group_by_reason(unsendable) {
+                    tracing::warn!(events = group.len(), position = group.first(), reason = %why, "an event the upstream cannot accept is set aside (queue peek --parked)");
+                    if self.queue.park(group, why).await.is_err() {
+                        break;
+                    }
                 }
                 if failed.is_none() {
                     if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
@@ -278,8 +301,18 @@ impl Forwarder {
                                         acks.extend_from_slice(&pos);
                                         acks_since.get_or_insert_with(Instant::now);
                                     }
-                                    // MQTT 5 failure reason: not delivered, so not deleted. It is
-                                    // held back for a while, then sent again.
+                                    // MQTT 5 failure reason: not delivered, so not deleted. A
+                                    // refusal that will not change by itself (topic, size,
+                                    // format, authorization) sets a single event aside; any
+                                    // other (quota, broker trouble), or a batch, is held back
+                                    // for a while, then sent again.
+                                    Some(reason) if pos.len() == 1 && session::refusal_is_final(&reason) => {
+                                        tracing::warn!(reason, position = pos.first(), "upstream refused an event for good (PUBACK failure reason); set aside (queue peek --parked)");
+                                        self.metrics.events_refused.inc();
+                                        if self.queue.park(pos.to_vec(), format!("refused by the upstream: {reason}")).await.is_err() {
+                                            break End::Shutdown;
+                                        }
+                                    }
                                     Some(reason) => {
                                         self.hold_back(&pos);
                                         tracing::warn!(reason, position = pos.first(), events = pos.len(), retry_in = ?REFUSED_RETRY, "upstream refused a message (PUBACK failure reason); its events stay queued");
@@ -353,24 +386,28 @@ impl Forwarder {
         drop(session);
         self.sent_high = self.sent_high.max(state.sent_high);
         if matches!(end, End::Error(_)) {
-            self.note_failure_head(&state);
+            self.note_failure_head(&state).await;
         }
         end
     }
 
     /// Some brokers refuse an event by closing the connection (Mosquitto after an MQTT 5 ACL
-    /// denial; any broker for a packet over its size limit), often before the PUBACK can be read.
-    /// When connections keep dying with the same oldest event in flight, that event is held back
-    /// like a refused one (still queued, counted), so it cannot stall everything behind it.
-    fn note_failure_head(&mut self, state: &Inflight) {
+    /// denial; any broker for a packet over its size limit), often before the PUBACK can be read;
+    /// and the client library may refuse a request outright. When connections keep dying with
+    /// the same oldest message (or the same refused request), a single event is set aside
+    /// (parked: the upstream will never take it as it is), a batch is held back for
+    /// [`REFUSED_RETRY`] (which of its events is to blame is unknown), so neither can stall
+    /// everything behind it.
+    async fn note_failure_head(&mut self, state: &Inflight) {
         // The oldest event on the wire, if it left just before the connection died (a dead or
         // flapping link kills connections long after the send: that is not a refusal).
-        let head = state
+        let on_wire = state
             .by_pkid
             .values()
             .min_by_key(|(p, _)| p.first().copied())
-            .filter(|(_, sent)| sent.elapsed() < POISON_WINDOW);
-        let Some((head, _)) = head else {
+            .filter(|(_, sent)| sent.elapsed() < POISON_WINDOW)
+            .map(|(p, _)| p);
+        let Some(head) = state.refused_request.as_ref().or(on_wire) else {
             self.failure_head = None;
             return;
         };
@@ -379,11 +416,23 @@ impl Forwarder {
             _ => 1,
         };
         self.failure_head = Some((head.clone(), count));
-        // (Not held back already: it was sent on this connection.)
-        if count >= POISON_AFTER {
+        if count < POISON_AFTER {
+            return;
+        }
+        self.failure_head = None;
+        if head.len() == 1 {
+            let why = if state.refused_request.is_some() {
+                format!("refused by the MQTT client library {count} times in a row")
+            } else {
+                format!("the upstream closed the connection on it {count} times in a row")
+            };
+            tracing::warn!(position = head.first().copied(), reason = %why, "setting an event aside (queue peek --parked)");
+            self.metrics.events_refused.inc();
+            let _ = self.queue.park(head.to_vec(), why).await;
+        } else {
+            // (Not held back already: it was sent on this connection.)
             self.hold_back(head);
-            tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this message every time; holding its events back (they stay queued)");
-            self.failure_head = None;
+            tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this batch every time; holding its events back (they stay queued)");
         }
     }
 }
@@ -404,6 +453,73 @@ const POISON_AFTER: u32 = 3;
 /// ...each within this time of sending it.
 const POISON_WINDOW: Duration = Duration::from_secs(1);
 
+/// Why the upstream can never accept this event as it is, if so: checked before it is handed to
+/// rumqttc. `topic` is the event's own topic when it goes alone (`None` in a batch, whose topic
+/// `check-config` validated); `payload` its envelope's length. What rumqttc 0.25 checks
+/// (`valid_topic`: no `+`/`#`; its encoder: the packet within `max_packet_size`) and what MQTT
+/// forbids besides (an empty topic, one longer than 65,535 bytes, a NUL in it; the topic is a
+/// Rust string, so valid UTF-8).
+pub fn unacceptable(topic: Option<&str>, payload: usize, cfg: &UpstreamConfig) -> Option<String> {
+    let topic_len = match topic {
+        Some(t) => {
+            if t.is_empty() {
+                return Some("empty topic".into());
+            }
+            if t.contains(['+', '#']) {
+                return Some(format!("wildcard in topic {:?}", truncated(t)));
+            }
+            if t.contains('\0') {
+                return Some(format!("NUL character in topic {:?}", truncated(t)));
+            }
+            if t.len() > u16::MAX as usize {
+                return Some(format!("topic of {} bytes (at most 65535)", t.len()));
+            }
+            t.len()
+        }
+        None => cfg.batch_topic.len(),
+    };
+    // Fixed header (1 + up to 4 bytes of remaining length), topic length and topic, packet
+    // id, MQTT 5 property length (1 byte, no properties), payload.
+    let remaining = 2 + topic_len + 2 + 1 + payload;
+    let size = 1 + varint_len(remaining) + remaining;
+    (size > cfg.max_packet_size).then(|| {
+        format!(
+            "a packet of {size} bytes, larger than upstream.max_packet_size ({})",
+            cfg.max_packet_size
+        )
+    })
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// The start of a long topic, for a log line or a reason.
+fn truncated(t: &str) -> &str {
+    let mut end = t.len().min(200);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
+}
+
+/// Positions grouped by reason, in first-seen order.
+fn group_by_reason(items: Vec<(u64, String)>) -> Vec<(String, Vec<u64>)> {
+    let mut out: Vec<(String, Vec<u64>)> = Vec::new();
+    for (pos, why) in items {
+        match out.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, v)) => v.push(pos),
+            None => out.push((why, vec![pos])),
+        }
+    }
+    out
+}
+
 /// Queue positions of the events in one message: one (inline, no allocation per event), or a
 /// batch.
 type Positions = SmallVec<[u64; 1]>;
@@ -418,6 +534,8 @@ struct Inflight {
     last_progress: Instant,
     /// Highest queue position requested on this connection.
     sent_high: u64,
+    /// A message the client library refused outright (it never got a packet id).
+    refused_request: Option<Positions>,
 }
 
 impl Default for Inflight {
@@ -427,6 +545,7 @@ impl Default for Inflight {
             by_pkid: HashMap::new(),
             last_progress: Instant::now(),
             sent_high: 0,
+            refused_request: None,
         }
     }
 }
@@ -562,6 +681,30 @@ pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_upstream_can_never_accept() {
+        let mut cfg = crate::config::Config::defaults().upstream;
+        cfg.max_packet_size = 1024;
+        let ok = |t: Option<&str>, n| unacceptable(t, n, &cfg);
+        assert_eq!(ok(Some("edge/gw/a"), 10), None);
+        for bad in ["", "edge/+/a", "edge/#", "edge/a\0b"] {
+            assert!(ok(Some(bad), 10).is_some(), "{bad:?}");
+        }
+        assert!(ok(Some(&"a".repeat(65_536)), 0).is_some());
+        // 1 + 2 (remaining length) + 2 + 9 + 2 + 1 + payload = 1024 at most.
+        assert_eq!(ok(Some("edge/gw/a"), 1007), None);
+        assert!(ok(Some("edge/gw/a"), 1008)
+            .unwrap()
+            .contains("max_packet_size"));
+        // In a batch the event's own topic does not travel: only the size counts.
+        assert_eq!(ok(None, 10), None);
+        assert!(ok(None, 2000).is_some());
+        assert_eq!(
+            group_by_reason(vec![(1, "a".into()), (2, "b".into()), (3, "a".into())]),
+            vec![("a".to_string(), vec![1, 3]), ("b".to_string(), vec![2])]
+        );
+    }
 
     #[test]
     fn backoff_is_bounded_and_grows() {

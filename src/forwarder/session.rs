@@ -70,6 +70,11 @@ impl Session {
         (self.disconnect)()
     }
 
+    /// Is the event loop still running (a refused request then was about the request itself)?
+    pub fn alive(&self) -> bool {
+        !self.poller.is_finished()
+    }
+
     /// Open a session (the connection is made by the event loop task).
     pub fn open(cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Session {
         // A lease takes up to window x batch_events events; when they do not share batches
@@ -194,6 +199,16 @@ impl Drop for Session {
 async fn forward(tx: &flume::Sender<Result<Up, String>>, ev: Result<Up, String>) -> bool {
     let failed = ev.is_err();
     tx.send_async(ev).await.is_ok() && !failed
+}
+
+/// Is an MQTT 5 PUBACK failure reason (as `Up::Acked` reports it) one that sending the same
+/// event again cannot change? Quota and broker trouble may pass; a bad topic, a packet too
+/// large, a payload in the wrong format or a denied topic stay as they are.
+pub fn refusal_is_final(reason: &str) -> bool {
+    matches!(
+        reason,
+        "NotAuthorized" | "TopicNameInvalid" | "PayloadFormatInvalid"
+    )
 }
 
 /// rumqttc numbers packets 1..=N and wraps: one more id than our window means an id is never

@@ -46,6 +46,9 @@ pub enum DropReason {
     RuleError,
     /// A rule's `publish` (or an alert's local copy) could not be handed to the local broker.
     LocalPublishFailed,
+    /// Queued in a file found corrupt while running: the file was moved aside (kept for
+    /// inspection), the gateway went on with a fresh one.
+    Quarantined,
 }
 
 impl DropReason {
@@ -64,6 +67,7 @@ impl DropReason {
             DropReason::RuleFiltered => "rule_filtered",
             DropReason::RuleError => "rule_error",
             DropReason::LocalPublishFailed => "local_publish_failed",
+            DropReason::Quarantined => "quarantined",
         }
     }
 
@@ -114,8 +118,11 @@ pub struct Metrics {
     pub events_committed: Counter,
     pub events_forwarded: Counter,
     pub events_resent: Counter,
-    /// PUBACKs with an MQTT 5 failure reason code: the event stays queued.
+    /// Events the upstream refused (PUBACK failure reason, or closing the connection on them):
+    /// held back for a while, or set aside (parked); never deleted.
     pub events_refused: Counter,
+    /// Events set aside (parked) because the upstream can never accept them as they are.
+    pub events_parked: Counter,
     pub commits: Counter,
     pub queue_depth: Gauge,
     pub queue_bytes: Gauge,
@@ -164,6 +171,7 @@ impl Metrics {
             events_forwarded: Counter::default(),
             events_resent: Counter::default(),
             events_refused: Counter::default(),
+            events_parked: Counter::default(),
             commits: Counter::default(),
             queue_depth: Gauge::default(),
             queue_bytes: Gauge::default(),
@@ -226,8 +234,13 @@ impl Metrics {
         );
         registry.register(
             "events_refused",
-            "Events the upstream broker refused (MQTT 5 PUBACK failure reason); they stay queued",
+            "Events the upstream refused (MQTT 5 PUBACK failure reason, or a connection closed on them); held back or set aside, never deleted",
             m.events_refused.clone(),
+        );
+        registry.register(
+            "events_parked",
+            "Events set aside because the upstream can never accept them as they are (queue peek --parked)",
+            m.events_parked.clone(),
         );
         registry.register(
             "queue_commits",

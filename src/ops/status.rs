@@ -23,6 +23,8 @@ pub struct Snapshot<'a> {
     pub upstream_connected: bool,
     pub queue_depth: u64,
     pub queue_oldest_us: Option<i64>,
+    /// Set aside for an operator (`queue peek --parked`); delivery goes on.
+    pub queue_parked: u64,
     pub readings_total: u64,
     pub forwarded_total: u64,
 }
@@ -82,6 +84,7 @@ impl StatusPublisher {
             "upstream_connected": s.upstream_connected,
             "queue_depth": s.queue_depth,
             "queue_oldest_us": s.queue_oldest_us,
+            "queue_parked": s.queue_parked,
             "readings_per_second": s.readings_total.saturating_sub(readings_before) as f64 / secs,
             "forwarded_per_second": s.forwarded_total.saturating_sub(forwarded_before) as f64 / secs,
             "readings_total": s.readings_total,

@@ -8,7 +8,9 @@
 //! - ingest, rules, forwarder: their tasks have not ended (the forwarder ends at once, by design,
 //!   when no upstream is configured);
 //! - queue writer: answers a stats request within [`QUEUE_REPLY_LIMIT`] (the request waits
-//!   behind the appends in the writer's channel, so a stuck writer cannot answer);
+//!   behind the appends in the writer's channel, so a stuck writer cannot answer), and its
+//!   last commit succeeded (a full disk or an I/O error makes the gateway unhealthy until a
+//!   commit succeeds again);
 //! - rules stage and queue writer together: readings keep arriving but for
 //!   [`COMMIT_STALL_LIMIT`] not one event was committed or dropped (every reading leaves the
 //!   rules stage as a committed event or a counted drop);
@@ -89,6 +91,9 @@ impl Watched {
                     None
                 }
             };
+            if let Some(e) = self.queue.commit_error() {
+                problems.push(format!("queue commits failing: {e}"));
+            }
             let up = self.upstream.borrow().clone();
             let now = Instant::now();
 
@@ -138,6 +143,7 @@ impl Watched {
                     upstream_connected: up.connected,
                     queue_depth: depth,
                     queue_oldest_us: stats.as_ref().and_then(|s| s.oldest_us),
+                    queue_parked: stats.as_ref().map(|s| s.parked).unwrap_or(0),
                     readings_total: r,
                     forwarded_total: f,
                 })

@@ -19,9 +19,19 @@
 //! - A row leaves `events` only by an Ack (sent by the forwarder after the upstream PUBACK), or by
 //!   a limit (evicted, rejected, expired), each counted by reason and logged.
 //! - When a commit fails (disk full, I/O error), the group's appends are kept in a bounded memory
-//!   buffer and retried; what does not fit is counted as `queue_write_failed`. A file found
-//!   corrupt while running is quarantined and replaced, like at startup.
+//!   buffer and retried (`max_batch` at a time); what does not fit is counted as
+//!   `queue_write_failed`. Meanwhile acknowledgements and expiry commit first, in transactions
+//!   of their own: removing rows never waits on appends that cannot commit. The handles report
+//!   the failure (`commit_error`, for `/healthz`) until a commit succeeds.
+//! - The queue never takes the last free bytes of its file system ([`space`]): short of
+//!   `queue.min_free` (plus the WAL's allowance), or after the ballast was given back on a full
+//!   disk, it grows no further.
+//! - A file found corrupt while running is quarantined and replaced, like at startup; positions
+//!   and sequences go on after the old file's, pending acks are dropped, and the tail starts a
+//!   new epoch (readers start over).
+//! - Parked events (see [`store`]) leave the queue only at the forwarder's request (`Park`).
 
+pub mod space;
 pub mod store;
 pub mod tail;
 
@@ -33,16 +43,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{QueueConfig, SyncMode};
+use crate::config::{MinFree, QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
-pub use store::{Cursor, Limits, Stats, Store, StoreError, StoredEvent};
+pub use store::{Cursor, Limits, Request, Stats, Store, StoreError, StoredEvent};
 pub use tail::Reader;
 use tail::Tail;
 
 enum Command {
     Append(Event),
     Ack(Vec<u64>),
+    /// Set these events aside (the forwarder cannot hand them to the upstream), with the reason.
+    Park(Vec<u64>, String),
     Lease {
         cursor: Cursor,
         limit: usize,
@@ -57,6 +69,8 @@ pub struct QueueHandle {
     tx: flume::Sender<Command>,
     committed: watch::Receiver<u64>,
     tail: Arc<Mutex<Tail>>,
+    /// Why the last commit failed, while commits fail.
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 /// What a lease read from the file.
@@ -107,6 +121,19 @@ impl QueueHandle {
             .map_err(|_| QueueClosed)
     }
 
+    /// Set events aside that the upstream can never accept as they are (see `store`'s module
+    /// doc): they leave the queue for the `parked` table, listed by `queue stats`/`peek
+    /// --parked`, until `queue retry` or `queue purge --parked`.
+    pub async fn park(&self, positions: Vec<u64>, reason: String) -> Result<(), QueueClosed> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send_async(Command::Park(positions, reason))
+            .await
+            .map_err(|_| QueueClosed)
+    }
+
     /// Committed events after `cursor`, alerts first, read from the file.
     async fn lease(&self, cursor: Cursor, limit: usize) -> Result<Leased, QueueClosed> {
         let (reply, rx) = oneshot::channel();
@@ -147,6 +174,11 @@ impl QueueHandle {
             .await
             .map_err(|_| QueueClosed)?;
         rx.await.map_err(|_| QueueClosed)
+    }
+
+    /// Why commits fail, while they do (`None` once one succeeds again).
+    pub fn commit_error(&self) -> Option<String> {
+        self.failing.lock().ok().and_then(|f| f.clone())
     }
 
     /// Last committed queue position; changes whenever new events become leasable.
@@ -207,8 +239,23 @@ pub fn start(
     metrics.queue_depth.set(store.depth() as i64);
     metrics.queue_bytes.set(store.bytes() as i64);
     metrics.set_last_sequence(store.next_seq().saturating_sub(1));
+    let failing = Arc::new(Mutex::new(None));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut ballast = space::Ballast::new(&dir);
+    if let Err(e) = ballast.fill() {
+        tracing::warn!(error = %e, bytes = space::BALLAST_BYTES, "queue: could not write the space reserve (queue.reserve); a full disk may stop acknowledgements");
+    }
     let writer = Writer {
         store,
+        dir,
+        min_free: cfg.min_free,
+        ballast,
+        ballast_released: false,
+        failing: failing.clone(),
         path,
         sync: cfg.sync,
         rx,
@@ -232,6 +279,7 @@ pub fn start(
             tx,
             committed,
             tail,
+            failing,
         },
         QueueWriter {
             thread: Some(thread),
@@ -241,6 +289,14 @@ pub fn start(
 
 struct Writer {
     store: Store,
+    /// The directory of the file (its file system is checked against `min_free`).
+    dir: PathBuf,
+    min_free: MinFree,
+    ballast: space::Ballast,
+    /// The ballast was given back on a full disk and is not filled again yet.
+    ballast_released: bool,
+    /// Shared with the handles (health): why commits fail, while they do.
+    failing: Arc<Mutex<Option<String>>>,
     path: PathBuf,
     sync: SyncMode,
     rx: flume::Receiver<Command>,
@@ -278,6 +334,9 @@ impl Writer {
         loop {
             let wait = if self.retry.is_empty() {
                 IDLE_TICK
+            } else if self.last_error_log.is_none() {
+                // Commits work again: the rest of the retry buffer goes at once.
+                Duration::ZERO
             } else {
                 RETRY_TICK
             };
@@ -325,7 +384,7 @@ impl Writer {
     }
 
     fn sort(
-        &self,
+        &mut self,
         c: Command,
         appends: &mut Vec<Event>,
         acks: &mut Vec<u64>,
@@ -334,12 +393,45 @@ impl Writer {
         match c {
             Command::Append(e) => appends.push(e),
             Command::Ack(s) => acks.extend(s),
+            Command::Park(positions, reason) => {
+                // Rare: on its own, before the group (the forwarder has skipped these already).
+                let now = store::now_us();
+                let result = (|| {
+                    let mut txn = self.store.begin()?;
+                    let n = txn.park(&positions, &reason, now)?;
+                    txn.commit().map(|c| (n, c))
+                })();
+                match result {
+                    Ok((n, c)) => {
+                        self.metrics.events_parked.inc_by(n);
+                        self.metrics.drop_events(
+                            DropReason::Evicted,
+                            c.removed.evicted,
+                            &format_args!(
+                                "more than {} parked events: the oldest parked deleted",
+                                store::PARKED_MAX
+                            ),
+                        );
+                        self.publish_counters();
+                        self.reset_tail();
+                        tracing::warn!(events = n, position = positions.first(), reason, "set aside: the upstream cannot accept these events as they are (queue peek --parked; queue retry or queue purge --parked)");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "queue: setting events aside failed (they stay queued)")
+                    }
+                }
+            }
             other => replies.push(other),
         }
     }
 
     /// Take what is already waiting (and, with a commit delay, what arrives soon) into the group.
-    fn gather(&self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, replies: &mut Vec<Command>) {
+    fn gather(
+        &mut self,
+        appends: &mut Vec<Event>,
+        acks: &mut Vec<u64>,
+        replies: &mut Vec<Command>,
+    ) {
         let deadline = Instant::now() + self.commit_delay;
         while appends.len() < self.max_batch && acks.len() < self.max_batch * 4 {
             match self.rx.try_recv() {
@@ -381,8 +473,8 @@ impl Writer {
         }
         match self.store.take_requests() {
             Ok(reqs) => {
-                for (since_us, filter) in reqs {
-                    self.replay(since_us, filter.as_deref());
+                for req in reqs {
+                    self.apply(&req);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "queue: reading replay requests failed"),
@@ -407,25 +499,16 @@ impl Writer {
         }
     }
 
-    fn replay(&mut self, since_us: i64, filter: Option<&str>) {
-        let result = self.store.kept_since(since_us, filter).and_then(|events| {
-            let mut txn = self.store.begin()?;
-            let n = txn.requeue(&events)?;
-            txn.commit().map(|c| (n, c))
-        });
-        match result {
+    /// A CLI request (replay of kept events, retry of parked ones).
+    fn apply(&mut self, req: &Request) {
+        match self.store.apply(req) {
             Ok((n, c)) => {
-                tracing::info!(
-                    events = n,
-                    since_us,
-                    filter,
-                    "replay: acknowledged events queued again (same ids)"
-                );
+                tracing::info!(events = n, request = ?req, "queued again at the CLI's request (same ids)");
                 self.publish_counters();
                 self.reset_tail();
                 self.committed.send_replace(c.last_pos);
             }
-            Err(e) => tracing::error!(error = %e, "replay failed"),
+            Err(e) => tracing::error!(error = %e, request = ?req, "queue request failed"),
         }
     }
 
@@ -441,7 +524,25 @@ impl Writer {
         self.metrics.queue_bytes.set(self.store.bytes() as i64);
     }
 
-    fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, expire: bool) {
+    fn commit(&mut self, appends: &mut Vec<Event>, acks: &mut Vec<u64>, mut expire: bool) {
+        // While commits fail (a full disk), acknowledgements and expiry do not wait on the
+        // appends that cannot commit: they go first, in a transaction of their own. Deleting
+        // is what gives the space back; it must never depend on finding space for new rows.
+        if self.is_failing() && (!acks.is_empty() || expire) {
+            self.commit_removals(acks, expire);
+            expire = false;
+        }
+        if self.retry.is_empty() && appends.is_empty() && acks.is_empty() && !expire {
+            return;
+        }
+        // Behind failed commits, new events wait their turn in the retry buffer, and a group
+        // takes at most `max_batch` of it: the WAL holds a whole transaction, and one too large
+        // is what a nearly full disk cannot take.
+        if !self.retry.is_empty() {
+            self.buffer(appends);
+        }
+        let retried = self.retry.len().min(self.max_batch.max(1));
+        self.check_space();
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
         // For the forwarder's tail: (index in retry + appends, seq, pos, body). The events' own
@@ -449,7 +550,8 @@ impl Writer {
         let mut fresh: Vec<(usize, u64, u64, Vec<u8>)> = Vec::new();
         let result = (|| {
             let mut txn = self.store.begin()?;
-            for (i, e) in self.retry.iter().chain(appends.iter()).enumerate() {
+            let group = self.retry.iter().take(retried).chain(appends.iter());
+            for (i, e) in group.enumerate() {
                 let appended = txn.append(e, &self.source)?;
                 if let (true, store::Appended::Queued { seq, pos, body }) =
                     (self.tail_keeps, appended)
@@ -472,7 +574,11 @@ impl Writer {
                 } else if !fresh.is_empty() {
                     if let Ok(mut t) = self.tail.lock() {
                         let mut fresh = fresh.into_iter().peekable();
-                        let events = self.retry.iter_mut().chain(appends.iter_mut());
+                        let events = self
+                            .retry
+                            .iter_mut()
+                            .take(retried)
+                            .chain(appends.iter_mut());
                         for (i, e) in events.enumerate() {
                             let Some((_, seq, pos, body)) = fresh.next_if(|f| f.0 == i) else {
                                 continue;
@@ -489,7 +595,7 @@ impl Writer {
                         }
                     }
                 }
-                self.retry.clear();
+                self.retry.drain(..retried);
                 appends.clear();
                 acks.clear();
                 self.metrics.commits.inc();
@@ -502,78 +608,228 @@ impl Writer {
                 self.metrics.events_committed.inc_by(c.appended);
                 self.publish_counters();
                 self.metrics.set_last_sequence(c.last_seq);
-                if r.evicted > 0 {
-                    self.metrics.drop_events(
-                        DropReason::Evicted,
-                        r.evicted,
-                        &"queue full (queue.max_events/max_bytes): oldest telemetry evicted",
-                    );
-                }
-                if r.rejected > 0 {
-                    self.metrics.drop_events(
-                        DropReason::Rejected,
-                        r.rejected,
-                        &"queue full (queue.max_events/max_bytes): new events rejected",
-                    );
-                }
-                if r.expired > 0 {
-                    self.metrics.drop_events(
-                        DropReason::Expired,
-                        r.expired,
-                        &"older than queue.max_age",
-                    );
-                }
+                self.report_removed(r);
                 if c.appended > 0 {
                     self.committed.send_replace(c.last_pos);
                 }
-                if self.last_error_log.take().is_some() {
-                    tracing::info!("queue writes recovered");
-                }
+                self.set_failing(None);
             }
             Err(e) => {
-                if self
-                    .last_error_log
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                {
-                    tracing::error!(
-                        error = %e,
-                        disk_full = e.is_disk_full(),
-                        buffered = self.retry.len() + appends.len(),
-                        "queue commit failed; keeping events in memory and retrying"
-                    );
-                    self.last_error_log = Some(Instant::now());
-                }
-                // Nothing of this group is committed. Keep the appends (bounded) and the acks
-                // for the retry.
-                for e in appends.drain(..) {
-                    if self.retry.len() >= self.retry_limit {
-                        self.metrics.drop_events(
-                            DropReason::QueueWriteFailed,
-                            1,
-                            &"queue commit failing and memory buffer full",
-                        );
-                    } else {
-                        self.retry.push_back(e);
-                    }
+                self.log_failure(&e, self.retry.len() + appends.len());
+                self.set_failing(Some(&e));
+                // Nothing of this group is committed. Keep the appends (bounded) for the retry;
+                // the acks (and expiry) are committed on their own right away, with the space
+                // reserve given back if the disk is full.
+                self.buffer(appends);
+                if e.is_disk_full() {
+                    self.release_ballast();
                 }
                 if e.is_corruption() {
-                    self.recover_from_corruption();
+                    self.recover_from_corruption(acks);
+                } else if !acks.is_empty() || expire {
+                    self.commit_removals(acks, expire);
                 }
             }
         }
     }
 
-    /// The file went bad under us: move it aside and continue on a fresh one.
-    fn recover_from_corruption(&mut self) {
+    /// Keep events whose commit failed (or waits behind one) for the retry, up to its bound;
+    /// what does not fit is counted.
+    fn buffer(&mut self, appends: &mut Vec<Event>) {
+        for e in appends.drain(..) {
+            if self.retry.len() >= self.retry_limit {
+                self.metrics.drop_events(
+                    DropReason::QueueWriteFailed,
+                    1,
+                    &"queue commit failing and memory buffer full",
+                );
+            } else {
+                self.retry.push_back(e);
+            }
+        }
+    }
+
+    /// The disk is full: give the space reserve back so removals can commit. Until it is
+    /// filled again, the queue grows no further (see `check_space`).
+    fn release_ballast(&mut self) {
+        if self.ballast.release() {
+            tracing::warn!(
+                bytes = space::BALLAST_BYTES,
+                "queue: disk full; space reserve given back so acknowledgements can commit"
+            );
+        }
+        self.ballast_released = true;
+    }
+
+    /// Acknowledgements (and expiry) alone, in a transaction of their own. On a full disk the
+    /// space reserve is given back and they are tried once more.
+    fn commit_removals(&mut self, acks: &mut Vec<u64>, expire: bool) {
+        let now = store::now_us();
+        let attempt = |store: &mut Store| {
+            let mut txn = store.begin()?;
+            txn.ack(acks, now)?;
+            if expire {
+                txn.expire(now)?;
+            }
+            txn.commit()
+        };
+        let mut result = attempt(&mut self.store);
+        if matches!(&result, Err(e) if e.is_disk_full()) && self.ballast.present() {
+            self.release_ballast();
+            result = attempt(&mut self.store);
+        }
+        match result {
+            Ok(c) => {
+                acks.clear();
+                if c.removed.expired > 0 {
+                    self.reset_tail();
+                }
+                self.publish_counters();
+                self.report_removed(c.removed);
+            }
+            Err(e) => {
+                self.log_failure(&e, self.retry.len());
+                self.set_failing(Some(&e));
+            }
+        }
+    }
+
+    fn is_failing(&self) -> bool {
+        self.last_error_log.is_some() || !self.retry.is_empty()
+    }
+
+    fn set_failing(&mut self, e: Option<&StoreError>) {
+        if e.is_none() && self.last_error_log.take().is_some() {
+            tracing::info!("queue writes recovered");
+        }
+        if let Ok(mut f) = self.failing.lock() {
+            *f = e.map(|e| e.to_string());
+        }
+    }
+
+    fn log_failure(&mut self, e: &StoreError, buffered: usize) {
+        if self
+            .last_error_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::error!(
+                error = %e,
+                disk_full = e.is_disk_full(),
+                buffered,
+                "queue commit failed; keeping events in memory and retrying"
+            );
+            self.last_error_log = Some(Instant::now());
+        }
+    }
+
+    /// Count (and log) what a commit removed other than by acknowledgement.
+    fn report_removed(&self, r: store::Removed) {
+        let why = if self.store.space_capped() {
+            "file system short of queue.min_free"
+        } else {
+            "queue full (queue.max_events/max_bytes)"
+        };
+        if r.evicted > 0 {
+            self.metrics.drop_events(
+                DropReason::Evicted,
+                r.evicted,
+                &format_args!("{why}: oldest telemetry evicted"),
+            );
+        }
+        if r.rejected > 0 {
+            self.metrics.drop_events(
+                DropReason::Rejected,
+                r.rejected,
+                &format_args!("{why}: new events rejected"),
+            );
+        }
+        if r.expired > 0 {
+            self.metrics
+                .drop_events(DropReason::Expired, r.expired, &"older than queue.max_age");
+        }
+    }
+
+    /// After the space reserve was given back: fill it again once the file system has room for
+    /// it twice and `queue.min_free` besides.
+    fn refill_ballast(&mut self) {
+        if !self.ballast_released {
+            return;
+        }
+        let Ok(s) = space::of(&self.dir) else { return };
+        if s.free < space::BALLAST_BYTES * 2 + self.min_free.bytes(s.total) {
+            return;
+        }
+        match self.ballast.fill() {
+            Ok(()) => {
+                self.ballast_released = false;
+                tracing::info!("queue: space reserve filled again");
+            }
+            Err(e) => tracing::debug!(error = %e, "queue: filling the space reserve failed"),
+        }
+    }
+
+    /// Before a commit: is the file system short of `queue.min_free`? Then the queue may not
+    /// grow (see [`space`]).
+    fn check_space(&mut self) {
+        self.refill_ballast();
+        let short = match space::of(&self.dir) {
+            Ok(s) => {
+                // The WAL may grow up to its limit before a checkpoint resets it.
+                let wal = store::WAL_LIMIT.saturating_sub(self.store.wal_len());
+                let min_free = self.min_free.bytes(s.total);
+                let reserve = min_free + if min_free > 0 { wal } else { 0 };
+                let short = (reserve > 0 && s.free < reserve) || self.ballast_released;
+                if short != self.store.space_capped() {
+                    if short {
+                        tracing::warn!(free = s.free, reserve, depth = self.store.depth(), "queue file system short of queue.min_free: the queue grows no further (oldest telemetry evicted, or new events rejected, as queue.when_full says)");
+                    } else {
+                        tracing::info!(free = s.free, reserve, "queue file system has room again");
+                    }
+                }
+                short
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, dir = %self.dir.display(), "statvfs of the queue directory failed");
+                self.store.space_capped()
+            }
+        };
+        self.store.cap_at_current_size(short);
+    }
+
+    /// The file went bad under us: move it aside and continue on a fresh one. Numbering goes
+    /// on where the old file stopped, positions as well as sequences: the forwarder's cursor,
+    /// its events in flight and any acknowledgement still on its way name positions of the old
+    /// file, which must never name a row of the new one. The pending acknowledgements are
+    /// dropped (their rows went with the old file), the events left in it are counted
+    /// (`quarantined`), and the tail starts a new epoch, so the forwarder's reader starts over.
+    fn recover_from_corruption(&mut self, acks: &mut Vec<u64>) {
         let limits = self.store.limits();
+        let (next_seq, next_pos, lost) = (
+            self.store.next_seq(),
+            self.store.next_pos(),
+            self.store.depth(),
+        );
         match Store::open(&self.path, self.sync, limits) {
-            Ok((store, report)) => {
+            Ok((mut store, report)) => {
                 if let Some(aside) = &report.quarantined {
-                    tracing::error!(kept_as = %aside.display(), "queue file is corrupt; moved aside, continuing on a fresh queue");
+                    tracing::error!(kept_as = %aside.display(), lost, "queue file is corrupt; moved aside, continuing on a fresh queue");
+                }
+                if let Err(e) = store.continue_after(next_seq, next_pos) {
+                    tracing::error!(error = %e, "queue: recording the sequence high-water mark in the fresh file failed");
                 }
                 self.store = store;
+                acks.clear();
+                self.metrics.drop_events(
+                    DropReason::Quarantined,
+                    lost,
+                    &"queued events left in a corrupt queue file (moved aside, not deleted)",
+                );
                 self.publish_counters();
-                self.reset_tail();
+                if let Ok(mut t) = self.tail.lock() {
+                    t.new_epoch(self.store.next_pos());
+                }
+                // Let a waiting forwarder look again.
+                self.committed.send_modify(|_| {});
             }
             Err(e) => {
                 tracing::error!(error = %e, "queue file is corrupt and could not be replaced")
@@ -607,7 +863,7 @@ impl Writer {
                 }
                 Err(e) => tracing::error!(error = %e, "queue stats failed"),
             },
-            Command::Append(_) | Command::Ack(_) => {}
+            Command::Append(_) | Command::Ack(_) | Command::Park(..) => {}
         }
     }
 }

@@ -5,6 +5,10 @@
 //!   forwarder leases and acknowledges by); `seq` is the event's CloudEvents `sequence`; `body`
 //!   is the frozen envelope, so a resend is byte-for-byte the first send.
 //! - `acked`: with `queue.keep_acked`, acknowledged rows are moved here for replay.
+//! - `parked`: events the upstream can never accept as they are (a wildcard or empty topic, too
+//!   large for `upstream.max_packet_size`, refused for good by the broker), set aside by the
+//!   forwarder so the events behind them go on, with the reason. They are not counted in the
+//!   depth; `queue retry` queues them again (same envelope), `queue purge --parked` deletes them.
 //! - `meta`: the sequence high-water mark.
 //! - `requests`: work asked for by the CLI while the daemon runs (replay).
 //!
@@ -97,6 +101,8 @@ pub struct Stats {
     pub next_sequence: u64,
     /// Acknowledged events kept for replay.
     pub kept: u64,
+    /// Events set aside (see the module doc).
+    pub parked: u64,
 }
 
 /// Bounds on what the queue holds.
@@ -131,6 +137,11 @@ pub fn row_bytes(body: usize, topic: usize, subject: usize) -> u64 {
 }
 
 const ROW_OVERHEAD: u64 = 40;
+
+/// What the WAL may take: the autocheckpoint threshold (1000 pages of 1 KiB) plus a commit
+/// group written before the checkpoint runs (1024 events of a few hundred bytes and their
+/// index pages). The space check keeps this much free beside `queue.min_free`.
+pub const WAL_LIMIT: u64 = 2 << 20;
 
 /// Events removed other than by an acknowledgement, by reason, in one transaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -169,6 +180,12 @@ pub struct Store {
     bytes: u64,
     alerts: u64,
     data_version: i64,
+    /// While the file system is short of `queue.min_free`: the accounted bytes the queue may
+    /// not grow past (0: no such cap).
+    space_cap: u64,
+    /// The file has the `parked` table (a queue written only by an older version, opened by
+    /// the CLI, has not).
+    has_parked: bool,
 }
 
 const SCHEMA: &str = "
@@ -192,9 +209,27 @@ CREATE TABLE IF NOT EXISTS acked (
     topic    TEXT NOT NULL,
     body     BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS parked (
+    pos       INTEGER PRIMARY KEY,
+    seq       INTEGER NOT NULL,
+    class     INTEGER NOT NULL,
+    time_us   INTEGER NOT NULL,
+    parked_us INTEGER NOT NULL,
+    reason    TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    body      BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, since_us INTEGER NOT NULL, filter TEXT);
 ";
+
+/// Most parked events kept: beyond, the oldest parked event is deleted (counted as evicted),
+/// so a flood of events the upstream cannot take cannot fill the disk.
+pub const PARKED_MAX: u64 = 10_000;
+
+/// Rows read per statement when paging through a table.
+const PAGE: usize = 1000;
 
 const SELECT_EVENT: &str = "SELECT pos, seq, class, time_us, subject, topic, body FROM events";
 
@@ -218,6 +253,18 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         topic: r.get(5)?,
         body: r.get(6)?,
     })
+}
+
+/// Work on the queue the CLI asks for (carried out by [`Store::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Queue acknowledged events kept by `queue.keep_acked` again (same envelopes).
+    Replay {
+        since_us: i64,
+        filter: Option<String>,
+    },
+    /// Queue parked events again.
+    Retry { filter: Option<String> },
 }
 
 /// What happened when the queue file was opened.
@@ -303,6 +350,10 @@ impl Store {
         // 4096 pages wrote 35 % more per event at 1,000 events/s).
         conn.pragma_update(None, "wal_autocheckpoint", 1000)
             .map_err(err)?;
+        // After a checkpoint, cut a WAL that one large transaction grew back to that size, so
+        // it does not keep holding the space (queue::space counts on it).
+        conn.pragma_update(None, "journal_size_limit", WAL_LIMIT as i64)
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         let mut store = Store {
             conn,
@@ -314,6 +365,8 @@ impl Store {
             bytes: 0,
             alerts: 0,
             data_version: 0,
+            space_cap: 0,
+            has_parked: true,
         };
         store.load_counters()?;
         Ok(store)
@@ -333,6 +386,14 @@ impl Store {
         };
         let conn = Connection::open_with_flags(path, flags).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        let has_parked = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'parked'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -343,6 +404,8 @@ impl Store {
             bytes: 0,
             alerts: 0,
             data_version: 0,
+            space_cap: 0,
+            has_parked,
         };
         store.load_counters()?;
         Ok(store)
@@ -365,10 +428,18 @@ impl Store {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })
                 .map_err(|e| self.err(e))?;
-        let max_acked: Option<i64> = self
-            .conn
-            .query_row("SELECT MAX(pos) FROM acked", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
+        let max_pos_of = |table: &str| {
+            self.conn
+                .query_row(&format!("SELECT MAX(pos) FROM {table}"), [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .map_err(|e| self.err(e))
+        };
+        let max_acked = max_pos_of("acked")?.max(if self.has_parked {
+            max_pos_of("parked")?
+        } else {
+            None
+        });
         let meta_next: Option<i64> = self
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
@@ -406,6 +477,16 @@ impl Store {
         Ok(true)
     }
 
+    /// Go on numbering after another file (one replaced while running): positions and
+    /// sequences never go below `next_pos`/`next_seq`.
+    pub fn continue_after(&mut self, next_seq: u64, next_pos: u64) -> Result<(), StoreError> {
+        self.next_pos = self.next_pos.max(next_pos);
+        if next_seq > self.next_seq {
+            self.set_next_seq(next_seq)?;
+        }
+        Ok(())
+    }
+
     fn set_next_seq(&mut self, next: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
@@ -429,6 +510,10 @@ impl Store {
             tx,
             path: &self.path,
             limits: &self.limits,
+            max_bytes: match (self.limits.max_bytes, self.space_cap) {
+                (0, cap) | (cap, 0) => cap,
+                (a, b) => a.min(b),
+            },
             next_seq: &mut self.next_seq,
             next_pos: &mut self.next_pos,
             depth: &mut self.depth,
@@ -486,21 +571,34 @@ impl Store {
     /// Oldest first, optionally only events whose subject matches `filter`; up to `limit`.
     pub fn peek(&self, limit: usize, filter: Option<&str>) -> Result<Vec<StoredEvent>, StoreError> {
         let mut out = Vec::new();
-        let mut stmt = self
-            .conn
-            .prepare(&format!("{SELECT_EVENT} ORDER BY pos"))
-            .map_err(|e| self.err(e))?;
-        let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
-        for row in rows {
-            let e = row.map_err(|e| self.err(e))?;
-            if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
-                out.push(e);
-                if out.len() >= limit {
-                    break;
+        self.each(filter, |e| {
+            out.push(e);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Every queued event matching `filter`, oldest first, handed to `f` one at a time (read a
+    /// page at a time: constant memory), until `f` returns false.
+    pub fn each(
+        &self,
+        filter: Option<&str>,
+        mut f: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = 0;
+        loop {
+            let page = self.page(after, PAGE)?;
+            let full = page.len() == PAGE;
+            for e in page {
+                after = e.pos;
+                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject)) && !f(e) {
+                    return Ok(());
                 }
             }
+            if !full {
+                return Ok(());
+            }
         }
-        Ok(out)
     }
 
     /// Delete queued events older than `before_us` whose subject matches `filter` (CLI purge).
@@ -539,19 +637,11 @@ impl Store {
                     doomed.push(pos);
                 }
             }
-            let mut del = tx
-                .prepare("DELETE FROM events WHERE pos = ?1")
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            for pos in &doomed {
-                del.execute(params![pos]).map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            }
         }
+        delete_each(&tx, "events", &doomed).map_err(|e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
         // The newest sequence may have gone with them: record the high-water mark.
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
@@ -566,62 +656,122 @@ impl Store {
         Ok(doomed.len() as u64)
     }
 
-    /// Ask the running daemon to replay kept events (it picks the request up within a second).
-    pub fn request_replay(
-        &mut self,
-        since_us: i64,
+    /// Delete parked events matching `filter` (CLI `purge --parked`). Returns how many.
+    pub fn purge_parked(&mut self, filter: Option<&str>) -> Result<u64, StoreError> {
+        let mut doomed = Vec::new();
+        self.each_parked(filter, |e, _| {
+            doomed.push(e.pos as i64);
+            true
+        })?;
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        delete_each(&tx, "parked", &doomed).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(doomed.len() as u64)
+    }
+
+    /// Every parked event matching `filter` with its reason, oldest first, handed to `f` a page
+    /// at a time (constant memory), until `f` returns false.
+    pub fn each_parked(
+        &self,
         filter: Option<&str>,
+        mut f: impl FnMut(StoredEvent, String) -> bool,
     ) -> Result<(), StoreError> {
+        let mut after = 0;
+        loop {
+            let page = self.parked_page(after, PAGE)?;
+            let full = page.len() == PAGE;
+            for (e, reason) in page {
+                after = e.pos;
+                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject))
+                    && !f(e, reason)
+                {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Ask the running daemon to do `req` (it picks the request up within a second).
+    pub fn request(&mut self, req: &Request) -> Result<(), StoreError> {
+        let (kind, since_us, filter) = match req {
+            Request::Replay { since_us, filter } => ("replay", *since_us, filter),
+            Request::Retry { filter } => ("retry", 0, filter),
+        };
         self.conn
             .execute(
-                "INSERT INTO requests (kind, since_us, filter) VALUES ('replay', ?1, ?2)",
-                params![since_us, filter],
+                "INSERT INTO requests (kind, since_us, filter) VALUES (?1, ?2, ?3)",
+                params![kind, since_us, filter],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
     /// Pending CLI requests, removed from the table.
-    pub fn take_requests(&mut self) -> Result<Vec<(i64, Option<String>)>, StoreError> {
+    pub fn take_requests(&mut self) -> Result<Vec<Request>, StoreError> {
         let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
             path: self.path.clone(),
             source: e,
         })?;
+        let err = |e| StoreError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        };
         let mut out = Vec::new();
         {
             let mut stmt = tx
-                .prepare("SELECT since_us, filter FROM requests WHERE kind = 'replay' ORDER BY id")
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+                .prepare("SELECT kind, since_us, filter FROM requests ORDER BY id")
+                .map_err(err)?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
                 })
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+                .map_err(err)?;
             for row in rows {
-                out.push(row.map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?);
+                let (kind, since_us, filter) = row.map_err(err)?;
+                match kind.as_str() {
+                    "replay" => out.push(Request::Replay { since_us, filter }),
+                    "retry" => out.push(Request::Retry { filter }),
+                    other => tracing::warn!(kind = other, "queue: unknown request ignored"),
+                }
             }
         }
-        if !out.is_empty() {
-            tx.execute("DELETE FROM requests", [])
-                .map_err(|e| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+        let seen: i64 = tx
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .map_err(err)?;
+        if seen > 0 {
+            tx.execute("DELETE FROM requests", []).map_err(err)?;
         }
-        tx.commit().map_err(|e| StoreError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        tx.commit().map_err(err)?;
         Ok(out)
+    }
+
+    /// Carry out `req` in one transaction: the one implementation, used by the daemon's writer
+    /// (for a CLI request) and by the CLI itself when no daemon runs (holding the data-dir
+    /// lock). Returns how many events were queued again.
+    pub fn apply(&mut self, req: &Request) -> Result<(u64, Committed), StoreError> {
+        let kept = match req {
+            Request::Replay { since_us, filter } => {
+                self.kept_since(*since_us, filter.as_deref())?
+            }
+            Request::Retry { .. } => Vec::new(),
+        };
+        let mut txn = self.begin()?;
+        let n = match req {
+            Request::Replay { .. } => txn.requeue(&kept)?,
+            Request::Retry { filter } => txn.unpark(filter.as_deref())?,
+        };
+        txn.commit().map(|c| (n, c))
     }
 
     /// Kept (acknowledged) events received since `since_us`, matching `filter`, oldest first.
@@ -647,6 +797,39 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` queued events after position `after`, in position order (one page of an
+    /// export: constant memory however long the queue).
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(PAGE));
+        self.select_into(
+            &format!("{SELECT_EVENT} WHERE pos > ?1 ORDER BY pos LIMIT ?2"),
+            params![after as i64, limit as i64],
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Like [`Store::page`], of the parked events, each with the reason it was set aside.
+    pub fn parked_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(StoredEvent, String)>, StoreError> {
+        if !self.has_parked {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT pos, seq, class, time_us, subject, topic, body, reason FROM parked WHERE pos > ?1 ORDER BY pos LIMIT ?2")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok((row_to_event(r)?, r.get::<_, String>(7)?))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| r.map_err(|e| self.err(e))).collect()
+    }
+
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let oldest: Option<i64> = self
             .conn
@@ -661,6 +844,13 @@ impl Store {
             .conn
             .query_row("SELECT COUNT(*) FROM acked", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
+        let parked: i64 = if self.has_parked {
+            self.conn
+                .query_row("SELECT COUNT(*) FROM parked", [], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+        } else {
+            0
+        };
         Ok(Stats {
             depth: self.depth,
             bytes: self.bytes,
@@ -668,6 +858,7 @@ impl Store {
             oldest_us: oldest,
             next_sequence: self.next_seq,
             kept: kept as u64,
+            parked: parked as u64,
         })
     }
 
@@ -692,6 +883,30 @@ impl Store {
         self.limits
     }
 
+    /// While its file system is short of `queue.min_free`, the queue grows no further: capped
+    /// at its size when the shortage began (at least one byte: an empty queue then takes
+    /// nothing new). The cap stays put while the shortage lasts (new events take the place of
+    /// old ones in the pages they freed); `false` lifts it.
+    pub fn cap_at_current_size(&mut self, cap: bool) {
+        self.space_cap = match (cap, self.space_cap) {
+            (false, _) => 0,
+            (true, 0) => self.bytes.max(1),
+            (true, c) => c,
+        };
+    }
+
+    /// Size of the WAL file now (0 when there is none).
+    pub fn wal_len(&self) -> u64 {
+        std::fs::metadata(format!("{}-wal", self.path.display()))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Is the queue capped by the free space of its file system?
+    pub fn space_capped(&self) -> bool {
+        self.space_cap > 0
+    }
+
     /// Give up to `pages` free pages back to the file system.
     pub fn reclaim(&mut self, pages: u32) -> Result<(), StoreError> {
         self.conn
@@ -713,6 +928,19 @@ impl Store {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| self.err(e))
     }
+}
+
+/// Delete the rows of `table` at `positions`, one statement each.
+fn delete_each(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    positions: &[i64],
+) -> rusqlite::Result<()> {
+    let mut del = tx.prepare(&format!("DELETE FROM {table} WHERE pos = ?1"))?;
+    for p in positions {
+        del.execute(params![p])?;
+    }
+    Ok(())
 }
 
 fn integrity_failed(e: &StoreError) -> bool {
@@ -762,6 +990,8 @@ pub struct Txn<'a> {
     tx: rusqlite::Transaction<'a>,
     path: &'a Path,
     limits: &'a Limits,
+    /// `limits.max_bytes`, or less while the file system is short of space (0: unbounded).
+    max_bytes: u64,
     next_seq: &'a mut u64,
     next_pos: &'a mut u64,
     depth: &'a mut u64,
@@ -824,7 +1054,7 @@ impl Txn<'_> {
 
     fn over(&self, extra_events: u64, extra_bytes: u64) -> bool {
         (self.limits.max_events > 0 && self.depth_now() + extra_events > self.limits.max_events)
-            || (self.limits.max_bytes > 0 && self.bytes_now() + extra_bytes > self.limits.max_bytes)
+            || (self.max_bytes > 0 && self.bytes_now() + extra_bytes > self.max_bytes)
     }
 
     /// Append `event` with the next sequence, as the envelope from `source`, making room or
@@ -889,7 +1119,7 @@ impl Txn<'_> {
     /// so eviction runs once per batch, not once per event. Returns whether it fits now.
     fn evict_for(&mut self, events: u64, bytes: u64, incoming: Class) -> Result<bool, StoreError> {
         let slack_events = self.limits.max_events / 64;
-        let slack_bytes = self.limits.max_bytes / 64;
+        let slack_bytes = self.max_bytes / 64;
         for class in [Class::Telemetry, Class::Alert] {
             if class == Class::Alert && incoming == Class::Telemetry {
                 break;
@@ -916,10 +1146,10 @@ impl Txn<'_> {
         } else {
             0
         };
-        let by_bytes = if self.limits.max_bytes > 0 && depth > 0 {
+        let by_bytes = if self.max_bytes > 0 && depth > 0 {
             let avg = (self.bytes_now() / depth).max(1);
             (self.bytes_now() + bytes)
-                .saturating_sub(self.limits.max_bytes)
+                .saturating_sub(self.max_bytes)
                 .div_ceil(avg)
         } else {
             0
@@ -1021,13 +1251,18 @@ impl Txn<'_> {
                     .map_err(|e| self.err(e))?;
             }
         }
+        self.delete_runs(&runs)
+    }
+
+    /// Delete the rows of `runs` (inclusive position ranges) from `events`, counted.
+    fn delete_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), StoreError> {
         let newest = (*self.next_seq + self.new_seq).saturating_sub(1) as i64;
         let mut stmt = self
             .tx
             .prepare_cached("DELETE FROM events WHERE pos BETWEEN ?1 AND ?2 RETURNING seq, class, LENGTH(body) + LENGTH(topic) + LENGTH(subject)")
             .map_err(|e| self.err(e))?;
         let (mut depth, mut bytes, mut alerts, mut newest_gone) = (0i64, 0i64, 0i64, false);
-        for &(a, b) in &runs {
+        for &(a, b) in runs {
             let mut rows = stmt
                 .query(params![a as i64, b as i64])
                 .map_err(|e| self.err(e))?;
@@ -1049,6 +1284,74 @@ impl Txn<'_> {
         self.d_alerts -= alerts;
         self.removed_newest |= newest_gone;
         Ok(())
+    }
+
+    /// Set queued events aside (see the module doc): moved to `parked` with `reason`. Unknown
+    /// positions are ignored. Returns how many were moved; parked events beyond [`PARKED_MAX`]
+    /// (the oldest) are deleted and counted in `removed.evicted`.
+    pub fn park(
+        &mut self,
+        positions: &[u64],
+        reason: &str,
+        now_us: i64,
+    ) -> Result<u64, StoreError> {
+        let runs = runs(positions);
+        let mut moved = 0;
+        {
+            let mut copy = self
+                .tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO parked (pos, seq, class, time_us, parked_us, reason, subject, topic, body)
+                     SELECT pos, seq, class, time_us, ?3, ?4, subject, topic, body FROM events WHERE pos BETWEEN ?1 AND ?2",
+                )
+                .map_err(|e| self.err(e))?;
+            for &(a, b) in &runs {
+                moved += copy
+                    .execute(params![a as i64, b as i64, now_us, reason])
+                    .map_err(|e| self.err(e))? as u64;
+            }
+        }
+        self.delete_runs(&runs)?;
+        // Parked events are bounded too: beyond PARKED_MAX the oldest go (counted as evicted).
+        let over = self
+            .tx
+            .execute(
+                "DELETE FROM parked WHERE pos IN (SELECT pos FROM parked ORDER BY pos LIMIT MAX(0, (SELECT COUNT(*) FROM parked) - ?1))",
+                params![PARKED_MAX as i64],
+            )
+            .map_err(|e| self.err(e))? as u64;
+        self.removed.evicted += over;
+        Ok(moved)
+    }
+
+    /// Queue parked events again (`queue retry`; same envelope), matching `filter`, at the end
+    /// of the queue. Returns how many.
+    pub fn unpark(&mut self, filter: Option<&str>) -> Result<u64, StoreError> {
+        let mut events = Vec::new();
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT pos, seq, class, time_us, subject, topic, body FROM parked ORDER BY pos")
+                .map_err(|e| self.err(e))?;
+            let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
+            for r in rows {
+                let e = r.map_err(|e| self.err(e))?;
+                if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+                    events.push(e);
+                }
+            }
+        }
+        {
+            let mut del = self
+                .tx
+                .prepare_cached("DELETE FROM parked WHERE pos = ?1")
+                .map_err(|e| self.err(e))?;
+            for e in &events {
+                del.execute(params![e.pos as i64])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        self.requeue(&events)
     }
 
     /// Queue kept events again (same envelope: same id and sequence) at the end of the queue.
@@ -1403,6 +1706,84 @@ mod tests {
             seq == 1 || seq == 501,
             "numbering restarts only if nothing could be salvaged: {seq}"
         );
+    }
+
+    #[test]
+    fn the_cli_reads_a_queue_written_before_parking_existed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let mut s = open(dir.path(), Limits::default());
+            let mut t = s.begin().unwrap();
+            t.append(&ev(Class::Telemetry, "a"), "src").unwrap();
+            t.commit().unwrap();
+            s.conn.execute_batch("DROP TABLE parked").unwrap();
+        }
+        let s = Store::open_cli(&path, false).unwrap();
+        assert_eq!(s.stats().unwrap().parked, 0);
+        assert!(s.parked_page(0, 10).unwrap().is_empty());
+        assert_eq!(s.peek(10, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn parked_events_leave_the_queue_and_come_back_on_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), Limits::default());
+        let mut t = s.begin().unwrap();
+        for n in ["a", "b", "c"] {
+            t.append(&ev(Class::Telemetry, n), "src").unwrap();
+        }
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        assert_eq!(t.park(&[2, 9], "bad", 0).unwrap(), 1);
+        t.commit().unwrap();
+        assert_eq!(subjects(&s), ["a", "c"]);
+        let st = s.stats().unwrap();
+        assert_eq!((st.depth, st.parked), (2, 1));
+        let parked = s.parked_page(0, 10).unwrap();
+        assert_eq!(
+            (parked[0].0.subject.as_str(), parked[0].1.as_str()),
+            ("b", "bad")
+        );
+        // Bounded: beyond PARKED_MAX the oldest parked go, counted.
+        let mut t = s.begin().unwrap();
+        for _ in 0..PARKED_MAX {
+            t.append(&ev(Class::Telemetry, "x"), "src").unwrap();
+        }
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        let first_x = 4;
+        let positions: Vec<u64> = (first_x..first_x + PARKED_MAX).collect();
+        assert_eq!(t.park(&positions, "flood", 0).unwrap(), PARKED_MAX);
+        assert_eq!(t.commit().unwrap().removed.evicted, 1);
+        assert_eq!(s.stats().unwrap().parked, PARKED_MAX);
+        assert_eq!(
+            s.parked_page(0, 1).unwrap()[0].0.subject,
+            "x",
+            "b went first"
+        );
+        let mut t = s.begin().unwrap();
+        t.unpark(Some("x")).unwrap();
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        t.ack(
+            &(first_x + PARKED_MAX..first_x + 3 * PARKED_MAX).collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        t.commit().unwrap();
+        assert_eq!(subjects(&s), ["a", "c"]);
+        let mut t = s.begin().unwrap();
+        t.park(&[1], "bad", 0).unwrap();
+        t.commit().unwrap();
+        let parked = s.parked_page(0, 10).unwrap();
+        let (n, _) = s.apply(&Request::Retry { filter: None }).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(subjects(&s), ["c", "a"]);
+        let again = s.lease(Cursor::default(), 10).unwrap();
+        assert_eq!(again[1].body, parked[0].0.body, "same envelope");
+        assert!(again[1].pos > first_x + PARKED_MAX, "a new position");
+        assert_eq!(s.stats().unwrap().parked, 0);
     }
 
     #[test]

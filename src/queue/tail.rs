@@ -27,6 +27,8 @@ use crate::event::Class;
 /// reader at the head of the queue.
 #[derive(Debug, Default)]
 pub struct Reader {
+    /// The queue file this reader's positions belong to (see [`Tail::new_epoch`]).
+    epoch: u64,
     cursor: Cursor,
     /// Caught up with the file at least once: the tail may answer from now on. (Before that
     /// the file holds what an earlier connection left unacknowledged, which the tail never has.)
@@ -36,6 +38,14 @@ pub struct Reader {
 impl Reader {
     /// Up to `limit` events from the tail, when it may and can answer; advances.
     pub fn from_tail(&mut self, tail: &mut Tail, limit: usize) -> Option<Vec<StoredEvent>> {
+        if self.epoch != tail.epoch {
+            // The file was replaced: start over at its head.
+            *self = Reader {
+                epoch: tail.epoch,
+                ..Reader::default()
+            };
+            return None;
+        }
         if !self.synced {
             return None;
         }
@@ -64,6 +74,9 @@ impl Reader {
 }
 
 pub struct Tail {
+    /// Bumped when the queue file is replaced while running (corruption): readers of an
+    /// earlier epoch start over.
+    epoch: u64,
     /// Lowest position the tail answers for.
     start: u64,
     /// Highest committed position pushed (or the one before `start` after a reset).
@@ -81,6 +94,7 @@ impl Tail {
     /// upstream: nobody would take the events).
     pub fn new(next_pos: u64, max_events: usize, max_bytes: usize) -> Tail {
         Tail {
+            epoch: 0,
             start: next_pos,
             end: next_pos.saturating_sub(1),
             events: VecDeque::new(),
@@ -98,6 +112,12 @@ impl Tail {
         self.alerts = 0;
         self.start = next_pos;
         self.end = next_pos.saturating_sub(1);
+    }
+
+    /// The queue file was replaced: forget what is held, and make every reader start over.
+    pub fn new_epoch(&mut self, next_pos: u64) {
+        self.epoch += 1;
+        self.reset(next_pos);
     }
 
     /// Does this tail keep events at all (a gateway with an upstream)?
@@ -208,6 +228,28 @@ mod tests {
         c.alert = 4;
         assert_eq!(positions(&t.take(&mut c, 10).unwrap()), vec![5]);
         assert_eq!((c.alert, c.telemetry), (5, 5));
+    }
+
+    #[test]
+    fn a_new_epoch_sends_every_reader_back_to_the_file() {
+        let mut t = Tail::new(1, 100, 1 << 20);
+        let mut r = Reader::default();
+        let leased = Leased {
+            rows: vec![ev(1, Class::Telemetry)],
+            upto: Some(1),
+        };
+        assert_eq!(positions(&r.from_file(leased, 10)), vec![1]);
+        t.push(ev(2, Class::Telemetry));
+        assert_eq!(positions(&r.from_tail(&mut t, 10).unwrap()), vec![2]);
+        // The file is replaced: the reader starts over at its head (cursor 0, not synced).
+        t.new_epoch(3);
+        t.push(ev(3, Class::Telemetry));
+        assert!(r.from_tail(&mut t, 10).is_none());
+        assert_eq!(r.cursor(), Cursor::default());
+        assert!(
+            r.from_tail(&mut t, 10).is_none(),
+            "must catch up with the file first"
+        );
     }
 
     #[test]
