@@ -554,7 +554,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             Duration::from_secs(1),
         ),
         max_batch: q.usize_in("max_batch", 1024, 1, 100_000),
-        min_free: q.min_free("min_free", "10%"),
+        min_free: q.min_free("min_free", "256MiB"),
     };
     q.finish();
 
@@ -950,7 +950,7 @@ mod tests {
     #[test]
     fn queue_min_free_is_a_size_or_a_percentage() {
         let q = |v: &str| from_toml(&format!("[queue]\nmin_free = {v}")).map(|c| c.queue.min_free);
-        assert_eq!(Config::defaults().queue.min_free, MinFree::Percent(10));
+        assert_eq!(Config::defaults().queue.min_free, MinFree::Bytes(256 << 20));
         assert_eq!(q("\"5%\"").unwrap(), MinFree::Percent(5));
         assert_eq!(q("\"64MiB\"").unwrap(), MinFree::Bytes(64 << 20));
         assert_eq!(q("0").unwrap(), MinFree::Bytes(0));

@@ -170,6 +170,10 @@ pub struct Committed {
     pub removed: Removed,
 }
 
+/// While the file system is short of `queue.min_free`, the queue may still hold this much
+/// (accounted bytes): live traffic goes on through a small queue, only a backlog is bounded.
+pub const SPACE_CAP_FLOOR: u64 = 1 << 20;
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -887,10 +891,15 @@ impl Store {
     /// at its size when the shortage began (at least one byte: an empty queue then takes
     /// nothing new). The cap stays put while the shortage lasts (new events take the place of
     /// old ones in the pages they freed); `false` lifts it.
+    ///
+    /// The cap is never below the space the file already holds (an emptied queue reuses its
+    /// free pages without growing the file) nor below [`SPACE_CAP_FLOOR`]: a queue that drains
+    /// as fast as it fills keeps working on a nearly full disk, and only a backlog is bounded.
     pub fn cap_at_current_size(&mut self, cap: bool) {
+        let held = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         self.space_cap = match (cap, self.space_cap) {
             (false, _) => 0,
-            (true, 0) => self.bytes.max(1),
+            (true, 0) => self.bytes.max(held).max(SPACE_CAP_FLOOR),
             (true, c) => c,
         };
     }
