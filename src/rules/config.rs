@@ -470,6 +470,7 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
                         ratio,
                         memory: memory.as_secs_f64(),
                         warmup: a.usize_in("warmup", OUTLIER_WARMUP as usize, 5, 1_000_000) as u32,
+                        seasonal: a.opt_bool("seasonal").unwrap_or(true),
                     })
                 }
                 "flatline" => {

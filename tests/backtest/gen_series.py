@@ -113,7 +113,7 @@ at = 4500
 write("variance_up.csv",
       [30 + 8 * daily(i) + rng.gauss(0, 0.5 * (5 if i >= at else 1)) for i in range(N)], [at])
 # 14. Pump 8 h a day with noise; one day it does not stop (runs on), and its current rises.
-at = 22 * DAY + 100
+at = 19 * DAY + 100   # (was 22 days: past the end of the series)
 write("pump_runs_on.csv",
       [(3.2 + rng.gauss(0, 0.05) + (1.5 if at <= i < at + 150 else 0)) if ((i % DAY) < 96 or at <= i < at + 150) else 0.0
        for i in range(N)], [at])

@@ -129,12 +129,106 @@ fn a_constant_series_is_not_stuck() {
 fn per_sensor_state_is_small() {
     // Stated in the module docs and ARCHITECTURE.md.
     println!(
-        "Outlier {} B, Flatline {} B, DetectorState {} B",
+        "Outlier {} B, Flatline {} B, DetectorState {} B, Season {} B",
         std::mem::size_of::<Outlier>(),
         std::mem::size_of::<Flatline>(),
-        std::mem::size_of::<DetectorState>()
+        std::mem::size_of::<DetectorState>(),
+        std::mem::size_of::<Season>()
     );
-    assert!(std::mem::size_of::<Outlier>() <= 104);
+    assert!(std::mem::size_of::<Outlier>() <= 168);
     assert!(std::mem::size_of::<Flatline>() <= 48);
-    assert!(std::mem::size_of::<DetectorState>() <= 112);
+    assert!(std::mem::size_of::<DetectorState>() <= 168);
+    // The time-of-day profile, allocated with an outlier detector's first reading.
+    assert!(std::mem::size_of::<Season>() <= 224);
+}
+
+/// Alert onsets of one outlier detector over `values` read every `step` seconds from `t0`.
+fn outlier_alerts(s: &OutlierSettings, values: &[f64], t0: f64, step: f64) -> Vec<usize> {
+    let mut o = Outlier::default();
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &v)| {
+            let verdict = o.update(s, t0 + i as f64 * step, v);
+            (verdict.transition == Some(Transition::Start)).then_some(i)
+        })
+        .collect()
+}
+
+/// 2023-11-14 00:00:00 UTC.
+const MIDNIGHT: f64 = 1_699_920_000.0;
+
+#[test]
+fn a_pump_running_at_3_am_when_it_never_did_is_flagged() {
+    // One reading a minute; the pump runs 08:00-16:00 with noise, every day for 12 days. On day
+    // 10 it also runs 03:00-04:00: the same current and the same start jump as every morning,
+    // only at the wrong hour.
+    let mut x = 11u64;
+    let day = 1440;
+    let v: Vec<f64> = (0..12 * day)
+        .map(|i| {
+            let minute = i % day;
+            let runs =
+                (480..960).contains(&minute) || (i / day == 10 && (180..240).contains(&minute));
+            if runs {
+                3.2 + 0.05 * noise(&mut x)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let onset = 10 * day + 180;
+    let seasonal = outlier_alerts(&OutlierSettings::default(), &v, MIDNIGHT, 60.0);
+    // Alerts after day 2 only within the unusual run (and its stop), the first at its start.
+    let late: Vec<usize> = seasonal.iter().copied().filter(|&i| i >= 2 * day).collect();
+    assert!(
+        !late.is_empty() && (onset..onset + 5).contains(&late[0]),
+        "alerts at {late:?}, onset {onset}"
+    );
+    assert!(
+        late.iter().all(|&i| i <= onset + 65),
+        "alerts at {late:?}, onset {onset}"
+    );
+    // Without the time-of-day profile nothing in the reading itself is new.
+    let plain = OutlierSettings {
+        seasonal: false,
+        ..OutlierSettings::default()
+    };
+    let without = outlier_alerts(&plain, &v, MIDNIGHT, 60.0);
+    assert!(without.iter().all(|&i| i < 2 * day), "{without:?}");
+    // And through the shipped default rules.
+    let r = run_defaults(&v, 60);
+    assert!(
+        alerts(&r).iter().any(|i| (onset..onset + 5).contains(i)),
+        "{:?}",
+        alerts(&r)
+    );
+}
+
+#[test]
+fn clean_periodic_signals_stay_quiet_with_the_time_of_day_profile() {
+    // Daily sine and an 8 h/day pump, noiseless and sampled every 5 minutes from a time that is
+    // not midnight, 40 days: the profile learns every slot and finds nothing.
+    let t0 = MIDNIGHT + 37_000.0;
+    let s = OutlierSettings::default();
+    let sine: Vec<f64> = (0..40 * 288)
+        .map(|i| 50.0 + 20.0 * (std::f64::consts::TAU * i as f64 / 288.0).sin())
+        .collect();
+    assert_eq!(outlier_alerts(&s, &sine, t0, 300.0), Vec::<usize>::new());
+    let pump: Vec<f64> = (0..40 * 288)
+        .map(|i| if i % 288 < 96 { 3.2 } else { 0.0 })
+        .collect();
+    assert_eq!(outlier_alerts(&s, &pump, t0, 300.0), Vec::<usize>::new());
+    // A weekly cycle (weekends at 60 %) with noise: quiet after its first weekend.
+    let mut x = 5u64;
+    let weekly: Vec<f64> = (0..42 * 288)
+        .map(|i| {
+            let level = if (i / 288) % 7 < 5 { 1.0 } else { 0.6 };
+            100.0
+                + level * 30.0 * (std::f64::consts::TAU * i as f64 / 288.0).sin()
+                + 6.0 * noise(&mut x)
+        })
+        .collect();
+    let a = outlier_alerts(&s, &weekly, MIDNIGHT, 300.0);
+    assert!(a.iter().all(|&i| i < 7 * 288), "alerts at {a:?}");
 }
