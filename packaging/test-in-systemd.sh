@@ -366,8 +366,8 @@ else
         ARM_SIZE=$(stat -c %s "$ARM_BIN")
         fact "arm64 binary ${ARM_SIZE} B"
         pass "arm64 package built in $(($(date +%s) - t))s: $(echo "$line" | awk '{print $2}')"
-        [ "$ARM_SIZE" -le 6000000 ] && pass "arm64 stripped binary $ARM_SIZE bytes (budget 6 MB)" ||
-            fail arm64-size "stripped binary $ARM_SIZE bytes, over the 6 MB budget"
+        [ "$ARM_SIZE" -le 7000000 ] && pass "arm64 stripped binary $ARM_SIZE bytes (budget 7 MB, issue 16)" ||
+            fail arm64-size "stripped binary $ARM_SIZE bytes, over the 7 MB budget"
         mkdir -p "$WORK/arm64-data"
         cat >"$WORK/arm64.toml" <<EOF
 [gateway]

@@ -79,3 +79,39 @@ async fn status_changes_are_published_when_they_happen() {
     assert!(got.len() <= 2, "{got:?}");
     gw.shutdown().await;
 }
+
+/// `/healthz` is true while delivery flows and false while it cannot: the upstream unreachable
+/// for longer than a reconnect (issue 12's soak requirement). The watchdog is still pinged then
+/// (a restart would not bring the uplink back); that side is in ops::supervisor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_says_when_the_upstream_is_unreachable() {
+    let mut cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Some(&cloud.url()));
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let gw = start_gateway(cfg).await;
+    let addr = gw.metrics_addr.expect("metrics endpoint");
+    let health = move || http_get(addr, "/healthz");
+    let healthy = move || health().0 == 200;
+    assert!(
+        eventually(Duration::from_secs(15), healthy).await,
+        "{:?}",
+        health()
+    );
+    cloud.stop();
+    // The grace (10 s) plus a supervisor tick or two.
+    assert!(
+        eventually(Duration::from_secs(20), move || !healthy()).await,
+        "still healthy with the upstream gone"
+    );
+    let (code, body) = health();
+    assert_eq!(code, 503);
+    assert!(body.contains("upstream unreachable"), "{body}");
+    cloud.restart();
+    assert!(
+        eventually(Duration::from_secs(20), healthy).await,
+        "not healthy again after the upstream returned: {:?}",
+        health()
+    );
+    gw.shutdown().await;
+}

@@ -8,15 +8,19 @@
 //! - ingest, rules, forwarder: their tasks have not ended (the forwarder ends at once, by design,
 //!   when no upstream is configured);
 //! - queue writer: answers a stats request within [`QUEUE_REPLY_LIMIT`] (the request waits
-//!   behind the appends in the writer's channel, so a stuck writer cannot answer), and its
-//!   last commit succeeded (a full disk or an I/O error makes the gateway unhealthy until a
-//!   commit succeeds again);
+//!   behind the appends in the writer's channel, so a stuck writer cannot answer);
 //! - rules stage and queue writer together: readings keep arriving but for
 //!   [`COMMIT_STALL_LIMIT`] not one event was committed or dropped (every reading leaves the
 //!   rules stage as a committed event or a counted drop);
 //! - forwarder, while connected: events are queued but for [`FORWARD_STALL_LIMIT`] not one was
 //!   acknowledged (a healthy forwarder either gets acks or drops the link after
 //!   `upstream.ack_timeout` and reports itself disconnected).
+//!
+//! Besides, the gateway is *degraded* while delivery cannot flow: the queue's commits fail (a
+//! full disk, an I/O error) or the upstream has been unreachable for [`UPSTREAM_DOWN_GRACE`].
+//! `/healthz` answers 503 with the reason, systemd's `STATUS=` and the status page show it, but
+//! the watchdog is still pinged: a restart cures neither, and a restart during failing commits
+//! would lose the readings the writer holds for its retry.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +41,9 @@ pub const QUEUE_REPLY_LIMIT: Duration = Duration::from_secs(5);
 pub const COMMIT_STALL_LIMIT: Duration = Duration::from_secs(60);
 /// Connected, events queued, no acknowledgement for this long: forwarder wedged.
 pub const FORWARD_STALL_LIMIT: Duration = Duration::from_secs(120);
+/// The upstream unreachable for this long: `/healthz` reports that delivery cannot flow
+/// (shorter outages are reconnects; the forwarder's first retries come within a second).
+pub const UPSTREAM_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Periodic health check: feeds `/healthz`, systemd `STATUS=` and the watchdog.
 pub struct Watched {
@@ -68,6 +75,8 @@ impl Watched {
         let mut commits = StallDetector::new(COMMIT_STALL_LIMIT);
         let mut forwards = StallDetector::new(FORWARD_STALL_LIMIT);
         let mut last_pinged = true;
+        let mut upstream_down_since: Option<Instant> = None;
+        let mut was_degraded = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -91,11 +100,27 @@ impl Watched {
                     None
                 }
             };
+            // Degraded, not wedged: `/healthz` says so, but the watchdog is still pinged, since
+            // a restart cures neither and would lose what the writer holds for a retry.
+            let mut degraded = Vec::new();
             if let Some(e) = self.queue.commit_error() {
-                problems.push(format!("queue commits failing: {e}"));
+                degraded.push(format!("queue commits failing: {e}"));
             }
             let up = self.upstream.borrow().clone();
             let now = Instant::now();
+            if !self.upstream_configured || up.connected {
+                upstream_down_since = None;
+            } else {
+                let since = *upstream_down_since.get_or_insert(now);
+                let down = now.duration_since(since);
+                if down >= UPSTREAM_DOWN_GRACE {
+                    degraded.push(format!(
+                        "upstream unreachable for {}s ({}): events wait in the queue",
+                        down.as_secs(),
+                        up.last_error.as_deref().unwrap_or("connecting")
+                    ));
+                }
+            }
 
             // Readings in, but nothing out of the rules stage into the queue (or dropped).
             let dropped: u64 = self.metrics.drops().iter().map(|(_, n)| n).sum();
@@ -131,6 +156,16 @@ impl Watched {
                 )
             };
             let depth = stats.as_ref().map(|s| s.depth).unwrap_or(0);
+            let wedged = !problems.is_empty();
+            if !degraded.is_empty() && !was_degraded {
+                tracing::warn!(
+                    problems = degraded.join("; "),
+                    "gateway degraded (reported by /healthz; the watchdog is still pinged)"
+                );
+            }
+            was_degraded = !degraded.is_empty();
+            let wedged_problems = problems.join("; ");
+            problems.extend(degraded);
             let healthy = problems.is_empty();
             let (r, f) = (
                 self.metrics.readings_received.get(),
@@ -154,19 +189,19 @@ impl Watched {
                 readings,
                 self.metrics.events_forwarded.get()
             ));
-            if healthy {
+            if !wedged {
                 systemd::watchdog_ping();
                 if !last_pinged {
-                    tracing::info!("gateway healthy again");
+                    tracing::info!("gateway making progress again");
                 }
             } else {
                 tracing::error!(
-                    problems = problems.join("; "),
+                    problems = wedged_problems,
                     watchdog = watchdog.is_some(),
                     "gateway unhealthy: watchdog pings withheld"
                 );
             }
-            last_pinged = healthy;
+            last_pinged = !wedged;
             if let Ok(mut p) = self.problems.lock() {
                 *p = problems;
             }
