@@ -393,11 +393,12 @@ impl Forwarder {
 
     /// Some brokers refuse an event by closing the connection (Mosquitto after an MQTT 5 ACL
     /// denial; any broker for a packet over its size limit), often before the PUBACK can be read;
-    /// and the client library may refuse a request outright. When connections keep dying with
-    /// the same oldest message (or the same refused request), a single event is set aside
-    /// (parked: the upstream will never take it as it is), a batch is held back for
-    /// [`REFUSED_RETRY`] (which of its events is to blame is unknown), so neither can stall
-    /// everything behind it.
+    /// and the client library may refuse a request outright. When the library refuses the same
+    /// single event again and again, it is set aside (parked: the upstream will never take it
+    /// as it is); when connections keep dying with the same oldest message, or a batch is
+    /// refused, those events are held back for [`REFUSED_RETRY`] (a dying connection is no proof
+    /// against the event, and which of a batch's events is to blame is unknown), so none can
+    /// stall everything behind it.
     async fn note_failure_head(&mut self, state: &Inflight) {
         // The oldest event on the wire, if it left just before the connection died (a dead or
         // flapping link kills connections long after the send: that is not a refusal).
@@ -420,19 +421,19 @@ impl Forwarder {
             return;
         }
         self.failure_head = None;
-        if head.len() == 1 {
-            let why = if state.refused_request.is_some() {
-                format!("refused by the MQTT client library {count} times in a row")
-            } else {
-                format!("the upstream closed the connection on it {count} times in a row")
-            };
+        // Only the client library's refusal is evidence tied to the event: a connection that
+        // dies just after a send may die for other reasons (two gateways sharing a client id, a
+        // proxy that drops new connections), and the oldest event is the first one sent on
+        // every connection, so parking on that would set healthy events aside one by one.
+        if head.len() == 1 && state.refused_request.is_some() {
+            let why = format!("refused by the MQTT client library {count} times in a row");
             tracing::warn!(position = head.first().copied(), reason = %why, "setting an event aside (queue peek --parked)");
             self.metrics.events_refused.inc();
             let _ = self.queue.park(head.to_vec(), why).await;
         } else {
             // (Not held back already: it was sent on this connection.)
             self.hold_back(head);
-            tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on this batch every time; holding its events back (they stay queued)");
+            tracing::warn!(position = head.first().copied(), events = head.len(), connections = count, retry_in = ?REFUSED_RETRY, "the upstream drops the connection on these events every time; holding them back (they stay queued)");
         }
     }
 }

@@ -103,7 +103,8 @@ impl Watched {
             // Degraded, not wedged: `/healthz` says so, but the watchdog is still pinged, since
             // a restart cures neither and would lose what the writer holds for a retry.
             let mut degraded = Vec::new();
-            if let Some(e) = self.queue.commit_error() {
+            let commit_error = self.queue.commit_error();
+            if let Some(e) = &commit_error {
                 degraded.push(format!("queue commits failing: {e}"));
             }
             let up = self.upstream.borrow().clone();
@@ -127,7 +128,15 @@ impl Watched {
             let out = self.metrics.events_committed.get() + dropped;
             let readings = self.metrics.readings_received.get();
             if let Some(stalled) = commits.observe_input(out, readings, now) {
-                problems.push(format!(
+                // While commits fail (reported as degraded above), readings wait in the
+                // writer's retry buffer: a restart would lose them, so this is no reason to
+                // withhold the watchdog.
+                let list = if commit_error.is_some() {
+                    &mut degraded
+                } else {
+                    &mut problems
+                };
+                list.push(format!(
                     "readings arrive but nothing was committed or dropped for {}s (rules stage or queue writer wedged)",
                     stalled.as_secs()
                 ));

@@ -365,6 +365,15 @@ impl Writer {
         if !appends.is_empty() || !acks.is_empty() || !self.retry.is_empty() {
             self.commit(&mut appends, &mut acks, false);
         }
+        // A commit takes one group of the retry buffer: while commits work (again), the rest
+        // follows, group by group, before anything is counted as lost.
+        while !self.retry.is_empty() && self.last_error_log.is_none() {
+            let before = self.retry.len();
+            self.commit(&mut appends, &mut acks, false);
+            if self.retry.len() >= before {
+                break;
+            }
+        }
         if !self.retry.is_empty() {
             let n = self.retry.len() as u64;
             self.metrics.drop_events(

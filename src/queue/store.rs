@@ -390,6 +390,11 @@ impl Store {
         };
         let conn = Connection::open_with_flags(path, flags).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        if write {
+            // A file from before a table existed (`parked`): writes hold the data-dir lock, so
+            // adding what is missing cannot race a daemon.
+            conn.execute_batch(SCHEMA).map_err(err)?;
+        }
         let has_parked = conn
             .query_row(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'parked'",
@@ -1731,6 +1736,14 @@ mod tests {
         let s = Store::open_cli(&path, false).unwrap();
         assert_eq!(s.stats().unwrap().parked, 0);
         assert!(s.parked_page(0, 10).unwrap().is_empty());
+        assert_eq!(s.peek(10, None).unwrap().len(), 1);
+        drop(s);
+        // The CLI's writes (retry, purge --parked) on such a file: the table is added first.
+        let mut s = Store::open_cli(&path, true).unwrap();
+        assert_eq!(s.purge_parked(None).unwrap(), 0);
+        let mut t = s.begin().unwrap();
+        assert_eq!(t.unpark(None).unwrap(), 0);
+        t.commit().unwrap();
         assert_eq!(s.peek(10, None).unwrap().len(), 1);
     }
 
