@@ -231,6 +231,8 @@ CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
 /// Most parked events kept: beyond, the oldest parked event is deleted (counted as evicted),
 /// so a flood of events the upstream cannot take cannot fill the disk.
 pub const PARKED_MAX: u64 = 10_000;
+/// Most bytes (envelope and topics) of parked events kept, likewise.
+pub const PARKED_MAX_BYTES: u64 = 64 << 20;
 
 /// Rows read per statement when paging through a table.
 const PAGE: usize = 1000;
@@ -1334,7 +1336,16 @@ impl Txn<'_> {
                 params![PARKED_MAX as i64],
             )
             .map_err(|e| self.err(e))? as u64;
-        self.removed.evicted += over;
+        // And by bytes (events up to the upstream's packet size could otherwise hold
+        // PARKED_MAX times that outside `max_bytes`): the oldest beyond PARKED_MAX_BYTES go.
+        let over_bytes = self
+            .tx
+            .execute(
+                "DELETE FROM parked WHERE pos <= (SELECT pos FROM (SELECT pos, SUM(length(body) + length(topic) + length(subject)) OVER (ORDER BY pos DESC) AS newer FROM parked) WHERE newer > ?1 ORDER BY pos DESC LIMIT 1)",
+                params![PARKED_MAX_BYTES as i64],
+            )
+            .map_err(|e| self.err(e))? as u64;
+        self.removed.evicted += over + over_bytes;
         Ok(moved)
     }
 
@@ -1745,6 +1756,31 @@ mod tests {
         assert_eq!(t.unpark(None).unwrap(), 0);
         t.commit().unwrap();
         assert_eq!(s.peek(10, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn parked_events_are_bounded_by_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), Limits::default());
+        let big = Bytes::from(vec![b'7'; 1 << 20]);
+        let n = PARKED_MAX_BYTES / (1 << 20) + 8;
+        let mut t = s.begin().unwrap();
+        for i in 0..n {
+            let mut e = ev(Class::Telemetry, &format!("s{i}"));
+            e.data = Data::Json(big.clone());
+            t.append(&e, "src").unwrap();
+        }
+        t.commit().unwrap();
+        let mut t = s.begin().unwrap();
+        let all: Vec<u64> = (1..=n).collect();
+        assert_eq!(t.park(&all, "too big", 0).unwrap(), n);
+        let removed = t.commit().unwrap().removed;
+        let parked = s.parked_page(0, 1000).unwrap();
+        let bytes: usize = parked.iter().map(|(e, _)| e.body.len()).sum();
+        assert!(bytes as u64 <= PARKED_MAX_BYTES, "{bytes} bytes parked");
+        assert_eq!(removed.evicted + parked.len() as u64, n, "the rest counted");
+        // The newest are kept.
+        assert_eq!(parked.last().unwrap().0.subject, format!("s{}", n - 1));
     }
 
     #[test]
