@@ -9,6 +9,7 @@ mod pipeline;
 
 mod conformance;
 mod limits;
+mod protocol;
 mod rules;
 mod security;
 mod status;

@@ -46,6 +46,9 @@ pub enum DropReason {
     RuleError,
     /// A rule's `publish` (or an alert's local copy) could not be handed to the local broker.
     LocalPublishFailed,
+    /// A message for a local MQTT 5 subscriber was larger than the Maximum Packet Size it
+    /// declared: withheld by the broker guard, as MQTT 5 §3.1.2.11.4 requires.
+    SubscriberMaxPacket,
 }
 
 impl DropReason {
@@ -64,6 +67,7 @@ impl DropReason {
             DropReason::RuleFiltered => "rule_filtered",
             DropReason::RuleError => "rule_error",
             DropReason::LocalPublishFailed => "local_publish_failed",
+            DropReason::SubscriberMaxPacket => "subscriber_max_packet_size",
         }
     }
 
