@@ -19,7 +19,8 @@ use crate::util::{start_gateway, test_config};
 /// every suite that runs the case. Each with the reason; remove an entry when its case passes.
 const EXPECTED_FAILURES: &[(&str, &str, &str)] = &[
     // No QoS downgrade: rumqttd delivers at the subscription's QoS, not min(publish, granted)
-    // (§3.8.4), so the three combinations with publish QoS < subscription QoS fail.
+    // (§3.8.4), so the three combinations with publish QoS < subscription QoS fail. The guard
+    // cannot repair it: a forwarded PUBLISH does not carry the QoS it was published with.
     ("*", "3.1.1", "qos_pub0_sub1"),
     ("*", "3.1.1", "qos_pub0_sub2"),
     ("*", "3.1.1", "qos_pub1_sub2"),
@@ -35,20 +36,8 @@ const EXPECTED_FAILURES: &[(&str, &str, &str)] = &[
     // paho 2.2 reports return code 1 as its MQTT 5 reason "unsupported protocol version" (0x84),
     // which the case does not take for 0x01.
     ("paho", "3.1.1", "mqtt31_connack"),
-    // MQTT 5: the Session Expiry Interval is ignored; whether a session outlives the connection
-    // follows the Clean Start flag of the CONNECT that made it (3.1.1 semantics). A session made
-    // with clean start 1 and expiry 300 (what paho and MQTT.js do here) is gone at reconnect:
-    // session present 0, QoS 1 messages published meanwhile lost. The CLI suite makes its
-    // session with clean start 0 (`-c -x 300`), so its offline_queue passes.
-    ("*", "5", "session_present"),
-    ("paho", "5", "offline_queue"),
-    ("mqttjs", "5", "offline_queue"),
-    // The other side of the same: a session made with clean start 0 is kept although its
-    // Session Expiry Interval is 0 (must end at the disconnect) or has elapsed (1 s, checked
-    // after 2.5 s).
-    ("*", "5", "session_expiry_zero"),
-    ("paho", "5", "session_expiry_elapsed"),
-    // No Local is ignored: the client's own publish is echoed back.
+    // No Local is ignored: the client's own publish is echoed back. rumqttd does not say who
+    // published a message it forwards, so the guard cannot tell the client's own ones apart.
     ("*", "5", "no_local"),
 ];
 

@@ -437,3 +437,122 @@ async fn receive_maximum_holds_deliveries_until_the_client_completes_them() {
     assert_eq!(got, vec![b"b".to_vec()]);
     gw.shutdown().await;
 }
+
+fn expiry(secs: u32) -> Vec<u8> {
+    let mut p = vec![0x11];
+    p.extend_from_slice(&secs.to_be_bytes());
+    p
+}
+
+/// Connect `id` (MQTT 5) with Clean Start `clean` and Session Expiry Interval `secs`: the
+/// socket and whether the CONNACK says session present.
+async fn session(addr: SocketAddr, id: &str, clean: bool, secs: u32) -> (TcpStream, bool) {
+    let flags = if clean { 0x02 } else { 0x00 };
+    let (s, body) = accepted(addr, &connect_with(true, id, flags, 30, &expiry(secs))).await;
+    (s, body[0] & 1 == 1)
+}
+
+/// Leave with a DISCONNECT (MQTT 5 properties `props`) and wait until the guard has let go.
+async fn leave(gw: &Gateway, mut s: TcpStream, props: &[u8]) {
+    let mut body = vec![0x00, props.len() as u8];
+    body.extend_from_slice(props);
+    s.write_all(&frame(0xe0, &body)).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    let guard = gw.broker().guard().clone();
+    assert!(eventually(Duration::from_secs(5), || guard.open_connections() == 0).await);
+    // The guard's own work at the end of a session (ending it at rumqttd) is done in the turn.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// MQTT 5 sessions (§3.1.2.4, §3.1.2.11.2) on rumqttd's MQTT 3.1.1 ones, where a session
+/// outlived its connection exactly when made with clean session 0: Clean Start 1 with an expiry
+/// makes a session that is kept (and its QoS 1 messages with it), expiry 0 ends it with the
+/// connection, an elapsed expiry ends it, a DISCONNECT may lower the expiry to 0, and a client
+/// back within its expiry keeps its session (the expiry does not end a connected one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_expiry_on_rumqttds_sessions() {
+    let (gw, _d) = gateway().await;
+    let addr = gw.broker_addr_v5.expect("v5 listener");
+
+    // Clean Start 1, expiry 300: kept, with what was published meanwhile.
+    let (mut s, present) = session(addr, "sx-keep", true, 300).await;
+    assert!(!present);
+    subscribed(&mut s, true, "sx/keep", 1).await;
+    leave(&gw, s, &[]).await;
+    publish_all(
+        gw.broker_addr,
+        "sx-pub-1",
+        "sx/keep",
+        1,
+        &[b"away".to_vec()],
+    )
+    .await;
+    let (mut s, present) = session(addr, "sx-keep", false, 300).await;
+    assert!(
+        present,
+        "clean start 1 + expiry 300: session present on resume"
+    );
+    assert_eq!(
+        receive_acking(&mut s, true, Duration::from_secs(2)).await,
+        vec![b"away".to_vec()],
+        "the QoS 1 message published while away"
+    );
+    // A DISCONNECT that sets the expiry to 0 ends it.
+    leave(&gw, s, &expiry(0)).await;
+    let (s, present) = session(addr, "sx-keep", false, 300).await;
+    assert!(!present, "ended by DISCONNECT with expiry 0");
+    // Clean Start 1 with an expiry discards the session that was there.
+    leave(&gw, s, &[]).await;
+    let (s, present) = session(addr, "sx-keep", true, 300).await;
+    assert!(!present, "clean start 1 discards the stored session");
+    leave(&gw, s, &expiry(0)).await;
+
+    // Clean Start 0, expiry 0: ends with the connection.
+    let (mut s, _) = session(addr, "sx-zero", false, 0).await;
+    subscribed(&mut s, true, "sx/zero", 1).await;
+    leave(&gw, s, &[]).await;
+    let (s, present) = session(addr, "sx-zero", false, 0).await;
+    assert!(!present, "expiry 0: no session after the disconnect");
+    leave(&gw, s, &[]).await;
+
+    // Expiry 1 s: gone after 2 s; back within it: kept, also past the old expiry while connected.
+    let (mut s, _) = session(addr, "sx-one", false, 1).await;
+    subscribed(&mut s, true, "sx/one", 1).await;
+    leave(&gw, s, &[]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (s, present) = session(addr, "sx-one", false, 1).await;
+    assert!(!present, "expiry 1 s: no session 2 s later");
+    leave(&gw, s, &[]).await;
+    let (mut s, _) = session(addr, "sx-back", false, 1).await;
+    subscribed(&mut s, true, "sx/back", 1).await;
+    leave(&gw, s, &[]).await;
+    let (mut s, present) = session(addr, "sx-back", false, 1).await;
+    assert!(present, "back within the expiry");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_all(
+        gw.broker_addr,
+        "sx-pub-2",
+        "sx/back",
+        1,
+        &[b"still".to_vec()],
+    )
+    .await;
+    assert_eq!(
+        receive_acking(&mut s, true, Duration::from_secs(2)).await,
+        vec![b"still".to_vec()],
+        "a connected session outlives the expiry of its previous connection"
+    );
+    leave(&gw, s, &expiry(0)).await;
+
+    // A DISCONNECT must not set an expiry when the CONNECT had 0: protocol error 0x82.
+    let (mut s, _) = session(addr, "sx-bad", false, 0).await;
+    let props = expiry(60);
+    let mut body = vec![0x00, props.len() as u8];
+    body.extend_from_slice(&props);
+    s.write_all(&frame(0xe0, &body)).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert_eq!(rest, vec![0xe0, 0x01, 0x82], "DISCONNECT protocol error");
+    gw.shutdown().await;
+}

@@ -139,7 +139,8 @@ pub struct Guard {
 /// running session with that id (the MQTT takeover, done by the guard), waits until it is
 /// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
 struct Turn {
-    /// Held for the whole life of a session; the time the last one ended.
+    /// Held for the whole life of a session (and while the guard ends a stored one); the time
+    /// the last one ended.
     lock: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// Bumped by each new session: the running one ends when it sees a newer value.
     generation: watch::Sender<u64>,
@@ -147,6 +148,10 @@ struct Turn {
 
 /// Pause between the end of a session and the next one with the same client id.
 const TURN_GAP: Duration = Duration::from_millis(50);
+
+/// Longest MQTT 5 Session Expiry Interval the guard times; a session with a longer one (or
+/// 0xFFFFFFFF, "never") is kept as long as rumqttd runs.
+const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Counts an admitted connection (in all and for its source address) until dropped.
 struct Admitted(Arc<Guard>, IpAddr);
@@ -516,6 +521,71 @@ impl Guard {
         });
     }
 
+    /// End the session rumqttd stores for `client_id` (a clean connect discards it). The caller
+    /// holds the client id's turn.
+    async fn end_session(
+        &self,
+        target: SocketAddr,
+        v5: bool,
+        client_id: &str,
+    ) -> Result<(), String> {
+        let who = format!("ending the session of {client_id:?}");
+        visit(
+            target,
+            v5,
+            self,
+            client_id.to_string(),
+            INTERNAL_CONNACK,
+            &who,
+        )
+        .await
+    }
+
+    /// End `client_id`'s session `after` its connection (generation `gen` of its turn) ended,
+    /// unless a newer connection took it up meanwhile (MQTT 5 Session Expiry Interval).
+    fn expire_later(
+        self: &Arc<Guard>,
+        targets: watch::Receiver<SocketAddr>,
+        v5: bool,
+        client_id: String,
+        turn: Arc<Turn>,
+        gen: u64,
+        after: Duration,
+    ) {
+        if after > MAX_EXPIRY {
+            return;
+        }
+        let guard = self.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            let mut taken = turn.lock.clone().lock_owned().await;
+            // A connection that came meanwhile bumped the generation before waiting its turn.
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            if let Some(ended) = *taken {
+                let since = ended.elapsed();
+                if since < TURN_GAP {
+                    tokio::time::sleep(TURN_GAP - since).await;
+                }
+            }
+            let target = *targets.borrow();
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                tracing::warn!(client = %client_id, error = %e, "an expired MQTT 5 session could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            guard.release_turn(client_id, Some(turn));
+        });
+    }
+
     /// Distinct topics and filters noted so far (for tests and metrics).
     pub fn topics_noted(&self) -> usize {
         self.topics.lock().map(|s| s.len()).unwrap_or(0)
@@ -617,7 +687,7 @@ pub async fn accept_loop(
         };
         let guard = guard.clone();
         let tls = tls.clone();
-        let target = *target.borrow();
+        let targets = target.clone();
         let mut closing = guard.closing.subscribe();
         tokio::spawn(async move {
             let _admitted = admitted;
@@ -630,7 +700,7 @@ pub async fn accept_loop(
                         )
                         .await
                         {
-                            Ok(Ok(s)) => session(s, peer, v5, target, guard).await,
+                            Ok(Ok(s)) => session(s, peer, v5, targets, guard).await,
                             Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
                             Err(_) => guard.reject(
                                 "tls_handshake_timeout",
@@ -639,7 +709,7 @@ pub async fn accept_loop(
                             ),
                         }
                     }
-                    None => session(stream, peer, v5, target, guard).await,
+                    None => session(stream, peer, v5, targets, guard).await,
                 }
             };
             // Stopping: the session is dropped wherever it is. A packet cut off in the middle
@@ -658,9 +728,10 @@ async fn session<S: Io>(
     mut client: S,
     peer: SocketAddr,
     v5: bool,
-    target: SocketAddr,
+    targets: watch::Receiver<SocketAddr>,
     guard: Arc<Guard>,
 ) {
+    let target = *targets.borrow();
     let p = &guard.policy;
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
@@ -740,6 +811,11 @@ async fn session<S: Io>(
         return guard.reject("malformed", peer, &"CONNECT could not be decoded");
     };
     let mut assigned_id = None;
+    // MQTT 5 Session Expiry Interval (0: the session ends with the connection).
+    let expiry = match (&props, v5) {
+        (Some(p), true) => p.session_expiry_interval.unwrap_or(0),
+        _ => 0,
+    };
     {
         if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length)
             .or_else(|e| {
@@ -849,10 +925,10 @@ async fn session<S: Io>(
             }
             _ => {}
         }
-        // MQTT 5 lets a client with an empty id ask for a session that outlives the connection
-        // (clean start 0); rumqttd refuses that (0x85), so the guard assigns the id (returned in
-        // the CONNACK). With clean start 1 rumqttd assigns one itself.
-        if v5 && connect.client_id.is_empty() && !connect.clean_session {
+        // MQTT 5 lets a client with an empty id have a session (clean start 0, or an expiry);
+        // rumqttd refuses clean start 0 (0x85) and discards a clean session at the end, so the
+        // guard assigns the id (returned in the CONNACK). Otherwise rumqttd assigns one.
+        if v5 && connect.client_id.is_empty() && (!connect.clean_session || expiry > 0) {
             connect.client_id = format!("auto-{}", uuid::Uuid::new_v4().simple());
             assigned_id = Some(connect.client_id.clone());
         }
@@ -954,6 +1030,8 @@ async fn session<S: Io>(
         will: will_lands,
         will_cancelled: false,
         perms,
+        expiry: None,
+        connect_expiry: expiry,
     };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
     let turn = (!client_id.is_empty()).then(|| {
@@ -1003,6 +1081,29 @@ async fn session<S: Io>(
         username: login.map(|l| l.username).unwrap_or_default(),
         password: guard.secret.clone(),
     });
+    // MQTT 5 sessions on rumqttd's 3.1.1 ones (module docs): rumqttd keeps a session exactly
+    // when it was made with clean session 0, so it gets 0 whenever the MQTT 5 session is to be
+    // resumed or kept, and the guard ends it where MQTT 5 says: before the connect (clean start
+    // 1 with an expiry), at the end of the connection (expiry 0), after the expiry (a timer).
+    if v5 && !(connect.clean_session && expiry == 0) {
+        if connect.clean_session && assigned_id.is_none() {
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
+                    "session_reset",
+                    peer,
+                    &format_args!("the stored session of {client_id:?} could not be ended: {e}"),
+                );
+                return reply.await;
+            }
+            tokio::time::sleep(TURN_GAP).await;
+        }
+        connect.clean_session = false;
+        conn.expiry = Some(expiry);
+    }
     let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
     let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
     connect.keep_alive = internal_keep_alive;
@@ -1063,8 +1164,8 @@ async fn session<S: Io>(
     };
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
-            tokio::select! {
-                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => {}
+            let taken_over = tokio::select! {
+                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
                 // A newer session with this client id: the takeover.
                 _ = async {
                     loop {
@@ -1075,10 +1176,28 @@ async fn session<S: Io>(
                             std::future::pending::<()>().await;
                         }
                     }
-                } => {}
+                } => true,
+            };
+            // An MQTT 5 session the guard keeps the lifetime of (after a takeover it is the new
+            // connection's).
+            let mut expires = None;
+            match conn.expiry {
+                Some(0) if !taken_over => {
+                    tokio::time::sleep(TURN_GAP).await;
+                    if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                        tracing::warn!(client = %client_id, error = %e, "an MQTT 5 session with expiry 0 could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+                    }
+                }
+                Some(secs) if !taken_over && secs != u32::MAX => {
+                    expires = Some(Duration::from_secs(secs as u64));
+                }
+                _ => {}
             }
             *taken = Some(Instant::now());
             drop(taken);
+            if let (Some(after), Some(t)) = (expires, &turn) {
+                guard.expire_later(targets, v5, client_id.clone(), t.clone(), gen, after);
+            }
             guard.release_turn(client_id, turn);
         }
         None => {
@@ -1213,6 +1332,12 @@ struct Conn {
     /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
     will_cancelled: bool,
     perms: Option<Perms>,
+    /// MQTT 5 Session Expiry Interval of a session the guard ends itself (rumqttd keeps it
+    /// otherwise); `None`: rumqttd discards the session at the end (clean), or MQTT 3.1.1.
+    /// A DISCONNECT may change it.
+    expiry: Option<u32>,
+    /// The Session Expiry Interval of the CONNECT (a DISCONNECT must not raise 0).
+    connect_expiry: u32,
 }
 
 /// The topic an MQTT 5 alias stands for, as far as the guard needs it.
@@ -1237,6 +1362,11 @@ struct PublishMeta<'a> {
     payload_len: usize,
 }
 
+/// Length of the MQTT string (or binary data) at the start of `r`, with its 2-byte length.
+fn prop_string_len(r: &[u8]) -> Option<usize> {
+    Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
+}
+
 /// Parse a PUBLISH frame (`None`: malformed).
 fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta<'_>> {
     let qos = (frame.first()? >> 1) & 3;
@@ -1251,9 +1381,7 @@ fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta
         let mut props = frame.get(at + n..at + n + plen)?;
         at += n + plen;
         while let Some((&id, rest)) = props.split_first() {
-            let string = |r: &[u8]| -> Option<usize> {
-                Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
-            };
+            let string = prop_string_len;
             let len = match id {
                 0x01 => 1,
                 0x02 => 4,
@@ -1298,6 +1426,36 @@ fn valid_filter(filter: &[u8]) -> bool {
         return false;
     };
     !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
+}
+
+/// The Session Expiry Interval an MQTT 5 DISCONNECT `body` (after the fixed header) sets:
+/// `Some(None)` when it sets none, `None` when malformed.
+fn disconnect_expiry(body: &[u8]) -> Option<Option<u32>> {
+    // Reason code and properties are both optional.
+    let Some(props) = body.get(1..).filter(|p| !p.is_empty()) else {
+        return Some(None);
+    };
+    let (n, plen) = var_int(props).ok()??;
+    let mut props = props.get(n..n + plen)?;
+    let mut expiry = None;
+    while let Some((&id, rest)) = props.split_first() {
+        let string = prop_string_len;
+        let len = match id {
+            0x11 => {
+                let b = rest.get(..4)?;
+                expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                4
+            }
+            0x1f | 0x1c => string(rest)?,
+            0x26 => {
+                let k = string(rest)?;
+                k + string(rest.get(k..)?)?
+            }
+            _ => return None,
+        };
+        props = rest.get(len..)?;
+    }
+    Some(expiry)
 }
 
 /// MQTT 5 DISCONNECT reason code for a refusal after CONNECT.
@@ -2063,6 +2221,26 @@ async fn relay<S: Io>(
                     }
                 }
             } else if kind == 14 {
+                if v5 {
+                    match disconnect_expiry(&frame[header_len..]) {
+                        None => {
+                            break 'frames refuse("malformed", &"DISCONNECT could not be parsed")
+                        }
+                        Some(Some(e)) if e != 0 && conn.connect_expiry == 0 => {
+                            // MQTT 5 §3.14.2.2.2: a protocol error; the will fires.
+                            break 'frames refuse(
+                                "protocol",
+                                &"DISCONNECT with a Session Expiry Interval after CONNECT had 0",
+                            );
+                        }
+                        Some(Some(e)) => {
+                            if let Some(x) = conn.expiry.as_mut() {
+                                *x = e;
+                            }
+                        }
+                        Some(None) => {}
+                    }
+                }
                 // The client's last packet: nothing after it is read. A will does not fire
                 // after it (unless an MQTT 5 client asks for it, reason 0x04).
                 let with_will = v5 && frame.get(header_len) == Some(&0x04);
@@ -2139,17 +2317,31 @@ pub async fn probe(
     guard: &Guard,
     timeout: Duration,
 ) -> Result<(), String> {
+    let id = format!(
+        "{}-{}",
+        guard.probe_id,
+        guard.probes.fetch_add(1, Ordering::Relaxed)
+    );
+    visit(addr, v5, guard, id, timeout, &"the liveness probe").await
+}
+
+/// A clean CONNECT/CONNACK and DISCONNECT as `client_id` on rumqttd's internal listener at
+/// `addr` (the probe; ending a stored session: a clean connect discards it).
+async fn visit(
+    addr: SocketAddr,
+    v5: bool,
+    guard: &Guard,
+    client_id: String,
+    timeout: Duration,
+    who: &(dyn std::fmt::Display + Sync),
+) -> Result<(), String> {
     let work = async {
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let connect = rumqttd::protocol::Connect {
             keep_alive: 10,
-            client_id: format!(
-                "{}-{}",
-                guard.probe_id,
-                guard.probes.fetch_add(1, Ordering::Relaxed)
-            ),
+            client_id,
             clean_session: true,
         };
         let login = Some(Login {
@@ -2177,9 +2369,7 @@ pub async fn probe(
     };
     // Answered. Leave as a client should, and as the guard does (module docs).
     if s.write_all(&[0xe0, 0x00]).await.is_ok() {
-        guard
-            .await_close_after_disconnect(&mut s, &"the liveness probe")
-            .await;
+        guard.await_close_after_disconnect(&mut s, who).await;
     }
     Ok(())
 }
@@ -2378,6 +2568,31 @@ mod tests {
             unsubscribe_filters(&f, 2, false).unwrap(),
             vec![&b"a/b"[..]]
         );
+    }
+
+    #[test]
+    fn disconnect_and_connack_properties() {
+        // No reason code / reason only / no properties: no expiry set.
+        assert_eq!(disconnect_expiry(&[]), Some(None));
+        assert_eq!(disconnect_expiry(&[0x04]), Some(None));
+        assert_eq!(disconnect_expiry(&[0x00, 0x00]), Some(None));
+        // Reason string "x", then Session Expiry Interval 300.
+        assert_eq!(
+            disconnect_expiry(&[0x00, 9, 0x1f, 0, 1, b'x', 0x11, 0, 0, 1, 0x2c]),
+            Some(Some(300))
+        );
+        // Truncated, or a property a DISCONNECT cannot carry: malformed.
+        assert_eq!(disconnect_expiry(&[0x00, 5, 0x11, 0, 0]), None);
+        assert_eq!(disconnect_expiry(&[0x00, 2, 0x23, 0]), None);
+
+        // rumqttd's CONNACK with Topic Alias Maximum 4096: the assigned id goes after it.
+        let c = [0x20, 6, 0x00, 0x00, 3, 0x22, 0x10, 0x00];
+        assert_eq!(
+            connack_assigning(&c, "ab").unwrap(),
+            vec![0x20, 11, 0x00, 0x00, 8, 0x22, 0x10, 0x00, 0x12, 0, 2, b'a', b'b']
+        );
+        // A refusal is left alone.
+        assert!(connack_assigning(&[0x20, 3, 0x00, 0x85, 0], "ab").is_none());
     }
 
     #[test]
