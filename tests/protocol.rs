@@ -435,6 +435,20 @@ async fn receive_maximum_holds_deliveries_until_the_client_completes_them() {
         .unwrap();
     let got = receive_acking(&mut s, true, Duration::from_secs(2)).await;
     assert_eq!(got, vec![b"b".to_vec()]);
+
+    // More held than the guard keeps (256 KiB: it stops reading from rumqttd for this client
+    // meanwhile): everything still arrives, in order, as the client completes deliveries.
+    let (mut s, _) = accepted(
+        addr,
+        &connect_with(true, "rxmax-big", 0x02, 30, &[0x21, 0, 1]),
+    )
+    .await;
+    subscribed(&mut s, true, "rxmax/big", 1).await;
+    let big: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 20_000]).collect();
+    publish_all(gw.broker_addr, "rxmax-pub-big", "rxmax/big", 1, &big).await;
+    let got = receive_acking(&mut s, true, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "in order");
     gw.shutdown().await;
 }
 

@@ -1541,6 +1541,12 @@ impl Guard {
 /// at most (`MAX_INFLIGHT` in `router/iobufs.rs`).
 const RUMQTTD_OUTGOING_WINDOW: usize = 100;
 
+/// Bytes of publishes the guard holds for one client (Receive Maximum) before it stops reading
+/// from rumqttd for it (rumqttd then waits on that connection alone; it keeps the messages in its
+/// log anyway). Without it, a client that never completes a delivery could make the guard hold
+/// rumqttd's whole window of 100 messages of up to `broker.max_payload_size` each.
+const HELD_BYTES: usize = 256 * 1024;
+
 /// PINGREQ, as the guard sends it to rumqttd on its own.
 const PINGREQ: [u8; 2] = [0xc0, 0x00];
 
@@ -1607,6 +1613,8 @@ struct FlowState {
     comps: std::collections::VecDeque<(u16, Owner, bool)>,
     /// Publishes held back by the client's Receive Maximum (the `Held` entries, same order).
     held: std::collections::VecDeque<BytesMut>,
+    /// Their bytes.
+    held_bytes: usize,
     /// Deliveries sent to the client and not completed (its Receive Maximum quota).
     in_flight: usize,
 }
@@ -1669,6 +1677,12 @@ impl Flow {
 
     fn holds(&self) -> bool {
         self.receive_max.is_some()
+    }
+
+    /// Holding [`HELD_BYTES`] or more: read nothing more from rumqttd until the client
+    /// completes a delivery.
+    fn full(&self) -> bool {
+        self.holds() && self.state().held_bytes >= HELD_BYTES
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FlowState> {
@@ -1742,7 +1756,10 @@ impl Flow {
                     st.acks.push_back((id, qos, owner));
                     match owner {
                         Owner::Guard => st.settle(ctl),
-                        Owner::Held => st.held.push_back(BytesMut::from(f)),
+                        Owner::Held => {
+                            st.held_bytes += f.len();
+                            st.held.push_back(BytesMut::from(f));
+                        }
                         Owner::Client => {
                             st.in_flight += 1;
                             out.extend_from_slice(f);
@@ -1786,6 +1803,7 @@ impl Flow {
         let mut st = self.state();
         while st.in_flight < max {
             let Some(f) = st.held.pop_front() else { break };
+            st.held_bytes -= f.len();
             if let Some(e) = st.acks.iter_mut().find(|e| e.2 == Owner::Held) {
                 e.2 = Owner::Client;
             }
@@ -2275,7 +2293,7 @@ async fn relay<S: Io>(
         ibuf.reserve(8192);
         loop {
             let (out, last) = tokio::select! {
-                f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
+                f = read_frame(&mut ir, &mut ibuf, 1 << 28), if !flow.full() => match f {
                     Ok(Some(mut f)) => {
                         // And every whole packet behind it, in one write.
                         let more = complete_frames(&ibuf, 1 << 28, COALESCE);
