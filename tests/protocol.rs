@@ -530,6 +530,18 @@ async fn mqtt5_session_expiry_on_rumqttds_sessions() {
     assert!(!present, "expiry 0: no session after the disconnect");
     leave(&gw, s, &[]).await;
 
+    // The same, reconnecting the moment the DISCONNECT is sent (the new connection is no
+    // takeover of one that has ended: the session ended with it).
+    for i in 0..5 {
+        let (mut s, present) = session(addr, "sx-zero-fast", false, 0).await;
+        assert!(
+            !present,
+            "round {i}: expiry 0, reconnecting at once: no session"
+        );
+        subscribed(&mut s, true, "sx/zero-fast", 1).await;
+        s.write_all(&frame(0xe0, &[0x00, 0x00])).await.unwrap();
+    }
+
     // Expiry 1 s: gone after 2 s; back within it: kept, also past the old expiry while connected.
     let (mut s, _) = session(addr, "sx-one", false, 1).await;
     subscribed(&mut s, true, "sx/one", 1).await;

@@ -1032,6 +1032,7 @@ async fn session<S: Io>(
         perms,
         expiry: None,
         connect_expiry: expiry,
+        ended: false,
     };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
     let turn = (!client_id.is_empty()).then(|| {
@@ -1178,8 +1179,9 @@ async fn session<S: Io>(
                     }
                 } => true,
             };
-            // An MQTT 5 session the guard keeps the lifetime of (after a takeover it is the new
-            // connection's).
+            // An MQTT 5 session the guard keeps the lifetime of (after a takeover of a live
+            // connection it is the new connection's).
+            let taken_over = taken_over && !conn.ended;
             let mut expires = None;
             match conn.expiry {
                 Some(0) if !taken_over => {
@@ -1338,6 +1340,8 @@ struct Conn {
     expiry: Option<u32>,
     /// The Session Expiry Interval of the CONNECT (a DISCONNECT must not raise 0).
     connect_expiry: u32,
+    /// The connection has ended (the relay is only finishing).
+    ended: bool,
 }
 
 /// The topic an MQTT 5 alias stands for, as far as the guard needs it.
@@ -2317,6 +2321,8 @@ async fn relay<S: Io>(
         d = up => d,
         _ = down => false,
     };
+    // From here on a newer connection with the client id is no takeover of this one.
+    conn.ended = true;
     if disconnected {
         guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
