@@ -24,7 +24,12 @@
 //!   to the next connection (a sensor, or one of the gateway's links), which that second report
 //!   then ends; a sensor on a clean session loses whatever it had not been PUBACKed. So after a
 //!   client's DISCONNECT (and the probe's own) the guard keeps the internal connection open
-//!   until rumqttd has closed it, which it does without a second report.
+//!   until rumqttd has closed it, which it does without a second report;
+//! - rumqttd refuses keep alive 0, refuses an MQTT 5 empty client id with clean start 0, keeps
+//!   MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry Interval), ignores the
+//!   client's Maximum Packet Size and Receive Maximum, and closes a link on an acknowledgement
+//!   out of order: the guard supplies each (see `Flow` and `session`), so that what a client
+//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take.
 //!
 //! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
 //! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
@@ -60,7 +65,7 @@ const RESERVED_IDS: [&str; 4] = [
     "edgegate-probe-",
 ];
 /// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
-/// client's own (which the guard enforces itself; see [`Flow`]): rumqttd refuses keep alive 0,
+/// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
 /// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
 pub const INTERNAL_KEEP_ALIVE: u16 = 60;
 /// Longest wait for rumqttd's CONNACK on the internal connection.
