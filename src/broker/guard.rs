@@ -1171,6 +1171,9 @@ async fn session<S: Io>(
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
             let taken_over = tokio::select! {
+                // The relay first: what the client sent before the newer connection (its
+                // DISCONNECT, ending the session) is read before the takeover ends the relay.
+                biased;
                 _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
                 // A newer session with this client id: the takeover.
                 _ = async {
@@ -1973,19 +1976,29 @@ async fn relay<S: Io>(
                 guard.reject(reason, peer, detail);
                 Some(reason)
             };
-            let read = async {
-                match silence {
-                    Some(s) => tokio::time::timeout_at(
-                        heard + s,
-                        read_frame(&mut cr, &mut buf, p.max_packet),
-                    )
-                    .await
-                    .ok(),
-                    None => Some(read_frame(&mut cr, &mut buf, p.max_packet).await),
+            let read = if complete_frames(&buf, p.max_packet, 1) > 0 {
+                // A whole packet is buffered already (a burst): no waiting, so no timers;
+                // the guard's own acknowledgements go behind what is checked so far.
+                while let Ok(ack) = iw.ctl.try_recv() {
+                    iw.out.extend_from_slice(&ack);
                 }
-            };
-            let Ok(read) = iw.wait(read).await else {
-                return false;
+                Some(read_frame(&mut cr, &mut buf, p.max_packet).await)
+            } else {
+                let read = async {
+                    match silence {
+                        Some(s) => tokio::time::timeout_at(
+                            heard + s,
+                            read_frame(&mut cr, &mut buf, p.max_packet),
+                        )
+                        .await
+                        .ok(),
+                        None => Some(read_frame(&mut cr, &mut buf, p.max_packet).await),
+                    }
+                };
+                let Ok(read) = iw.wait(read).await else {
+                    return false;
+                };
+                read
             };
             let Some(read) = read else {
                 let ka = flow.keep_alive;
