@@ -1884,6 +1884,9 @@ struct ToBroker<'a> {
     ctl: tokio::sync::mpsc::UnboundedReceiver<[u8; 4]>,
     last_write: tokio::time::Instant,
     ping_after: Duration,
+    /// Fires at the earliest when a ping may be due; re-armed only when it fires (one timer
+    /// operation per `ping_after`, not one per packet).
+    ping: std::pin::Pin<Box<tokio::time::Sleep>>,
     own_pings: &'a AtomicU32,
 }
 
@@ -1911,10 +1914,14 @@ impl ToBroker<'_> {
                     self.out.extend_from_slice(&ack);
                     self.flush().await?;
                 }
-                _ = tokio::time::sleep_until(self.last_write + self.ping_after) => {
-                    self.own_pings.fetch_add(1, Ordering::SeqCst);
-                    self.out.extend_from_slice(&PINGREQ);
-                    self.flush().await?;
+                _ = &mut self.ping => {
+                    if tokio::time::Instant::now() >= self.last_write + self.ping_after {
+                        self.own_pings.fetch_add(1, Ordering::SeqCst);
+                        self.out.extend_from_slice(&PINGREQ);
+                        self.flush().await?;
+                    }
+                    let next = self.last_write + self.ping_after;
+                    self.ping.as_mut().reset(next);
                 }
                 r = &mut work => return Ok(r),
             }
@@ -1951,6 +1958,7 @@ async fn relay<S: Io>(
         ctl: ctl_rx,
         last_write: tokio::time::Instant::now(),
         ping_after: flow.ping_after,
+        ping: Box::pin(tokio::time::sleep(flow.ping_after)),
         own_pings: &flow.own_pings,
     };
     let p = &guard.policy;
@@ -1966,6 +1974,7 @@ async fn relay<S: Io>(
         let mut tokens = rate;
         let mut last = Instant::now();
         let mut heard = tokio::time::Instant::now();
+        let mut quiet = Box::pin(tokio::time::sleep(silence.unwrap_or_default()));
         let refused: Option<&'static str> = 'frames: loop {
             if (iw.out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
                 && iw.flush().await.is_err()
@@ -1985,14 +1994,18 @@ async fn relay<S: Io>(
                 Some(read_frame(&mut cr, &mut buf, p.max_packet).await)
             } else {
                 let read = async {
-                    match silence {
-                        Some(s) => tokio::time::timeout_at(
-                            heard + s,
-                            read_frame(&mut cr, &mut buf, p.max_packet),
-                        )
-                        .await
-                        .ok(),
-                        None => Some(read_frame(&mut cr, &mut buf, p.max_packet).await),
+                    loop {
+                        tokio::select! {
+                            r = read_frame(&mut cr, &mut buf, p.max_packet) => return Some(r),
+                            _ = &mut quiet, if silence.is_some() => {
+                                // Re-armed only when it fires (not one timer per packet).
+                                let due = heard + silence.unwrap_or_default();
+                                if tokio::time::Instant::now() >= due {
+                                    return None;
+                                }
+                                quiet.as_mut().reset(due);
+                            }
+                        }
                     }
                 };
                 let Ok(read) = iw.wait(read).await else {
