@@ -11,6 +11,7 @@ mod pipeline;
 
 mod conformance;
 mod limits;
+mod protocol;
 mod rules;
 mod security;
 mod status;

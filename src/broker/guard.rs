@@ -24,7 +24,12 @@
 //!   to the next connection (a sensor, or one of the gateway's links), which that second report
 //!   then ends; a sensor on a clean session loses whatever it had not been PUBACKed. So after a
 //!   client's DISCONNECT (and the probe's own) the guard keeps the internal connection open
-//!   until rumqttd has closed it, which it does without a second report.
+//!   until rumqttd has closed it, which it does without a second report;
+//! - rumqttd refuses keep alive 0, refuses an MQTT 5 empty client id with clean start 0, keeps
+//!   MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry Interval), ignores the
+//!   client's Maximum Packet Size and Receive Maximum, and closes a link on an acknowledgement
+//!   out of order: the guard supplies each (see `Flow` and `session`), so that what a client
+//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take.
 //!
 //! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
 //! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
@@ -32,7 +37,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +52,7 @@ use crate::broker::auth::Passwords;
 use crate::broker::ingest::OWN_PREFIX;
 use crate::broker::pressure::Pressure;
 use crate::broker::retained::{RetainedBook, RetainedLimits};
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{DropReason, Metrics};
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
@@ -59,6 +64,10 @@ const RESERVED_IDS: [&str; 4] = [
     "edgegate-status-",
     "edgegate-probe-",
 ];
+/// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
+/// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
+/// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
+pub const INTERNAL_KEEP_ALIVE: u16 = 60;
 /// Longest wait for rumqttd's CONNACK on the internal connection.
 const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
 /// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
@@ -123,6 +132,8 @@ pub struct Guard {
     pub metrics: Arc<Metrics>,
     /// Shared with ingest: sensors wait while the router's log holds too much for it.
     pub pressure: Option<Arc<Pressure>>,
+    /// Keep alive given to rumqttd ([`INTERNAL_KEEP_ALIVE`]; shorter only in tests).
+    internal_keep_alive: AtomicU16,
 }
 
 /// rumqttd 0.20 loses track of its will handlers when connections with the same client id
@@ -133,7 +144,8 @@ pub struct Guard {
 /// running session with that id (the MQTT takeover, done by the guard), waits until it is
 /// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
 struct Turn {
-    /// Held for the whole life of a session; the time the last one ended.
+    /// Held for the whole life of a session (and while the guard ends a stored one); the time
+    /// the last one ended.
     lock: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// Bumped by each new session: the running one ends when it sees a newer value.
     generation: watch::Sender<u64>,
@@ -141,6 +153,10 @@ struct Turn {
 
 /// Pause between the end of a session and the next one with the same client id.
 const TURN_GAP: Duration = Duration::from_millis(50);
+
+/// Longest MQTT 5 Session Expiry Interval the guard times; a session with a longer one (or
+/// 0xFFFFFFFF, "never") is kept as long as rumqttd runs.
+const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Counts an admitted connection (in all and for its source address) until dropped.
 struct Admitted(Arc<Guard>, IpAddr);
@@ -213,15 +229,6 @@ fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 const COALESCE: usize = 64 * 1024;
 
-/// Write what `out` holds (if anything) and empty it.
-async fn flush<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> std::io::Result<()> {
-    if !out.is_empty() {
-        w.write_all(out).await?;
-        out.clear();
-    }
-    Ok(())
-}
-
 /// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -277,6 +284,8 @@ enum Refuse {
     TopicName,
     /// A protocol level the listener does not speak (3.1.1 0x01, MQTT 5 0x84).
     Version,
+    /// MQTT 5 protocol error (0x82; 3.1.1 has no such CONNACK and never gets this).
+    Protocol,
 }
 
 fn connack(v5: bool, why: Refuse) -> Vec<u8> {
@@ -288,6 +297,7 @@ fn connack(v5: bool, why: Refuse) -> Vec<u8> {
             Refuse::Unavailable => 0x89,
             Refuse::TopicName => 0x90,
             Refuse::Version => 0x84,
+            Refuse::Protocol => 0x82,
         };
         vec![0x20, 0x03, 0x00, code, 0x00]
     } else {
@@ -297,6 +307,7 @@ fn connack(v5: bool, why: Refuse) -> Vec<u8> {
             Refuse::BadLogin => 0x04,
             Refuse::NotAuthorized | Refuse::TopicName => 0x05,
             Refuse::Version => 0x01,
+            Refuse::Protocol => 0x03,
         };
         vec![0x20, 0x02, 0x00, code]
     }
@@ -413,7 +424,16 @@ impl Guard {
             turns: Mutex::new(HashMap::new()),
             metrics,
             pressure,
+            internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
         })
+    }
+
+    /// For tests that show the guard keeps rumqttd's side of a connection alive: a shorter
+    /// keep alive towards rumqttd for connections made from now on. Not part of the API.
+    #[doc(hidden)]
+    pub fn set_internal_keep_alive_for_tests(&self, secs: u16) {
+        self.internal_keep_alive
+            .store(secs.max(1), Ordering::Relaxed);
     }
 
     /// The credential rumqttd's internal listeners require (constant-time comparison).
@@ -503,6 +523,71 @@ impl Guard {
             {
                 turns.remove(&client_id);
             }
+        });
+    }
+
+    /// End the session rumqttd stores for `client_id` (a clean connect discards it). The caller
+    /// holds the client id's turn.
+    async fn end_session(
+        &self,
+        target: SocketAddr,
+        v5: bool,
+        client_id: &str,
+    ) -> Result<(), String> {
+        let who = format!("ending the session of {client_id:?}");
+        visit(
+            target,
+            v5,
+            self,
+            client_id.to_string(),
+            INTERNAL_CONNACK,
+            &who,
+        )
+        .await
+    }
+
+    /// End `client_id`'s session `after` its connection (generation `gen` of its turn) ended,
+    /// unless a newer connection took it up meanwhile (MQTT 5 Session Expiry Interval).
+    fn expire_later(
+        self: &Arc<Guard>,
+        targets: watch::Receiver<SocketAddr>,
+        v5: bool,
+        client_id: String,
+        turn: Arc<Turn>,
+        gen: u64,
+        after: Duration,
+    ) {
+        if after > MAX_EXPIRY {
+            return;
+        }
+        let guard = self.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            let mut taken = turn.lock.clone().lock_owned().await;
+            // A connection that came meanwhile bumped the generation before waiting its turn.
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            if let Some(ended) = *taken {
+                let since = ended.elapsed();
+                if since < TURN_GAP {
+                    tokio::time::sleep(TURN_GAP - since).await;
+                }
+            }
+            let target = *targets.borrow();
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                tracing::warn!(client = %client_id, error = %e, "an expired MQTT 5 session could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            guard.release_turn(client_id, Some(turn));
         });
     }
 
@@ -607,7 +692,7 @@ pub async fn accept_loop(
         };
         let guard = guard.clone();
         let tls = tls.clone();
-        let target = *target.borrow();
+        let targets = target.clone();
         let mut closing = guard.closing.subscribe();
         tokio::spawn(async move {
             let _admitted = admitted;
@@ -620,7 +705,7 @@ pub async fn accept_loop(
                         )
                         .await
                         {
-                            Ok(Ok(s)) => session(s, peer, v5, target, guard).await,
+                            Ok(Ok(s)) => session(s, peer, v5, targets, guard).await,
                             Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
                             Err(_) => guard.reject(
                                 "tls_handshake_timeout",
@@ -629,7 +714,7 @@ pub async fn accept_loop(
                             ),
                         }
                     }
-                    None => session(stream, peer, v5, target, guard).await,
+                    None => session(stream, peer, v5, targets, guard).await,
                 }
             };
             // Stopping: the session is dropped wherever it is. A packet cut off in the middle
@@ -648,9 +733,10 @@ async fn session<S: Io>(
     mut client: S,
     peer: SocketAddr,
     v5: bool,
-    target: SocketAddr,
+    targets: watch::Receiver<SocketAddr>,
     guard: Arc<Guard>,
 ) {
+    let target = *targets.borrow();
     let p = &guard.policy;
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
@@ -724,10 +810,16 @@ async fn session<S: Io>(
         // MQTT 3.1.1 3.1.2.3 / 5 3.1.2.3: the server must close the connection.
         return guard.reject("protocol", peer, &"CONNECT with the reserved flag set");
     }
-    let Some(Packet::Connect(connect, props, mut will, will_props, login)) =
+    let Some(Packet::Connect(mut connect, props, mut will, will_props, login)) =
         decode(v5, &mut frame, p.max_packet)
     else {
         return guard.reject("malformed", peer, &"CONNECT could not be decoded");
+    };
+    let mut assigned_id = None;
+    // MQTT 5 Session Expiry Interval (0: the session ends with the connection).
+    let expiry = match (&props, v5) {
+        (Some(p), true) => p.session_expiry_interval.unwrap_or(0),
+        _ => 0,
     };
     {
         if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length)
@@ -747,6 +839,22 @@ async fn session<S: Io>(
                 reason,
                 peer,
                 &detail,
+            );
+            return reply.await;
+        }
+        if props
+            .as_ref()
+            .is_some_and(|p| p.receive_maximum == Some(0) || p.max_packet_size == Some(0))
+        {
+            // MQTT 5 §3.1.2.11.3/4: a protocol error.
+            let reply = refuse(
+                &mut client,
+                v5,
+                Refuse::Protocol,
+                &guard,
+                "protocol",
+                peer,
+                &"CONNECT with Receive Maximum or Maximum Packet Size 0",
             );
             return reply.await;
         }
@@ -821,6 +929,13 @@ async fn session<S: Io>(
                 return reply.await;
             }
             _ => {}
+        }
+        // MQTT 5 lets a client with an empty id have a session (clean start 0, or an expiry);
+        // rumqttd refuses clean start 0 (0x85) and discards a clean session at the end, so the
+        // guard assigns the id (returned in the CONNACK). Otherwise rumqttd assigns one.
+        if v5 && connect.client_id.is_empty() && (!connect.clean_session || expiry > 0) {
+            connect.client_id = format!("auto-{}", uuid::Uuid::new_v4().simple());
+            assigned_id = Some(connect.client_id.clone());
         }
         // Empty client ids get a fresh id (and session state) from rumqttd each time.
         let key = if connect.client_id.is_empty() {
@@ -920,6 +1035,9 @@ async fn session<S: Io>(
         will: will_lands,
         will_cancelled: false,
         perms,
+        expiry: None,
+        connect_expiry: expiry,
+        ended: false,
     };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
     let turn = (!client_id.is_empty()).then(|| {
@@ -969,6 +1087,32 @@ async fn session<S: Io>(
         username: login.map(|l| l.username).unwrap_or_default(),
         password: guard.secret.clone(),
     });
+    // MQTT 5 sessions on rumqttd's 3.1.1 ones (module docs): rumqttd keeps a session exactly
+    // when it was made with clean session 0, so it gets 0 whenever the MQTT 5 session is to be
+    // resumed or kept, and the guard ends it where MQTT 5 says: before the connect (clean start
+    // 1 with an expiry), at the end of the connection (expiry 0), after the expiry (a timer).
+    if v5 && !(connect.clean_session && expiry == 0) {
+        if connect.clean_session && assigned_id.is_none() {
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    Refuse::Unavailable,
+                    &guard,
+                    "session_reset",
+                    peer,
+                    &format_args!("the stored session of {client_id:?} could not be ended: {e}"),
+                );
+                return reply.await;
+            }
+            tokio::time::sleep(TURN_GAP).await;
+        }
+        connect.clean_session = false;
+        conn.expiry = Some(expiry);
+    }
+    let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
+    let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
+    connect.keep_alive = internal_keep_alive;
     let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
         return guard.reject("malformed", peer, &"CONNECT could not be re-encoded");
     };
@@ -996,12 +1140,20 @@ async fn session<S: Io>(
         internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
         read_frame(&mut internal, &mut ibuf, 1 << 16).await
     };
-    match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
+    let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
         Ok(Ok(Some(f))) if f[0] >> 4 == 2 => {
-            if client.write_all(&f).await.is_err() || client.write_all(&ibuf).await.is_err() {
+            let f = match &assigned_id {
+                Some(id) => match connack_assigning(&f, id) {
+                    Some(c) => BytesMut::from(&c[..]),
+                    None => f,
+                },
+                None => f,
+            };
+            if client.write_all(&f).await.is_err() {
                 return;
             }
-            ibuf.clear();
+            // What rumqttd sent behind its CONNACK goes through the relay's checks.
+            ibuf
         }
         _ => {
             let reply = refuse(
@@ -1015,11 +1167,14 @@ async fn session<S: Io>(
             );
             return reply.await;
         }
-    }
+    };
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
-            tokio::select! {
-                _ = relay(client, buf, internal, peer, v5, &guard, &mut conn) => {}
+            let taken_over = tokio::select! {
+                // The relay first: what the client sent before the newer connection (its
+                // DISCONNECT, ending the session) is read before the takeover ends the relay.
+                biased;
+                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
                 // A newer session with this client id: the takeover.
                 _ = async {
                     loop {
@@ -1030,13 +1185,37 @@ async fn session<S: Io>(
                             std::future::pending::<()>().await;
                         }
                     }
-                } => {}
+                } => true,
+            };
+            // An MQTT 5 session the guard keeps the lifetime of (after a takeover of a live
+            // connection it is the new connection's).
+            let taken_over = taken_over && !conn.ended;
+            let mut expires = None;
+            match conn.expiry {
+                Some(0) if !taken_over => {
+                    tokio::time::sleep(TURN_GAP).await;
+                    if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                        tracing::warn!(client = %client_id, error = %e, "an MQTT 5 session with expiry 0 could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+                    }
+                }
+                Some(secs) if !taken_over && secs != u32::MAX => {
+                    expires = Some(Duration::from_secs(secs as u64));
+                }
+                _ => {}
             }
             *taken = Some(Instant::now());
             drop(taken);
+            if let (Some(after), Some(t)) = (expires, &turn) {
+                guard.expire_later(targets, v5, client_id.clone(), t.clone(), gen, after);
+            }
             guard.release_turn(client_id, turn);
         }
-        None => relay(client, buf, internal, peer, v5, &guard, &mut conn).await,
+        None => {
+            relay(
+                client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow,
+            )
+            .await
+        }
     }
     // After a takeover the relay was dropped before it could count the will.
     guard.will_fires(&mut conn).await;
@@ -1059,10 +1238,8 @@ fn refuse<'a, S: Io>(
     }
 }
 
-/// A packet with fixed header byte `byte1` and `body`.
-fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    let mut n = body.len();
+/// Append `n` as an MQTT variable byte integer.
+fn put_var_int(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;
@@ -1074,8 +1251,35 @@ fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
             break;
         }
     }
+}
+
+/// A packet with fixed header byte `byte1` and `body`.
+fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    put_var_int(&mut out, body.len());
     out.extend_from_slice(body);
     out
+}
+
+/// rumqttd's MQTT 5 CONNACK `frame`, when it accepted the connection, with an Assigned Client
+/// Identifier property (0x12) `id` added (rumqttd's own decoder cannot read a CONNACK: it
+/// panics, failure mode 3, so the guard edits the bytes).
+fn connack_assigning(frame: &[u8], id: &str) -> Option<Vec<u8>> {
+    let (_, hl, rl) = parse_header(frame).ok()??;
+    let body = frame.get(hl..hl + rl)?;
+    let (flags, code) = (*body.first()?, *body.get(1)?);
+    if code != 0 {
+        return None;
+    }
+    let (n, plen) = var_int(body.get(2..)?).ok()??;
+    let mut props = body.get(2 + n..2 + n + plen)?.to_vec();
+    props.push(0x12);
+    props.extend_from_slice(&u16::try_from(id.len()).ok()?.to_be_bytes());
+    props.extend_from_slice(id.as_bytes());
+    let mut out = vec![flags, code];
+    put_var_int(&mut out, props.len());
+    out.extend_from_slice(&props);
+    Some(frame_of(0x20, &out))
 }
 
 /// Packets a client may send after CONNECT.
@@ -1138,6 +1342,14 @@ struct Conn {
     /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
     will_cancelled: bool,
     perms: Option<Perms>,
+    /// MQTT 5 Session Expiry Interval of a session the guard ends itself (rumqttd keeps it
+    /// otherwise); `None`: rumqttd discards the session at the end (clean), or MQTT 3.1.1.
+    /// A DISCONNECT may change it.
+    expiry: Option<u32>,
+    /// The Session Expiry Interval of the CONNECT (a DISCONNECT must not raise 0).
+    connect_expiry: u32,
+    /// The connection has ended (the relay is only finishing).
+    ended: bool,
 }
 
 /// The topic an MQTT 5 alias stands for, as far as the guard needs it.
@@ -1162,6 +1374,11 @@ struct PublishMeta<'a> {
     payload_len: usize,
 }
 
+/// Length of the MQTT string (or binary data) at the start of `r`, with its 2-byte length.
+fn prop_string_len(r: &[u8]) -> Option<usize> {
+    Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
+}
+
 /// Parse a PUBLISH frame (`None`: malformed).
 fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta<'_>> {
     let qos = (frame.first()? >> 1) & 3;
@@ -1176,9 +1393,7 @@ fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta
         let mut props = frame.get(at + n..at + n + plen)?;
         at += n + plen;
         while let Some((&id, rest)) = props.split_first() {
-            let string = |r: &[u8]| -> Option<usize> {
-                Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
-            };
+            let string = prop_string_len;
             let len = match id {
                 0x01 => 1,
                 0x02 => 4,
@@ -1225,6 +1440,36 @@ fn valid_filter(filter: &[u8]) -> bool {
     !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
 }
 
+/// The Session Expiry Interval an MQTT 5 DISCONNECT `body` (after the fixed header) sets:
+/// `Some(None)` when it sets none, `None` when malformed.
+fn disconnect_expiry(body: &[u8]) -> Option<Option<u32>> {
+    // Reason code and properties are both optional.
+    let Some(props) = body.get(1..).filter(|p| !p.is_empty()) else {
+        return Some(None);
+    };
+    let (n, plen) = var_int(props).ok()??;
+    let mut props = props.get(n..n + plen)?;
+    let mut expiry = None;
+    while let Some((&id, rest)) = props.split_first() {
+        let string = prop_string_len;
+        let len = match id {
+            0x11 => {
+                let b = rest.get(..4)?;
+                expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                4
+            }
+            0x1f | 0x1c => string(rest)?,
+            0x26 => {
+                let k = string(rest)?;
+                k + string(rest.get(k..)?)?
+            }
+            _ => return None,
+        };
+        props = rest.get(len..)?;
+    }
+    Some(expiry)
+}
+
 /// MQTT 5 DISCONNECT reason code for a refusal after CONNECT.
 fn disconnect_code(reason: &str) -> u8 {
     match reason {
@@ -1234,6 +1479,7 @@ fn disconnect_code(reason: &str) -> u8 {
         "oversize" => 0x95,
         "malformed" => 0x81,
         "topic_alias" => 0x94,
+        "keep_alive_timeout" => 0x8d,
         _ => 0x82,
     }
 }
@@ -1303,33 +1549,435 @@ impl Guard {
     }
 }
 
+/// rumqttd 0.20's outgoing window: unacknowledged QoS 1/2 publishes it sends one connection
+/// at most (`MAX_INFLIGHT` in `router/iobufs.rs`).
+const RUMQTTD_OUTGOING_WINDOW: usize = 100;
+
+/// Bytes of publishes the guard holds for one client (Receive Maximum) before it stops reading
+/// from rumqttd for it (rumqttd then waits on that connection alone; it keeps the messages in its
+/// log anyway). Without it, a client that never completes a delivery could make the guard hold
+/// rumqttd's whole window of 100 messages of up to `broker.max_payload_size` each.
+const HELD_BYTES: usize = 256 * 1024;
+
+/// PINGREQ, as the guard sends it to rumqttd on its own.
+const PINGREQ: [u8; 2] = [0xc0, 0x00];
+
+/// Packet id of a PUBLISH frame of QoS 1 or 2.
+fn publish_pkid(frame: &[u8], header_len: usize) -> Option<u16> {
+    let topic = publish_topic(frame, header_len)?;
+    let at = header_len + 2 + topic.len();
+    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
+}
+
+/// What the guard does on one connection for the client, between it and rumqttd:
+/// - keep alive: the client's own is enforced by the guard (rumqttd is given
+///   [`Guard::internal_keep_alive`] instead, so that keep alive 0, which rumqttd refuses, can be
+///   accepted), and the guard pings rumqttd when it has written nothing to it for `ping_after`;
+///   the PINGRESPs answering those pings are kept from the client;
+/// - MQTT 5 Maximum Packet Size: a PUBLISH larger than the client allows is withheld (counted
+///   in `subscriber_max_packet_size`) and acknowledged to rumqttd on the client's behalf (QoS 1:
+///   PUBACK; QoS 2: PUBREC, then PUBCOMP for rumqttd's PUBREL), as if delivered (§3.1.2.11.4);
+/// - MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes beyond the client's quota wait here, in order,
+///   until it completes earlier ones (§4.9).
+///
+/// rumqttd takes acknowledgements only in the order it sent the publishes (one out of order
+/// closes the connection: `register_ack`/`register_pubcomp` in its `router/iobufs.rs`), so the
+/// guard keeps rumqttd's two queues of unfinished deliveries, `acks` (PUBACK/PUBREC due) and
+/// `comps` (PUBCOMP due), and sends its own acknowledgement only when every earlier one has been
+/// sent. Invariants: a packet the client gets is a whole packet rumqttd sent, unchanged and in
+/// rumqttd's order (QoS 0 may pass held ones, as MQTT allows); what is held or queued is
+/// bounded by rumqttd's outgoing window (100 unacknowledged publishes per connection); `state`
+/// is never locked across an await.
+struct Flow {
+    /// The client's keep alive (seconds; 0: off).
+    keep_alive: u16,
+    ping_after: Duration,
+    /// PINGREQs the guard sent rumqttd whose PINGRESP has not come back yet.
+    own_pings: AtomicU32,
+    /// The client's Maximum Packet Size (`usize::MAX` when it declared none).
+    max_packet: usize,
+    /// The client's Receive Maximum, when below rumqttd's window (else that window is the
+    /// tighter bound and nothing is held).
+    receive_max: Option<usize>,
+    state: Mutex<FlowState>,
+    /// The client completed a publish while others were held.
+    released: tokio::sync::Notify,
+}
+
+/// Who answers a delivery rumqttd is waiting on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Owner {
+    /// Sent to the client, which answers it.
+    Client,
+    /// Held back by the client's Receive Maximum; the client answers it once sent.
+    Held,
+    /// Withheld (too large for the client): the guard answers it.
+    Guard,
+}
+
+#[derive(Default)]
+struct FlowState {
+    /// QoS 1/2 publishes rumqttd sent, whose PUBACK (QoS 1) / PUBREC (QoS 2) is due, in its
+    /// order: (packet id, QoS, who answers).
+    acks: std::collections::VecDeque<(u16, u8, Owner)>,
+    /// QoS 2 deliveries whose PUBCOMP is due, in rumqttd's order: (packet id, who answers, its
+    /// PUBREL has come).
+    comps: std::collections::VecDeque<(u16, Owner, bool)>,
+    /// Publishes held back by the client's Receive Maximum (the `Held` entries, same order).
+    held: std::collections::VecDeque<BytesMut>,
+    /// Their bytes.
+    held_bytes: usize,
+    /// Deliveries sent to the client and not completed (its Receive Maximum quota).
+    in_flight: usize,
+}
+
+impl FlowState {
+    /// Send the guard's acknowledgements that are next in rumqttd's order.
+    fn settle(&mut self, ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>) {
+        let send = |kind: u8, id: u16| {
+            let [hi, lo] = id.to_be_bytes();
+            // The relay towards rumqttd is gone only when the connection ends.
+            let _ = ctl.send([kind, 0x02, hi, lo]);
+        };
+        loop {
+            if let Some(&(id, qos, Owner::Guard)) = self.acks.front() {
+                self.acks.pop_front();
+                if qos == 1 {
+                    send(0x40, id);
+                } else {
+                    send(0x50, id);
+                    self.comps.push_back((id, Owner::Guard, false));
+                }
+                continue;
+            }
+            if let Some(&(id, Owner::Guard, true)) = self.comps.front() {
+                self.comps.pop_front();
+                send(0x70, id);
+                continue;
+            }
+            return;
+        }
+    }
+}
+
+impl Flow {
+    fn new(
+        keep_alive: u16,
+        props: Option<&rumqttd::protocol::ConnectProperties>,
+        internal_keep_alive: u16,
+    ) -> Flow {
+        Flow {
+            keep_alive,
+            ping_after: Duration::from_secs(internal_keep_alive.max(1) as u64) / 2,
+            own_pings: AtomicU32::new(0),
+            max_packet: props
+                .and_then(|p| p.max_packet_size)
+                .map_or(usize::MAX, |m| m as usize),
+            receive_max: props
+                .and_then(|p| p.receive_maximum)
+                .map(usize::from)
+                .filter(|&m| m < RUMQTTD_OUTGOING_WINDOW),
+            state: Mutex::new(FlowState::default()),
+            released: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Does the guard follow this connection's deliveries?
+    fn tracks(&self) -> bool {
+        self.max_packet != usize::MAX || self.receive_max.is_some()
+    }
+
+    fn holds(&self) -> bool {
+        self.receive_max.is_some()
+    }
+
+    /// Holding [`HELD_BYTES`] or more: read nothing more from rumqttd until the client
+    /// completes a delivery.
+    fn full(&self) -> bool {
+        self.holds() && self.state().held_bytes >= HELD_BYTES
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FlowState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whole packets from rumqttd on their way to the client: those the client gets.
+    fn to_client(
+        &self,
+        chunk: BytesMut,
+        ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>,
+        guard: &Guard,
+        peer: SocketAddr,
+    ) -> BytesMut {
+        if self.own_pings.load(Ordering::SeqCst) == 0 && !self.tracks() {
+            return chunk;
+        }
+        let mut st = self.state();
+        let mut out = BytesMut::with_capacity(chunk.len());
+        let mut at = 0;
+        while at < chunk.len() {
+            let rest = &chunk[at..];
+            let Ok(Some((byte1, hl, rl))) = parse_header(rest) else {
+                out.extend_from_slice(rest);
+                break;
+            };
+            let f = &rest[..(hl + rl).min(rest.len())];
+            at += f.len();
+            match byte1 >> 4 {
+                13 => {
+                    let own = self
+                        .own_pings
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if own {
+                        continue;
+                    }
+                }
+                3 if self.tracks() => {
+                    let qos = (byte1 >> 1) & 3;
+                    let pkid = (qos > 0).then(|| publish_pkid(f, hl)).flatten();
+                    let too_large = f.len() > self.max_packet;
+                    if too_large {
+                        guard.metrics.drop_events(
+                            DropReason::SubscriberMaxPacket,
+                            1,
+                            &format_args!(
+                                "a {} byte QoS {qos} message for {peer}, whose MQTT 5 Maximum Packet Size is {}",
+                                f.len(),
+                                self.max_packet
+                            ),
+                        );
+                    }
+                    let Some(id) = pkid else {
+                        if too_large {
+                            continue;
+                        }
+                        out.extend_from_slice(f);
+                        continue;
+                    };
+                    let owner = if too_large {
+                        Owner::Guard
+                    } else if self
+                        .receive_max
+                        .is_some_and(|max| st.in_flight >= max || !st.held.is_empty())
+                    {
+                        Owner::Held
+                    } else {
+                        Owner::Client
+                    };
+                    st.acks.push_back((id, qos, owner));
+                    match owner {
+                        Owner::Guard => st.settle(ctl),
+                        Owner::Held => {
+                            st.held_bytes += f.len();
+                            st.held.push_back(BytesMut::from(f));
+                        }
+                        Owner::Client => {
+                            st.in_flight += 1;
+                            out.extend_from_slice(f);
+                        }
+                    }
+                    continue;
+                }
+                6 if self.tracks() => {
+                    let id = f.get(hl..hl + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                    let mine = id.and_then(|id| st.comps.iter().position(|c| c.0 == id));
+                    match mine.map(|i| (i, st.comps[i].1)) {
+                        Some((i, Owner::Guard)) => {
+                            st.comps[i].2 = true;
+                            st.settle(ctl);
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => {
+                            // A QoS 2 delivery from an earlier connection of the session: the
+                            // client owes its PUBCOMP, and it counts until then.
+                            if let Some(id) = id {
+                                st.comps.push_back((id, Owner::Client, true));
+                                st.in_flight += 1;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    /// Held publishes the client's quota now admits, in order.
+    fn release(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        let Some(max) = self.receive_max else {
+            return out;
+        };
+        let mut st = self.state();
+        while st.in_flight < max {
+            let Some(f) = st.held.pop_front() else { break };
+            st.held_bytes -= f.len();
+            if let Some(e) = st.acks.iter_mut().find(|e| e.2 == Owner::Held) {
+                e.2 = Owner::Client;
+            }
+            st.in_flight += 1;
+            out.extend_from_slice(&f);
+        }
+        out
+    }
+
+    /// The client sent PUBACK (4), PUBREC (5) or PUBCOMP (7) with this `body` (after the fixed
+    /// header), which the relay passes on: the guard's own acknowledgements next in line follow
+    /// it (through `ctl`, written after it), and a completed delivery frees a place of the
+    /// client's Receive Maximum.
+    fn client_acked(
+        &self,
+        kind: u8,
+        body: &[u8],
+        ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>,
+    ) {
+        if !self.tracks() {
+            return;
+        }
+        let Some(id) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+            return;
+        };
+        let mut st = self.state();
+        let before = st.in_flight;
+        if kind == 7 {
+            if let Some(i) = st
+                .comps
+                .iter()
+                .position(|c| c.0 == id && c.1 == Owner::Client)
+            {
+                st.comps.remove(i);
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+        } else if let Some(i) = st
+            .acks
+            .iter()
+            .position(|a| a.0 == id && a.2 == Owner::Client)
+        {
+            let qos = st.acks[i].1;
+            st.acks.remove(i);
+            if kind == 5 && qos == 2 {
+                // rumqttd answers any PUBREC with a PUBREL and waits for the PUBCOMP.
+                st.comps.push_back((id, Owner::Client, false));
+            } else {
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+        }
+        st.settle(ctl);
+        let freed = st.in_flight < before && !st.held.is_empty();
+        drop(st);
+        if freed {
+            self.released.notify_one();
+        }
+    }
+}
+
+/// The guard's side of the internal connection to rumqttd, for one client.
+struct ToBroker<'a> {
+    w: tokio::net::tcp::OwnedWriteHalf,
+    /// Checked packets not yet written: passed on together while more are already buffered.
+    out: BytesMut,
+    /// Acknowledgements the guard sends on the client's behalf (see [`Flow`]).
+    ctl: tokio::sync::mpsc::UnboundedReceiver<[u8; 4]>,
+    last_write: tokio::time::Instant,
+    ping_after: Duration,
+    /// Fires at the earliest when a ping may be due; re-armed only when it fires (one timer
+    /// operation per `ping_after`, not one per packet).
+    ping: std::pin::Pin<Box<tokio::time::Sleep>>,
+    own_pings: &'a AtomicU32,
+}
+
+impl ToBroker<'_> {
+    /// Write what `out` holds (if anything) and empty it.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.w.write_all(&self.out).await?;
+            self.out.clear();
+            self.last_write = tokio::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Run `work` (a read from the client, a pause) while writing what the guard sends rumqttd
+    /// itself: acknowledgements (after the client's packets before them, for rumqttd's order)
+    /// and, after `ping_after` without any write, a PINGREQ (rumqttd closes a connection silent
+    /// for 1.5 x its keep alive).
+    async fn wait<F: std::future::Future>(&mut self, work: F) -> std::io::Result<F::Output> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                Some(ack) = self.ctl.recv() => {
+                    self.out.extend_from_slice(&ack);
+                    self.flush().await?;
+                }
+                _ = &mut self.ping => {
+                    if tokio::time::Instant::now() >= self.last_write + self.ping_after {
+                        self.own_pings.fetch_add(1, Ordering::SeqCst);
+                        self.out.extend_from_slice(&PINGREQ);
+                        self.flush().await?;
+                    }
+                    let next = self.last_write + self.ping_after;
+                    self.ping.as_mut().reset(next);
+                }
+                r = &mut work => return Ok(r),
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn relay<S: Io>(
     client: S,
     mut buf: BytesMut,
     internal: TcpStream,
+    mut ibuf: BytesMut,
     peer: SocketAddr,
     v5: bool,
     guard: &Guard,
     conn: &mut Conn,
+    flow: &Flow,
 ) {
     let (mut cr, mut cw) = tokio::io::split(client);
     // Packets the guard answers itself (SUBACK for a refused SUBSCRIBE; the MQTT 5 DISCONNECT
     // of a refusal, after which the connection ends: `true`), written between the broker's
     // packets.
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, bool)>(8);
-    let (mut ir, mut iw) = internal.into_split();
+    // Packets the guard sends rumqttd on the client's behalf (acknowledgements of publishes it
+    // withheld from the client). Unbounded, so that the relay towards the client never waits
+    // on the relay towards rumqttd (which may be waiting on rumqttd, which may be waiting for
+    // us to read): bounded by rumqttd's outgoing window of 100 unacknowledged publishes.
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<[u8; 4]>();
+    let (mut ir, iw) = internal.into_split();
+    let mut to_broker = ToBroker {
+        w: iw,
+        out: BytesMut::new(),
+        ctl: ctl_rx,
+        last_write: tokio::time::Instant::now(),
+        ping_after: flow.ping_after,
+        ping: Box::pin(tokio::time::sleep(flow.ping_after)),
+        own_pings: &flow.own_pings,
+    };
     let p = &guard.policy;
     let rate = p.max_publish_rate as f64;
+    // The client's keep alive, enforced here (rumqttd sees the guard's own): one and a half
+    // times it without a packet from the client ends the connection (MQTT 3.1.2.10).
+    let silence =
+        (flow.keep_alive > 0).then(|| Duration::from_millis(1500 * flow.keep_alive as u64));
     // Ends when either side closes; true when the client's DISCONNECT was passed on.
     let up = async {
+        let iw = &mut to_broker;
         let mut disconnect = false;
         let mut tokens = rate;
         let mut last = Instant::now();
-        // Checked packets not yet written: passed on together while more are already buffered.
-        let mut out = BytesMut::new();
+        let mut heard = tokio::time::Instant::now();
+        let mut quiet = Box::pin(tokio::time::sleep(silence.unwrap_or_default()));
         let refused: Option<&'static str> = 'frames: loop {
-            if (out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
-                && flush(&mut iw, &mut out).await.is_err()
+            if (iw.out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
+                && iw.flush().await.is_err()
             {
                 return false;
             }
@@ -1337,7 +1985,43 @@ async fn relay<S: Io>(
                 guard.reject(reason, peer, detail);
                 Some(reason)
             };
-            let mut frame = match read_frame(&mut cr, &mut buf, p.max_packet).await {
+            let read = if complete_frames(&buf, p.max_packet, 1) > 0 {
+                // A whole packet is buffered already (a burst): no waiting, so no timers;
+                // the guard's own acknowledgements go behind what is checked so far.
+                while let Ok(ack) = iw.ctl.try_recv() {
+                    iw.out.extend_from_slice(&ack);
+                }
+                Some(read_frame(&mut cr, &mut buf, p.max_packet).await)
+            } else {
+                let read = async {
+                    loop {
+                        tokio::select! {
+                            r = read_frame(&mut cr, &mut buf, p.max_packet) => return Some(r),
+                            _ = &mut quiet, if silence.is_some() => {
+                                // Re-armed only when it fires (not one timer per packet).
+                                let due = heard + silence.unwrap_or_default();
+                                if tokio::time::Instant::now() >= due {
+                                    return None;
+                                }
+                                quiet.as_mut().reset(due);
+                            }
+                        }
+                    }
+                };
+                let Ok(read) = iw.wait(read).await else {
+                    return false;
+                };
+                read
+            };
+            let Some(read) = read else {
+                let ka = flow.keep_alive;
+                break 'frames refuse(
+                    "keep_alive_timeout",
+                    &format_args!("no packet within 1.5 x the client's keep alive of {ka} s"),
+                );
+            };
+            heard = tokio::time::Instant::now();
+            let mut frame = match read {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => {
                     break 'frames None
@@ -1453,13 +2137,18 @@ async fn relay<S: Io>(
                     last = now;
                     if tokens < 1.0 {
                         guard.metrics.broker_throttled.inc();
-                        if flush(&mut iw, &mut out).await.is_err() {
+                        if iw.flush().await.is_err() {
                             return false;
                         }
                         let wait = (1.0 - tokens) / rate;
-                        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                        let pause = tokio::time::sleep(Duration::from_secs_f64(wait));
+                        if iw.wait(pause).await.is_err() {
+                            return false;
+                        }
                         tokens = 1.0;
                         last = Instant::now();
+                        // Not reading was the guard's doing, not the client's silence.
+                        heard = tokio::time::Instant::now();
                     }
                     tokens -= 1.0;
                 }
@@ -1469,11 +2158,14 @@ async fn relay<S: Io>(
                     if pressure.over() {
                         // The router holds too much that ingest has not taken yet: pass on
                         // what is checked, then stop reading from this sensor for a while.
-                        if flush(&mut iw, &mut out).await.is_err() {
+                        if iw.flush().await.is_err() {
                             return false;
                         }
                         guard.metrics.broker_paused.inc();
-                        pressure.wait().await;
+                        if iw.wait(pressure.wait()).await.is_err() {
+                            return false;
+                        }
+                        heard = tokio::time::Instant::now();
                     }
                     if target.own {
                         pressure.relayed_reserved(target.hash);
@@ -1572,6 +2264,9 @@ async fn relay<S: Io>(
                 for (f, _) in &filters {
                     conn.subscriptions.insert(f.to_vec());
                 }
+            } else if matches!(kind, 4 | 5 | 7) {
+                // The client's PUBACK / PUBREC / PUBCOMP: its Receive Maximum quota.
+                flow.client_acked(kind, &frame[header_len..], &ctl_tx);
             } else if kind == 10 {
                 if let Some(filters) = unsubscribe_filters(&frame, header_len, v5) {
                     for f in filters {
@@ -1579,6 +2274,26 @@ async fn relay<S: Io>(
                     }
                 }
             } else if kind == 14 {
+                if v5 {
+                    match disconnect_expiry(&frame[header_len..]) {
+                        None => {
+                            break 'frames refuse("malformed", &"DISCONNECT could not be parsed")
+                        }
+                        Some(Some(e)) if e != 0 && conn.connect_expiry == 0 => {
+                            // MQTT 5 §3.14.2.2.2: a protocol error; the will fires.
+                            break 'frames refuse(
+                                "protocol",
+                                &"DISCONNECT with a Session Expiry Interval after CONNECT had 0",
+                            );
+                        }
+                        Some(Some(e)) => {
+                            if let Some(x) = conn.expiry.as_mut() {
+                                *x = e;
+                            }
+                        }
+                        Some(None) => {}
+                    }
+                }
                 // The client's last packet: nothing after it is read. A will does not fire
                 // after it (unless an MQTT 5 client asks for it, reason 0x04).
                 let with_will = v5 && frame.get(header_len) == Some(&0x04);
@@ -1590,15 +2305,15 @@ async fn relay<S: Io>(
                         .unwrap_or_else(|e| e.into_inner())
                         .release_if(topic, conn.owner, bytes);
                 }
-                out.extend_from_slice(&frame);
+                iw.out.extend_from_slice(&frame);
                 disconnect = true;
                 break 'frames None;
             }
-            out.extend_from_slice(&frame);
+            iw.out.extend_from_slice(&frame);
         };
         // What passed the checks before the connection ended (or before a refused packet)
         // still goes on, as it would have one packet at a time.
-        let flushed = flush(&mut iw, &mut out).await.is_ok();
+        let flushed = iw.flush().await.is_ok();
         if let (Some(reason), true) = (refused, v5) {
             // MQTT 5 says why: a DISCONNECT with the reason, after which the relay ends.
             let d = frame_of(0xe0, &[disconnect_code(reason)]);
@@ -1610,23 +2325,25 @@ async fn relay<S: Io>(
     };
     let down = async {
         // Framed, so that injected packets go between the broker's packets, never inside one.
-        let mut ibuf = BytesMut::with_capacity(8192);
+        ibuf.reserve(8192);
         loop {
             let (out, last) = tokio::select! {
-                f = read_frame(&mut ir, &mut ibuf, 1 << 28) => match f {
+                f = read_frame(&mut ir, &mut ibuf, 1 << 28), if !flow.full() => match f {
                     Ok(Some(mut f)) => {
                         // And every whole packet behind it, in one write.
                         let more = complete_frames(&ibuf, 1 << 28, COALESCE);
                         if more > 0 {
                             f.extend_from_slice(&ibuf.split_to(more));
                         }
-                        (f, false)
+                        (flow.to_client(f, &ctl_tx, guard, peer), false)
                     }
                     _ => return,
                 },
+                // The client acknowledged publishes: some held back may go now.
+                _ = flow.released.notified(), if flow.holds() => (flow.release(), false),
                 Some((b, last)) = inject_rx.recv() => (BytesMut::from(&b[..]), last),
             };
-            if cw.write_all(&out).await.is_err() || last {
+            if (!out.is_empty() && cw.write_all(&out).await.is_err()) || last {
                 return;
             }
         }
@@ -1635,12 +2352,14 @@ async fn relay<S: Io>(
         d = up => d,
         _ = down => false,
     };
+    // From here on a newer connection with the client id is no takeover of this one.
+    conn.ended = true;
     if disconnected {
         guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
     // Closing the internal connection makes rumqttd publish the will: not while ingest is behind.
     guard.will_fires(conn).await;
-    let _ = iw.shutdown().await;
+    let _ = to_broker.w.shutdown().await;
     let _ = cw.shutdown().await;
 }
 
@@ -1653,17 +2372,31 @@ pub async fn probe(
     guard: &Guard,
     timeout: Duration,
 ) -> Result<(), String> {
+    let id = format!(
+        "{}-{}",
+        guard.probe_id,
+        guard.probes.fetch_add(1, Ordering::Relaxed)
+    );
+    visit(addr, v5, guard, id, timeout, &"the liveness probe").await
+}
+
+/// A clean CONNECT/CONNACK and DISCONNECT as `client_id` on rumqttd's internal listener at
+/// `addr` (the probe; ending a stored session: a clean connect discards it).
+async fn visit(
+    addr: SocketAddr,
+    v5: bool,
+    guard: &Guard,
+    client_id: String,
+    timeout: Duration,
+    who: &(dyn std::fmt::Display + Sync),
+) -> Result<(), String> {
     let work = async {
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let connect = rumqttd::protocol::Connect {
             keep_alive: 10,
-            client_id: format!(
-                "{}-{}",
-                guard.probe_id,
-                guard.probes.fetch_add(1, Ordering::Relaxed)
-            ),
+            client_id,
             clean_session: true,
         };
         let login = Some(Login {
@@ -1691,9 +2424,7 @@ pub async fn probe(
     };
     // Answered. Leave as a client should, and as the guard does (module docs).
     if s.write_all(&[0xe0, 0x00]).await.is_ok() {
-        guard
-            .await_close_after_disconnect(&mut s, &"the liveness probe")
-            .await;
+        guard.await_close_after_disconnect(&mut s, who).await;
     }
     Ok(())
 }
@@ -1892,6 +2623,31 @@ mod tests {
             unsubscribe_filters(&f, 2, false).unwrap(),
             vec![&b"a/b"[..]]
         );
+    }
+
+    #[test]
+    fn disconnect_and_connack_properties() {
+        // No reason code / reason only / no properties: no expiry set.
+        assert_eq!(disconnect_expiry(&[]), Some(None));
+        assert_eq!(disconnect_expiry(&[0x04]), Some(None));
+        assert_eq!(disconnect_expiry(&[0x00, 0x00]), Some(None));
+        // Reason string "x", then Session Expiry Interval 300.
+        assert_eq!(
+            disconnect_expiry(&[0x00, 9, 0x1f, 0, 1, b'x', 0x11, 0, 0, 1, 0x2c]),
+            Some(Some(300))
+        );
+        // Truncated, or a property a DISCONNECT cannot carry: malformed.
+        assert_eq!(disconnect_expiry(&[0x00, 5, 0x11, 0, 0]), None);
+        assert_eq!(disconnect_expiry(&[0x00, 2, 0x23, 0]), None);
+
+        // rumqttd's CONNACK with Topic Alias Maximum 4096: the assigned id goes after it.
+        let c = [0x20, 6, 0x00, 0x00, 3, 0x22, 0x10, 0x00];
+        assert_eq!(
+            connack_assigning(&c, "ab").unwrap(),
+            vec![0x20, 11, 0x00, 0x00, 8, 0x22, 0x10, 0x00, 0x12, 0, 2, b'a', b'b']
+        );
+        // A refusal is left alone.
+        assert!(connack_assigning(&[0x20, 3, 0x00, 0x85, 0], "ab").is_none());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum DropReason {
     /// Queued in a file found corrupt while running: the file was moved aside (kept for
     /// inspection), the gateway went on with a fresh one.
     Quarantined,
+    /// A message for a local MQTT 5 subscriber was larger than the Maximum Packet Size it
+    /// declared: withheld by the broker guard, as MQTT 5 §3.1.2.11.4 requires.
+    SubscriberMaxPacket,
 }
 
 impl DropReason {
@@ -68,6 +71,7 @@ impl DropReason {
             DropReason::RuleError => "rule_error",
             DropReason::LocalPublishFailed => "local_publish_failed",
             DropReason::Quarantined => "quarantined",
+            DropReason::SubscriberMaxPacket => "subscriber_max_packet_size",
         }
     }
 
