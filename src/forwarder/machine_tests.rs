@@ -315,6 +315,38 @@ async fn a_held_back_event_is_offered_again_on_the_same_connection() {
     h.stop().await;
 }
 
+/// A held-back event that falls due before the connection's reader reached it (a reconnect,
+/// a smaller window) is left to the reader: a scan that kept finding it and taking nothing
+/// would starve every read after it.
+#[tokio::test]
+async fn a_due_event_the_reader_has_not_reached_is_left_to_it() {
+    let mut h = Harness::start(2, 1, Duration::from_millis(200));
+    h.append(&["a", "b"]).await;
+    let mut peer = h.connect().await;
+    let m = peer.send_n(2).await;
+    peer.puback_refused(m[1].pkid, "QuotaExceeded");
+    h.expect_queued(&["a", "b"]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    peer.die();
+    // The broker's receive maximum of 2 leaves a window of one message: the reader stops at a.
+    let peer_next = tokio::time::timeout(WAIT, h.peers.recv_async())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut peer = peer_next;
+    peer.connack(Some(2));
+    let m = peer.send().await;
+    assert_eq!(m.subjects, ["a"]);
+    // b falls due while a is in flight.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    peer.puback(m.pkid);
+    let m = peer.send().await;
+    assert_eq!(m.subjects, ["b"]);
+    peer.puback(m.pkid);
+    h.expect_queued(&[]).await;
+    h.stop().await;
+}
+
 /// Held-back events deleted meanwhile (here: acknowledged through another path, like a purge)
 /// are forgotten when due, not offered and not kept in the map.
 #[tokio::test]

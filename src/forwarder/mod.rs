@@ -501,7 +501,8 @@ impl<C: Connector> Forwarder<C> {
 
     /// Up to `limit` held-back events that are due, read from the queue: a scan from its head
     /// up to the last due position, taking only the due ones the connection's reader (at
-    /// `passed`) has gone past (the others it meets itself). The scan reads what is still
+    /// `passed`) has gone past (the others are released: the reader meets them itself). Each
+    /// scan takes, releases or forgets at least one due position, so scans never spin. The scan reads what is still
     /// queued below them: events in flight, acknowledged ones not yet deleted, other held-back
     /// ones; a backlog only up to the due positions. Due positions the scan does not meet
     /// were deleted meanwhile (purged, expired, evicted) and are forgotten.
@@ -531,7 +532,11 @@ impl<C: Connector> Forwarder<C> {
                     Class::Alert => passed.alert,
                     Class::Telemetry => passed.telemetry,
                 };
-                if row.pos <= reached && out.len() < limit {
+                if row.pos > reached {
+                    // The reader meets it itself (not held any more, it goes then): kept due
+                    // here, every scan would find it again and none would ever read on.
+                    self.held.release(row.pos);
+                } else if out.len() < limit {
                     self.held.release(row.pos);
                     out.push(row);
                 }
