@@ -22,11 +22,22 @@
 //!   again before it comes round.
 //! - No PUBACK for `upstream.ack_timeout` while publishes are in flight: the link is presumed
 //!   half-open and is dropped.
+//! - An event held back (a transient refusal, see [`held`]) stays queued and is offered again
+//!   once due, on the same connection (a scan of the queue from its head for the due positions
+//!   the reader has passed) or the next; due positions no longer queued are forgotten, and no
+//!   new events are read while [`held::MAX_HELD_BACK`] are held.
+//! - The forwarder talks to the upstream only through [`session::UpstreamSession`]: rumqttc in
+//!   the daemon, a scripted fake in the unit tests (`machine_tests`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+mod fake;
+mod held;
+#[cfg(test)]
+mod machine_tests;
 pub mod session;
 
 use rand::Rng;
@@ -36,8 +47,9 @@ use tokio::sync::watch;
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::event::Class;
 use crate::ops::metrics::Metrics;
-use crate::queue::{QueueHandle, Reader, StoredEvent};
-use session::{Session, Up};
+use crate::queue::{Cursor, QueueClosed, QueueHandle, Reader, StoredEvent};
+use held::{HeldBack, MAX_HELD_BACK};
+use session::{Connector, Rumqttc, SessionError, Up, UpstreamSession};
 
 /// Status shared with the rest of the daemon (health, systemd STATUS, demo).
 #[derive(Debug, Clone, Default)]
@@ -46,7 +58,8 @@ pub struct UpstreamStatus {
     pub last_error: Option<String>,
 }
 
-pub struct Forwarder {
+pub struct Forwarder<C: Connector = Rumqttc> {
+    connector: C,
     cfg: UpstreamConfig,
     queue: QueueHandle,
     metrics: Arc<Metrics>,
@@ -55,16 +68,17 @@ pub struct Forwarder {
     drain_timeout: Duration,
     /// Highest queue position sent on an earlier connection: leasing it again is a resend.
     sent_high: u64,
-    /// Events the upstream refused (MQTT 5 PUBACK failure reason), by queue position, with the
-    /// time before which they are not sent again. They stay queued; a refused event must not
-    /// hold back the ones behind it.
-    refused: HashMap<u64, Instant>,
+    /// Events the upstream refused in a way that may pass (see [`held`]), by queue position,
+    /// with the time before which they are not sent again. They stay queued; a refused event
+    /// must not hold back the ones behind it. Once due they are offered again, on the same
+    /// connection or the next.
+    held: HeldBack,
     /// The oldest message in flight when the last connections failed (the positions it
     /// carried), and how many connections in a row.
     failure_head: Option<(Positions, u32)>,
 }
 
-/// How long a refused event is held back before it is offered again (on a later connection).
+/// How long a refused event is held back before it is offered again.
 const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// Why a connection ended.
@@ -73,7 +87,8 @@ enum End {
     Error(String),
 }
 
-impl Forwarder {
+impl Forwarder<Rumqttc> {
+    /// A forwarder over rumqttc sessions.
     pub fn new(
         cfg: UpstreamConfig,
         queue: QueueHandle,
@@ -82,7 +97,31 @@ impl Forwarder {
         shutdown: watch::Receiver<bool>,
         drain_timeout: Duration,
     ) -> Forwarder {
+        Forwarder::with_connector(
+            Rumqttc,
+            cfg,
+            queue,
+            metrics,
+            status,
+            shutdown,
+            drain_timeout,
+        )
+    }
+}
+
+impl<C: Connector> Forwarder<C> {
+    /// A forwarder over the sessions `connector` opens.
+    pub fn with_connector(
+        connector: C,
+        cfg: UpstreamConfig,
+        queue: QueueHandle,
+        metrics: Arc<Metrics>,
+        status: watch::Sender<UpstreamStatus>,
+        shutdown: watch::Receiver<bool>,
+        drain_timeout: Duration,
+    ) -> Forwarder<C> {
         Forwarder {
+            connector,
             cfg,
             queue,
             metrics,
@@ -90,9 +129,16 @@ impl Forwarder {
             shutdown,
             drain_timeout,
             sent_high: 0,
-            refused: HashMap::new(),
+            held: HeldBack::new(REFUSED_RETRY),
             failure_head: None,
         }
+    }
+
+    /// Hold refused events back for `retry` instead of [`REFUSED_RETRY`] (tests).
+    #[cfg(test)]
+    fn retry_after(mut self, retry: Duration) -> Self {
+        self.held = HeldBack::new(retry);
+        self
     }
 
     pub async fn run(mut self) {
@@ -155,20 +201,18 @@ impl Forwarder {
         // with batches, that is fewer messages.
         let messages = self.cfg.inflight.div_ceil(self.cfg.batch_events).max(1);
         let mut window = messages;
-        let session = Session::open(&self.cfg, url, window);
-        let ev_rx = session.events.clone();
+        let session = self.connector.open(&self.cfg, url, window);
+        let ev_rx = session.events();
         let mut state = Inflight::default();
-        // This connection reads the queue from its start again; what was held back and is due
-        // is offered again now (and positions deleted meanwhile are forgotten).
-        let now = Instant::now();
-        self.refused.retain(|_, until| *until > now);
+        // This connection reads the queue from its start again: what was held back and is due
+        // is met there and offered again (and positions deleted meanwhile are forgotten).
+        self.held.release_due(Instant::now());
         let mut reader = Reader::default();
         let batch_events = self.cfg.batch_events;
         let mut committed = self.queue.committed();
         let mut connected = false;
         let mut draining_since: Option<Instant> = None;
-        let mut acks: Vec<u64> = Vec::new();
-        let mut acks_since: Option<Instant> = None;
+        let mut acks = AckBatch::default();
         let mut tick =
             tokio::time::interval(Duration::from_millis(100).min(self.cfg.ack_timeout / 4));
         let mut caught_up = false;
@@ -180,19 +224,30 @@ impl Forwarder {
             let room = window.saturating_sub(state.len());
             let allowed = rate.available(room.saturating_mul(batch_events));
             let quarter = window.div_ceil(4);
-            if connected
+            let may_lease = connected
                 && draining_since.is_none()
-                && !caught_up
                 && allowed > 0
-                && ((room >= quarter && allowed >= quarter.min(rate.burst())) || state.len() == 0)
-            {
-                // Mark the current commit as seen before reading, so a commit that lands
-                // after the read still wakes us.
-                committed.borrow_and_update();
-                let Ok(rows) = self.queue.read(&mut reader, allowed).await else {
-                    break End::Shutdown;
+                && ((room >= quarter && allowed >= quarter.min(rate.burst())) || state.len() == 0);
+            // Held-back events that are due go first (they are older); new events are read
+            // while not too many are held back (an upstream refusing everything paces us).
+            let due = self.held.any_due(Instant::now());
+            let fresh = !caught_up && self.held.len() < MAX_HELD_BACK;
+            if may_lease && (due || fresh) {
+                let rows = if due {
+                    let Ok(rows) = self.due_rows(reader.cursor(), allowed).await else {
+                        break End::Shutdown;
+                    };
+                    rows
+                } else {
+                    // Mark the current commit as seen before reading, so a commit that lands
+                    // after the read still wakes us.
+                    committed.borrow_and_update();
+                    let Ok(rows) = self.queue.read(&mut reader, allowed).await else {
+                        break End::Shutdown;
+                    };
+                    caught_up = rows.is_empty();
+                    rows
                 };
-                caught_up = rows.is_empty();
                 let mut batch = Batch::default();
                 let mut failed = None;
                 // Events the upstream can never accept as they are: set aside, not sent.
@@ -205,12 +260,10 @@ impl Forwarder {
                         body,
                         ..
                     } = row;
-                    if let Some(until) = self.refused.get(&pos) {
-                        if Instant::now() < *until {
-                            continue;
-                        }
-                        self.refused.remove(&pos);
+                    if self.held.holds(pos, Instant::now()) {
+                        continue;
                     }
+                    self.held.release(pos);
                     let batched = batch_events > 1 && class == Class::Telemetry;
                     let alone = (!batched).then_some(topic.as_str());
                     // In a batch, at least the array's brackets come with it.
@@ -298,8 +351,7 @@ impl Forwarder {
                                 match refused {
                                     None => {
                                         self.metrics.ack_latency.observe(sent.elapsed().as_secs_f64());
-                                        acks.extend_from_slice(&pos);
-                                        acks_since.get_or_insert_with(Instant::now);
+                                        acks.add(&pos, Instant::now());
                                     }
                                     // MQTT 5 failure reason: not delivered, so not deleted. A
                                     // refusal that will not change by itself (topic, size,
@@ -321,7 +373,7 @@ impl Forwarder {
                             }
                         }
                         Ok(Up::Disconnected | Up::Other) => {}
-                        Err(e) => break End::Error(e),
+                        Err(e) => break End::Error(e.to_string()),
                     }
                 }
                 changed = committed.changed(), if caught_up => {
@@ -330,8 +382,9 @@ impl Forwarder {
                     }
                     caught_up = false;
                 }
-                _ = tokio::time::sleep(rate.next_in()), if connected && !caught_up && draining_since.is_none() && rate.limited() => {}
-                _ = tokio::time::sleep(ACK_BATCH_WAIT), if acks_since.is_some() => {}
+                _ = tokio::time::sleep(rate.next_in()), if connected && (!caught_up || due) && draining_since.is_none() && rate.limited() => {}
+                _ = sleep_until(self.held.next_due()), if connected && !due && draining_since.is_none() && self.held.len() > 0 => {}
+                _ = tokio::time::sleep(ACK_BATCH_WAIT), if acks.waiting() => {}
                 _ = tick.tick() => {
                     if state.len() > 0 && state.last_progress.elapsed() > self.cfg.ack_timeout {
                         break End::Error(format!("no PUBACK for {:?} with {} in flight", self.cfg.ack_timeout, state.len()));
@@ -347,14 +400,11 @@ impl Forwarder {
             // the broker's receive maximum allows), or ACK_BATCH_WAIT after the first,
             // whichever comes first. Deleting later is safe: an acknowledged row is never
             // leased again on this connection.
-            if let Some(since) = acks_since {
-                let half_window = (window * batch_events).min(self.cfg.inflight).div_ceil(2);
-                if acks.len() >= half_window || since.elapsed() >= ACK_BATCH_WAIT {
-                    self.metrics.events_forwarded.inc_by(acks.len() as u64);
-                    acks_since = None;
-                    if self.queue.ack(std::mem::take(&mut acks)).await.is_err() {
-                        break End::Shutdown;
-                    }
+            let half_window = (window * batch_events).min(self.cfg.inflight).div_ceil(2);
+            if let Some(ready) = acks.take_ready(half_window, Instant::now()) {
+                self.metrics.events_forwarded.inc_by(ready.len() as u64);
+                if self.queue.ack(ready).await.is_err() {
+                    break End::Shutdown;
                 }
             }
             if let Some(since) = draining_since {
@@ -367,6 +417,7 @@ impl Forwarder {
                 }
             }
         };
+        let acks = acks.take();
         if !acks.is_empty() {
             self.metrics.events_forwarded.inc_by(acks.len() as u64);
             let _ = self.queue.ack(acks).await;
@@ -438,14 +489,83 @@ impl Forwarder {
     }
 }
 
-impl Forwarder {
+impl<C: Connector> Forwarder<C> {
     /// Keep these events queued but unsent for [`REFUSED_RETRY`] (counted as refused).
     fn hold_back(&mut self, positions: &[u64]) {
         self.metrics.events_refused.inc_by(positions.len() as u64);
-        let until = Instant::now() + REFUSED_RETRY;
+        let now = Instant::now();
         for p in positions {
-            self.refused.insert(*p, until);
+            self.held.hold(*p, now);
         }
+    }
+
+    /// Up to `limit` held-back events that are due, read from the queue: a scan from its head
+    /// up to the last due position, taking only the due ones the connection's reader (at
+    /// `passed`) has gone past (the others are released: the reader meets them itself). Each
+    /// scan takes, releases or forgets at least one due position, so scans never spin. The scan reads what is still
+    /// queued below them: events in flight, acknowledged ones not yet deleted, other held-back
+    /// ones; a backlog only up to the due positions. Due positions the scan does not meet
+    /// were deleted meanwhile (purged, expired, evicted) and are forgotten.
+    async fn due_rows(
+        &mut self,
+        passed: Cursor,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, QueueClosed> {
+        let due: HashSet<u64> = self.held.due(Instant::now()).into_iter().collect();
+        let Some(last) = due.iter().max().copied() else {
+            return Ok(Vec::new());
+        };
+        // A fresh reader starts at the head and reads the file (it is dropped before the tail
+        // could answer it: the tail's events are the connection reader's).
+        let mut scan = Reader::default();
+        let mut out = Vec::new();
+        let mut met = HashSet::new();
+        let complete = loop {
+            let rows = self.queue.read(&mut scan, DUE_SCAN_PAGE).await?;
+            let end = rows.len() < DUE_SCAN_PAGE;
+            for row in rows {
+                if !due.contains(&row.pos) {
+                    continue;
+                }
+                met.insert(row.pos);
+                let reached = match row.class {
+                    Class::Alert => passed.alert,
+                    Class::Telemetry => passed.telemetry,
+                };
+                if row.pos > reached {
+                    // The reader meets it itself (not held any more, it goes then): kept due
+                    // here, every scan would find it again and none would ever read on.
+                    self.held.release(row.pos);
+                } else if out.len() < limit {
+                    self.held.release(row.pos);
+                    out.push(row);
+                }
+            }
+            // Alerts come first in a lease: once telemetry is read past `last`, every alert
+            // up to it was met too.
+            let complete = end || scan.cursor().telemetry >= last;
+            if complete || out.len() >= limit {
+                break complete;
+            }
+        };
+        if complete {
+            for pos in due.difference(&met) {
+                self.held.release(*pos);
+            }
+        }
+        out.sort_by_key(|e| e.pos);
+        Ok(out)
+    }
+}
+
+/// Rows per read of a scan for due held-back events.
+const DUE_SCAN_PAGE: usize = 256;
+
+/// Sleep until `t` (for ever when `None`).
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -584,14 +704,14 @@ impl Batch {
     }
 }
 
-impl Forwarder {
+impl<C: Connector> Forwarder<C> {
     /// Publish the gathered batch (if any) on `upstream.batch_topic`.
     fn send_batch(
         &self,
-        session: &Session,
+        session: &C::Session,
         state: &mut Inflight,
         batch: &mut Batch,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         if batch.positions.is_empty() {
             return Ok(());
         }
@@ -601,6 +721,41 @@ impl Forwarder {
         let positions = std::mem::take(&mut batch.positions);
         state.requested.push_back(Positions::from_vec(positions));
         Ok(())
+    }
+}
+
+/// Positions of PUBACKed events, handed to the queue in batches (each Ack costs a commit),
+/// in the order their PUBACKs came.
+#[derive(Debug, Default)]
+struct AckBatch {
+    positions: Vec<u64>,
+    /// When the oldest of them was PUBACKed.
+    since: Option<Instant>,
+}
+
+impl AckBatch {
+    fn add(&mut self, positions: &[u64], now: Instant) {
+        self.positions.extend_from_slice(positions);
+        self.since.get_or_insert(now);
+    }
+
+    /// Are PUBACKed events waiting to be handed to the queue?
+    fn waiting(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// The positions to hand over now: once `half_window` of them gathered, or
+    /// [`ACK_BATCH_WAIT`] after the first.
+    fn take_ready(&mut self, half_window: usize, now: Instant) -> Option<Vec<u64>> {
+        let since = self.since?;
+        (self.positions.len() >= half_window || now.duration_since(since) >= ACK_BATCH_WAIT)
+            .then(|| self.take())
+    }
+
+    /// Everything gathered (at the end of a connection).
+    fn take(&mut self) -> Vec<u64> {
+        self.since = None;
+        std::mem::take(&mut self.positions)
     }
 }
 

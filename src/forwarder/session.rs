@@ -4,6 +4,10 @@
 //! `Outgoing::Publish(pkid)` and PUBACK (with MQTT 5, whether its reason code is a success), and
 //! DISCONNECT. Each session owns a fresh rumqttc client and event loop; the event loop runs in
 //! its own task (`poll()` is not cancel-safe) and hands converted events over a channel.
+//!
+//! The forwarder sees a session only through [`UpstreamSession`] (opened by a [`Connector`]):
+//! [`Rumqttc`] opens the real ones; the forwarder's unit tests open a scripted fake, so its state
+//! machine (packet-id matching, refusals, dying connections, batched acks) runs without a broker.
 
 use rumqttc::Transport;
 use tokio::task::JoinHandle;
@@ -30,6 +34,70 @@ pub enum Up {
     Other,
 }
 
+/// Why a session refused a request or ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The client library refused a publish request before it got a packet id.
+    #[error("{0}")]
+    Refused(String),
+    /// The connection failed or ended (the session is over).
+    #[error("{0}")]
+    Connection(String),
+}
+
+/// What the forwarder needs of one upstream connection. Contract (what rumqttc gives and the
+/// forwarder relies on):
+/// - `publish` queues a QoS 1 publish without waiting; it returns no packet id. Requests leave
+///   in the order they were made, each reported as [`Up::Sent`] with its packet id, and settled
+///   by [`Up::Acked`] with the same id.
+/// - `events` yields [`Up`]s in order; an `Err` ends the session (nothing follows it).
+/// - `alive` is false once the session's event loop has ended (its requests are then all
+///   refused alike, which says nothing about any one of them).
+pub trait UpstreamSession: Send + Sync {
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SessionError>;
+    /// Ask for a DISCONNECT (reported as [`Up::Disconnected`] once it left).
+    fn disconnect(&self);
+    fn alive(&self) -> bool;
+    fn events(&self) -> flume::Receiver<Result<Up, SessionError>>;
+}
+
+/// Opens one session per connection (nothing of a session is reused by the next).
+pub trait Connector: Send {
+    type Session: UpstreamSession;
+    /// Open a session; the connection is made in the background (reported as
+    /// [`Up::Connected`]). `window`: messages the forwarder keeps in flight at most.
+    fn open(&mut self, cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Self::Session;
+}
+
+/// The real sessions: rumqttc's MQTT 3.1.1 or 5 client, as `upstream.protocol` says.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rumqttc;
+
+impl Connector for Rumqttc {
+    type Session = Session;
+    fn open(&mut self, cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Session {
+        Session::open(cfg, url, window)
+    }
+}
+
+impl UpstreamSession for Session {
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SessionError> {
+        (self.publish)(topic, payload).map_err(SessionError::Refused)
+    }
+
+    fn disconnect(&self) {
+        (self.disconnect)()
+    }
+
+    fn alive(&self) -> bool {
+        !self.poller.is_finished()
+    }
+
+    fn events(&self) -> flume::Receiver<Result<Up, SessionError>> {
+        self.events.clone()
+    }
+}
+
 /// The publish and disconnect closures over a rumqttc client of either version (the two clients
 /// have the same methods but no common trait).
 macro_rules! session_over {
@@ -53,35 +121,23 @@ macro_rules! session_over {
 
 type PublishFn = Box<dyn Fn(String, Vec<u8>) -> Result<(), String> + Send + Sync>;
 
+/// A rumqttc session. `publish` queues a QoS 1 publish (never waits; the request channel holds
+/// what one lease can turn into).
 pub struct Session {
     publish: PublishFn,
     disconnect: Box<dyn Fn() + Send + Sync>,
-    pub events: flume::Receiver<Result<Up, String>>,
+    events: flume::Receiver<Result<Up, SessionError>>,
     poller: JoinHandle<()>,
 }
 
 impl Session {
-    /// Queue a QoS 1 publish (never waits; the channel holds what one lease can turn into).
-    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
-        (self.publish)(topic, payload)
-    }
-
-    pub fn disconnect(&self) {
-        (self.disconnect)()
-    }
-
-    /// Is the event loop still running (a refused request then was about the request itself)?
-    pub fn alive(&self) -> bool {
-        !self.poller.is_finished()
-    }
-
     /// Open a session (the connection is made by the event loop task).
     pub fn open(cfg: &UpstreamConfig, url: &UpstreamUrl, window: usize) -> Session {
         // A lease takes up to window x batch_events events; when they do not share batches
         // (alerts, events near batch_bytes) that is as many messages, which wait here for
         // rumqttc's in-flight limit (the window) rather than fail the connection.
         let cap = window.saturating_mul(cfg.batch_events.max(2)) + 16;
-        let (tx, events) = flume::bounded::<Result<Up, String>>(cap);
+        let (tx, events) = flume::bounded::<Result<Up, SessionError>>(cap);
         let mut net = rumqttc::NetworkOptions::new();
         // Small packets, many in flight: without TCP_NODELAY, Nagle's algorithm and the peer's
         // delayed ACKs stall the window (measured: drain at 4k events/s instead of tens of k).
@@ -132,7 +188,9 @@ impl Session {
                             Event::Outgoing(Outgoing::Disconnect) => Up::Disconnected,
                             _ => Up::Other,
                         });
-                        if !forward(&tx, ev.map_err(|e| e.to_string())).await {
+                        if !forward(&tx, ev.map_err(|e| SessionError::Connection(e.to_string())))
+                            .await
+                        {
                             break;
                         }
                     }
@@ -177,7 +235,9 @@ impl Session {
                             Event::Outgoing(Outgoing::Disconnect) => Up::Disconnected,
                             _ => Up::Other,
                         });
-                        if !forward(&tx, ev.map_err(|e| e.to_string())).await {
+                        if !forward(&tx, ev.map_err(|e| SessionError::Connection(e.to_string())))
+                            .await
+                        {
                             break;
                         }
                     }
@@ -196,7 +256,10 @@ impl Drop for Session {
 
 /// Hand one event to the forwarder; false when the session should end (an error, or nobody
 /// listens any more).
-async fn forward(tx: &flume::Sender<Result<Up, String>>, ev: Result<Up, String>) -> bool {
+async fn forward(
+    tx: &flume::Sender<Result<Up, SessionError>>,
+    ev: Result<Up, SessionError>,
+) -> bool {
     let failed = ev.is_err();
     tx.send_async(ev).await.is_ok() && !failed
 }
