@@ -444,12 +444,11 @@ impl<C: Connector> Forwarder<C> {
 
     /// Some brokers refuse an event by closing the connection (Mosquitto after an MQTT 5 ACL
     /// denial; any broker for a packet over its size limit), often before the PUBACK can be read;
-    /// and the client library may refuse a request outright. When the library refuses the same
-    /// single event again and again, it is set aside (parked: the upstream will never take it
-    /// as it is); when connections keep dying with the same oldest message, or a batch is
-    /// refused, those events are held back for [`REFUSED_RETRY`] (a dying connection is no proof
-    /// against the event, and which of a batch's events is to blame is unknown), so none can
-    /// stall everything behind it.
+    /// and the client library may refuse a request outright. When connections keep dying with
+    /// the same oldest message (or the same refused request), a single event is set aside
+    /// (parked: the upstream will never take it as it is), a batch is held back for
+    /// [`REFUSED_RETRY`] (which of its events is to blame is unknown), so neither can stall
+    /// everything behind it.
     async fn note_failure_head(&mut self, state: &Inflight) {
         // The oldest event on the wire, if it left just before the connection died (a dead or
         // flapping link kills connections long after the send: that is not a refusal).
@@ -472,12 +471,18 @@ impl<C: Connector> Forwarder<C> {
             return;
         }
         self.failure_head = None;
-        // Only the client library's refusal is evidence tied to the event: a connection that
-        // dies just after a send may die for other reasons (two gateways sharing a client id, a
-        // proxy that drops new connections), and the oldest event is the first one sent on
-        // every connection, so parking on that would set healthy events aside one by one.
-        if head.len() == 1 && state.refused_request.is_some() {
-            let why = format!("refused by the MQTT client library {count} times in a row");
+        // A single event is set aside: the upstream will never take it as it is. (A connection
+        // that dies just after a send may also die for reasons of its own, such as two gateways
+        // sharing a client id; then the oldest events are set aside one by one, each after
+        // three deaths in a row, listed and counted, and `queue retry` brings them back.
+        // Holding such events back instead would retry Mosquitto's MQTT 5 ACL denial for ever:
+        // it sends the refusal and closes at once, and the close often wins the race.)
+        if head.len() == 1 {
+            let why = if state.refused_request.is_some() {
+                format!("refused by the MQTT client library {count} times in a row")
+            } else {
+                format!("the upstream closed the connection on it {count} times in a row")
+            };
             tracing::warn!(position = head.first().copied(), reason = %why, "setting an event aside (queue peek --parked)");
             self.metrics.events_refused.inc();
             let _ = self.queue.park(head.to_vec(), why).await;
