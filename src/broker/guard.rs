@@ -509,6 +509,33 @@ impl Guard {
         true
     }
 
+    /// Note every key, or none: the first key that would pass `cap` is returned and nothing is
+    /// noted (a refused SUBSCRIBE never reaches rumqttd, so its other filters must not use up
+    /// the budget).
+    fn note_all<'k>(
+        &self,
+        set: &Mutex<HashSet<u64>>,
+        keys: impl Iterator<Item = &'k [u8]>,
+        cap: usize,
+    ) -> Option<&'k [u8]> {
+        let keys: Vec<&'k [u8]> = keys.collect();
+        let Ok(mut s) = set.lock() else {
+            return keys.first().copied();
+        };
+        let mut new = Vec::new();
+        for k in keys {
+            let h = self.hasher.hash_one(k);
+            if !s.contains(&h) && !new.contains(&h) {
+                if s.len() + new.len() >= cap {
+                    return Some(k);
+                }
+                new.push(h);
+            }
+        }
+        s.extend(new);
+        None
+    }
+
     /// Forget a client id's turn once its gap has passed and no session holds or waits for it
     /// (the entry keeps the end time for the gap).
     fn release_turn(self: &Arc<Guard>, client_id: String, turn: Option<Arc<Turn>>) {
@@ -1039,6 +1066,13 @@ async fn session<S: Io>(
         connect_expiry: expiry,
         ended: false,
     };
+    // Until rumqttd has the session (its CONNACK), a refusal takes the will's charge back.
+    let mut will_charge = WillCharge {
+        guard: guard.clone(),
+        charge: conn
+            .retained_will
+            .map(|(topic, bytes)| (topic, conn.owner, bytes)),
+    };
     // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
     let turn = (!client_id.is_empty()).then(|| {
         let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
@@ -1142,6 +1176,8 @@ async fn session<S: Io>(
     };
     let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
         Ok(Ok(Some(f))) if f[0] >> 4 == 2 => {
+            // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
+            will_charge.charge = None;
             let f = match &assigned_id {
                 Some(id) => match connack_assigning(&f, id) {
                     Some(c) => BytesMut::from(&c[..]),
@@ -1219,6 +1255,27 @@ async fn session<S: Io>(
     }
     // After a takeover the relay was dropped before it could count the will.
     guard.will_fires(&mut conn).await;
+}
+
+/// A retained will charged to the retained book at CONNECT, taken back when the session is
+/// refused before rumqttd has it (the will then never fires: its charge would shrink the
+/// budget for good).
+struct WillCharge {
+    guard: Arc<Guard>,
+    /// (topic hash, owner, bytes); `None` once rumqttd holds the will.
+    charge: Option<(u64, u64, usize)>,
+}
+
+impl Drop for WillCharge {
+    fn drop(&mut self) {
+        if let Some((topic, owner, bytes)) = self.charge.take() {
+            self.guard
+                .retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_if(topic, owner, bytes);
+        }
+    }
 }
 
 /// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
@@ -2237,21 +2294,25 @@ async fn relay<S: Io>(
                             p.max_subscriptions_per_client
                         ),
                     ))
-                } else if let Some((f, _)) = filters
-                    .iter()
-                    .find(|(f, _)| !guard.note(&guard.filters, f, p.max_filters))
-                {
-                    Some((
-                        "filter_limit",
-                        if v5 { 0x97 } else { 0x80 },
-                        format!(
-                            "new filter {:?} beyond broker.max_filters {}",
-                            String::from_utf8_lossy(f),
-                            p.max_filters
-                        ),
-                    ))
                 } else {
-                    None
+                    // Last: only a SUBSCRIBE that goes through notes its filters.
+                    guard
+                        .note_all(
+                            &guard.filters,
+                            filters.iter().map(|(f, _)| *f),
+                            p.max_filters,
+                        )
+                        .map(|f| {
+                            (
+                                "filter_limit",
+                                if v5 { 0x97 } else { 0x80 },
+                                format!(
+                                    "new filter {:?} beyond broker.max_filters {}",
+                                    String::from_utf8_lossy(f),
+                                    p.max_filters
+                                ),
+                            )
+                        })
                 };
                 if let Some((reason, code, detail)) = refusal {
                     guard.reject(reason, peer, &detail);
@@ -2592,6 +2653,51 @@ mod tests {
             "a downstream edgegate's upstream id"
         );
         assert!(check_client_id(&"x".repeat(129), 128).is_err());
+    }
+
+    #[test]
+    fn a_refused_sessions_retained_will_gives_its_charge_back() {
+        let g = anonymous_guard();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(g.keep_retained(7, 1, 100, peer, b"w/t"));
+        assert_eq!(g.retained_held(), (1, 100));
+        // Refused before rumqttd had the session: the charge goes back.
+        drop(WillCharge {
+            guard: g.clone(),
+            charge: Some((7, 1, 100)),
+        });
+        assert_eq!(g.retained_held(), (0, 0));
+        // Accepted (disarmed): the charge stays until the will fires or a clean DISCONNECT.
+        assert!(g.keep_retained(7, 1, 100, peer, b"w/t"));
+        drop(WillCharge {
+            guard: g.clone(),
+            charge: None,
+        });
+        assert_eq!(g.retained_held(), (1, 100));
+    }
+
+    #[test]
+    fn a_refused_subscribe_uses_none_of_the_filter_budget() {
+        let g = anonymous_guard();
+        let set = Mutex::new(HashSet::new());
+        let keys = |v: &[&'static str]| v.iter().map(|k| k.as_bytes()).collect::<Vec<_>>();
+        assert_eq!(g.note_all(&set, keys(&["x"]).into_iter(), 3), None);
+        // Three new filters where two are left: refused whole, nothing noted.
+        assert_eq!(
+            g.note_all(&set, keys(&["a", "b", "c"]).into_iter(), 3),
+            Some(&b"c"[..])
+        );
+        assert_eq!(set.lock().unwrap().len(), 1);
+        // Known filters and repeats cost nothing; the two left are still there.
+        assert_eq!(
+            g.note_all(&set, keys(&["x", "y", "y", "z"]).into_iter(), 3),
+            None
+        );
+        assert_eq!(set.lock().unwrap().len(), 3);
+        assert_eq!(
+            g.note_all(&set, keys(&["w"]).into_iter(), 3),
+            Some(&b"w"[..])
+        );
     }
 
     #[test]
