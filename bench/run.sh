@@ -7,7 +7,7 @@
 # The peer: Mosquitto (Debian package) as the edge broker, bridged to a second Mosquitto playing the
 # cloud (`topic sensors/# out 1 "" edge/gw1/`, cleansession false, max_queued_messages 0).
 # edgegate uses the same cloud Mosquitto as its upstream (durable, queue.sync = "normal").
-# The load tool is target/release/edgegate-bench (src/bin/edgegate-bench.rs).
+# The load tool is target/release/edgegate-bench (the workspace crate bench/, bench/src/main.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -15,7 +15,7 @@ SCENARIOS=${SCENARIOS:-"queue throughput latency outage crash backlog cpu"}
 OUT=${OUT:-$REPO/bench/results}
 mkdir -p "$OUT"
 command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install -y mosquitto)"; exit 1; }
-cargo build --release --locked --bins >/dev/null 2>&1 || cargo build --release --bins
+cargo build --release --locked --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 EG=$TARGET/release/edgegate
 BENCH=$TARGET/release/edgegate-bench

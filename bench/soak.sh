@@ -7,7 +7,7 @@
 #   bench/soak.sh --tmpfs 5               # data dir on a 5 MiB tmpfs (root): the queue fills the disk
 #   bench/soak.sh --duration 2m -- --attacks flood,outage --flood-rate 400   # edgegate-bench soak options
 #
-# What it runs and measures: `edgegate-bench soak --help` and src/bin/edgegate-bench/soak.rs.
+# What it runs and measures: `edgegate-bench soak --help` and bench/src/soak.rs.
 # Everything listens on 127.0.0.1; attackers connect from 127.0.0.11-18. Everything started here
 # is stopped on exit, failure included.
 set -euo pipefail
@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
 done
 command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install -y mosquitto)"; exit 1; }
 if [ -z "${NO_BUILD:-}" ]; then
-    cargo build --release --locked --bins >/dev/null 2>&1 || cargo build --release --bins
+    cargo build --release --locked --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
 fi
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 EG=${EG:-$TARGET/release/edgegate}

@@ -38,9 +38,7 @@ use edgegate::ops::metrics::Metrics;
 use edgegate::queue::{self, Store};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 
-#[path = "edgegate-bench/soak.rs"]
 mod soak;
-#[path = "edgegate-bench/wire.rs"]
 mod wire;
 
 #[derive(Parser)]
