@@ -11,7 +11,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq gcc mosquitto mosquitto-clients chromium >/dev/null
+$SUDO apt-get install -y -qq $(grep -v '^#' tests/debian-packages.txt) >/dev/null
 # python3 may be Debian's (needs python3-venv for ensurepip) or one with venv built in; node/npm
 # come with the machine, else from Debian.
 python3 -c 'import venv, ensurepip' 2>/dev/null || $SUDO apt-get install -y -qq python3-venv >/dev/null
