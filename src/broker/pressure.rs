@@ -59,8 +59,9 @@ pub fn topic_hash(topic: &[u8]) -> u64 {
 }
 
 pub struct Pressure {
-    /// Sensor publishes under `edgegate/` relayed and not yet seen by ingest, by topic hash.
-    reserved: Mutex<HashMap<u64, u32>>,
+    /// Sensor publishes under `edgegate/` relayed and not yet seen by ingest, by topic hash:
+    /// the notes since the last settle, and those of the settle before.
+    reserved: Mutex<[HashMap<u64, u32>; 2]>,
     relayed: AtomicU64,
     consumed: AtomicU64,
     /// Bytes in the router's log for the ingest link above which sensors are paused.
@@ -72,7 +73,7 @@ pub struct Pressure {
 impl Pressure {
     pub fn new(limit: u64) -> Pressure {
         Pressure {
-            reserved: Mutex::new(HashMap::new()),
+            reserved: Mutex::new([HashMap::new(), HashMap::new()]),
             relayed: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             limit: limit.max(1),
@@ -100,7 +101,7 @@ impl Pressure {
     /// The guard relayed a sensor's publish under the gateway's own namespace (module docs).
     pub fn relayed_reserved(&self, topic_hash: u64) {
         let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        *r.entry(topic_hash).or_default() += 1;
+        *r[0].entry(topic_hash).or_default() += 1;
     }
 
     /// Ingest took a publish on `topic` under the gateway's own namespace: was it a sensor's
@@ -108,17 +109,17 @@ impl Pressure {
     pub fn take_reserved(&self, topic: &[u8]) -> bool {
         let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let h = topic_hash(topic);
-        match r.get_mut(&h) {
+        r.iter_mut().any(|notes| match notes.get_mut(&h) {
             Some(n) if *n > 1 => {
                 *n -= 1;
                 true
             }
             Some(_) => {
-                r.remove(&h);
+                notes.remove(&h);
                 true
             }
             None => false,
-        }
+        })
     }
 
     /// Ingest took a publish of `bytes` (topic and payload).
@@ -131,11 +132,13 @@ impl Pressure {
 
     /// Ingest has been idle: nothing is waiting for it in the router.
     pub fn settle(&self) {
-        // A noted publish rumqttd refused never arrives: forget the notes too.
-        self.reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        // A noted publish rumqttd refused never arrives: forget the notes too, but only those
+        // of the settle before. One the guard made just before this settle, for a frame it had
+        // not yet written, may still arrive: forgotten now, that sensor's publish would be
+        // taken for the gateway's own output and pass uncounted.
+        let mut r = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        r[1] = std::mem::take(&mut r[0]);
+        drop(r);
         self.consumed
             .store(self.relayed.load(Ordering::Relaxed), Ordering::Relaxed);
         if self.waiting.load(Ordering::Relaxed) > 0 {
@@ -198,6 +201,10 @@ mod tests {
         assert!(!p.take_reserved(b"edgegate/x"), "each note is used once");
         p.relayed_reserved(topic_hash(b"edgegate/y"));
         p.settle();
-        assert!(!p.take_reserved(b"edgegate/y"), "settling forgets notes");
+        assert!(p.take_reserved(b"edgegate/y"), "a note survives one settle");
+        p.relayed_reserved(topic_hash(b"edgegate/y"));
+        p.settle();
+        p.settle();
+        assert!(!p.take_reserved(b"edgegate/y"), "two settles forget a note");
     }
 }

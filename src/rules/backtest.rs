@@ -42,10 +42,10 @@ pub fn default_rules() -> Vec<RuleConfig> {
 pub fn parse_time(text: &str) -> Option<SystemTime> {
     let t = text.trim().trim_matches('"');
     if let Ok(secs) = t.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Some(UNIX_EPOCH + Duration::from_secs_f64(secs));
-        }
-        return None;
+        // Checked: a huge number (1e20) is no time and must not panic the backtest.
+        return Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| UNIX_EPOCH.checked_add(d));
     }
     humantime::parse_rfc3339_weak(t)
         .or_else(|_| humantime::parse_rfc3339(t))
@@ -558,5 +558,19 @@ pub fn main(o: &Options<'_>) -> i32 {
             eprintln!("edgegate: {}: {e}", input.display());
             crate::cli::exit::DATAERR
         }
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_that_are_no_time_are_refused_not_a_panic() {
+        assert_eq!(parse_time("1.5"), Some(UNIX_EPOCH + Duration::from_millis(1500)));
+        for bad in ["1e20", "-1", "NaN", "inf", "1e400"] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+        assert!(parse_time("2026-12-01 10:00:00").is_some());
     }
 }
