@@ -2033,16 +2033,15 @@ async fn relay<S: Io>(
         let mut heard = tokio::time::Instant::now();
         let mut quiet = Box::pin(tokio::time::sleep(silence.unwrap_or_default()));
         let refused: Option<&'static str> = 'frames: loop {
-            if (iw.out.len() >= COALESCE || complete_frames(&buf, p.max_packet, 1) == 0)
-                && iw.flush().await.is_err()
-            {
+            let buffered = complete_frames(&buf, p.max_packet, 1) > 0;
+            if (iw.out.len() >= COALESCE || !buffered) && iw.flush().await.is_err() {
                 return false;
             }
             let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
                 guard.reject(reason, peer, detail);
                 Some(reason)
             };
-            let read = if complete_frames(&buf, p.max_packet, 1) > 0 {
+            let read = if buffered {
                 // A whole packet is buffered already (a burst): no waiting, so no timers;
                 // the guard's own acknowledgements go behind what is checked so far.
                 while let Ok(ack) = iw.ctl.try_recv() {

@@ -315,19 +315,14 @@ impl Broker {
         Ok(())
     }
 
-    /// Stop every accept loop and internal listener started so far (a failed start).
+    /// Stop the internal listeners started so far (a failed start: only starting one can fail,
+    /// and it comes before any accept loop is spawned).
     fn abort_listeners(&mut self) {
-        for p in self.publics.drain(..) {
-            p.task.abort();
-        }
         for i in self.internals.drain(..) {
             if let Ok(t) = i.task.lock() {
                 t.abort();
             }
         }
-        self.addr = None;
-        self.addr_v5 = None;
-        self.addr_tls = None;
     }
 
     fn public(

@@ -2,17 +2,17 @@
 //! (SQLite in a temp dir): no broker. What is asserted is what the queue holds (deleted only
 //! after a PUBACK, parked, still queued) and what the upstream is asked to send.
 
+use crate::queue::store::tests::ev as event;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::fake::{FakeConnector, Peer, WAIT};
 use super::*;
 use crate::config::{Config, SyncMode};
-use crate::event::{Class, Data, Event, TYPE_READING};
+use crate::event::Class;
 use crate::queue::{QueueWriter, Store};
 
 struct Harness {
@@ -26,19 +26,6 @@ struct Harness {
     refuse_topic: Arc<Mutex<Option<String>>>,
     appended: u64,
     _dir: tempfile::TempDir,
-}
-
-fn event(class: Class, subject: &str) -> Event {
-    Event {
-        id: crate::event::new_id(),
-        class,
-        kind: TYPE_READING,
-        subject: subject.into(),
-        upstream_topic: format!("edge/gw/{subject}"),
-        time: std::time::SystemTime::now(),
-        data: Data::Json(Bytes::from_static(b"1")),
-        traceparent: None,
-    }
 }
 
 impl Harness {

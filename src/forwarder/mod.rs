@@ -277,7 +277,7 @@ impl<C: Connector> Forwarder<C> {
                     }
                     rate.take();
                     state.sent_high = state.sent_high.max(pos);
-                    if batch_events > 1 && class == Class::Telemetry {
+                    if batched {
                         if batch.is_full(body.len(), batch_events, self.cfg.batch_bytes) {
                             if let Err(e) = self.send_batch(&session, &mut state, &mut batch) {
                                 failed = Some(e);

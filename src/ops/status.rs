@@ -61,8 +61,8 @@ impl StatusPublisher {
         StatusPublisher { link, last: None }
     }
 
-    /// Publish `s` if the state changed since the last document. Returns whether it did.
-    pub async fn observe(&mut self, s: &Snapshot<'_>) -> bool {
+    /// Publish `s` if the state changed since the last document.
+    pub async fn observe(&mut self, s: &Snapshot<'_>) {
         let state = State::of(s);
         let now = Instant::now();
         let due = match &self.last {
@@ -70,7 +70,7 @@ impl StatusPublisher {
             Some((last, _, _, _)) => *last != state,
         };
         if !due {
-            return false;
+            return;
         }
         let (since, readings_before, forwarded_before) = match &self.last {
             Some((_, at, r, f)) => (now.duration_since(*at), *r, *f),
@@ -93,7 +93,7 @@ impl StatusPublisher {
         });
         self.last = Some((state, now, s.readings_total, s.forwarded_total));
         let Some(link) = self.link.as_mut() else {
-            return false;
+            return;
         };
         let publish = rumqttd::protocol::Publish::new(
             STATUS_TOPIC.as_bytes().to_vec(),
@@ -106,8 +106,6 @@ impl StatusPublisher {
         {
             tracing::warn!(error = %e, "status publish on the local broker failed");
             self.link = None;
-            return false;
         }
-        true
     }
 }

@@ -176,10 +176,7 @@ impl Watched {
             let wedged_problems = problems.join("; ");
             problems.extend(degraded);
             let healthy = problems.is_empty();
-            let (r, f) = (
-                self.metrics.readings_received.get(),
-                self.metrics.events_forwarded.get(),
-            );
+            let forwarded = self.metrics.events_forwarded.get();
             status
                 .observe(&Snapshot {
                     problems: &problems,
@@ -188,15 +185,15 @@ impl Watched {
                     queue_depth: depth,
                     queue_oldest_us: stats.as_ref().and_then(|s| s.oldest_us),
                     queue_parked: stats.as_ref().map(|s| s.parked).unwrap_or(0),
-                    readings_total: r,
-                    forwarded_total: f,
+                    readings_total: readings,
+                    forwarded_total: forwarded,
                 })
                 .await;
             systemd::status(&format!(
                 "{}{upstream}; queue {depth} events; {} readings in; {} forwarded",
                 if healthy { "" } else { "UNHEALTHY; " },
                 readings,
-                self.metrics.events_forwarded.get()
+                forwarded
             ));
             if !wedged {
                 systemd::watchdog_ping();

@@ -551,7 +551,10 @@ impl Writer {
             self.buffer(appends);
         }
         let retried = self.retry.len().min(self.max_batch.max(1));
-        self.check_space();
+        // Only appends can grow the queue: a group of acknowledgements needs no statvfs.
+        if !appends.is_empty() || !self.retry.is_empty() {
+            self.check_space();
+        }
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
         // For the forwarder's tail: (index in retry + appends, seq, pos, body). The events' own

@@ -903,10 +903,12 @@ impl Store {
     /// free pages without growing the file) nor below [`SPACE_CAP_FLOOR`]: a queue that drains
     /// as fast as it fills keeps working on a nearly full disk, and only a backlog is bounded.
     pub fn cap_at_current_size(&mut self, cap: bool) {
-        let held = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         self.space_cap = match (cap, self.space_cap) {
             (false, _) => 0,
-            (true, 0) => self.bytes.max(held).max(SPACE_CAP_FLOOR),
+            (true, 0) => {
+                let held = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+                self.bytes.max(held).max(SPACE_CAP_FLOOR)
+            }
             (true, c) => c,
         };
     }
@@ -1366,16 +1368,8 @@ impl Txn<'_> {
                 }
             }
         }
-        {
-            let mut del = self
-                .tx
-                .prepare_cached("DELETE FROM parked WHERE pos = ?1")
-                .map_err(|e| self.err(e))?;
-            for e in &events {
-                del.execute(params![e.pos as i64])
-                    .map_err(|e| self.err(e))?;
-            }
-        }
+        let doomed: Vec<i64> = events.iter().map(|e| e.pos as i64).collect();
+        delete_each(&self.tx, "parked", &doomed).map_err(|e| self.err(e))?;
         self.requeue(&events)
     }
 
@@ -1442,7 +1436,7 @@ impl Txn<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{Data, TYPE_READING};
     use bytes::Bytes;

@@ -567,7 +567,10 @@ mod time_tests {
 
     #[test]
     fn timestamps_that_are_no_time_are_refused_not_a_panic() {
-        assert_eq!(parse_time("1.5"), Some(UNIX_EPOCH + Duration::from_millis(1500)));
+        assert_eq!(
+            parse_time("1.5"),
+            Some(UNIX_EPOCH + Duration::from_millis(1500))
+        );
         for bad in ["1e20", "-1", "NaN", "inf", "1e400"] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }

@@ -203,10 +203,9 @@ impl Engine {
                 .find(|o| o.as_ref().is_some_and(|o| o.cfg.same_rule(cfg)))
                 .and_then(Option::take);
             match prev {
-                Some(mut r) => {
+                Some(r) => {
+                    // Same rule; the engine-wide settings are the engine's (below).
                     kept.push(cfg.name.clone());
-                    // Same rule; the engine-wide settings it carries may have changed.
-                    r.cfg.settings = cfg.settings.clone();
                     new.push(r);
                 }
                 None => new.push(Rule::new(cfg)),

@@ -245,7 +245,9 @@ impl RulesStage {
                         }
                     }
                     Action::Publish { topic, payload }
-                        if topic.starts_with(self.engine.settings().alert_topic.as_str()) =>
+                        if topic
+                            .strip_prefix(self.engine.settings().alert_topic.as_str())
+                            .is_some_and(|rest| rest.starts_with('/')) =>
                     {
                         tap.alert(payload)
                     }

@@ -419,7 +419,7 @@ impl Tap {
 
     /// Record one reading (the hot path). `max`: the engine's `max_sensors`.
     pub fn reading(&mut self, reading: &Reading, max: usize) {
-        let t = unix(reading.received);
+        let t = crate::rules::secs(reading.received);
         if let Some(h) = self.sensors.get_mut(reading.topic.as_str()) {
             h.record(t, &reading.payload);
             return;
@@ -557,7 +557,7 @@ impl Tap {
     }
 
     pub fn sensor_page(&self, q: &SensorQuery, max: usize) -> SensorPage {
-        let now = unix(SystemTime::now());
+        let now = crate::rules::secs(SystemTime::now());
         let now_minute = (now.max(0.0) as u64 / 60) as u32;
         let mut rows: Vec<(&str, &SensorHistory)> = self
             .sensors
@@ -637,11 +637,6 @@ impl Tap {
 fn contains_ignore_ascii_case(hay: &str, needle: &str) -> bool {
     let (h, n) = (hay.as_bytes(), needle.as_bytes());
     n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
-}
-
-/// Unix seconds (negative before the epoch).
-pub fn unix(t: SystemTime) -> f64 {
-    crate::rules::secs(t)
 }
 
 /// RFC 3339, whole seconds, UTC.
@@ -733,7 +728,7 @@ mod tests {
     #[test]
     fn query_filters_sorts_and_pages() {
         let (mut tap, _tx) = Tap::channel();
-        let now = unix(SystemTime::now());
+        let now = crate::rules::secs(SystemTime::now());
         for (i, t) in ["b/Temp", "a/temp", "c/hum", "d/TEMP"].iter().enumerate() {
             tap.reading(&reading(t, now - 100.0 + i as f64, "1"), 100);
         }

@@ -220,7 +220,7 @@ impl Web {
         {
             s.recent.pop_front();
         }
-        let unix = history::unix(SystemTime::now()).max(0.0) as u64;
+        let unix = crate::rules::secs(SystemTime::now()).max(0.0) as u64;
         let step = unix / CHART_STEP_SECS * CHART_STEP_SECS;
         let depth = m.queue_depth.get().max(0) as u64;
         match s.chart.back_mut() {
@@ -313,7 +313,7 @@ impl Web {
                 None,
             ),
         };
-        let now_us = (history::unix(SystemTime::now()) * 1e6) as i64;
+        let now_us = (crate::rules::secs(SystemTime::now()) * 1e6) as i64;
         let oldest_age = oldest_us.map(|o| ((now_us - o).max(0) as f64 / 1e6).round());
         let (rate_in, rate_out, chart) = match self.samples.lock() {
             Ok(s) => {
