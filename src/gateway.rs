@@ -1,15 +1,17 @@
 //! Wiring of the stages, startup order, supervision and shutdown.
 //!
 //! ```text
-//! sensors ─MQTT─> broker (rumqttd router) ─local link─> ingest ─[readings]─> rules
-//!     ─[Append]─> queue writer (SQLite thread) <─[Lease/Ack]─ forwarder ─MQTT QoS1─> upstream
+//! sensors ─MQTT─> broker guard ─[readings + tickets]─> rules ─[Append]─> queue writer (SQLite
+//!     thread) <─[Lease/Ack]─ forwarder ─MQTT QoS1─> upstream
+//!   (the guard also relays every publish to rumqttd, as QoS 0, for local subscribers; a
+//!    sensor's PUBACK waits for its reading's commit: src/ack.rs)
 //! ```
 //!
 //! Startup: queue (open, integrity), broker (listening), stages, metrics endpoint; only then is
 //! the gateway ready. Shutdown goes from the edge inwards: stop accepting sensors and end their
-//! sessions (nothing more reaches rumqttd, which would PUBACK it), drain the ingest link, let
-//! the rules hand everything to the queue, let the forwarder wait for in-flight PUBACKs (up to
-//! a deadline), commit, close the file.
+//! sessions (readings not yet acknowledged are sent again by their sensors later), let the
+//! rules hand everything to the queue, let the forwarder wait for in-flight PUBACKs (up to a
+//! deadline), commit, close the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::broker::ingest::{Ingest, IngestEnd};
+use crate::broker::handoff::Handoff;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::forwarder::{Forwarder, UpstreamStatus};
@@ -54,6 +56,8 @@ pub enum StartError {
 
 /// How long shutdown waits for in-flight upstream acknowledgements.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the rules stage to hand on what it holds.
+const RULES_DRAIN: Duration = Duration::from_secs(10);
 
 /// A running gateway.
 pub struct Gateway {
@@ -63,7 +67,6 @@ pub struct Gateway {
     pub metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
-    ingest: JoinHandle<IngestEnd>,
     rules: JoinHandle<()>,
     forwarder: JoinHandle<()>,
     supervisor: JoinHandle<()>,
@@ -112,30 +115,25 @@ pub fn data_dir_in_use(dir: &Path) -> bool {
     matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
-/// The ingest link's client id: unguessable, so a remote client cannot take it over.
-fn ingest_client_id() -> String {
-    format!("edgegate-ingest-{}", uuid::Uuid::new_v4().simple())
-}
-
 /// The broker and the gateway's own links to it, listening.
 struct Started {
     broker: Arc<Broker>,
-    link_rx: rumqttd::local::LinkRx,
     rules_link: rumqttd::local::LinkTx,
     status_link: Option<rumqttd::local::LinkTx>,
 }
 
-/// Start the broker: the ingest link subscribes before the listeners open (see Broker::new),
-/// and every in-process link is built before them too.
-async fn start_broker(config: &Config, metrics: Arc<Metrics>) -> Result<Started, StartError> {
+/// Start the broker: readings go to `handoff` from the first connection on, and every
+/// in-process link is built before the listeners open.
+async fn start_broker(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    handoff: Handoff,
+) -> Result<Started, StartError> {
     if config.broker.allow_anonymous && config.broker.password_file.is_some() {
         tracing::warn!("broker.allow_anonymous = true with a broker.password_file: clients without credentials are let in");
     }
     let mut broker = Broker::new(&config.broker, metrics.clone());
-    let (mut link_tx, link_rx) = broker.link(&ingest_client_id())?;
-    link_tx
-        .subscribe("#")
-        .map_err(|e| BrokerError::Link("ingest".into(), e.to_string()))?;
+    broker.guard().set_handoff(handoff);
     // Every in-process link is built before the listeners open, while nothing else talks
     // to rumqttd's router: no connection slot a link takes was ever a remote client's, so
     // no late report about such a client can end a link (broker/guard.rs, on DISCONNECT);
@@ -158,7 +156,6 @@ async fn start_broker(config: &Config, metrics: Arc<Metrics>) -> Result<Started,
     let broker = Arc::new(broker);
     Ok(Started {
         broker,
-        link_rx,
         rules_link,
         status_link,
     })
@@ -216,9 +213,15 @@ impl Gateway {
             metrics.clone(),
         )?;
 
-        // 2. Broker and the ingest link. If this fails, the writer (already running) commits
-        // what it has and closes the file before the error is returned.
-        let broker = match start_broker(&config, metrics.clone()).await {
+        // 2. Broker, handing readings to the rules stage's channel. If this fails, the writer
+        // (already running) commits what it has and closes the file before the error is
+        // returned.
+        let (readings_tx, readings_rx) = flume::bounded(capacity);
+        let handoff = Handoff {
+            tx: readings_tx,
+            when_full: config.pipeline.when_full,
+        };
+        let broker = match start_broker(&config, metrics.clone(), handoff).await {
             Ok(b) => b,
             Err(e) => {
                 drop(queue);
@@ -228,24 +231,11 @@ impl Gateway {
         };
         let Started {
             broker,
-            link_rx,
             rules_link,
             status_link,
         } = broker;
 
         // 3. Stages.
-        let (readings_tx, readings_rx) = flume::bounded(capacity);
-        let ingest = tokio::spawn(
-            Ingest {
-                link: link_rx,
-                out: readings_tx,
-                when_full: config.pipeline.when_full,
-                metrics: metrics.clone(),
-                shutdown: shutdown_rx.clone(),
-                pressure: broker.guard().pressure.clone(),
-            }
-            .run(),
-        );
         let (rules_handle, reload_rx) = RulesHandle::channel();
         // The status page's recorder lives in the rules stage (no lock per reading).
         let (tap, page_requests) = match metrics_listener {
@@ -291,7 +281,6 @@ impl Gateway {
         let watched = supervisor::Watched {
             broker: broker.clone(),
             stages: vec![
-                ("ingest", ingest.abort_handle()),
                 ("rules", rules.abort_handle()),
                 ("forwarder", forwarder.abort_handle()),
             ],
@@ -335,7 +324,6 @@ impl Gateway {
             metrics_addr,
             metrics,
             shutdown_tx,
-            ingest,
             rules,
             forwarder,
             supervisor,
@@ -366,6 +354,11 @@ impl Gateway {
         &self.broker
     }
 
+    /// Why queue commits fail, while they do (a full disk, an I/O error).
+    pub fn commit_error(&self) -> Option<String> {
+        self.queue.commit_error()
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -386,15 +379,19 @@ impl Gateway {
         self.supervisor.abort();
         self.broker.stop_listeners().await;
         let _ = self.shutdown_tx.send(true);
-        match self.ingest.await {
-            Ok(IngestEnd::LinkLost(e)) => {
-                tracing::error!(error = %e, "ingest link was lost before shutdown")
+        // The readings channel closes once the guard and every ended session let go of it;
+        // the rules stage then hands on what it holds and stops. A session that did not end
+        // (stop_listeners warned) would keep it open: stop the stage after a while then (what
+        // it did not take was not acknowledged to any sensor).
+        self.broker.guard().end_handoff();
+        let mut rules = self.rules;
+        match tokio::time::timeout(RULES_DRAIN, &mut rules).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "rules task failed"),
+            Ok(Ok(())) => {}
+            Err(_) => {
+                tracing::warn!("the rules stage did not finish {RULES_DRAIN:?} after the sessions ended: stopped (unacknowledged readings are sent again by their sensors)");
+                rules.abort();
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "ingest task failed"),
-        }
-        if let Err(e) = self.rules.await {
-            tracing::error!(error = %e, "rules task failed");
         }
         if let Err(e) = self.forwarder.await {
             tracing::error!(error = %e, "forwarder task failed");

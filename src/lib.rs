@@ -6,6 +6,7 @@
 //! [`config`] and [`ops`] (metrics, health, logging, systemd) surround them. See
 //! ARCHITECTURE.md for the task and channel diagram.
 
+pub mod ack;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -469,14 +469,14 @@ async fn fm3_forbidden_packets_on_mqtt5_are_refused_and_the_listener_keeps_servi
 }
 
 /// Failure mode 4: the gateway's link client ids are reserved; guessing the prefix gets
-/// "identifier rejected" and the ingest link keeps running.
+/// "identifier rejected" and the rules and status links keep running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fm4_reserved_client_ids_cannot_kick_the_internal_links() {
     let (_m, cloud, gw, _d) = setup(|_| {}).await;
     for id in [
-        "edgegate-ingest-",
-        "edgegate-ingest-00000000000000000000000000000000",
-        "edgegate-rules-0",
+        "edgegate-rules-",
+        "edgegate-rules-00000000000000000000000000000000",
+        "edgegate-status-0",
         "edgegate-probe-0",
     ] {
         assert_eq!(

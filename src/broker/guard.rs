@@ -49,21 +49,15 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::broker::acl::{Acl, Perms};
 use crate::broker::auth::Passwords;
-use crate::broker::ingest::OWN_PREFIX;
-use crate::broker::pressure::Pressure;
-use crate::broker::retained::{RetainedBook, RetainedLimits};
+use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX, OWN_PREFIX};
+use crate::broker::retained::{topic_hash, RetainedBook, RetainedLimits};
 use crate::ops::metrics::{DropReason, Metrics};
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
 /// The gateway's own links and probe use these; a sensor that takes one would kick a link off.
 /// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)
-const RESERVED_IDS: [&str; 4] = [
-    "edgegate-ingest-",
-    "edgegate-rules-",
-    "edgegate-status-",
-    "edgegate-probe-",
-];
+const RESERVED_IDS: [&str; 3] = ["edgegate-rules-", "edgegate-status-", "edgegate-probe-"];
 /// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
 /// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
 /// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
@@ -130,8 +124,9 @@ pub struct Guard {
     /// One live session per client id at rumqttd (see [`Turn`]).
     turns: Mutex<HashMap<String, Arc<Turn>>>,
     pub metrics: Arc<Metrics>,
-    /// Shared with ingest: sensors wait while the router's log holds too much for it.
-    pub pressure: Option<Arc<Pressure>>,
+    /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
+    /// rumqttd acknowledges publishes itself). Taken away at shutdown.
+    handoff: Mutex<Option<Handoff>>,
     /// Keep alive given to rumqttd ([`INTERNAL_KEEP_ALIVE`]; shorter only in tests).
     internal_keep_alive: AtomicU16,
 }
@@ -390,7 +385,7 @@ pub fn check_topic_name(topic: &[u8]) -> Result<(), (&'static str, String)> {
 }
 
 /// Topics sensors may not publish to unless an ACL pattern names them explicitly: the gateway's
-/// own namespace (its alerts and status live there; ingest does not take readings from it) and
+/// own namespace (its alerts and status live there; not readings) and
 /// `$` topics (reserved by MQTT for the server; they reach no reader of ours).
 pub fn reserved_topic(topic: &[u8]) -> bool {
     topic.starts_with(OWN_PREFIX.as_bytes()) || topic.first() == Some(&b'$')
@@ -402,11 +397,7 @@ fn reserved_allowed(perms: Option<&Perms>, topic: &[u8]) -> bool {
 }
 
 impl Guard {
-    pub fn new(
-        policy: Policy,
-        metrics: Arc<Metrics>,
-        pressure: Option<Arc<Pressure>>,
-    ) -> Arc<Guard> {
+    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
         Arc::new(Guard {
             policy,
             secret: uuid::Uuid::new_v4().simple().to_string(),
@@ -423,7 +414,7 @@ impl Guard {
             per_address: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             metrics,
-            pressure,
+            handoff: Mutex::new(None),
             internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
         })
     }
@@ -448,8 +439,30 @@ impl Guard {
         &self.secret
     }
 
+    /// Hand readings to the pipeline from now on (connections made after this call).
+    pub fn set_handoff(&self, handoff: Handoff) {
+        *self.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(handoff);
+    }
+
+    /// Let go of the pipeline (shutdown, after the sessions ended): its channel closes once
+    /// the last session's copy is gone.
+    pub fn end_handoff(&self) {
+        self.handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn handoff(&self) -> Option<Handoff> {
+        self.handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Stop relaying: every open session ends (sensor and broker sides closed) without passing
-    /// on anything more. What rumqttd has already received stays in its log for ingest.
+    /// on anything more. Readings handed on before stay in the pipeline; those not yet
+    /// acknowledged are sent again by their sensors after they reconnect.
     pub fn close(&self) {
         self.closing.send_replace(true);
     }
@@ -1012,12 +1025,12 @@ async fn session<S: Io>(
     }
     let client_id = connect.client_id.clone();
     let owner = if client_id.is_empty() {
-        crate::broker::pressure::topic_hash(uuid::Uuid::new_v4().as_bytes())
+        topic_hash(uuid::Uuid::new_v4().as_bytes())
     } else {
-        crate::broker::pressure::topic_hash(client_id.as_bytes())
+        topic_hash(client_id.as_bytes())
     };
     let mut retained_will = None;
-    let mut will_lands = None;
+    let mut will_reading = None;
     if let Some(w) = will.as_mut() {
         if reserved_topic(&w.topic) && !reserved_allowed(perms.as_ref(), &w.topic) {
             let reply = refuse(
@@ -1036,7 +1049,7 @@ async fn session<S: Io>(
         }
         // A retained will is stored when it fires: charged now, released by a clean DISCONNECT.
         if w.retain && !w.message.is_empty() {
-            let hash = crate::broker::pressure::topic_hash(&w.topic);
+            let hash = topic_hash(&w.topic);
             let bytes = w.topic.len() + w.message.len();
             if guard.keep_retained(hash, owner, bytes, peer, &w.topic) {
                 retained_will = Some((hash, bytes));
@@ -1044,22 +1057,14 @@ async fn session<S: Io>(
                 w.retain = false;
             }
         }
-        will_lands = Some((
-            AliasTopic {
-                hash: crate::broker::pressure::topic_hash(&w.topic),
-                len: w.topic.len(),
-                lands: w.topic.first() != Some(&b'$'),
-                own: w.topic.starts_with(OWN_PREFIX.as_bytes()),
-            },
-            w.message.len(),
-        ));
+        will_reading = Some((w.topic.clone(), w.message.clone()));
     }
     let mut conn = Conn {
         owner,
         aliases: HashMap::new(),
         subscriptions: HashSet::new(),
         retained_will,
-        will: will_lands,
+        will: will_reading,
         will_cancelled: false,
         perms,
         expiry: None,
@@ -1394,8 +1399,9 @@ struct Conn {
     subscriptions: HashSet<Vec<u8>>,
     /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
     retained_will: Option<(u64, usize)>,
-    /// The will's topic and payload size, published by rumqttd unless the client leaves cleanly.
-    will: Option<(AliasTopic, usize)>,
+    /// The will's topic and payload, published by rumqttd (and handed to the pipeline) unless
+    /// the client leaves cleanly.
+    will: Option<(bytes::Bytes, bytes::Bytes)>,
     /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
     will_cancelled: bool,
     perms: Option<Perms>,
@@ -1409,15 +1415,10 @@ struct Conn {
     ended: bool,
 }
 
-/// The topic an MQTT 5 alias stands for, as far as the guard needs it.
-#[derive(Clone, Copy)]
+/// The topic an MQTT 5 alias stands for.
 struct AliasTopic {
     hash: u64,
-    len: usize,
-    /// Lands in the ingest link's log (not a `$` topic).
-    lands: bool,
-    /// Under the gateway's own namespace.
-    own: bool,
+    topic: bytes::Bytes,
 }
 
 /// rumqttd 0.20's largest topic alias (`TOPIC_ALIAS_MAX`, advertised in its CONNACK).
@@ -1426,8 +1427,13 @@ const TOPIC_ALIAS_MAX: u16 = 4096;
 /// The parts of a PUBLISH frame the guard checks.
 struct PublishMeta<'a> {
     topic: &'a [u8],
+    qos: u8,
+    /// Packet id (QoS 1 and 2).
+    pkid: Option<u16>,
     retain: bool,
     alias: Option<u16>,
+    /// MQTT 5 user property `traceparent` (the first).
+    traceparent: Option<&'a [u8]>,
     payload_len: usize,
 }
 
@@ -1443,8 +1449,18 @@ fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta
         return None;
     }
     let topic = publish_topic(frame, header_len)?;
-    let mut at = header_len + 2 + topic.len() + if qos > 0 { 2 } else { 0 };
+    let mut at = header_len + 2 + topic.len();
+    let pkid = if qos > 0 {
+        at += 2;
+        Some(u16::from_be_bytes([
+            *frame.get(at - 2)?,
+            *frame.get(at - 1)?,
+        ]))
+    } else {
+        None
+    };
     let mut alias = None;
+    let mut traceparent = None;
     if v5 {
         let (n, plen) = var_int(frame.get(at..)?).ok()??;
         let mut props = frame.get(at + n..at + n + plen)?;
@@ -1461,7 +1477,12 @@ fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta
                 0x03 | 0x08 | 0x09 => string(rest)?,
                 0x26 => {
                     let k = string(rest)?;
-                    k + string(rest.get(k..)?)?
+                    let v = string(rest.get(k..)?)?;
+                    if traceparent.is_none() && rest.get(2..k)?.eq_ignore_ascii_case(b"traceparent")
+                    {
+                        traceparent = Some(rest.get(k + 2..k + v)?);
+                    }
+                    k + v
                 }
                 0x0b => var_int(rest).ok()??.0,
                 _ => return None,
@@ -1471,8 +1492,11 @@ fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta
     }
     Some(PublishMeta {
         topic,
+        qos,
+        pkid,
         retain: frame[0] & 1 == 1,
         alias,
+        traceparent,
         payload_len: frame.len().checked_sub(at)?,
     })
 }
@@ -1573,28 +1597,21 @@ impl Guard {
         }
     }
 
-    /// The session ends without a clean DISCONNECT: rumqttd publishes the will, which lands in
-    /// the ingest link's log like any publish, without passing the relay. Count it (once), after
-    /// waiting while ingest is behind: clients with large wills connecting and vanishing must
-    /// not outrun the backpressure.
+    /// The session ends without a clean DISCONNECT: rumqttd publishes the will to local
+    /// subscribers, and it goes to the pipeline as a reading (once; nobody waits for it).
     async fn will_fires(&self, conn: &mut Conn) {
         if conn.will_cancelled {
             return;
         }
-        let (Some((t, payload)), Some(pressure)) = (conn.will.take(), &self.pressure) else {
+        let (Some((topic, payload)), Some(handoff)) = (conn.will.take(), self.handoff()) else {
             return;
         };
-        if !t.lands {
-            return;
-        }
-        if pressure.over() {
-            self.metrics.broker_paused.inc();
-            pressure.wait().await;
-        }
-        if t.own {
-            pressure.relayed_reserved(t.hash);
-        }
-        pressure.relayed(crate::broker::pressure::log_bytes(t.len, payload));
+        let will = Publish {
+            topic: &topic,
+            payload: &payload,
+            traceparent: None,
+        };
+        let _ = handoff.offer(will, None, &self.metrics).await;
     }
 
     /// Retained messages held (messages, bytes), as the guard accounts them.
@@ -1624,6 +1641,25 @@ fn publish_pkid(frame: &[u8], header_len: usize) -> Option<u16> {
     let topic = publish_topic(frame, header_len)?;
     let at = header_len + 2 + topic.len();
     Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
+}
+
+/// Append to `out` the PUBLISH `frame` as QoS 0 (no packet id, no DUP), with the retain flag
+/// `retain`: how rumqttd gets a reading the guard acknowledges itself. `topic_len`: the length
+/// of the frame's topic name field (0 for an MQTT 5 alias without one).
+fn qos0_frame(frame: &[u8], header_len: usize, topic_len: usize, retain: bool, out: &mut BytesMut) {
+    let qos = (frame[0] >> 1) & 3;
+    let topic_end = header_len + 2 + topic_len;
+    let rest_at = if qos > 0 { topic_end + 2 } else { topic_end };
+    let (Some(topic_field), Some(rest)) = (frame.get(header_len..topic_end), frame.get(rest_at..))
+    else {
+        return;
+    };
+    let mut head = Vec::with_capacity(5);
+    head.push((frame[0] & 0xf0) | u8::from(retain));
+    put_var_int(&mut head, topic_field.len() + rest.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(topic_field);
+    out.extend_from_slice(rest);
 }
 
 /// What the guard does on one connection for the client, between it and rumqttd:
@@ -2020,6 +2056,10 @@ async fn relay<S: Io>(
     };
     let p = &guard.policy;
     let rate = p.max_publish_rate as f64;
+    // Readings go to the pipeline and are acknowledged from here (see `handoff`); without a
+    // pipeline rumqttd acknowledges what it gets.
+    let handoff = guard.handoff();
+    let owed = handoff.as_ref().map(|_| Owed::default());
     // The client's keep alive, enforced here (rumqttd sees the guard's own): one and a half
     // times it without a packet from the client ends the connection (MQTT 3.1.2.10).
     let silence =
@@ -2112,8 +2152,8 @@ async fn relay<S: Io>(
                     break 'frames refuse("malformed", &"PUBLISH could not be parsed");
                 };
                 // The topic this publish goes to: its own, or the one its MQTT 5 alias stands for.
-                let target = if meta.topic.is_empty() && v5 {
-                    let Some(alias) = meta.alias.and_then(|a| conn.aliases.get(&a).copied()) else {
+                let (hash, topic): (u64, &[u8]) = if meta.topic.is_empty() && v5 {
+                    let Some(alias) = meta.alias.and_then(|a| conn.aliases.get(&a)) else {
                         break 'frames refuse(
                             "topic_invalid",
                             &"PUBLISH without a topic name or a known topic alias",
@@ -2125,7 +2165,7 @@ async fn relay<S: Io>(
                             &"MQTT 5 topic alias without a topic: not supported with broker.acl",
                         );
                     }
-                    alias
+                    (alias.hash, &alias.topic[..])
                 } else {
                     if let Err((reason, detail)) = check_topic_name(meta.topic) {
                         break 'frames refuse(reason, &detail);
@@ -2133,7 +2173,6 @@ async fn relay<S: Io>(
                     if let Err((reason, detail)) = guard.check_topic(meta.topic) {
                         break 'frames refuse(reason, &detail);
                     }
-                    let own = meta.topic.starts_with(OWN_PREFIX.as_bytes());
                     if reserved_topic(meta.topic)
                         && !reserved_allowed(conn.perms.as_ref(), meta.topic)
                     {
@@ -2156,12 +2195,7 @@ async fn relay<S: Io>(
                             );
                         }
                     }
-                    let t = AliasTopic {
-                        hash: crate::broker::pressure::topic_hash(meta.topic),
-                        len: meta.topic.len(),
-                        lands: meta.topic.first() != Some(&b'$'),
-                        own,
-                    };
+                    let hash = topic_hash(meta.topic);
                     if let Some(a) = meta.alias {
                         if a == 0 || a > TOPIC_ALIAS_MAX {
                             break 'frames refuse(
@@ -2169,23 +2203,28 @@ async fn relay<S: Io>(
                                 &format_args!("topic alias {a} outside 1..={TOPIC_ALIAS_MAX}"),
                             );
                         }
-                        conn.aliases.insert(a, t);
+                        conn.aliases.insert(
+                            a,
+                            AliasTopic {
+                                hash,
+                                topic: bytes::Bytes::copy_from_slice(meta.topic),
+                            },
+                        );
                     }
-                    t
+                    (hash, meta.topic)
                 };
-                let bytes = target.len + meta.payload_len;
-                let logged = crate::broker::pressure::log_bytes(target.len, meta.payload_len);
+                let bytes = topic.len() + meta.payload_len;
+                let mut keep_retain = meta.retain;
                 if meta.payload_len == 0 {
                     // rumqttd drops a topic's retained message on any empty publish to it.
                     guard
                         .retained
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .clear(target.hash);
-                } else if meta.retain
-                    && !guard.keep_retained(target.hash, conn.owner, bytes, peer, meta.topic)
+                        .clear(hash);
+                } else if meta.retain && !guard.keep_retained(hash, conn.owner, bytes, peer, topic)
                 {
-                    frame[0] &= !1;
+                    keep_retain = false;
                 }
                 if rate > 0.0 {
                     let now = Instant::now();
@@ -2208,25 +2247,59 @@ async fn relay<S: Io>(
                     }
                     tokens -= 1.0;
                 }
-                if let (Some(pressure), true) = (&guard.pressure, target.lands) {
-                    // Every publish that lands in the ingest link's log is counted, whatever
-                    // its topic (see pressure.rs).
-                    if pressure.over() {
-                        // The router holds too much that ingest has not taken yet: pass on
-                        // what is checked, then stop reading from this sensor for a while.
+                let (qos, pkid) = (meta.qos, meta.pkid.unwrap_or(0));
+                let payload_at = frame.len() - meta.payload_len;
+                if let (Some(handoff), Some(owed), false) =
+                    (&handoff, &owed, topic.first() == Some(&b'$'))
+                {
+                    // A reading: into the pipeline; rumqttd gets it as QoS 0 (local
+                    // subscribers, retained), and the guard acknowledges it once it is safe.
+                    if qos == 2 && !owed.qos2_new(pkid) {
+                        // A retransmission before PUBREL: not a new reading, not relayed
+                        // again; PUBREC (again) behind what is owed.
+                        owed.owe(pkid, true, owed.acks.issued());
+                        continue;
+                    }
+                    if qos > 0 && owed.len() >= OWED_MAX {
+                        // The client does not take its acknowledgements: wait until it did.
+                        guard.metrics.broker_paused.inc();
                         if iw.flush().await.is_err() {
                             return false;
                         }
-                        guard.metrics.broker_paused.inc();
-                        if iw.wait(pressure.wait()).await.is_err() {
-                            return false;
+                        while owed.len() >= OWED_MAX {
+                            if iw.wait(owed.room.notified()).await.is_err() {
+                                return false;
+                            }
                         }
                         heard = tokio::time::Instant::now();
                     }
-                    if target.own {
-                        pressure.relayed_reserved(target.hash);
+                    let reading = Publish {
+                        topic,
+                        payload: &frame[payload_at..],
+                        traceparent: meta.traceparent,
+                    };
+                    let acks = (qos > 0).then_some(&owed.acks);
+                    if handoff.tx.is_full() && iw.flush().await.is_err() {
+                        return false;
                     }
-                    pressure.relayed(logged);
+                    match iw.wait(handoff.offer(reading, acks, &guard.metrics)).await {
+                        Err(_) => return false,
+                        // Stopping: no acknowledgement; the sensor sends it again.
+                        Ok(Handed::Closed) => break 'frames None,
+                        Ok(_) if qos > 0 => owed.owe(pkid, qos == 2, owed.acks.issued()),
+                        Ok(_) => {}
+                    }
+                    qos0_frame(
+                        &frame,
+                        header_len,
+                        meta.topic.len(),
+                        keep_retain,
+                        &mut iw.out,
+                    );
+                    continue;
+                }
+                if !keep_retain {
+                    frame[0] &= !1;
                 }
             } else if kind == 8 {
                 if frame[0] & 0x0f != 0x02 {
@@ -2324,6 +2397,25 @@ async fn relay<S: Io>(
                 for (f, _) in &filters {
                     conn.subscriptions.insert(f.to_vec());
                 }
+            } else if kind == 6 {
+                // PUBREL of a QoS 2 reading the guard acknowledged itself: PUBCOMP from here
+                // (rumqttd never saw it as QoS 2).
+                let pkid = frame
+                    .get(header_len..header_len + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]));
+                if let (Some(owed), Some(pkid)) = (&owed, pkid) {
+                    if owed.qos2_release(pkid) {
+                        let [hi, lo] = pkid.to_be_bytes();
+                        if inject_tx
+                            .send((vec![0x70, 2, hi, lo], false))
+                            .await
+                            .is_err()
+                        {
+                            break 'frames None;
+                        }
+                        continue;
+                    }
+                }
             } else if matches!(kind, 4 | 5 | 7) {
                 // The client's PUBACK / PUBREC / PUBCOMP: its Receive Maximum quota.
                 flow.client_acked(kind, &frame[header_len..], &ctl_tx);
@@ -2401,6 +2493,10 @@ async fn relay<S: Io>(
                 },
                 // The client acknowledged publishes: some held back may go now.
                 _ = flow.released.notified(), if flow.holds() => (flow.release(), false),
+                // Readings were committed: their acknowledgements are due.
+                _ = async { owed.as_ref()?.acks.changed().await; Some(()) }, if owed.is_some() => {
+                    (owed.as_ref().map(Owed::due).unwrap_or_default(), false)
+                }
                 Some((b, last)) = inject_rx.recv() => (BytesMut::from(&b[..]), last),
             };
             if (!out.is_empty() && cw.write_all(&out).await.is_err()) || last {
@@ -2417,7 +2513,7 @@ async fn relay<S: Io>(
     if disconnected {
         guard.await_close_after_disconnect(&mut ir, &peer).await;
     }
-    // Closing the internal connection makes rumqttd publish the will: not while ingest is behind.
+    // The will fires (rumqttd publishes it when the internal connection closes): the reading.
     guard.will_fires(conn).await;
     let _ = to_broker.w.shutdown().await;
     let _ = cw.shutdown().await;
@@ -2519,7 +2615,6 @@ mod tests {
                 reserve_own_prefix: true,
             },
             Metrics::new(),
-            None,
         )
     }
 
@@ -2644,7 +2739,7 @@ mod tests {
             );
         }
         assert_eq!(
-            check_client_id("edgegate-ingest-0", 128).unwrap_err().0,
+            check_client_id("edgegate-rules-0", 128).unwrap_err().0,
             "reserved_client_id"
         );
         assert!(

@@ -11,16 +11,16 @@
 //! (so a bind failure is an error we see, and a panicking connection task takes only itself
 //! down), and the gateway's links are built with `LinkBuilder` whenever needed.
 //!
-//! Sizing (see `broker.segment_size`, `broker.segment_count`): the router keeps, per
-//! subscription filter, an in-memory log of about `segment_size × (segment_count + 1)` bytes.
-//! The ingest link may fall that far behind before rumqttd skips readings for it; ingest detects
-//! every skip from the log offsets and counts it.
+//! Readings do not go through rumqttd: the guard hands each sensor publish to the pipeline
+//! ([`handoff`]) and acknowledges it once it is committed; rumqttd gets every publish as QoS 0
+//! for local subscribers, retained messages and wills. Sizing (see `broker.segment_size`,
+//! `broker.segment_count`): the router keeps, per subscription filter of a local subscriber, an
+//! in-memory log of about `segment_size × (segment_count + 1)` bytes; a slower subscriber skips.
 
 pub mod acl;
 pub mod auth;
 pub mod guard;
-pub mod ingest;
-pub mod pressure;
+pub mod handoff;
 pub mod retained;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -162,12 +162,6 @@ impl Broker {
                 reserve_own_prefix: own_links,
             },
             metrics,
-            // Only a broker with an ingest link has someone to wait for.
-            own_links.then(|| {
-                Arc::new(pressure::Pressure::new(
-                    (cfg.segment_size as u64).saturating_mul(cfg.segment_count as u64) / 2,
-                ))
-            }),
         );
         let (router_cfg, mut settings) = rumqttd_settings(cfg);
         let router_tx = rumqttd::Router::new(0, router_cfg).spawn();
@@ -382,10 +376,9 @@ impl Broker {
         (self.links)(client_id)
     }
 
-    /// Stop accepting connections and end every open one, so that nothing reaches rumqttd
-    /// after this returns: rumqttd PUBACKs whatever reaches it, and once ingest has stopped
-    /// nobody would take it (sensors publishing through a shutdown got PUBACKs for readings
-    /// that were never queued, and ingest never saw the quiet it waits for). Returns once every
+    /// Stop accepting connections and end every open one, so that no reading is handed on
+    /// after this returns (what was handed on and not yet acknowledged is sent again by its
+    /// sensor after it reconnects). Returns once every
     /// session has ended, or after [`SESSIONS_END`] (then logged). The router thread itself has
     /// no stop API in rumqttd 0.20; it ends with the process.
     pub async fn stop_listeners(&self) {

@@ -24,6 +24,12 @@
 
 use std::collections::HashMap;
 
+/// Hash of a topic (or a client id), the same everywhere within one process (random keys).
+pub fn topic_hash(topic: &[u8]) -> u64 {
+    static HASHER: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(ahash::RandomState::new).hash_one(topic)
+}
+
 /// Bounds on retained messages (0 in a count or size: none may be stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetainedLimits {

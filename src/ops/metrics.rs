@@ -19,8 +19,6 @@ use prometheus_client::registry::Registry;
 /// Why an event or reading was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// The ingest link fell behind the broker's in-memory log and readings were skipped.
-    BrokerSkipped,
     /// A channel between stages was full and `pipeline.when_full = "drop_newest"`.
     ChannelFull,
     /// No rule forwards the reading's topic.
@@ -57,7 +55,6 @@ pub enum DropReason {
 impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            DropReason::BrokerSkipped => "broker_skipped",
             DropReason::ChannelFull => "channel_full",
             DropReason::Unrouted => "unrouted",
             DropReason::RuleDrop => "rule_drop",
@@ -145,7 +142,8 @@ pub struct Metrics {
     pub broker_connections: Gauge,
     /// Times a client was slowed down by `broker.max_publish_rate` (nothing is dropped).
     pub broker_throttled: Counter,
-    /// Times a sensor connection paused because ingest was behind (nothing is dropped).
+    /// Times the guard stopped reading from a sensor that owed it too many acknowledgements
+    /// (it publishes without reading them; nothing is dropped).
     pub broker_paused: Counter,
     /// Liveness probes of a broker listener that failed, and internal listeners restarted.
     pub broker_probe_failures: Counter,
@@ -294,7 +292,7 @@ impl Metrics {
         );
         registry.register(
             "broker_paused",
-            "Times a sensor connection paused because ingest was behind the broker (backpressure)",
+            "Times the broker stopped reading from a sensor until it took the acknowledgements it was owed (backpressure)",
             m.broker_paused.clone(),
         );
         registry.register(

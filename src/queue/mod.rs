@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::ack::Ticket;
 use crate::config::{MinFree, QueueConfig, SyncMode};
 use crate::event::Event;
 use crate::ops::metrics::{DropReason, Metrics};
@@ -51,7 +52,11 @@ pub use tail::Reader;
 use tail::Tail;
 
 enum Command {
-    Append(Event),
+    /// An event, with the ticket of the reading it came from when it is that reading's last.
+    Append(Event, Option<Ticket>),
+    /// A reading that became no event (or whose events were dropped): its PUBACK may go once
+    /// everything before it is committed.
+    Settle(Ticket),
     Ack(Vec<u64>),
     /// Set these events aside (the forwarder cannot hand them to the upstream), with the reason.
     Park(Vec<u64>, String),
@@ -89,25 +94,44 @@ pub struct QueueClosed;
 /// Outcome of a non-waiting append.
 pub enum TryAppend {
     Sent,
-    Full(Event),
+    Full(Event, Option<Ticket>),
     Closed,
 }
 
 impl QueueHandle {
     /// Append, waiting while the channel is full.
     pub async fn append(&self, event: Event) -> Result<(), QueueClosed> {
+        self.append_settling(event, None).await
+    }
+
+    /// Append, waiting while the channel is full; `ticket` is settled once the event (and
+    /// everything before it) is committed.
+    pub async fn append_settling(
+        &self,
+        event: Event,
+        ticket: Option<Ticket>,
+    ) -> Result<(), QueueClosed> {
         self.tx
-            .send_async(Command::Append(event))
+            .send_async(Command::Append(event, ticket))
             .await
             .map_err(|_| QueueClosed)
     }
 
-    pub fn try_append(&self, event: Event) -> TryAppend {
-        match self.tx.try_send(Command::Append(event)) {
+    pub fn try_append(&self, event: Event, ticket: Option<Ticket>) -> TryAppend {
+        match self.tx.try_send(Command::Append(event, ticket)) {
             Ok(()) => TryAppend::Sent,
-            Err(flume::TrySendError::Full(Command::Append(e))) => TryAppend::Full(e),
+            Err(flume::TrySendError::Full(Command::Append(e, t))) => TryAppend::Full(e, t),
             Err(_) => TryAppend::Closed,
         }
+    }
+
+    /// Settle `ticket` once everything sent before it is committed (its reading became no
+    /// event upstream, or its events were dropped). Waits while the channel is full.
+    pub async fn settle(&self, ticket: Ticket) -> Result<(), QueueClosed> {
+        self.tx
+            .send_async(Command::Settle(ticket))
+            .await
+            .map_err(|_| QueueClosed)
     }
 
     /// Acknowledge delivered events (queue positions): removed in the next commit group.
@@ -263,6 +287,7 @@ pub fn start(
         commit_delay: cfg.commit_delay,
         max_batch: cfg.max_batch,
         retry: VecDeque::new(),
+        owed: Vec::new(),
         retry_limit: capacity.max(cfg.max_batch),
         committed: committed_tx,
         tail: tail.clone(),
@@ -305,6 +330,9 @@ struct Writer {
     max_batch: usize,
     /// Appends whose commit failed, oldest first, retried before new ones.
     retry: VecDeque<Event>,
+    /// Tickets of readings sorted into groups so far, settled once nothing before them is
+    /// left uncommitted (the group committed and the retry buffer empty).
+    owed: Vec<Ticket>,
     retry_limit: usize,
     committed: watch::Sender<u64>,
     tail: Arc<Mutex<Tail>>,
@@ -357,6 +385,7 @@ impl Writer {
                 self.maintenance(&mut appends, &mut acks, !busy && !checkpointed);
                 checkpointed |= !busy;
             }
+            self.settle_owed(&appends);
             for r in replies.drain(..) {
                 self.answer(r);
             }
@@ -382,6 +411,7 @@ impl Writer {
                 &"queue could not commit before shutdown",
             );
         }
+        self.settle_owed(&appends);
         if let Err(e) = self.store.checkpoint() {
             tracing::warn!(error = %e, "queue checkpoint at shutdown failed");
         }
@@ -400,7 +430,11 @@ impl Writer {
         replies: &mut Vec<Command>,
     ) {
         match c {
-            Command::Append(e) => appends.push(e),
+            Command::Append(e, ticket) => {
+                appends.push(e);
+                self.owed.extend(ticket);
+            }
+            Command::Settle(ticket) => self.owed.push(ticket),
             Command::Ack(s) => acks.extend(s),
             Command::Park(positions, reason) => {
                 // Rare: on its own, before the group (the forwarder has skipped these already).
@@ -431,6 +465,17 @@ impl Writer {
                 }
             }
             other => replies.push(other),
+        }
+    }
+
+    /// Settle the tickets sorted so far when every append before them is committed (or was
+    /// dropped, counted): none waits in this round's group or in the retry buffer. While
+    /// commits fail they wait, and the sensors' PUBACKs with them (their own backpressure).
+    fn settle_owed(&mut self, appends: &[Event]) {
+        if appends.is_empty() && self.retry.is_empty() {
+            for t in self.owed.drain(..) {
+                t.settle();
+            }
         }
     }
 
@@ -875,7 +920,7 @@ impl Writer {
                 }
                 Err(e) => tracing::error!(error = %e, "queue stats failed"),
             },
-            Command::Append(_) | Command::Ack(_) | Command::Park(..) => {}
+            Command::Append(..) | Command::Settle(_) | Command::Ack(_) | Command::Park(..) => {}
         }
     }
 }

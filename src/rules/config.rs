@@ -559,7 +559,7 @@ pub(crate) fn compile(top: &mut Table<'_, '_>) -> Vec<RuleConfig> {
         s.error("alert_topic", "must be a topic without wildcards");
     } else if !settings
         .alert_topic
-        .starts_with(crate::broker::ingest::OWN_PREFIX)
+        .starts_with(crate::broker::handoff::OWN_PREFIX)
     {
         s.error(
             "alert_topic",

@@ -2,7 +2,9 @@
 //! for `missing` detectors and windows, and rule reloads.
 //!
 //! Invariant: every reading leaves this stage as at least one queued event, or as a counted
-//! drop (`unrouted`, `rule_drop`, `rule_filtered`, `rule_error`, `channel_full`).
+//! drop (`unrouted`, `rule_drop`, `rule_filtered`, `rule_error`, `channel_full`). Its ticket
+//! (the sensor's PUBACK, see [`crate::ack`]) rides on its last event to the queue, or, when it
+//! became no event, follows on its own (`Settle`), behind everything sent before it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use rumqttd::local::LinkTx;
 
+use crate::ack::{Inbound, Ticket};
 use crate::config::{RuleConfig, WhenFull};
 use crate::event::{Reading, TYPE_ALERT};
 use crate::ops::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
@@ -68,7 +71,7 @@ impl RulesHandle {
 
 pub struct RulesStage {
     pub engine: Engine,
-    pub input: flume::Receiver<Reading>,
+    pub input: flume::Receiver<Inbound>,
     pub queue: QueueHandle,
     pub when_full: WhenFull,
     pub metrics: Arc<Metrics>,
@@ -105,7 +108,7 @@ impl RulesStage {
         loop {
             tokio::select! {
                 r = self.input.recv_async() => {
-                    let Ok(reading) = r else { break };
+                    let Ok((reading, ticket)) = r else { break };
                     // A reading with W3C trace context gets a span carrying it, so the log
                     // lines about it (rule errors, drops) can be joined to the sensor's trace.
                     let span = reading.traceparent.as_deref().map(|tp| {
@@ -117,11 +120,11 @@ impl RulesStage {
                     if let Some(tap) = &mut self.tap {
                         tap.reading(&reading, self.engine.settings().max_sensors);
                     }
-                    self.perform(&mut actions).await;
+                    self.perform(&mut actions, ticket).await;
                 }
                 _ = ticker.tick() => {
                     self.engine.tick(SystemTime::now(), &mut actions);
-                    self.perform(&mut actions).await;
+                    self.perform(&mut actions, None).await;
                     self.report(&mut reported);
                 }
                 r = self.reload.recv_async(), if reload_open => match r {
@@ -235,8 +238,13 @@ impl RulesStage {
         r.sensors.set(self.engine.sensors() as i64);
     }
 
-    async fn perform(&mut self, actions: &mut Vec<Action>) {
-        for action in actions.drain(..) {
+    /// Carry out `actions`; `ticket` (of the reading they came from) goes with the last event
+    /// queued, or on its own after them.
+    async fn perform(&mut self, actions: &mut Vec<Action>, mut ticket: Option<Ticket>) {
+        let last_forward = actions
+            .iter()
+            .rposition(|a| matches!(a, Action::Forward(_)));
+        for (i, action) in actions.drain(..).enumerate() {
             if let Some(tap) = &mut self.tap {
                 match &action {
                     Action::Forward(e) if e.kind == TYPE_ALERT => {
@@ -255,30 +263,44 @@ impl RulesStage {
                 }
             }
             match action {
-                Action::Forward(event) => match self.when_full {
-                    WhenFull::Block => {
-                        if self.queue.append(event).await.is_err() {
-                            self.metrics.drop_events(
+                Action::Forward(event) => {
+                    let rides = if Some(i) == last_forward {
+                        ticket.take()
+                    } else {
+                        None
+                    };
+                    match self.when_full {
+                        WhenFull::Block => {
+                            if self.queue.append_settling(event, rides).await.is_err() {
+                                self.metrics.drop_events(
+                                    DropReason::Shutdown,
+                                    1,
+                                    &"queue writer stopped",
+                                );
+                            }
+                        }
+                        WhenFull::DropNewest => match self.queue.try_append(event, rides) {
+                            TryAppend::Sent => {}
+                            TryAppend::Full(e, t) => {
+                                self.metrics.drop_events(
+                                    DropReason::ChannelFull,
+                                    1,
+                                    &format_args!(
+                                        "queue writer busy; dropped event for {}",
+                                        e.subject
+                                    ),
+                                );
+                                // Still settled in order, behind what went before it.
+                                ticket = ticket.or(t);
+                            }
+                            TryAppend::Closed => self.metrics.drop_events(
                                 DropReason::Shutdown,
                                 1,
                                 &"queue writer stopped",
-                            );
-                        }
+                            ),
+                        },
                     }
-                    WhenFull::DropNewest => match self.queue.try_append(event) {
-                        TryAppend::Sent => {}
-                        TryAppend::Full(e) => self.metrics.drop_events(
-                            DropReason::ChannelFull,
-                            1,
-                            &format_args!("queue writer busy; dropped event for {}", e.subject),
-                        ),
-                        TryAppend::Closed => self.metrics.drop_events(
-                            DropReason::Shutdown,
-                            1,
-                            &"queue writer stopped",
-                        ),
-                    },
-                },
+                }
                 Action::Publish { topic, payload } => {
                     // Bytes: kept for the message without copying the topic per publish.
                     let topic = Bytes::from(topic);
@@ -300,6 +322,12 @@ impl RulesStage {
                     }
                 }
             }
+        }
+        if let Some(t) = ticket {
+            // The reading became no event upstream (or its last was dropped): its PUBACK
+            // goes once everything before it is committed. A stopped writer: no PUBACK; the
+            // sensor sends it again after it reconnects.
+            let _ = self.queue.settle(t).await;
         }
     }
 }

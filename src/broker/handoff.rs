@@ -1,0 +1,303 @@
+//! The hand-off: a sensor's publish goes from its connection straight into the pipeline as a
+//! [`Reading`], and its PUBACK (QoS 1) or PUBREC (QoS 2) waits until the reading is committed
+//! to the queue, or the rules decided it goes nowhere upstream (see [`crate::ack`]).
+//!
+//! rumqttd still gets every publish, as QoS 0, for local subscribers, retained messages and
+//! wills; it never acknowledges a sensor's reading, and readings never wait in its in-memory
+//! log (where a reader that falls behind is skipped).
+//!
+//! Invariants:
+//! - A PUBACK is sent for a reading only when every reading the connection handed on before
+//!   it is settled too: acknowledgements leave in the order the publishes arrived (MQTT
+//!   3.1.1 §4.6, 5 §4.6), whatever was dropped or refused between them.
+//! - What one connection owes is bounded ([`OWED_MAX`]): past it, the guard stops reading
+//!   from that sensor until acknowledgements went out (its own backpressure).
+//! - QoS 2: a publish is handed on once per packet id until the client's PUBREL, which the
+//!   guard answers itself; a retransmission in between is not a new reading.
+//! - A `traceparent` user property goes into the event only in W3C form
+//!   ([`valid_traceparent`]); anything else is left out and counted
+//!   (`edgegate_traceparent_invalid_total`), the reading kept.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::ack::{Acks, Inbound};
+use crate::config::WhenFull;
+use crate::decode::Payload;
+use crate::event::Reading;
+use crate::ops::metrics::{DropReason, Metrics};
+
+/// The gateway's own topic namespace: sensors publish there only when an ACL names it, and
+/// such a publish is not a reading (counted as `reserved_topic`).
+pub const OWN_PREFIX: &str = "edgegate/";
+
+/// Acknowledgements one connection may owe before the guard stops reading from it. A client
+/// that keeps publishing without reading its socket holds this many at most (16 bytes each).
+pub const OWED_MAX: usize = 4096;
+
+/// Where readings go: the rules stage's channel.
+#[derive(Clone)]
+pub struct Handoff {
+    pub tx: flume::Sender<Inbound>,
+    pub when_full: WhenFull,
+}
+
+/// What became of a publish offered to the pipeline.
+pub enum Handed {
+    /// In the pipeline: its acknowledgement waits for its ticket.
+    Ticketed,
+    /// Not a reading, or dropped (counted): acknowledged behind the earlier ones.
+    Behind,
+    /// The rules stage is gone (shutting down): no acknowledgement.
+    Closed,
+}
+
+/// W3C trace context (version 00 form, which later versions extend): `vv-{32 hex}-{16 hex}-ff`,
+/// lowercase hex, trace id and parent id not all zeros, version not `ff`. Anything else would
+/// be copied into every event of the reading unchecked.
+pub fn valid_traceparent(tp: &str) -> bool {
+    fn hex(s: &str, n: usize) -> bool {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    let mut parts = tp.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    // Version 00 has exactly four fields; a later version may append more.
+    let rest_ok = version != "00" || parts.next().is_none();
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && rest_ok
+}
+
+/// A publish as the pipeline gets it.
+pub struct Publish<'a> {
+    pub topic: &'a [u8],
+    pub payload: &'a [u8],
+    pub traceparent: Option<&'a [u8]>,
+}
+
+impl Handoff {
+    /// Offer a publish: a reading with a ticket of `acks` (`None`: nobody waits for it). Waits
+    /// while the rules stage is busy under `pipeline.when_full = "block"`.
+    pub async fn offer(
+        &self,
+        p: Publish<'_>,
+        acks: Option<&Arc<Acks>>,
+        metrics: &Metrics,
+    ) -> Handed {
+        if p.topic.first() == Some(&b'$') {
+            // Broker topics (an ACL let it through) are not readings.
+            return Handed::Behind;
+        }
+        let topic = String::from_utf8_lossy(p.topic).into_owned();
+        if topic.starts_with(OWN_PREFIX) {
+            metrics.drop_events(
+                DropReason::ReservedTopic,
+                1,
+                &format_args!("a sensor published to {topic:?}, in the gateway's own namespace (allowed by broker.acl): not a reading"),
+            );
+            return Handed::Behind;
+        }
+        metrics.readings_received.inc();
+        let traceparent = match p.traceparent.map(String::from_utf8_lossy) {
+            Some(tp) if !valid_traceparent(&tp) => {
+                metrics.traceparent_invalid.inc();
+                tracing::debug!(%topic, traceparent = %tp.escape_debug(), "traceparent is not W3C trace context: left out");
+                None
+            }
+            tp => tp.map(|t| t.into_owned()),
+        };
+        let reading = Reading {
+            topic,
+            received: SystemTime::now(),
+            payload: Payload::decode(Bytes::copy_from_slice(p.payload)),
+            traceparent,
+        };
+        let ticket = acks.map(|a| a.ticket());
+        let ticketed = ticket.is_some();
+        match self.when_full {
+            WhenFull::Block => match self.tx.send_async((reading, ticket)).await {
+                Ok(()) if ticketed => Handed::Ticketed,
+                Ok(()) => Handed::Behind,
+                Err(_) => Handed::Closed,
+            },
+            WhenFull::DropNewest => match self.tx.try_send((reading, ticket)) {
+                Ok(()) if ticketed => Handed::Ticketed,
+                Ok(()) => Handed::Behind,
+                Err(flume::TrySendError::Full((r, t))) => {
+                    metrics.drop_events(
+                        DropReason::ChannelFull,
+                        1,
+                        &format_args!("rules stage busy; dropped reading on {}", r.topic),
+                    );
+                    // Its number goes back (nothing else issues on this connection): the
+                    // publish is acknowledged behind the earlier ones, like one not handed on.
+                    if let (Some(_), Some(a)) = (t, acks) {
+                        a.unissue();
+                    }
+                    Handed::Behind
+                }
+                Err(flume::TrySendError::Disconnected(_)) => Handed::Closed,
+            },
+        }
+    }
+}
+
+/// An acknowledgement a connection owes its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Owe {
+    /// Sent once this ticket number is settled.
+    after: u64,
+    pkid: u16,
+    /// PUBREC (QoS 2) rather than PUBACK.
+    rec: bool,
+}
+
+/// One connection's acknowledgements to its client, in the order its publishes arrived.
+pub struct Owed {
+    pub acks: Arc<Acks>,
+    queue: Mutex<VecDeque<Owe>>,
+    /// The relay towards the client sent some: room for more.
+    pub room: tokio::sync::Notify,
+    /// QoS 2 packet ids handed on and not yet released by the client's PUBREL.
+    qos2: Mutex<HashSet<u16>>,
+}
+
+impl Default for Owed {
+    fn default() -> Self {
+        Owed {
+            acks: Acks::new(),
+            queue: Mutex::new(VecDeque::new()),
+            room: tokio::sync::Notify::new(),
+            qos2: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+impl Owed {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Owe>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Owe an acknowledgement for `pkid`, due once `after` is settled (the connection's
+    /// last ticket for one handed on; the last one before it for one that was not).
+    pub fn owe(&self, pkid: u16, rec: bool, after: u64) {
+        self.queue().push_back(Owe { after, pkid, rec });
+        if after <= self.acks.settled() {
+            self.acks.poke();
+        }
+    }
+
+    /// How many acknowledgements are owed.
+    pub fn len(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Nothing owed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The acknowledgements now due, encoded, in order (empty: none).
+    pub fn due(&self) -> BytesMut {
+        let settled = self.acks.settled();
+        let mut out = BytesMut::new();
+        let mut q = self.queue();
+        while let Some(o) = q.front().filter(|o| o.after <= settled).copied() {
+            q.pop_front();
+            let [hi, lo] = o.pkid.to_be_bytes();
+            out.extend_from_slice(&[if o.rec { 0x50 } else { 0x40 }, 2, hi, lo]);
+        }
+        drop(q);
+        if !out.is_empty() {
+            self.room.notify_one();
+        }
+        out
+    }
+
+    /// A QoS 2 publish with `pkid`: true when it is new (to be handed on), false for a
+    /// retransmission of one not yet released.
+    pub fn qos2_new(&self, pkid: u16) -> bool {
+        self.qos2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pkid)
+    }
+
+    /// The client's PUBREL for `pkid`: true when it was one of ours (the guard answers it).
+    pub fn qos2_release(&self, pkid: u16) -> bool {
+        self.qos2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pkid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473\u{e9}-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1z",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn acknowledgements_leave_in_arrival_order_only_when_everything_before_is_settled() {
+        let owed = Owed::default();
+        let t1 = owed.acks.ticket();
+        owed.owe(10, false, t1.number());
+        // Not a reading (a refused topic, a drop): behind ticket 1, no ticket of its own.
+        owed.owe(11, false, owed.acks.issued());
+        let t2 = owed.acks.ticket();
+        owed.owe(12, true, t2.number());
+        assert!(owed.due().is_empty(), "nothing settled yet");
+        t1.settle();
+        assert_eq!(&owed.due()[..], &[0x40, 2, 0, 10, 0x40, 2, 0, 11]);
+        assert_eq!(owed.len(), 1);
+        t2.settle();
+        assert_eq!(&owed.due()[..], &[0x50, 2, 0, 12]);
+        assert!(owed.is_empty());
+    }
+
+    #[test]
+    fn a_qos2_retransmission_is_not_a_new_reading_until_released() {
+        let owed = Owed::default();
+        assert!(owed.qos2_new(7));
+        assert!(!owed.qos2_new(7), "DUP before PUBREL");
+        assert!(owed.qos2_release(7));
+        assert!(
+            !owed.qos2_release(7),
+            "a second PUBREL is not ours any more"
+        );
+        assert!(owed.qos2_new(7), "the id may be used again after PUBCOMP");
+    }
+}
