@@ -13,7 +13,9 @@
 //! Invariants:
 //! - Commands are applied in channel order; a commit group is what arrived while the previous
 //!   commit ran (plus at most `queue.commit_delay`, at most `queue.max_batch` events). Appends and
-//!   acks share one transaction: one write per group, never one per event.
+//!   acks share one transaction, acks first (the appends reuse the pages they free): one write
+//!   per group, never one per event. Acks that arrive alone wait up to [`ACK_HOLD`] for the
+//!   next appends (never while commits fail, nor past a lease or stats request).
 //! - An event is visible to leases only after its transaction committed: the forwarder never
 //!   sends what could still be lost.
 //! - A row leaves `events` only by an Ack (sent by the forwarder after the upstream PUBACK), or by
@@ -321,7 +323,7 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 /// at-least-once), never lost.
 const ACK_HOLD: Duration = Duration::from_secs(1);
 const RETRY_TICK: Duration = Duration::from_millis(200);
-/// Pages handed back to the file system per maintenance round (4 MiB at 4 KiB pages).
+/// Pages handed back to the file system per maintenance round (512 KiB at 512-byte pages).
 const RECLAIM_PAGES: u32 = 1024;
 /// Under load, free pages are handed back only while few rows are queued: the vacuum moves live
 /// pages from the end of the file, which is cheap for a short queue and very costly behind a
