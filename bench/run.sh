@@ -3,6 +3,9 @@
 #
 #   bench/run.sh            # all scenarios (~20 min); results in bench/results/*.json and a table
 #   SCENARIOS="throughput latency" bench/run.sh
+#   SCENARIOS=disk bench/run.sh   # edgegate alone: disk bytes, CPU and latency per event at
+#                                 # 100/s and 1,000/s, link healthy (RATES, SECONDS, EG_ENV to vary)
+#   PORT_BASE=31883 ...           # other ports (default 21883..21887), for parallel runs
 #
 # The peer: Mosquitto (Debian package) as the edge broker, bridged to a second Mosquitto playing the
 # cloud (`topic sensors/# out 1 "" edge/gw1/`, cleansession false, max_queued_messages 0).
@@ -17,10 +20,11 @@ mkdir -p "$OUT"
 command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install -y mosquitto)"; exit 1; }
 cargo build --release --locked --workspace --bins >/dev/null 2>&1 || cargo build --release --workspace --bins
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-EG=$TARGET/release/edgegate
+EG=${EG_BIN:-$TARGET/release/edgegate}  # EG_BIN: another build, e.g. to compare before/after
 BENCH=$TARGET/release/edgegate-bench
 WORK=$(mktemp -d /tmp/edgegate-bench.XXXXXX)
-CLOUD=21883 EDGE_MQ=21884 EDGE_EG=21885 RELAY=21886 METRICS=21887
+P=${PORT_BASE:-21883}
+CLOUD=$P EDGE_MQ=$((P + 1)) EDGE_EG=$((P + 2)) RELAY=$((P + 3)) METRICS=$((P + 4))
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -128,6 +132,17 @@ for sc in $SCENARIOS; do
             edgegate) start_edgegate $RELAY keep ;;
             esac
             wait $L || true; stop_edge
+        done ;;
+    disk)
+        # Bytes written to disk per event (/proc/PID/io write_bytes: WAL, checkpoints, all),
+        # CPU and latency, with defaults (plus EG_ENV), the link healthy.
+        for rate in ${RATES:-100 1000}; do
+            start_edgegate $CLOUD
+            load disk-$rate-edgegate${DISK_LABEL:+-$DISK_LABEL} $EDGE_EG --pid $EDGE_PID --rate $rate --seconds ${SECONDS_PER_RATE:-20} --settle 5 |
+                grep -E 'latency|CPU|sent' || true
+            printf '  written to disk       %10.0f bytes/event\n' \
+                "$(awk -F': ' '/"disk_bytes_per_event"/ {print $2+0}' "$OUT/disk-$rate-edgegate${DISK_LABEL:+-$DISK_LABEL}.json")"
+            stop_edge
         done ;;
     cpu)
         # CPU at 1,000 events/s, three rounds of 20 s each, beside two references: the bridge, and

@@ -549,7 +549,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         commit_delay: q.duration_in(
             "commit_delay",
-            "0ms",
+            "50ms",
             Duration::ZERO,
             Duration::from_secs(1),
         ),
