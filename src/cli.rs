@@ -37,6 +37,7 @@ pub fn start_error_code(e: &crate::gateway::StartError) -> i32 {
         StartError::InUse(_) => exit::TEMPFAIL,
         StartError::Thread(_) => exit::OSERR,
         StartError::Broker(_) | StartError::Metrics { .. } => exit::UNAVAILABLE,
+        StartError::Fleet(_) => exit::CANTCREAT,
     }
 }
 
