@@ -325,6 +325,7 @@ impl Agent {
                 "gateway": self.config.gateway.id,
                 "online": false,
                 "version": env!("CARGO_PKG_VERSION"),
+                "groups": self.config.fleet.groups,
             }))
             .unwrap_or_default();
             let (client, task) = open(&self.config, &url, will, tx);
@@ -402,6 +403,10 @@ impl Agent {
                         trial_since = None;
                         for (t, v) in self.report.documents.iter_mut() {
                             v["confirmed"] = json!(self.store.confirmed(t));
+                        }
+                        if connected_at.is_some() {
+                            let state = self.state(started, started_at, true).await;
+                            let _ = client.publish_retained(&state_topic, state);
                         }
                     }
                     _ = self.shutdown.changed() => break None,
