@@ -1036,6 +1036,81 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_are_validated_and_default_as_shipped() {
+        let err = from_toml(
+            r#"
+            [upstream]
+            client_id = "same"
+            [fleet]
+            enabled = true
+            groups = ["north", "a/b", "north", ""]
+            group_prefix = "fleet/+"
+            trusted_keys = ["not a key", "AAAA"]
+            max_document_size = "1GiB"
+            client_id = "same"
+            state_interval = "0s"
+            confirm_after = "soon"
+            rollback_after = 0
+            typo = 1
+            "#,
+        )
+        .unwrap_err();
+        assert_keys(
+            &err,
+            &[
+                "fleet.enabled",
+                "fleet.groups[1]",
+                "fleet.groups[2]",
+                "fleet.groups[3]",
+                "fleet.group_prefix",
+                "fleet.trusted_keys[0]",
+                "fleet.trusted_keys[1]",
+                "fleet.max_document_size",
+                "fleet.client_id",
+                "fleet.state_interval",
+                "fleet.confirm_after",
+                "fleet.rollback_after",
+                "fleet.typo",
+            ],
+        );
+        // The shipped file and the code agree.
+        for f in [Config::defaults().fleet, from_toml("").unwrap().fleet] {
+            assert_eq!(
+                (
+                    f.enabled,
+                    f.groups,
+                    f.group_prefix,
+                    f.trusted_keys.len(),
+                    f.max_document_size,
+                    f.state_interval,
+                    f.confirm_after,
+                    f.rollback_after,
+                ),
+                (
+                    false,
+                    vec!["all".to_string()],
+                    "fleet/{group}".to_string(),
+                    0,
+                    256 * 1024,
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                    3
+                )
+            );
+            assert!(f.client_id.ends_with("-fleet"));
+        }
+        let c = from_toml(
+            "[upstream]\nurl = \"mqtt://h\"\n[fleet]\nenabled = true\ntrusted_keys = [\"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.fleet.trusted_keys[0][0], 1);
+        assert_eq!(
+            c.upstream.fleet_state_topic.as_deref(),
+            Some(format!("edge/{}/state", c.gateway.id).as_str())
+        );
+    }
+
+    #[test]
     fn every_error_is_reported_with_its_key() {
         let err = from_toml(
             r#"
