@@ -177,6 +177,13 @@ async fn a_push_to_one_gateway_applies_there_and_nowhere_else() {
     states.wait("gw-a", "online", |s| s["online"] == true).await;
     let sb = states.wait("gw-b", "online", |s| s["online"] == true).await;
     assert_eq!(sb["rules"]["source"], "local");
+    // The first state is published while the gateway is "starting"; its health clearing is
+    // published at once, not a state_interval (60 s) later.
+    let sb = states
+        .wait("gw-b", "healthy", |s| {
+            s["health"]["ok"] == true && s["upstream_connected"] == true
+        })
+        .await;
     assert_eq!(sb["queue"]["depth"], 0);
     assert!(
         sb["version"].is_string() && sb["uptime_s"].is_u64() && sb["health"]["ok"].is_boolean()
@@ -673,7 +680,7 @@ async fn hostile_documents_never_stop_telemetry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sensor_cannot_forge_a_document_through_forwarding() {
+async fn a_sensor_cannot_reach_the_fleet_topics_through_forwarding() {
     let cloud = Mosquitto::start();
     let states = States::watch(cloud.port).await;
     let dir = tempfile::tempdir().unwrap();
@@ -681,18 +688,24 @@ async fn a_sensor_cannot_forge_a_document_through_forwarding() {
     states.wait("gw-a", "online", |s| s["online"] == true).await;
     let s = Sensor::connect(gw.broker_addr, "s1").await;
     // The local rule forwards `#` to edge/gw-a/{topic}: these would land on the gateway's
-    // document and state topics.
+    // document and state topics (as CloudEvents envelopes: a document the gateway would take
+    // and refuse, and a state that is not one).
     s.publish("config/rules", ECHO).await;
-    s.publish("state", "{\"online\": true, \"forged\": true}")
-        .await;
+    s.publish("state", "{\"online\": true}").await;
     s.publish("sensors/ok", "1").await;
     let telemetry = Cloud::subscribe(cloud.port, "edge/gw-a/sensors/#").await;
     s.publish("sensors/ok2", "1").await;
     assert!(eventually(WAIT, || telemetry.count() >= 1).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every message on the state topic is a state; no document was taken (and refused).
+    for (_, p) in states.0.received.lock().unwrap().iter() {
+        let v: Value = serde_json::from_slice(p).unwrap();
+        assert_eq!(v["gateway"], "gw-a", "not a state: {v}");
+    }
     let st = states.latest("gw-a").unwrap();
-    assert!(st.get("forged").is_none(), "{st:#?}");
+    assert_eq!(st["rules"]["refused"], Value::Null, "{st:#?}");
     assert_eq!(st["rules"]["count"], 1);
+    // Set aside instead (queue peek --parked).
     assert_eq!(gw.metrics().events_parked.get(), 2);
     gw.shutdown().await;
 }
@@ -826,4 +839,109 @@ async fn a_document_confirmed_by_running_long_enough_survives_crashes() {
             .as_array()
             .is_some_and(|a| a.is_empty()));
     }
+}
+
+/// The same operations over TLS with per-gateway credentials, and a Mosquitto ACL that lets a
+/// gateway read only its own and its groups' documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_per_gateway_credentials_and_acls() {
+    let secrets = tempfile::tempdir().unwrap();
+    let pki = crate::security::pki(secrets.path());
+    let passwd = secrets.path().join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    for (user, pw) in [("gw-a", "pa"), ("gw-b", "pb"), ("ops", "po")] {
+        let ok = std::process::Command::new("mosquitto_passwd")
+            .args(["-b", passwd.to_str().unwrap(), user, pw])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::fs::write(secrets.path().join(user), format!("{pw}\n")).unwrap();
+    }
+    let acl = secrets.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user gw-a\ntopic read fleet/all/config/rules\ntopic readwrite edge/gw-a/#\n\n\
+         user gw-b\ntopic read fleet/all/config/rules\ntopic read fleet/south/config/rules\ntopic readwrite edge/gw-b/#\n\n\
+         user ops\ntopic readwrite #\n",
+    )
+    .unwrap();
+    let tls = free_port();
+    let cloud = Mosquitto::start_with(&format!(
+        "per_listener_settings true\nlistener {tls} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+         allow_anonymous false\npassword_file {}\nacl_file {}\n",
+        pki.ca.display(),
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        passwd.display(),
+        acl.display()
+    ));
+    let states = States::watch(cloud.port).await;
+    let url = format!("mqtts://localhost:{tls}");
+    let gw = |dir: &Path, id: &str, groups: &[&str]| {
+        let mut c = gw_config(dir, &url, id, groups);
+        c.upstream.tls = Some(edgegate::tls::client_config(Some(&pki.ca), None).unwrap());
+        c.upstream.username = Some(id.to_string());
+        c.upstream.password = Some(edgegate::tls::Secret::new(
+            if id == "gw-a" { "pa" } else { "pb" }.into(),
+        ));
+        c
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // gw-a also asks for "south", which the ACL does not let it read.
+    let a = start_gateway(gw(da.path(), "gw-a", &["all", "south"])).await;
+    let b = start_gateway(gw(db.path(), "gw-b", &["all", "south"])).await;
+    states.wait("gw-a", "online", |s| s["online"] == true).await;
+    states.wait("gw-b", "online", |s| s["online"] == true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, ECHO).unwrap();
+    let ops = |target: &[&str]| {
+        push_args(
+            &url,
+            target,
+            &file,
+            &[
+                "--username",
+                "ops",
+                "--password-file",
+                secrets.path().join("ops").to_str().unwrap(),
+                "--ca-file",
+                pki.ca.to_str().unwrap(),
+            ],
+        )
+    };
+    let (code, out, err) = fleet_cli(ops(&["--gateway", "gw-b"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("gw-b: applied"), "{out}");
+    let (code, out, err) = fleet_cli(ops(&[])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("gw-a: applied") && out.contains("gw-b: applied"),
+        "{out}"
+    );
+    // "south": gw-b reads it, gw-a (denied by the ACL) never gets it and says so by silence.
+    std::fs::write(&file, SENSORS_ONLY).unwrap();
+    let mut args = ops(&["--group", "south"]);
+    let t = args.iter().position(|a| a == "15s").unwrap();
+    args[t] = "3s".into();
+    let (code, out, err) = fleet_cli(args).await;
+    assert_eq!(code, 75, "{out}\n{err}");
+    assert!(
+        out.contains("gw-b: applied") && out.contains("gw-a: not answering"),
+        "{out}"
+    );
+    let s = states.latest("gw-a").unwrap();
+    assert_eq!(doc_sha(&s, "fleet/south/config/rules"), None);
+    // Without credentials the CLI gets nothing.
+    let (code, _, err) = fleet_cli(vec![
+        "status".into(),
+        "--upstream".into(),
+        url.clone(),
+        "--ca-file".into(),
+        pki.ca.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_ne!(code, 0, "{err}");
+    a.shutdown().await;
+    b.shutdown().await;
 }

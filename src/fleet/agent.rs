@@ -104,6 +104,9 @@ impl Client {
     }
 }
 
+/// How often health and the uplink are looked at for a change.
+const HEALTH_POLL: Duration = Duration::from_secs(2);
+
 /// Bytes of a packet beyond its payload we allow for (fixed header, topic, properties).
 const PACKET_OVERHEAD: usize = 1024;
 
@@ -333,6 +336,11 @@ impl Agent {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.reset();
             let mut connected_at = None;
+            // Health and uplink are watched more often than the state is due: a change is
+            // published at once (the first state often says "starting").
+            let mut watch = tokio::time::interval(HEALTH_POLL);
+            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = self.vitals();
             let end = loop {
                 let confirm_in = trial_since
                     .map(|t| self.config.fleet.confirm_after.saturating_sub(t.elapsed()));
@@ -389,6 +397,14 @@ impl Agent {
                         Ok(Net::Failed(e)) => break Some(e),
                         Err(_) => break Some("fleet connection task ended".into()),
                     },
+                    _ = watch.tick() => {
+                        let now = self.vitals();
+                        if now != seen && connected_at.is_some() {
+                            seen = now;
+                            let state = self.state(started, started_at, true).await;
+                            let _ = client.publish_retained(&state_topic, state);
+                        }
+                    }
                     _ = tick.tick() => {
                         if connected_at.is_some() {
                             let state = self.state(started, started_at, true).await;
@@ -455,6 +471,11 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// What makes a new state worth publishing before it is due.
+    fn vitals(&self) -> (Vec<String>, bool) {
+        ((self.health)(), self.upstream.borrow().connected)
     }
 
     /// One document received on `topic`.

@@ -23,8 +23,8 @@
 //! - The fleet's connection is its own: an oversized or hostile document can end that
 //!   connection, never the forwarder's (telemetry keeps flowing).
 //! - With the fleet on, the forwarder never publishes to the gateway's state topic or to any
-//!   `.../config/rules` topic ([`reserved_topic`]): a sensor cannot forge a document or a state
-//!   through a forwarding rule.
+//!   `.../config/rules` topic ([`reserved_topic`]): a sensor cannot reach them through a
+//!   forwarding rule.
 
 pub mod agent;
 pub mod cli;
