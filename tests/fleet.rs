@@ -945,3 +945,44 @@ async fn over_tls_with_per_gateway_credentials_and_acls() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_reload_keeps_the_fleet_documents_in_force() {
+    let cloud = Mosquitto::start();
+    let states = States::watch(cloud.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gw_config(dir.path(), &cloud.url(), "gw-a", &["all"]);
+    let gw = start_gateway(config.clone()).await;
+    publish_retained(
+        cloud.port,
+        "fleet/all/config/rules",
+        ECHO.as_bytes().to_vec(),
+    )
+    .await;
+    states
+        .wait("gw-a", "the document", |s| s["rules"]["count"] == 2)
+        .await;
+    // SIGHUP's path: new local rules, the group's document stays combined with them.
+    let mut reloaded = config.clone();
+    reloaded.rules.push(edgegate::config::RuleConfig::simple(
+        "more",
+        "more/#",
+        edgegate::config::RuleAction::Forward,
+    ));
+    let kept = gw.reload_rules(&reloaded).await.unwrap();
+    assert!(kept.contains(&"echo".to_string()), "{kept:?}");
+    let echoes = local_echoes(&gw).await;
+    let s = Sensor::connect(gw.broker_addr, "s1").await;
+    s.publish("sensors/pump", "1").await;
+    assert!(
+        eventually(WAIT, || echoes
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "echo/pump"))
+        .await,
+        "the group's rule is gone after a local reload"
+    );
+    gw.shutdown().await;
+}
