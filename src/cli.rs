@@ -37,6 +37,7 @@ pub fn start_error_code(e: &crate::gateway::StartError) -> i32 {
         StartError::InUse(_) => exit::TEMPFAIL,
         StartError::Thread(_) => exit::OSERR,
         StartError::Broker(_) | StartError::Metrics { .. } => exit::UNAVAILABLE,
+        StartError::Fleet(_) => exit::CANTCREAT,
     }
 }
 
@@ -104,13 +105,26 @@ pub fn check_config(path: Option<&Path>) -> i32 {
             } else {
                 ", anonymous refused)"
             });
+            let fleet = if c.fleet.enabled {
+                format!(
+                    "on (groups {}; {})",
+                    c.fleet.groups.join(", "),
+                    match c.fleet.trusted_keys.len() {
+                        0 => "unsigned documents accepted".to_string(),
+                        n => format!("signed by one of {n} key(s) only"),
+                    }
+                )
+            } else {
+                "off".to_string()
+            };
             println!(
-                "configuration OK: gateway {} | broker {} | data {} | upstream {} | {} rule(s)",
+                "configuration OK: gateway {} | broker {} | data {} | upstream {} | {} rule(s) | fleet {}",
                 c.gateway.id,
                 broker,
                 c.gateway.data_dir.display(),
                 upstream,
-                c.rules.len()
+                c.rules.len(),
+                fleet
             );
             exit::OK
         }

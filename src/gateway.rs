@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::broker::handoff::Handoff;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
+use crate::fleet::RuleSources;
 use crate::forwarder::{Forwarder, UpstreamStatus};
 use crate::ops::metrics::Metrics;
 use crate::ops::web::{history::Tap, Web};
@@ -52,6 +53,8 @@ pub enum StartError {
     InUse(PathBuf),
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("fleet documents: {0}")]
+    Fleet(#[from] crate::fleet::store::StoreError),
 }
 
 /// How long shutdown waits for in-flight upstream acknowledgements.
@@ -76,6 +79,10 @@ pub struct Gateway {
     broker: Arc<Broker>,
     upstream: watch::Receiver<UpstreamStatus>,
     rules_handle: RulesHandle,
+    /// Every source of rules (local, fleet documents), combined on each reload.
+    sources: RuleSources,
+    /// The fleet agent (`fleet.enabled`).
+    fleet: Option<JoinHandle<()>>,
     /// Held while running: one gateway per data directory; the CLI sees the daemon is up.
     _lock: std::fs::File,
 }
@@ -179,6 +186,23 @@ impl Gateway {
             None => None,
         };
 
+        // 0b. Fleet documents kept from the last run (rolled back first if they kept the
+        // gateway from running): combined with the local rules before the engine starts.
+        let fleet_topics: Vec<String> = if config.fleet.enabled {
+            crate::fleet::topics(&config)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sources = RuleSources::new(config.rules.clone(), &fleet_topics);
+        let fleet_store = if config.fleet.enabled {
+            Some(crate::fleet::agent::prepare(&config, &sources)?)
+        } else {
+            None
+        };
+
         // 1. Queue.
         let path = config.queue_path();
         let (sync, limits) = (config.queue.sync, queue::limits(&config.queue));
@@ -247,7 +271,7 @@ impl Gateway {
         };
         let rules = tokio::spawn(
             RulesStage {
-                engine: Engine::new(&config.rules, &config.upstream.topic_prefix),
+                engine: Engine::new(&sources.combined_now(), &config.upstream.topic_prefix),
                 input: readings_rx,
                 queue: queue.clone(),
                 when_full: config.pipeline.when_full,
@@ -278,6 +302,23 @@ impl Gateway {
 
         // 4. Supervision and the metrics endpoint.
         let problems: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec!["starting".into()]));
+        let fleet = fleet_store.map(|(store, report)| {
+            let p = problems.clone();
+            tokio::spawn(
+                crate::fleet::agent::Agent {
+                    config: config.clone(),
+                    sources: sources.clone(),
+                    rules: rules_handle.clone(),
+                    store,
+                    report,
+                    queue: queue.clone(),
+                    health: Arc::new(move || p.lock().map(|v| v.clone()).unwrap_or_default()),
+                    upstream: upstream.clone(),
+                    shutdown: shutdown_rx.clone(),
+                }
+                .run(),
+            )
+        });
         let watched = supervisor::Watched {
             broker: broker.clone(),
             stages: vec![
@@ -333,6 +374,8 @@ impl Gateway {
             broker,
             upstream,
             rules_handle,
+            sources,
+            fleet,
             _lock: lock,
         })
     }
@@ -341,7 +384,14 @@ impl Gateway {
     /// configuration is unchanged keep their state. Returns their names, or `None` if the rules
     /// stage has stopped.
     pub async fn reload_rules(&self, config: &Config) -> Option<Vec<String>> {
-        self.rules_handle.reload(config.rules.clone()).await
+        self.sources
+            .reload_local(&self.rules_handle, config.rules.clone())
+            .await
+    }
+
+    /// Every source of rules (for reloading them from another task, e.g. on SIGHUP).
+    pub fn rule_sources(&self) -> RuleSources {
+        self.sources.clone()
     }
 
     /// A handle for reloading rules from another task (e.g. on SIGHUP).
@@ -379,6 +429,16 @@ impl Gateway {
         self.supervisor.abort();
         self.broker.stop_listeners().await;
         let _ = self.shutdown_tx.send(true);
+        if let Some(f) = self.fleet {
+            // It says "offline" and leaves (bounded inside; this is a fallback).
+            let abort = f.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), f)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
         // The readings channel closes once the guard and every ended session let go of it;
         // the rules stage then hands on what it holds and stops. A session that did not end
         // (stop_listeners warned) would keep it open: stop the stage after a while then (what
@@ -426,6 +486,7 @@ pub async fn run(
             source,
             gw.rules_handle(),
             gw.metrics().clone(),
+            gw.rule_sources(),
         ))
     });
     shutdown.await;

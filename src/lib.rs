@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod decode;
 pub mod demo;
 pub mod event;
+pub mod fleet;
 pub mod forwarder;
 pub mod gateway;
 pub mod ops;

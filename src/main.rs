@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use edgegate::cli::{self, exit};
 
 #[derive(Parser)]
@@ -69,6 +69,85 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Rules for a fleet of gateways, through the cloud broker (README, "Fleet rules").
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+/// The cloud broker and where the gateways' topics are.
+#[derive(Args)]
+struct UpstreamArgs {
+    /// The cloud broker: mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long)]
+    upstream: String,
+    #[arg(long)]
+    username: Option<String>,
+    /// A file whose first line is the password.
+    #[arg(long, requires = "username")]
+    password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for mqtts:// (default: the system trust store).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// The gateways' upstream.topic_prefix, {id} standing for the gateway id.
+    #[arg(long, default_value = "edge/{id}")]
+    prefix: String,
+    /// The gateways' fleet.group_prefix.
+    #[arg(long, default_value = "fleet/{group}")]
+    group_prefix: String,
+}
+
+impl UpstreamArgs {
+    fn into_upstream(self) -> edgegate::fleet::cli::Upstream {
+        edgegate::fleet::cli::Upstream {
+            url: self.upstream,
+            username: self.username,
+            password_file: self.password_file,
+            ca_file: self.ca_file,
+            prefix: self.prefix,
+            group_prefix: self.group_prefix,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Check a rules document, publish it retained for a group (default: the group "all") or
+    /// one gateway, and print what each gateway did with it: applied, refused (with the
+    /// errors) or not answering. Exit 0 when all applied, 65 if any refused, 75 if any is silent.
+    Push {
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+        /// A group of gateways (fleet.groups).
+        #[arg(long, conflicts_with = "gateway")]
+        group: Option<String>,
+        /// One gateway, by gateway.id.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Sign with this key (made by `edgegate fleet keygen`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+        /// How long to wait for the gateways' states.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// The gateways' fleet.max_document_size, in bytes.
+        #[arg(long, default_value_t = 256 * 1024)]
+        max_size: usize,
+        /// The rules document: [[rules]] as in a rules_engine.dir file.
+        file: PathBuf,
+    },
+    /// Every gateway's state from the retained messages: online, version, rules, backlog, health.
+    Status {
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+        /// The states as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a signing key: written to FILE (mode 0600); its public key for fleet.trusted_keys
+    /// is printed.
+    Keygen { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +244,31 @@ fn main() -> ExitCode {
             json,
             probation,
         }),
+        Command::Fleet { command } => match command {
+            FleetCommand::Push {
+                upstream,
+                group,
+                gateway,
+                sign,
+                timeout,
+                max_size,
+                file,
+            } => edgegate::fleet::cli::push(
+                &upstream.into_upstream(),
+                &edgegate::fleet::cli::Push {
+                    file: &file,
+                    group: group.as_deref(),
+                    gateway: gateway.as_deref(),
+                    sign: sign.as_deref(),
+                    max_size,
+                    timeout,
+                },
+            ),
+            FleetCommand::Status { upstream, json } => {
+                edgegate::fleet::cli::status(&upstream.into_upstream(), json)
+            }
+            FleetCommand::Keygen { file } => edgegate::fleet::cli::keygen(&file),
+        },
         Command::Queue { command } => match command {
             QueueCommand::Stats {
                 config,

@@ -290,16 +290,16 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 /// CA, server certificate (localhost, 127.0.0.1) and a client certificate, as PEM files.
-struct Pki {
-    ca: std::path::PathBuf,
-    server_cert: std::path::PathBuf,
-    server_key: std::path::PathBuf,
-    client_cert: std::path::PathBuf,
-    client_key: std::path::PathBuf,
-    ca_pem: String,
+pub(crate) struct Pki {
+    pub(crate) ca: std::path::PathBuf,
+    pub(crate) server_cert: std::path::PathBuf,
+    pub(crate) server_key: std::path::PathBuf,
+    pub(crate) client_cert: std::path::PathBuf,
+    pub(crate) client_key: std::path::PathBuf,
+    pub(crate) ca_pem: String,
 }
 
-fn pki(dir: &Path) -> Pki {
+pub(crate) fn pki(dir: &Path) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();

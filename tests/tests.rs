@@ -5,6 +5,7 @@ mod util;
 
 mod disk;
 mod durability;
+mod fleet;
 mod lifecycle;
 mod parked;
 mod pipeline;

@@ -65,6 +65,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub upstream: UpstreamConfig,
     pub metrics: MetricsConfig,
+    pub fleet: FleetConfig,
     pub rules: Vec<RuleConfig>,
     /// The file this configuration came from, if any (for reload and messages).
     pub source: Option<PathBuf>,
@@ -231,6 +232,9 @@ pub struct UpstreamConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// For messages: which trust anchors and whether a client certificate is used.
     pub tls_summary: Option<String>,
+    /// With `fleet.enabled`: the gateway's state topic; the forwarder then never publishes
+    /// there or to a fleet document topic (`crate::fleet::reserved_topic`).
+    pub fleet_state_topic: Option<String>,
 }
 
 /// MQTT version spoken upstream.
@@ -254,6 +258,29 @@ impl std::fmt::Display for UpstreamUrl {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
+}
+
+/// `[fleet]`: rules documents pushed from the cloud broker (see `crate::fleet`).
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Subscribe to rules documents upstream and report state (needs `upstream.url`).
+    pub enabled: bool,
+    /// Groups this gateway belongs to, in the order their documents combine.
+    pub groups: Vec<String>,
+    /// Topic prefix of a group's document, with `{group}` in it (`fleet/{group}`).
+    pub group_prefix: String,
+    /// ed25519 public keys; when any is set, only documents signed by one of them apply.
+    pub trusted_keys: Vec<[u8; 32]>,
+    /// Largest document accepted, in bytes.
+    pub max_document_size: usize,
+    /// Client id of the fleet's own upstream connection.
+    pub client_id: String,
+    /// The state is published at least this often (and on every change).
+    pub state_interval: Duration,
+    /// A new document becomes the last good one once the gateway has run this long with it.
+    pub confirm_after: Duration,
+    /// Starts with an unconfirmed document, after which it is rolled back.
+    pub rollback_after: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -617,6 +644,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         password: None,
         tls: None,
         tls_summary: None,
+        fleet_state_topic: None,
     };
     let mut upstream = upstream;
     upstream.batch_topic = u.string("batch_topic", &format!("{}/batch", upstream.topic_prefix));
@@ -739,6 +767,12 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
     };
     m.finish();
 
+    let fleet = compile_fleet(&mut top, &upstream);
+    let mut upstream = upstream;
+    if fleet.enabled {
+        upstream.fleet_state_topic = Some(crate::fleet::state_topic(&upstream.topic_prefix));
+    }
+
     let rules = crate::rules::config::compile(&mut top);
     top.finish();
 
@@ -750,12 +784,102 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
             queue,
             upstream,
             metrics,
+            fleet,
             rules,
             source,
         })
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// `[fleet]`, checked against `[upstream]`.
+fn compile_fleet(top: &mut Table<'_, '_>, upstream: &UpstreamConfig) -> FleetConfig {
+    use base64::Engine as _;
+    let mut f = top.section("fleet");
+    let enabled = f.opt_bool("enabled").unwrap_or(false);
+    let groups = if f.get("groups").is_some() {
+        f.string_list("groups")
+    } else {
+        vec!["all".to_string()]
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (i, g) in groups.iter().enumerate() {
+        if g.is_empty() || g.contains(['+', '#', '/', ' ']) || g.chars().any(char::is_control) {
+            f.error(
+                &format!("groups[{i}]"),
+                "a group name must be non-empty, without '/', '+', '#', spaces or control characters",
+            );
+        } else if !seen.insert(g.as_str()) {
+            f.error(
+                &format!("groups[{i}]"),
+                &format!("group {g:?} is listed twice"),
+            );
+        }
+    }
+    let group_prefix = f
+        .string("group_prefix", "fleet/{group}")
+        .trim_end_matches('/')
+        .to_string();
+    if !group_prefix.contains("{group}") {
+        f.error("group_prefix", "must contain {group}");
+    } else if group_prefix.contains(['+', '#']) || group_prefix.starts_with('/') {
+        f.error(
+            "group_prefix",
+            "must be a topic without wildcards and without a leading '/'",
+        );
+    }
+    let mut trusted_keys = Vec::new();
+    for (i, k) in f.string_list("trusted_keys").iter().enumerate() {
+        match base64::engine::general_purpose::STANDARD
+            .decode(k.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        {
+            Some(key) => trusted_keys.push(key),
+            None => f.error(
+                &format!("trusted_keys[{i}]"),
+                "expected an ed25519 public key: 32 bytes in base64 (`edgegate fleet keygen` prints one)",
+            ),
+        }
+    }
+    let fleet = FleetConfig {
+        enabled,
+        groups,
+        group_prefix,
+        trusted_keys,
+        max_document_size: f.size_in("max_document_size", 256 * 1024, 1024, 16 * 1024 * 1024),
+        client_id: f.string("client_id", &format!("{}-fleet", upstream.client_id)),
+        state_interval: f.duration_in(
+            "state_interval",
+            "60s",
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        ),
+        confirm_after: f.duration_in(
+            "confirm_after",
+            "60s",
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        ),
+        rollback_after: f.usize_in("rollback_after", 3, 1, 100) as u32,
+    };
+    if fleet.enabled && upstream.url.is_none() {
+        f.error(
+            "enabled",
+            "the fleet needs upstream.url (its documents come from there)",
+        );
+    }
+    if fleet.client_id.is_empty() {
+        f.error("client_id", "must not be empty");
+    } else if fleet.client_id == upstream.client_id {
+        f.error(
+            "client_id",
+            "must differ from upstream.client_id (the broker would close one connection for the other)",
+        );
+    }
+    f.finish();
+    fleet
 }
 
 /// A result whose error was already reported key by key (`Err(None)`).
@@ -908,6 +1032,81 @@ mod tests {
         assert_eq!(
             (c.broker.max_retained_messages, c.broker.max_retained_bytes),
             (0, 1 << 20)
+        );
+    }
+
+    #[test]
+    fn fleet_settings_are_validated_and_default_as_shipped() {
+        let err = from_toml(
+            r#"
+            [upstream]
+            client_id = "same"
+            [fleet]
+            enabled = true
+            groups = ["north", "a/b", "north", ""]
+            group_prefix = "fleet/+"
+            trusted_keys = ["not a key", "AAAA"]
+            max_document_size = "1GiB"
+            client_id = "same"
+            state_interval = "0s"
+            confirm_after = "soon"
+            rollback_after = 0
+            typo = 1
+            "#,
+        )
+        .unwrap_err();
+        assert_keys(
+            &err,
+            &[
+                "fleet.enabled",
+                "fleet.groups[1]",
+                "fleet.groups[2]",
+                "fleet.groups[3]",
+                "fleet.group_prefix",
+                "fleet.trusted_keys[0]",
+                "fleet.trusted_keys[1]",
+                "fleet.max_document_size",
+                "fleet.client_id",
+                "fleet.state_interval",
+                "fleet.confirm_after",
+                "fleet.rollback_after",
+                "fleet.typo",
+            ],
+        );
+        // The shipped file and the code agree.
+        for f in [Config::defaults().fleet, from_toml("").unwrap().fleet] {
+            assert_eq!(
+                (
+                    f.enabled,
+                    f.groups,
+                    f.group_prefix,
+                    f.trusted_keys.len(),
+                    f.max_document_size,
+                    f.state_interval,
+                    f.confirm_after,
+                    f.rollback_after,
+                ),
+                (
+                    false,
+                    vec!["all".to_string()],
+                    "fleet/{group}".to_string(),
+                    0,
+                    256 * 1024,
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                    3
+                )
+            );
+            assert!(f.client_id.ends_with("-fleet"));
+        }
+        let c = from_toml(
+            "[upstream]\nurl = \"mqtt://h\"\n[fleet]\nenabled = true\ntrusted_keys = [\"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.fleet.trusted_keys[0][0], 1);
+        assert_eq!(
+            c.upstream.fleet_state_topic.as_deref(),
+            Some(format!("edge/{}/state", c.gateway.id).as_str())
         );
     }
 

@@ -600,6 +600,14 @@ pub fn unacceptable(topic: Option<&str>, payload: usize, cfg: &UpstreamConfig) -
             if t.len() > u16::MAX as usize {
                 return Some(format!("topic of {} bytes (at most 65535)", t.len()));
             }
+            if let Some(state) = &cfg.fleet_state_topic {
+                if crate::fleet::reserved_topic(t, state) {
+                    return Some(format!(
+                        "topic {:?} is reserved for fleet documents and state",
+                        truncated(t)
+                    ));
+                }
+            }
             t.len()
         }
         None => cfg.batch_topic.len(),

@@ -143,19 +143,8 @@ impl Session {
         // delayed ACKs stall the window (measured: drain at 4k events/s instead of tens of k).
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(cfg.ack_timeout.as_secs().clamp(1, 30));
-        let transport = match (&cfg.tls, url.tls) {
-            // CA file or system roots, optional client certificate (config::compile).
-            (Some(tls), _) => Some(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            )),
-            (None, true) => Some(Transport::tls_with_default_config()),
-            (None, false) => None,
-        };
-        let password = cfg
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_string())
-            .unwrap_or_default();
+        let transport = transport(cfg, url);
+        let password = password(cfg);
         let ids = packet_ids(window);
         match cfg.protocol {
             UpstreamProtocol::V4 => {
@@ -246,6 +235,27 @@ impl Session {
             }
         }
     }
+}
+
+/// The transport `upstream` asks for: TLS with the CA file or system roots and an optional
+/// client certificate (config::compile), or plain TCP (`None`). Shared with the fleet's
+/// connection.
+pub fn transport(cfg: &UpstreamConfig, url: &UpstreamUrl) -> Option<Transport> {
+    match (&cfg.tls, url.tls) {
+        (Some(tls), _) => Some(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        )),
+        (None, true) => Some(Transport::tls_with_default_config()),
+        (None, false) => None,
+    }
+}
+
+/// The upstream password ("" without one).
+pub fn password(cfg: &UpstreamConfig) -> String {
+    cfg.password
+        .as_ref()
+        .map(|p| p.expose().to_string())
+        .unwrap_or_default()
 }
 
 impl Drop for Session {

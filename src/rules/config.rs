@@ -719,15 +719,63 @@ fn load_rules_dir(
                 continue;
             }
         };
-        let mut errors = Vec::new();
-        let mut file = Table::root(&value, &mut errors);
-        for (i, item) in file.array("rules").into_iter().flatten().enumerate() {
-            rules.extend(compile_rule(file.element("rules", i, item), i, settings));
-        }
-        file.finish();
+        let (more, errors) = compile_rules_file(&value, settings);
+        rules.extend(more);
         for e in errors {
             top.error_at(&format!("{}: {}", path.display(), e.key), &e.message);
         }
+    }
+}
+
+/// A file of `rules_engine.dir` (or a fleet document): only `[[rules]]`, keyed from its own
+/// root (`rules[0].match`); any other key is an error.
+fn compile_rules_file(
+    value: &config::Value,
+    settings: &EngineSettings,
+) -> (Vec<RuleConfig>, Vec<crate::config::ConfigError>) {
+    let mut rules = Vec::new();
+    let mut errors = Vec::new();
+    let mut file = Table::root(value, &mut errors);
+    for (i, item) in file.array("rules").into_iter().flatten().enumerate() {
+        rules.extend(compile_rule(file.element("rules", i, item), i, settings));
+    }
+    file.finish();
+    (rules, errors)
+}
+
+/// A rules document in the syntax of a `rules_engine.dir` file (a fleet document: see
+/// `crate::fleet`), validated as `check-config` validates that file: every error with its key
+/// (`rules[1].when`), and rule names unique within the document. `settings` are the gateway's
+/// `[rules_engine]` settings, which a document cannot change.
+pub fn compile_document(
+    text: &str,
+    settings: &EngineSettings,
+) -> Result<Vec<RuleConfig>, crate::config::ConfigErrors> {
+    use crate::config::{ConfigError, ConfigErrors};
+    let value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<config::Value>())
+        .map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: "toml".into(),
+                message: e.to_string(),
+            }])
+        })?;
+    let (rules, mut errors) = compile_rules_file(&value, settings);
+    let mut seen = std::collections::HashSet::new();
+    for (i, r) in rules.iter().enumerate() {
+        if !seen.insert(r.name.as_str()) {
+            errors.push(ConfigError {
+                key: format!("rules[{i}].name"),
+                message: format!("duplicate rule name {:?}", r.name),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(ConfigErrors(errors))
     }
 }
 

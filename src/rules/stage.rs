@@ -332,13 +332,15 @@ impl RulesStage {
     }
 }
 
-/// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment);
-/// if it is invalid, log every error with its key, count the failure and keep the running rules.
+/// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment)
+/// and apply its rules as the local part of `sources`; if it is invalid, log every error with
+/// its key, count the failure and keep the running rules.
 pub async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: Option<std::path::PathBuf>,
     handle: RulesHandle,
     metrics: Arc<Metrics>,
+    sources: crate::fleet::RuleSources,
 ) {
     use crate::ops::{logging, systemd};
     while hup.recv().await.is_some() {
@@ -365,7 +367,8 @@ pub async fn reload_on_sighup(
                 if let Err(e) = logging::set_level(&config.gateway.log_level) {
                     tracing::warn!(error = %e, "gateway.log_level not applied");
                 }
-                match handle.reload(config.rules).await {
+                // Combined with the fleet's documents (crate::fleet): local rules first.
+                match sources.reload_local(&handle, config.rules).await {
                     Some(kept) => {
                         tracing::info!(kept_state = ?kept, "rules reload applied");
                         handle.log_reload(Vec::new(), kept.clone());

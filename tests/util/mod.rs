@@ -119,11 +119,16 @@ impl Mosquitto {
         } else {
             "persistence false\n".to_string()
         };
+        // Mosquitto wants `per_listener_settings` before any other setting.
+        let (head, extra) = match self.extra.strip_prefix("per_listener_settings true\n") {
+            Some(rest) => ("per_listener_settings true\n", rest),
+            None => ("", self.extra.as_str()),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{persistence}{}\n",
-                self.port, self.extra
+                "{head}listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n{persistence}{extra}\n",
+                self.port
             ),
         )
         .expect("write mosquitto.conf");
