@@ -45,6 +45,10 @@ pub struct Acks {
 pub struct Ticket {
     acks: Arc<Acks>,
     n: u64,
+    /// The sender waits for this acknowledgement before it sends more (it published right
+    /// after its previous PUBACK, with nothing else outstanding): the queue should not hold
+    /// the commit for more readings that cannot come.
+    pub eager: bool,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -60,10 +64,16 @@ impl Acks {
 
     /// The next ticket of this connection (called by the connection only, in order).
     pub fn ticket(self: &Arc<Acks>) -> Ticket {
+        self.ticket_eager(false)
+    }
+
+    /// The next ticket, for a sender that waits for it (see [`Ticket::eager`]).
+    pub fn ticket_eager(self: &Arc<Acks>, eager: bool) -> Ticket {
         let n = self.issued.fetch_add(1, Ordering::Relaxed) + 1;
         Ticket {
             acks: self.clone(),
             n,
+            eager,
         }
     }
 
@@ -104,6 +114,11 @@ impl Ticket {
         if before < self.n {
             self.acks.settled_changed.notify_one();
         }
+    }
+
+    /// The connection it belongs to (an identity, for counting; never dereferenced).
+    pub fn connection(&self) -> usize {
+        Arc::as_ptr(&self.acks) as usize
     }
 
     /// Its number, for tests and logs.

@@ -2278,7 +2278,7 @@ async fn relay<S: Io>(
                         payload: &frame[payload_at..],
                         traceparent: meta.traceparent,
                     };
-                    let acks = (qos > 0).then_some(&owed.acks);
+                    let acks = (qos > 0).then_some(owed);
                     if handoff.tx.is_full() && iw.flush().await.is_err() {
                         return false;
                     }

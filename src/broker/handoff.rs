@@ -20,7 +20,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
@@ -90,12 +90,7 @@ pub struct Publish<'a> {
 impl Handoff {
     /// Offer a publish: a reading with a ticket of `acks` (`None`: nobody waits for it). Waits
     /// while the rules stage is busy under `pipeline.when_full = "block"`.
-    pub async fn offer(
-        &self,
-        p: Publish<'_>,
-        acks: Option<&Arc<Acks>>,
-        metrics: &Metrics,
-    ) -> Handed {
+    pub async fn offer(&self, p: Publish<'_>, acks: Option<&Owed>, metrics: &Metrics) -> Handed {
         if p.topic.first() == Some(&b'$') {
             // Broker topics (an ACL let it through) are not readings.
             return Handed::Behind;
@@ -124,7 +119,7 @@ impl Handoff {
             payload: Payload::decode(Bytes::copy_from_slice(p.payload)),
             traceparent,
         };
-        let ticket = acks.map(|a| a.ticket());
+        let ticket = acks.map(|o| o.acks.ticket_eager(o.waited_for()));
         let ticketed = ticket.is_some();
         match self.when_full {
             WhenFull::Block => match self.tx.send_async((reading, ticket)).await {
@@ -143,8 +138,8 @@ impl Handoff {
                     );
                     // Its number goes back (nothing else issues on this connection): the
                     // publish is acknowledged behind the earlier ones, like one not handed on.
-                    if let (Some(_), Some(a)) = (t, acks) {
-                        a.unissue();
+                    if let (Some(_), Some(o)) = (t, acks) {
+                        o.acks.unissue();
                     }
                     Handed::Behind
                 }
@@ -172,7 +167,13 @@ pub struct Owed {
     pub room: tokio::sync::Notify,
     /// QoS 2 packet ids handed on and not yet released by the client's PUBREL.
     qos2: Mutex<HashSet<u16>>,
+    /// When acknowledgements were last sent.
+    last_sent: Mutex<Option<Instant>>,
 }
+
+/// A publish that comes this soon after the connection's last acknowledgements, with nothing
+/// else owed, is from a sender that waits for each one (see [`crate::ack::Ticket::eager`]).
+const WAITED_FOR: Duration = Duration::from_millis(20);
 
 impl Default for Owed {
     fn default() -> Self {
@@ -181,6 +182,7 @@ impl Default for Owed {
             queue: Mutex::new(VecDeque::new()),
             room: tokio::sync::Notify::new(),
             qos2: Mutex::new(HashSet::new()),
+            last_sent: Mutex::new(None),
         }
     }
 }
@@ -221,9 +223,21 @@ impl Owed {
         }
         drop(q);
         if !out.is_empty() {
+            *self.last_sent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             self.room.notify_one();
         }
         out
+    }
+
+    /// Does the client seem to wait for each acknowledgement before it publishes again? (It
+    /// owes nothing else and got its last ones moments ago.)
+    pub fn waited_for(&self) -> bool {
+        self.is_empty()
+            && self
+                .last_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < WAITED_FOR)
     }
 
     /// A QoS 2 publish with `pkid`: true when it is new (to be handed on), false for a
@@ -299,5 +313,26 @@ mod tests {
             "a second PUBREL is not ours any more"
         );
         assert!(owed.qos2_new(7), "the id may be used again after PUBCOMP");
+    }
+
+    #[test]
+    fn a_sender_that_publishes_right_after_its_puback_is_waited_for() {
+        let owed = Owed::default();
+        assert!(!owed.waited_for(), "nothing sent yet: a first publish");
+        let t = owed.acks.ticket();
+        owed.owe(1, false, t.number());
+        t.settle();
+        assert!(!owed.due().is_empty());
+        assert!(owed.waited_for(), "published again right after its PUBACK");
+        let t = owed.acks.ticket();
+        owed.owe(2, false, t.number());
+        assert!(
+            !owed.waited_for(),
+            "something else owed: a pipelining sender"
+        );
+        t.settle();
+        let _ = owed.due();
+        std::thread::sleep(WAITED_FOR * 2);
+        assert!(!owed.waited_for(), "a sensor that publishes now and then");
     }
 }
