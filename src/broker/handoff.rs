@@ -172,8 +172,12 @@ pub struct Owed {
 }
 
 /// A publish that comes this soon after the connection's last acknowledgements, with nothing
-/// else owed, is from a sender that waits for each one (see [`crate::ack::Ticket::eager`]).
-const WAITED_FOR: Duration = Duration::from_millis(20);
+/// else owed, is from a sender that waits for each one (see [`crate::ack::Ticket::eager`]): a
+/// client on the same host or a wired LAN answers within a fraction of a millisecond. Longer
+/// and a sensor paced at a few milliseconds passes for one that waits (measured: 20 ms made
+/// the bench's four 250/s publishers commit every 2.5 ms, 1,152 instead of ~680 bytes written
+/// per event); a client further away than this gets the full `queue.commit_delay`.
+const WAITED_FOR: Duration = Duration::from_millis(1);
 
 impl Default for Owed {
     fn default() -> Self {
@@ -232,12 +236,16 @@ impl Owed {
     /// Does the client seem to wait for each acknowledgement before it publishes again? (It
     /// owes nothing else and got its last ones moments ago.)
     pub fn waited_for(&self) -> bool {
+        self.waited_for_within(WAITED_FOR)
+    }
+
+    fn waited_for_within(&self, within: Duration) -> bool {
         self.is_empty()
             && self
                 .last_sent
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .is_some_and(|t| t.elapsed() < WAITED_FOR)
+                .is_some_and(|t| t.elapsed() < within)
     }
 
     /// A QoS 2 publish with `pkid`: true when it is new (to be handed on), false for a
@@ -323,7 +331,12 @@ mod tests {
         owed.owe(1, false, t.number());
         t.settle();
         assert!(!owed.due().is_empty());
-        assert!(owed.waited_for(), "published again right after its PUBACK");
+        // (Within a second here, not WAITED_FOR: a loaded test machine may pause the thread.)
+        let soon = Duration::from_secs(1);
+        assert!(
+            owed.waited_for_within(soon),
+            "published again right after its PUBACK"
+        );
         let t = owed.acks.ticket();
         owed.owe(2, false, t.number());
         assert!(
@@ -332,7 +345,7 @@ mod tests {
         );
         t.settle();
         let _ = owed.due();
-        std::thread::sleep(WAITED_FOR * 2);
+        std::thread::sleep(WAITED_FOR * 5);
         assert!(!owed.waited_for(), "a sensor that publishes now and then");
     }
 }
