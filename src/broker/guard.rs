@@ -118,6 +118,9 @@ pub struct Guard {
     client_ids: Mutex<HashSet<u64>>,
     /// Distinct subscription filters relayed to rumqttd.
     filters: Mutex<HashSet<u64>>,
+    /// A client subscribed to something since the start. Until then no one can receive a
+    /// publish from rumqttd, and readings are not relayed to it at all (only retained ones).
+    subscribed: std::sync::atomic::AtomicBool,
     retained: Mutex<RetainedBook>,
     /// Open connections per source address.
     per_address: Mutex<HashMap<IpAddr, usize>>,
@@ -410,6 +413,7 @@ impl Guard {
             topics: Mutex::new(HashSet::new()),
             client_ids: Mutex::new(HashSet::new()),
             filters: Mutex::new(HashSet::new()),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
             retained: Mutex::new(RetainedBook::default()),
             per_address: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
@@ -2289,13 +2293,17 @@ async fn relay<S: Io>(
                         Ok(_) if qos > 0 => owed.owe(pkid, qos == 2, owed.acks.issued()),
                         Ok(_) => {}
                     }
-                    qos0_frame(
-                        &frame,
-                        header_len,
-                        meta.topic.len(),
-                        keep_retain,
-                        &mut iw.out,
-                    );
+                    // rumqttd only fans out to local subscribers (and keeps retained messages):
+                    // before anyone subscribed, the relay would be work for nothing.
+                    if keep_retain || guard.subscribed.load(Ordering::SeqCst) {
+                        qos0_frame(
+                            &frame,
+                            header_len,
+                            meta.topic.len(),
+                            keep_retain,
+                            &mut iw.out,
+                        );
+                    }
                     continue;
                 }
                 if !keep_retain {
@@ -2397,6 +2405,8 @@ async fn relay<S: Io>(
                 for (f, _) in &filters {
                     conn.subscriptions.insert(f.to_vec());
                 }
+                // Before the SUBSCRIBE goes on: publishes read this flag after it.
+                guard.subscribed.store(true, Ordering::SeqCst);
             } else if kind == 6 {
                 // PUBREL of a QoS 2 reading the guard acknowledged itself: PUBCOMP from here
                 // (rumqttd never saw it as QoS 2).
