@@ -521,6 +521,22 @@ async fn local_echoes(gw: &edgegate::Gateway) -> Cloud {
     Cloud::subscribe(gw.broker_addr.port(), "echo/#").await
 }
 
+/// Does the `ECHO` document's rule run: a reading on `sensors/pump` echoed locally?
+async fn echo_rule_runs(gw: &edgegate::Gateway) -> bool {
+    let echoes = local_echoes(gw).await;
+    let s = Sensor::connect(gw.broker_addr, "s1").await;
+    s.publish("sensors/pump", "1").await;
+    eventually(WAIT, || {
+        echoes
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, _)| t == "echo/pump")
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_offline_keeps_the_last_good_document() {
     let mut cloud = Mosquitto::start();
@@ -554,17 +570,8 @@ async fn a_restart_while_offline_keeps_the_last_good_document() {
 
     // Offline: the cloud is gone, the kept document is in force from the start.
     let gw = start_gateway(gw_config(dir.path(), &cloud.url(), "gw-a", &["all"])).await;
-    let echoes = local_echoes(&gw).await;
-    let s = Sensor::connect(gw.broker_addr, "s1").await;
-    s.publish("sensors/pump", "1").await;
     assert!(
-        eventually(WAIT, || echoes
-            .received
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "echo/pump"))
-        .await,
+        echo_rule_runs(&gw).await,
         "the kept document's rule did not run"
     );
     assert!(!gw.upstream_connected());
@@ -971,17 +978,8 @@ async fn a_local_reload_keeps_the_fleet_documents_in_force() {
     ));
     let kept = gw.reload_rules(&reloaded).await.unwrap();
     assert!(kept.contains(&"echo".to_string()), "{kept:?}");
-    let echoes = local_echoes(&gw).await;
-    let s = Sensor::connect(gw.broker_addr, "s1").await;
-    s.publish("sensors/pump", "1").await;
     assert!(
-        eventually(WAIT, || echoes
-            .received
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "echo/pump"))
-        .await,
+        echo_rule_runs(&gw).await,
         "the group's rule is gone after a local reload"
     );
     gw.shutdown().await;
