@@ -312,6 +312,16 @@ impl Agent {
         let Some(url) = self.config.upstream.url.clone() else {
             return;
         };
+        self.serve(url).await;
+        // Only a stop ends `serve`: a clean one, which must not count as a failed run of the
+        // documents on trial (three restarts by the operator are no crash loop).
+        if let Err(e) = self.store.clean_stop() {
+            tracing::warn!(error = %e, "fleet: the clean stop could not be recorded; this run counts towards fleet.rollback_after");
+        }
+    }
+
+    /// Talk to the cloud broker until the gateway stops.
+    async fn serve(&mut self, url: UpstreamUrl) {
         let started = Instant::now();
         let started_at = SystemTime::now();
         let topics = super::topics(&self.config);

@@ -7,7 +7,8 @@
 //!   refused (a restart would not find it).
 //! - Per topic, at most two documents: the last good one (`good`: the gateway ran
 //!   `fleet.confirm_after` with it) and a newer one on trial (`trial`). The trial counts the runs
-//!   that used it; a start finding it used `fleet.rollback_after` times without confirmation
+//!   that used it and did not end in a clean stop ([`Store::clean_stop`]); a start finding it
+//!   used `fleet.rollback_after` times without confirmation
 //!   rolls it back to the good one (or to none), records why, and the same bytes are refused
 //!   when the broker delivers them again.
 
@@ -220,6 +221,22 @@ impl Store {
         Ok(())
     }
 
+    /// The gateway stops cleanly: this run does not count as a failed one for the documents
+    /// on trial (only starts that end in a crash, a kill or a failed start do).
+    pub fn clean_stop(&mut self) -> Result<(), StoreError> {
+        let mut changed = false;
+        for slot in self.journal.slots.values_mut() {
+            if slot.trial.is_some() && slot.runs > 0 {
+                slot.runs -= 1;
+                changed = true;
+            }
+        }
+        if changed {
+            self.save()?;
+        }
+        Ok(())
+    }
+
     /// Has any topic a document on trial?
     pub fn on_trial(&self) -> bool {
         self.journal.slots.values().any(|s| s.trial.is_some())
@@ -265,6 +282,36 @@ mod tests {
         assert_eq!(s.in_force("t").unwrap().text, "one");
         assert!(s.rolled_back("t", &doc("two").sha256).is_some());
         assert!(!dir.path().join("fleet/journal.json.tmp").exists());
+    }
+
+    /// Restarts that end in a clean stop are no crash loop: however many, no rollback; the
+    /// crashes after them still count.
+    #[test]
+    fn clean_restarts_do_not_roll_a_document_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Store::open(dir.path()).unwrap();
+        s.apply("t", doc("one")).unwrap();
+        s.clean_stop().unwrap();
+        for _ in 0..10 {
+            let (mut s, _) = Store::open(dir.path()).unwrap();
+            assert!(
+                s.start(3).unwrap().is_empty(),
+                "a clean restart rolled back"
+            );
+            s.clean_stop().unwrap();
+        }
+        // Now it crash-loops: three runs without a clean stop, and the start after them rolls
+        // it back.
+        for _ in 0..3 {
+            let (mut s, _) = Store::open(dir.path()).unwrap();
+            assert!(s.start(3).unwrap().is_empty());
+        }
+        let (mut s, _) = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.start(3).unwrap().len(),
+            1,
+            "crashes after clean restarts still count"
+        );
     }
 
     #[test]
