@@ -110,19 +110,27 @@ const HEALTH_POLL: Duration = Duration::from_secs(2);
 /// Bytes of a packet beyond its payload we allow for (fixed header, topic, properties).
 const PACKET_OVERHEAD: usize = 1024;
 
-/// Open the fleet connection; events arrive on `tx` until it fails.
+/// Largest packet the fleet connection takes in over MQTT 3.1.1 after a document over
+/// `fleet.max_document_size` ended it once (see `serve`).
+const OVERSIZE_CEILING: usize = 16 * 1024 * 1024;
+
+/// Open the fleet connection; events arrive on `tx` until it fails. `ceiling`: take in packets
+/// up to this size, whatever `fleet.max_document_size` (MQTT 3.1.1, after an oversized one).
 fn open(
     config: &Config,
     url: &UpstreamUrl,
     will: Vec<u8>,
     tx: flume::Sender<Net>,
+    ceiling: Option<usize>,
 ) -> (Client, JoinHandle<()>) {
     let up = &config.upstream;
     let f = &config.fleet;
     let state = super::state_topic(&up.topic_prefix);
     let transport = crate::forwarder::session::transport(up, url);
     let password = crate::forwarder::session::password(up);
-    let incoming = f.max_document_size + PACKET_OVERHEAD;
+    let incoming = ceiling
+        .unwrap_or(0)
+        .max(f.max_document_size + PACKET_OVERHEAD);
     let mut net = rumqttc::NetworkOptions::new();
     net.set_connection_timeout(up.ack_timeout.as_secs().clamp(1, 30));
     match up.protocol {
@@ -329,6 +337,11 @@ impl Agent {
         // Documents on trial since this start (a kept trial) or their apply.
         let mut trial_since = self.store.on_trial().then(Instant::now);
         let mut attempt: u32 = 0;
+        // MQTT 3.1.1 cannot tell the broker a size limit: a retained document over it ends the
+        // connection on every reconnect (the state flapping to offline, no new document
+        // getting through). After the first such end the connection takes in up to
+        // OVERSIZE_CEILING, and the document is refused like any invalid one, with its key.
+        let mut ceiling = None;
         loop {
             if *self.shutdown.borrow() {
                 return;
@@ -341,7 +354,7 @@ impl Agent {
                 "groups": self.config.fleet.groups,
             }))
             .unwrap_or_default();
-            let (client, task) = open(&self.config, &url, will, tx);
+            let (client, task) = open(&self.config, &url, will, tx, ceiling);
             let mut tick = tokio::time::interval(self.config.fleet.state_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.reset();
@@ -463,8 +476,10 @@ impl Agent {
                             key: "document".into(),
                             message: format!("a message larger than fleet.max_document_size ({} bytes) ended the fleet connection: {e}", self.config.fleet.max_document_size),
                         }];
-                        tracing::error!(error = %e, "a fleet document over fleet.max_document_size ended the fleet connection (MQTT 3.1.1 cannot announce a limit; upstream.protocol = \"5\" can)");
+                        tracing::error!(error = %e, "a fleet document over fleet.max_document_size ended the fleet connection (MQTT 3.1.1 cannot announce a limit; upstream.protocol = \"5\" can): taking in up to 16 MiB from now on, to refuse it");
                         self.refuse("?", "?", "", &errors);
+                        ceiling = Some(OVERSIZE_CEILING);
+                        attempt = 0;
                     } else {
                         tracing::warn!(error = %e, "fleet connection lost");
                     }
