@@ -1305,14 +1305,14 @@ fn refuse<'a, S: Io>(
 }
 
 /// Append `n` as an MQTT variable byte integer.
-fn put_var_int(out: &mut Vec<u8>, mut n: usize) {
+fn put_var_int(out: &mut impl bytes::BufMut, mut n: usize) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;
         if n > 0 {
             b |= 0x80;
         }
-        out.push(b);
+        out.put_u8(b);
         if n == 0 {
             break;
         }
@@ -1398,7 +1398,7 @@ struct Conn {
     /// Whose retained messages these are (hash of the client id; of a fresh id for an empty one).
     owner: u64,
     /// MQTT 5 topic aliases set on this connection: the topic each stands for.
-    aliases: HashMap<u16, AliasTopic>,
+    aliases: HashMap<u16, bytes::Bytes>,
     /// Filters subscribed on this connection (for `broker.max_subscriptions_per_client`).
     subscriptions: HashSet<Vec<u8>>,
     /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
@@ -1417,12 +1417,6 @@ struct Conn {
     connect_expiry: u32,
     /// The connection has ended (the relay is only finishing).
     ended: bool,
-}
-
-/// The topic an MQTT 5 alias stands for.
-struct AliasTopic {
-    hash: u64,
-    topic: bytes::Bytes,
 }
 
 /// rumqttd 0.20's largest topic alias (`TOPIC_ALIAS_MAX`, advertised in its CONNACK).
@@ -1658,10 +1652,8 @@ fn qos0_frame(frame: &[u8], header_len: usize, topic_len: usize, retain: bool, o
     else {
         return;
     };
-    let mut head = Vec::with_capacity(5);
-    head.push((frame[0] & 0xf0) | u8::from(retain));
-    put_var_int(&mut head, topic_field.len() + rest.len());
-    out.extend_from_slice(&head);
+    out.extend_from_slice(&[(frame[0] & 0xf0) | u8::from(retain)]);
+    put_var_int(out, topic_field.len() + rest.len());
     out.extend_from_slice(topic_field);
     out.extend_from_slice(rest);
 }
@@ -2156,7 +2148,7 @@ async fn relay<S: Io>(
                     break 'frames refuse("malformed", &"PUBLISH could not be parsed");
                 };
                 // The topic this publish goes to: its own, or the one its MQTT 5 alias stands for.
-                let (hash, topic): (u64, &[u8]) = if meta.topic.is_empty() && v5 {
+                let topic: &[u8] = if meta.topic.is_empty() && v5 {
                     let Some(alias) = meta.alias.and_then(|a| conn.aliases.get(&a)) else {
                         break 'frames refuse(
                             "topic_invalid",
@@ -2169,7 +2161,7 @@ async fn relay<S: Io>(
                             &"MQTT 5 topic alias without a topic: not supported with broker.acl",
                         );
                     }
-                    (alias.hash, &alias.topic[..])
+                    &alias[..]
                 } else {
                     if let Err((reason, detail)) = check_topic_name(meta.topic) {
                         break 'frames refuse(reason, &detail);
@@ -2199,7 +2191,6 @@ async fn relay<S: Io>(
                             );
                         }
                     }
-                    let hash = topic_hash(meta.topic);
                     if let Some(a) = meta.alias {
                         if a == 0 || a > TOPIC_ALIAS_MAX {
                             break 'frames refuse(
@@ -2207,15 +2198,10 @@ async fn relay<S: Io>(
                                 &format_args!("topic alias {a} outside 1..={TOPIC_ALIAS_MAX}"),
                             );
                         }
-                        conn.aliases.insert(
-                            a,
-                            AliasTopic {
-                                hash,
-                                topic: bytes::Bytes::copy_from_slice(meta.topic),
-                            },
-                        );
+                        conn.aliases
+                            .insert(a, bytes::Bytes::copy_from_slice(meta.topic));
                     }
-                    (hash, meta.topic)
+                    meta.topic
                 };
                 let bytes = topic.len() + meta.payload_len;
                 let mut keep_retain = meta.retain;
@@ -2225,8 +2211,9 @@ async fn relay<S: Io>(
                         .retained
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .clear(hash);
-                } else if meta.retain && !guard.keep_retained(hash, conn.owner, bytes, peer, topic)
+                        .clear(topic_hash(topic));
+                } else if meta.retain
+                    && !guard.keep_retained(topic_hash(topic), conn.owner, bytes, peer, topic)
                 {
                     keep_retain = false;
                 }

@@ -536,8 +536,17 @@ impl Writer {
     /// commits fail they wait, and the sensors' PUBACKs with them (their own backpressure).
     fn settle_owed(&mut self, appends: &[Event]) {
         if appends.is_empty() && self.retry.is_empty() {
-            for t in self.owed.drain(..) {
-                t.settle();
+            // A connection's tickets are numbered in order and settling one covers the ones
+            // before it: only the last of each run needs settling (one wake-up per connection
+            // and group, not one per reading).
+            let mut owed = self.owed.drain(..).peekable();
+            while let Some(t) = owed.next() {
+                if owed
+                    .peek()
+                    .is_none_or(|next| next.connection() != t.connection())
+                {
+                    t.settle();
+                }
             }
         }
         // The next group is counted afresh.
