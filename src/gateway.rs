@@ -244,6 +244,7 @@ impl Gateway {
         let handoff = Handoff {
             tx: readings_tx,
             when_full: config.pipeline.when_full,
+            budget: crate::budget::Budget::new(config.pipeline.max_bytes),
         };
         let broker = match start_broker(&config, metrics.clone(), handoff).await {
             Ok(b) => b,

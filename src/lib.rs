@@ -8,6 +8,7 @@
 
 pub mod ack;
 pub mod broker;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod consumer;

@@ -42,6 +42,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+
+use crate::broker::fanout::Fanout;
+use crate::budget::{Budget, Charge};
 use rumqttd::protocol::{v4::V4, v5::V5, Login, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,6 +80,10 @@ pub struct Policy {
     pub max_connections: usize,
     pub connect_timeout: Duration,
     pub max_packet: usize,
+    /// `broker.max_buffered_bytes`: large packets being read from clients, all connections.
+    pub buffered: Arc<Budget>,
+    /// rumqttd's segment size and count, and `broker.max_fanout_bytes` ([`Fanout`]).
+    pub fanout: (usize, usize, usize),
     pub max_client_id_length: usize,
     pub max_topic_length: usize,
     pub max_topics: usize,
@@ -118,6 +125,8 @@ pub struct Guard {
     client_ids: Mutex<HashSet<u64>>,
     /// Distinct subscription filters relayed to rumqttd.
     filters: Mutex<HashSet<u64>>,
+    /// rumqttd's filter logs, mirrored (their memory bound).
+    fanout: Fanout,
     /// A client subscribed to something since the start. Until then no one can receive a
     /// publish from rumqttd, and readings are not relayed to it at all (only retained ones).
     subscribed: std::sync::atomic::AtomicBool,
@@ -227,13 +236,20 @@ fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 const COALESCE: usize = 64 * 1024;
 
-/// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
+/// Packets up to this size are read without a charge on `broker.max_buffered_bytes`: every
+/// connection may hold one that far (1,000 connections: 16 MiB). A larger one takes its whole
+/// size from the budget before its body is read, and gives it back once it is read.
+pub const BUFFERED_FREE: usize = 16 * 1024;
+
+/// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream. With
+/// `budget`, a packet over [`BUFFERED_FREE`] waits for its size in it first.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     max: usize,
+    budget: Option<&Arc<Budget>>,
 ) -> Result<Option<BytesMut>, FrameError> {
-    read_frame_of(r, buf, max, None).await
+    read_frame_of(r, buf, max, None, budget).await
 }
 
 /// As [`read_frame`]; with `expect`, fails as soon as the first byte shows another packet type
@@ -243,7 +259,10 @@ async fn read_frame_of<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
     expect: Option<u8>,
+    budget: Option<&Arc<Budget>>,
 ) -> Result<Option<BytesMut>, FrameError> {
+    // Held while the body is read; given back when the packet is returned (or the read ends).
+    let mut charge: Option<Charge> = None;
     loop {
         if let (Some(t), Some(b)) = (expect, buf.first()) {
             if b >> 4 != t {
@@ -256,6 +275,11 @@ async fn read_frame_of<R: AsyncRead + Unpin>(
             }
             if buf.len() >= hl + rl {
                 return Ok(Some(buf.split_to(hl + rl)));
+            }
+            if let (Some(b), None) = (budget, &charge) {
+                if hl + rl > BUFFERED_FREE {
+                    charge = Some(b.take(hl + rl).await);
+                }
             }
             buf.reserve(hl + rl - buf.len());
         } else {
@@ -401,6 +425,7 @@ fn reserved_allowed(perms: Option<&Perms>, topic: &[u8]) -> bool {
 
 impl Guard {
     pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
+        let (segment_size, segment_count, fanout_bytes) = policy.fanout;
         Arc::new(Guard {
             policy,
             secret: uuid::Uuid::new_v4().simple().to_string(),
@@ -413,6 +438,7 @@ impl Guard {
             topics: Mutex::new(HashSet::new()),
             client_ids: Mutex::new(HashSet::new()),
             filters: Mutex::new(HashSet::new()),
+            fanout: Fanout::new(segment_size, segment_count, fanout_bytes),
             subscribed: std::sync::atomic::AtomicBool::new(false),
             retained: Mutex::new(RetainedBook::default()),
             per_address: Mutex::new(HashMap::new()),
@@ -785,7 +811,13 @@ async fn session<S: Io>(
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
         p.connect_timeout,
-        read_frame_of(&mut client, &mut buf, p.max_packet, Some(1)),
+        read_frame_of(
+            &mut client,
+            &mut buf,
+            p.max_packet,
+            Some(1),
+            Some(&p.buffered),
+        ),
     )
     .await;
     let mut frame = match first {
@@ -1181,7 +1213,7 @@ async fn session<S: Io>(
     // that vanishes right after CONNECT must not make rumqttd fail half-way (see module docs).
     let connack_frame = async {
         internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
-        read_frame(&mut internal, &mut ibuf, 1 << 16).await
+        read_frame(&mut internal, &mut ibuf, 1 << 16, None).await
     };
     let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
         Ok(Ok(Some(f))) if f[0] >> 4 == 2 => {
@@ -2083,12 +2115,12 @@ async fn relay<S: Io>(
                 while let Ok(ack) = iw.ctl.try_recv() {
                     iw.out.extend_from_slice(&ack);
                 }
-                Some(read_frame(&mut cr, &mut buf, p.max_packet).await)
+                Some(read_frame(&mut cr, &mut buf, p.max_packet, Some(&p.buffered)).await)
             } else {
                 let read = async {
                     loop {
                         tokio::select! {
-                            r = read_frame(&mut cr, &mut buf, p.max_packet) => return Some(r),
+                            r = read_frame(&mut cr, &mut buf, p.max_packet, Some(&p.buffered)) => return Some(r),
                             _ = &mut quiet, if silence.is_some() => {
                                 // Re-armed only when it fires (not one timer per packet).
                                 let due = heard + silence.unwrap_or_default();
@@ -2282,7 +2314,18 @@ async fn relay<S: Io>(
                     }
                     // rumqttd only fans out to local subscribers (and keeps retained messages):
                     // before anyone subscribed, the relay would be work for nothing.
-                    if keep_retain || guard.subscribed.load(Ordering::SeqCst) {
+                    let relay = keep_retain || guard.subscribed.load(Ordering::SeqCst);
+                    if relay && !guard.fanout.admit(topic, meta.payload_len) {
+                        guard.reject(
+                            "fanout_limit",
+                            peer,
+                            &format_args!(
+                                "rumqttd's filter logs hold broker.max_fanout_bytes ({} bytes): publish to {:?} not passed to local subscribers (it goes upstream)",
+                                p.fanout.2,
+                                String::from_utf8_lossy(topic)
+                            ),
+                        );
+                    } else if relay {
                         qos0_frame(
                             &frame,
                             header_len,
@@ -2391,6 +2434,7 @@ async fn relay<S: Io>(
                 }
                 for (f, _) in &filters {
                     conn.subscriptions.insert(f.to_vec());
+                    guard.fanout.add_filter(f);
                 }
                 // Before the SUBSCRIBE goes on: publishes read this flag after it.
                 guard.subscribed.store(true, Ordering::SeqCst);
@@ -2477,7 +2521,7 @@ async fn relay<S: Io>(
         ibuf.reserve(8192);
         loop {
             let (out, last) = tokio::select! {
-                f = read_frame(&mut ir, &mut ibuf, 1 << 28), if !flow.full() => match f {
+                f = read_frame(&mut ir, &mut ibuf, 1 << 28, None), if !flow.full() => match f {
                     Ok(Some(mut f)) => {
                         // And every whole packet behind it, in one write.
                         let more = complete_frames(&ibuf, 1 << 28, COALESCE);
@@ -2562,7 +2606,7 @@ async fn visit(
             .await
             .map_err(|e| format!("send CONNECT: {e}"))?;
         let mut buf = BytesMut::new();
-        let f = read_frame(&mut s, &mut buf, 1 << 16)
+        let f = read_frame(&mut s, &mut buf, 1 << 16, None)
             .await
             .map_err(|e| format!("reading CONNACK: {e:?}"))?
             .ok_or("connection closed without CONNACK")?;
@@ -2594,6 +2638,8 @@ mod tests {
                 max_connections: 10,
                 connect_timeout: Duration::from_secs(5),
                 max_packet: 1 << 16,
+                buffered: Budget::new(1 << 20),
+                fanout: (1 << 16, 4, 1 << 24),
                 max_client_id_length: 64,
                 max_topic_length: 256,
                 max_topics: 100,
@@ -2647,7 +2693,7 @@ mod tests {
         client.write_all(&connect).await.unwrap();
         let (mut broker, _) = internal.accept().await.unwrap();
         let mut buf = BytesMut::new();
-        let f = read_frame(&mut broker, &mut buf, 1 << 16)
+        let f = read_frame(&mut broker, &mut buf, 1 << 16, None)
             .await
             .unwrap()
             .unwrap();
@@ -2660,7 +2706,7 @@ mod tests {
         // The client leaves the way most do: DISCONNECT and close, in one go.
         client.write_all(&[0xe0, 0x00]).await.unwrap();
         drop(client);
-        let f = read_frame(&mut broker, &mut buf, 1 << 16)
+        let f = read_frame(&mut broker, &mut buf, 1 << 16, None)
             .await
             .unwrap()
             .unwrap();

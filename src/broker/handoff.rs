@@ -22,9 +22,10 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use crate::ack::{Acks, Inbound};
+use crate::budget::Budget;
 use crate::config::WhenFull;
 use crate::decode::Payload;
 use crate::event::Reading;
@@ -38,11 +39,14 @@ pub const OWN_PREFIX: &str = "edgegate/";
 /// that keeps publishing without reading its socket holds this many at most (16 bytes each).
 pub const OWED_MAX: usize = 4096;
 
-/// Where readings go: the rules stage's channel.
+/// Where readings go: the rules stage's channel, within the pipeline's memory budget.
 #[derive(Clone)]
 pub struct Handoff {
     pub tx: flume::Sender<Inbound>,
     pub when_full: WhenFull,
+    /// `pipeline.max_bytes`: each reading's payload holds its share until its last copy is
+    /// freed (committed, filtered or dropped).
+    pub budget: Arc<Budget>,
 }
 
 /// What became of a publish offered to the pipeline.
@@ -105,6 +109,22 @@ impl Handoff {
             return Handed::Behind;
         }
         metrics.readings_received.inc();
+        let size = p.payload.len() + topic.len();
+        let charge = match self.budget.try_take(size) {
+            Some(c) => c,
+            None if self.when_full == WhenFull::Block => self.budget.take(size).await,
+            None => {
+                metrics.drop_events(
+                    DropReason::ChannelFull,
+                    1,
+                    &format_args!(
+                        "pipeline.max_bytes ({} bytes) held by readings not yet committed; dropped reading on {topic}",
+                        self.budget.max()
+                    ),
+                );
+                return Handed::Behind;
+            }
+        };
         let traceparent = match p.traceparent.map(String::from_utf8_lossy) {
             Some(tp) if !valid_traceparent(&tp) => {
                 metrics.traceparent_invalid.inc();
@@ -116,7 +136,7 @@ impl Handoff {
         let reading = Reading {
             topic,
             received: SystemTime::now(),
-            payload: Payload::decode(Bytes::copy_from_slice(p.payload)),
+            payload: Payload::decode(Budget::charged_copy(p.payload, charge)),
             traceparent,
         };
         let ticket = acks.map(|o| o.acks.ticket_eager(o.waited_for()));
@@ -289,6 +309,53 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1z",
         ] {
             assert!(!valid_traceparent(bad), "{bad:?}");
+        }
+    }
+
+    /// Issue 12, memory: four clients flooding 256 KB QoS 0 publishes with the upstream down
+    /// took the gateway to 2.8 GB (channels of 4,096 readings each, whatever their size). The
+    /// readings the pipeline holds are bounded in bytes: past `pipeline.max_bytes` a new one
+    /// waits (block) or is dropped and counted (drop_newest), and the bytes come back when the
+    /// last copy of a payload is freed, wherever that happens.
+    #[tokio::test]
+    async fn readings_in_the_pipeline_are_bounded_in_bytes() {
+        let metrics = Metrics::new();
+        let payload = vec![b'z'; 100_000];
+        let p = || Publish {
+            topic: b"sensors/big/t",
+            payload: &payload,
+            traceparent: None,
+        };
+        for when_full in [WhenFull::DropNewest, WhenFull::Block] {
+            let (tx, rx) = flume::bounded(4096);
+            let h = Handoff {
+                tx,
+                when_full,
+                budget: Budget::new(350_000),
+            };
+            for _ in 0..3 {
+                assert!(matches!(h.offer(p(), None, &metrics).await, Handed::Behind));
+            }
+            assert_eq!(rx.len(), 3);
+            assert!(h.budget.used() > 300_000);
+            if when_full == WhenFull::DropNewest {
+                h.offer(p(), None, &metrics).await;
+                assert_eq!(rx.len(), 3, "the fourth does not fit: dropped");
+                assert_eq!(metrics.dropped(DropReason::ChannelFull), 1);
+            } else {
+                let blocked =
+                    tokio::time::timeout(Duration::from_millis(100), h.offer(p(), None, &metrics))
+                        .await;
+                assert!(blocked.is_err(), "the fourth waits");
+            }
+            // An event made of the first reading holds its bytes until it is dropped too.
+            let (first, _) = rx.recv().expect("reading");
+            let copy = first.payload.clone();
+            drop(first);
+            let before = h.budget.used();
+            drop(copy);
+            assert!(h.budget.used() < before, "freed with the last copy");
+            assert!(matches!(h.offer(p(), None, &metrics).await, Handed::Behind));
         }
     }
 

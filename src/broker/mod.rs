@@ -19,6 +19,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod fanout;
 pub mod guard;
 pub mod handoff;
 pub mod retained;
@@ -144,6 +145,8 @@ impl Broker {
                 max_connections: cfg.max_connections,
                 connect_timeout: cfg.connection_timeout,
                 max_packet: cfg.max_payload_size,
+                buffered: crate::budget::Budget::new(cfg.max_buffered_bytes),
+                fanout: (cfg.segment_size, cfg.segment_count, cfg.max_fanout_bytes),
                 max_client_id_length: cfg.max_client_id_length,
                 max_topic_length: cfg.max_topic_length,
                 max_topics: cfg.max_topics,

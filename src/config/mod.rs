@@ -89,12 +89,18 @@ pub struct BrokerConfig {
     pub listen_v5: Option<SocketAddr>,
     pub max_connections: usize,
     pub max_payload_size: usize,
+    /// Bytes of large packets (over [`crate::broker::guard::BUFFERED_FREE`]) the guard may
+    /// hold half-read from clients at once; a client whose packet does not fit waits.
+    pub max_buffered_bytes: usize,
     pub connection_timeout: Duration,
     /// Size of one segment of the router's in-memory log per subscription filter.
     pub segment_size: usize,
     /// Number of segments kept; `segment_size * segment_count` is how much the ingest link may
     /// fall behind before readings are skipped (and counted).
     pub segment_count: usize,
+    /// Bytes rumqttd's per-filter logs may hold in all, as the guard mirrors them
+    /// ([`crate::broker::fanout`]); beyond, local subscribers miss publishes (counted).
+    pub max_fanout_bytes: usize,
     /// Optional TLS listener (MQTT 3.1.1 over TLS), terminated by the broker guard.
     pub tls_listen: Option<SocketAddr>,
     /// Server certificate chain and key for `tls_listen` (loaded and checked at compile time).
@@ -143,6 +149,9 @@ pub struct PipelineConfig {
     /// Capacity of each channel between stages, in events.
     pub channel_capacity: usize,
     pub when_full: WhenFull,
+    /// Bytes of payload in the pipeline at most, from the broker's hand-off until committed
+    /// (see [`crate::budget`]); when reached, `when_full` decides.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,6 +431,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         listen_v5: b.opt_socket_addr("listen_v5", ""),
         max_connections: b.usize_in("max_connections", 1000, 1, 1_000_000),
         max_payload_size: b.size_in("max_payload_size", 256 * 1024, 16, 256 * 1024 * 1024),
+        max_buffered_bytes: b.size_in("max_buffered_bytes", 32 << 20, 64 << 10, 1 << 40),
         connection_timeout: b.duration_in(
             "connection_timeout",
             "5s",
@@ -430,6 +440,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         segment_size: b.size_in("segment_size", 128 * 1024, 1024, 1 << 30),
         segment_count: b.usize_in("segment_count", 8, 1, 1024),
+        max_fanout_bytes: b.size_in("max_fanout_bytes", 64 << 20, 64 << 10, 1 << 40),
         tls_listen: b.opt_socket_addr("tls_listen", ""),
         tls: None,
         passwords: None,
@@ -541,6 +552,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
                 ("drop_newest", WhenFull::DropNewest),
             ],
         ),
+        max_bytes: p.size_in("max_bytes", 16 << 20, 64 << 10, 1 << 40),
     };
     p.finish();
 
