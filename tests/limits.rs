@@ -483,3 +483,71 @@ async fn half_sent_large_packets_share_one_buffer_budget() {
         "once the first gave up, the second goes on"
     );
 }
+
+/// Issue 12, memory under any client behaviour: a subscriber that never reads its socket made
+/// rumqttd hold, per connection, up to 200 publishes read ahead plus their encoded copy (50
+/// such subscribers to 200 KB messages: 590 MB RSS). The guard now keeps taking what rumqttd
+/// sends and holds what the client has not taken; past 32 KiB that is charged to
+/// `broker.max_buffered_bytes`, and a client whose backlog passes 1 MiB (or does not fit in
+/// the budget) is disconnected (`slow_subscriber`). A subscriber that reads gets everything, and so does the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.max_buffered_bytes = 2 << 20;
+        c.broker.max_payload_size = 64 << 10;
+    })
+    .await;
+    let addr = gw.broker_addr;
+    // A tiny receive window, so the kernel takes little on its behalf.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut deaf = sock.connect(addr).await.unwrap();
+    deaf.write_all(&connect_packet(false, "deaf", None))
+        .await
+        .unwrap();
+    deaf.write_all(&subscribe_packet(false, 1, &[("slow/#", 0)]))
+        .await
+        .unwrap();
+    let mut reader = connected(addr, false, "reader", None).await;
+    reader
+        .write_all(&subscribe_packet(false, 1, &[("slow/#", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut reader, false).await, Some(vec![0]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sensor = Sensor::connect(addr, "slow-pub").await;
+    let (count, payload) = (100u64, vec![b's'; 50_000]);
+    let got = tokio::spawn(async move { delivered(&mut reader, Duration::from_secs(15)).await });
+    for _ in 0..count {
+        sensor.publish("slow/t", payload.clone()).await;
+    }
+    sensor.wait_acked(count).await;
+    let m = gw.metrics();
+    assert!(
+        eventually(Duration::from_secs(10), || m
+            .broker_rejected("slow_subscriber")
+            >= 1)
+        .await,
+        "the subscriber that never reads is disconnected"
+    );
+    assert_eq!(m.broker_rejected("slow_subscriber"), 1, "only that one");
+    let got = got.await.unwrap();
+    assert_eq!(
+        got.get("slow/t"),
+        Some(&(count as usize)),
+        "the reader gets all"
+    );
+    let r = cloud.received.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            r.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t == "edge/gw1/slow/t")
+                .count() as u64
+                >= count
+        })
+        .await,
+        "every reading reaches the cloud"
+    );
+}

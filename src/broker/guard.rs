@@ -236,6 +236,15 @@ fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 const COALESCE: usize = 64 * 1024;
 
+/// Bytes a client may leave untaken (on their way to it) without a charge on
+/// `broker.max_buffered_bytes` (1,000 connections: 32 MiB).
+pub const PENDING_FREE: usize = 32 * 1024;
+
+/// The most one client may leave untaken (or four of the largest packets, if more): a
+/// reader on a loaded Pi falls behind by a few hundred KB in a burst; one that never reads
+/// reaches this within a second of traffic.
+pub const PENDING_MAX: usize = 1 << 20;
+
 /// Packets up to this size are read without a charge on `broker.max_buffered_bytes`: every
 /// connection may hold one that far (1,000 connections: 16 MiB). A larger one takes its whole
 /// size from the budget before its body is read, and gives it back once it is read.
@@ -2519,8 +2528,30 @@ async fn relay<S: Io>(
     let down = async {
         // Framed, so that injected packets go between the broker's packets, never inside one.
         ibuf.reserve(8192);
+        // What the client has not taken yet. The guard keeps reading from rumqttd while the
+        // client is slow, so that nothing piles up in rumqttd's connection buffers (up to 200
+        // publishes read ahead plus their encoded copy, per connection: 50 subscribers that
+        // never read took 590 MB). Past [`PENDING_FREE`] it is charged to
+        // `broker.max_buffered_bytes`; a client whose backlog passes its own cap, or does
+        // not fit in the budget, is disconnected.
+        let mut pending = BytesMut::new();
+        let mut charged: Vec<Charge> = Vec::new();
+        let mut charged_bytes = 0usize;
         loop {
             let (out, last) = tokio::select! {
+                w = cw.write(&pending), if !pending.is_empty() => {
+                    match w {
+                        Ok(n) if n > 0 => {
+                            let _ = pending.split_to(n);
+                            if pending.len() <= PENDING_FREE {
+                                charged.clear();
+                                charged_bytes = 0;
+                            }
+                            continue;
+                        }
+                        _ => return,
+                    }
+                }
                 f = read_frame(&mut ir, &mut ibuf, 1 << 28, None), if !flow.full() => match f {
                     Ok(Some(mut f)) => {
                         // And every whole packet behind it, in one write.
@@ -2540,8 +2571,46 @@ async fn relay<S: Io>(
                 }
                 Some((b, last)) = inject_rx.recv() => (BytesMut::from(&b[..]), last),
             };
-            if (!out.is_empty() && cw.write_all(&out).await.is_err()) || last {
+            if pending.is_empty() {
+                pending = out;
+            } else {
+                pending.extend_from_slice(&out);
+            }
+            if last {
+                let _ = cw.write_all(&pending).await;
                 return;
+            }
+            // One client may fall behind by [`PENDING_MAX`] or four of the largest packets
+            // (beyond what the kernel holds for it), not by the whole budget: others need
+            // theirs.
+            let cap = PENDING_MAX.max(4 * p.max_packet);
+            if pending.len() > cap {
+                guard.reject(
+                    "slow_subscriber",
+                    peer,
+                    &format_args!(
+                        "{} bytes the client has not taken (more than {cap})",
+                        pending.len()
+                    ),
+                );
+                return;
+            }
+            let over = pending.len().saturating_sub(PENDING_FREE);
+            if over > charged_bytes {
+                let Some(c) = p.buffered.try_take(over - charged_bytes) else {
+                    guard.reject(
+                        "slow_subscriber",
+                        peer,
+                        &format_args!(
+                            "{} bytes the client has not taken, and broker.max_buffered_bytes ({} bytes) is in use",
+                            pending.len(),
+                            p.buffered.max()
+                        ),
+                    );
+                    return;
+                };
+                charged_bytes = over;
+                charged.push(c);
             }
         }
     };
