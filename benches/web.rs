@@ -9,9 +9,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use edgegate::config::Config;
-use edgegate::decode::Payload;
-use edgegate::event::Reading;
-use edgegate::ops::web::history::Tap;
+use edgegate::core::decode::Payload;
+use edgegate::core::event::Reading;
+use edgegate::rules::history::Tap;
 use edgegate::rules::Engine;
 
 const SENSORS: usize = 10_000;

@@ -6,24 +6,17 @@
 //! [`config`] and [`ops`] (metrics, health, logging, systemd) surround them. See
 //! ARCHITECTURE.md for the task and channel diagram.
 
-pub mod ack;
+pub mod app;
 pub mod broker;
-pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod consumer;
-pub mod decode;
-pub mod demo;
-pub mod event;
-pub mod fleet;
+pub mod core;
 pub mod forwarder;
-pub mod gateway;
-pub mod ops;
 pub mod queue;
 pub mod rules;
-pub mod tls;
 
+pub use app::gateway::{run, Gateway};
 pub use config::Config;
-pub use gateway::{run, Gateway};
 
 /// Install the process-wide TLS crypto provider (ring) once; the upstream client needs it.
 pub fn init_crypto() {

@@ -47,11 +47,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::broker::acl::{Acl, Perms};
-use crate::broker::auth::Passwords;
-use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX, OWN_PREFIX};
+use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX};
 use crate::broker::retained::{topic_hash, RetainedBook, RetainedLimits};
-use crate::ops::metrics::{DropReason, Metrics};
+use crate::config::acl::{Acl, Perms};
+use crate::config::auth::Passwords;
+use crate::core::metrics::{DropReason, Metrics};
+use crate::core::reserved::OWN_PREFIX;
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
@@ -1516,7 +1517,7 @@ fn valid_filter(filter: &[u8]) -> bool {
     let Ok(f) = std::str::from_utf8(filter) else {
         return false;
     };
-    !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
+    !f.is_empty() && !f.contains('\0') && crate::core::topic::validate_filter(f).is_ok()
 }
 
 /// The Session Expiry Interval an MQTT 5 DISCONNECT `body` (after the fixed header) sets:

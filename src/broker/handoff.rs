@@ -1,6 +1,6 @@
 //! The hand-off: a sensor's publish goes from its connection straight into the pipeline as a
 //! [`Reading`], and its PUBACK (QoS 1) or PUBREC (QoS 2) waits until the reading is committed
-//! to the queue, or the rules decided it goes nowhere upstream (see [`crate::ack`]).
+//! to the queue, or the rules decided it goes nowhere upstream (see [`crate::core::ack`]).
 //!
 //! rumqttd still gets every publish, as QoS 0, for local subscribers, retained messages and
 //! wills; it never acknowledges a sensor's reading, and readings never wait in its in-memory
@@ -24,15 +24,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::ack::{Acks, Inbound};
 use crate::config::WhenFull;
-use crate::decode::Payload;
-use crate::event::Reading;
-use crate::ops::metrics::{DropReason, Metrics};
-
-/// The gateway's own topic namespace: sensors publish there only when an ACL names it, and
-/// such a publish is not a reading (counted as `reserved_topic`).
-pub const OWN_PREFIX: &str = "edgegate/";
+use crate::core::ack::{Acks, Inbound};
+use crate::core::decode::Payload;
+use crate::core::event::Reading;
+use crate::core::metrics::{DropReason, Metrics};
+use crate::core::reserved::OWN_PREFIX;
 
 /// Acknowledgements one connection may owe before the guard stops reading from it. A client
 /// that keeps publishing without reading its socket holds this many at most (16 bytes each).
@@ -172,7 +169,7 @@ pub struct Owed {
 }
 
 /// A publish that comes this soon after the connection's last acknowledgements, with nothing
-/// else owed, is from a sender that waits for each one (see [`crate::ack::Ticket::eager`]): a
+/// else owed, is from a sender that waits for each one (see [`crate::core::ack::Ticket::eager`]): a
 /// client on the same host or a wired LAN answers within a fraction of a millisecond. Longer
 /// and a sensor paced at a few milliseconds passes for one that waits (measured: 20 ms made
 /// the bench's four 250/s publishers commit every 2.5 ms, 1,152 instead of ~680 bytes written

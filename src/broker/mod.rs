@@ -17,8 +17,6 @@
 //! `broker.segment_count`): the router keeps, per subscription filter of a local subscriber, an
 //! in-memory log of about `segment_size × (segment_count + 1)` bytes; a slower subscriber skips.
 
-pub mod acl;
-pub mod auth;
 pub mod guard;
 pub mod handoff;
 pub mod retained;
@@ -34,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::BrokerConfig;
-use crate::ops::metrics::Metrics;
+use crate::core::metrics::Metrics;
 use guard::Guard;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,20 +7,26 @@
 //!
 //! Invariant: a [`Config`] value is always valid; the rest of the daemon never re-checks it.
 
+pub mod acl;
+pub mod auth;
+pub mod condition;
 pub(crate) mod fields;
+pub mod rules;
+pub mod template;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::acl::{validate_pattern, Acl, AclRule};
-use crate::broker::auth::Passwords;
-use crate::tls::Secret;
+use crate::config::acl::{validate_pattern, Acl, AclRule};
+use crate::config::auth::Passwords;
+use crate::config::tls::Secret;
 
 use fields::{Fields, Table};
 
-pub use crate::rules::config::{RuleAction, RuleConfig};
+pub use crate::config::rules::{RuleAction, RuleConfig};
 
 /// The shipped default configuration (`config/edgegate.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/edgegate.toml");
@@ -233,7 +239,7 @@ pub struct UpstreamConfig {
     /// For messages: which trust anchors and whether a client certificate is used.
     pub tls_summary: Option<String>,
     /// With `fleet.enabled`: the gateway's state topic; the forwarder then never publishes
-    /// there or to a fleet document topic (`crate::fleet::reserved_topic`).
+    /// there or to a fleet document topic (`crate::core::reserved::reserved_topic`).
     pub fleet_state_topic: Option<String>,
 }
 
@@ -260,7 +266,7 @@ impl std::fmt::Display for UpstreamUrl {
     }
 }
 
-/// `[fleet]`: rules documents pushed from the cloud broker (see `crate::fleet`).
+/// `[fleet]`: rules documents pushed from the cloud broker (see `crate::app::fleet`).
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     /// Subscribe to rules documents upstream and report state (needs `upstream.url`).
@@ -465,7 +471,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         (true, "", _) => b.error("tls_cert_file", "required when broker.tls_listen is set"),
         (true, _, "") => b.error("tls_key_file", "required when broker.tls_listen is set"),
-        (true, c, k) => match crate::tls::server_config(Path::new(c), Path::new(k)) {
+        (true, c, k) => match crate::config::tls::server_config(Path::new(c), Path::new(k)) {
             Ok(t) => broker.tls = Some(t),
             Err(e) => b.error("tls_cert_file", &e),
         },
@@ -703,22 +709,22 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
                 // Check each file on its own first, so the error names the right key.
                 let mut file_ok = true;
                 if let Some(p) = ca_path {
-                    if let Err(e) = crate::tls::certs(p) {
+                    if let Err(e) = crate::config::tls::certs(p) {
                         u.error("ca_file", &e);
                         file_ok = false;
                     }
                 }
                 if let Some((c, k)) = client {
-                    if let Err(e) = crate::tls::certs(c) {
+                    if let Err(e) = crate::config::tls::certs(c) {
                         u.error("cert_file", &e);
                         file_ok = false;
                     }
-                    if let Err(e) = crate::tls::key(k) {
+                    if let Err(e) = crate::config::tls::key(k) {
                         u.error("key_file", &e);
                         file_ok = false;
                     }
                 }
-                match crate::tls::client_config(ca_path, client).filter_ok(file_ok) {
+                match crate::config::tls::client_config(ca_path, client).filter_ok(file_ok) {
                     Ok(t) => {
                         upstream.tls = Some(t);
                         upstream.tls_summary = Some(format!(
@@ -770,10 +776,11 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
     let fleet = compile_fleet(&mut top, &upstream);
     let mut upstream = upstream;
     if fleet.enabled {
-        upstream.fleet_state_topic = Some(crate::fleet::state_topic(&upstream.topic_prefix));
+        upstream.fleet_state_topic =
+            Some(crate::core::reserved::state_topic(&upstream.topic_prefix));
     }
 
-    let rules = crate::rules::config::compile(&mut top);
+    let rules = crate::config::rules::compile(&mut top);
     top.finish();
 
     if errors.is_empty() {

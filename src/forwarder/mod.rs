@@ -45,8 +45,8 @@ use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
-use crate::event::Class;
-use crate::ops::metrics::Metrics;
+use crate::core::event::Class;
+use crate::core::metrics::Metrics;
 use crate::queue::{Cursor, QueueClosed, QueueHandle, Reader, StoredEvent};
 use held::{HeldBack, MAX_HELD_BACK};
 use session::{Connector, Rumqttc, SessionError, Up, UpstreamSession};
@@ -601,7 +601,7 @@ pub fn unacceptable(topic: Option<&str>, payload: usize, cfg: &UpstreamConfig) -
                 return Some(format!("topic of {} bytes (at most 65535)", t.len()));
             }
             if let Some(state) = &cfg.fleet_state_topic {
-                if crate::fleet::reserved_topic(t, state) {
+                if crate::core::reserved::reserved_topic(t, state) {
                     return Some(format!(
                         "topic {:?} is reserved for fleet documents and state",
                         truncated(t)

@@ -45,10 +45,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::ack::Ticket;
 use crate::config::{MinFree, QueueConfig, SyncMode};
-use crate::event::Event;
-use crate::ops::metrics::{DropReason, Metrics};
+use crate::core::ack::Ticket;
+use crate::core::event::Event;
+use crate::core::metrics::{DropReason, Metrics};
 pub use store::{Cursor, Limits, Request, Stats, Store, StoreError, StoredEvent};
 pub use tail::Reader;
 use tail::Tail;
@@ -1038,7 +1038,7 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::event::{Class, Data};
+    use crate::core::event::{Class, Data};
     use store::tests::ev;
 
     /// A writer on a fresh file in `dir` with `commit_delay`.
@@ -1175,7 +1175,7 @@ mod tests {
     async fn tickets_settle_after_the_commit_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (q, w, m) = writer(dir.path(), Duration::from_millis(300));
-        let acks = crate::ack::Acks::new();
+        let acks = crate::core::ack::Acks::new();
         q.append_settling(reading(0), Some(acks.ticket()))
             .await
             .unwrap();
@@ -1203,7 +1203,7 @@ mod tests {
         let settle_time = |n: usize| {
             let q = q.clone();
             async move {
-                let acks = crate::ack::Acks::new();
+                let acks = crate::core::ack::Acks::new();
                 let t0 = Instant::now();
                 for i in 0..n {
                     q.append_settling(reading(i), Some(acks.ticket()))

@@ -18,8 +18,8 @@ use serde::de::IgnoredAny;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::decode::Payload;
-use crate::event::Reading;
+use crate::core::decode::Payload;
+use crate::core::event::Reading;
 use crate::rules::Engine;
 
 /// Points of a sensor's sparkline: one per minute, the last hour.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::decode::Payload;
+use crate::core::decode::Payload;
 
 /// A publish received from a sensor, decoded.
 #[derive(Debug, Clone)]

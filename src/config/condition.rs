@@ -11,8 +11,8 @@ use evalexpr::{
 };
 
 use super::template::{level, Pattern};
-use crate::decode::Field;
-use crate::event::Reading;
+use crate::core::decode::Field;
+use crate::core::event::Reading;
 
 #[derive(Debug, Clone)]
 enum Source {
@@ -159,7 +159,7 @@ impl Condition {
             let dummy = Reading {
                 topic: String::new(),
                 received: std::time::SystemTime::UNIX_EPOCH,
-                payload: crate::decode::Payload::Opaque(bytes::Bytes::new()),
+                payload: crate::core::decode::Payload::Opaque(bytes::Bytes::new()),
                 traceparent: None,
             };
             c.eval(&dummy, 0.0, &mut s)?;
@@ -221,7 +221,7 @@ impl Condition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Payload;
+    use crate::core::decode::Payload;
     use bytes::Bytes;
 
     fn r(topic: &str, payload: &'static [u8]) -> Reading {

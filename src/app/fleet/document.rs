@@ -12,8 +12,8 @@
 //! another gateway's or group's topic, and (with the time) not replayed over a newer one. The
 //! line is a TOML comment: the whole document is still a valid rules file.
 
+use crate::config::rules::EngineSettings;
 use crate::config::{ConfigError, RuleConfig};
-use crate::rules::config::EngineSettings;
 
 /// First characters of a signed document.
 pub const SIGNATURE_TAG: &str = "#edgegate-signature: ed25519 ";
@@ -143,7 +143,7 @@ pub fn check(
         }
         Some(sig.signed_at)
     };
-    let rules = crate::rules::config::compile_document(text, settings).map_err(|e| e.0)?;
+    let rules = crate::config::rules::compile_document(text, settings).map_err(|e| e.0)?;
     Ok(Checked {
         rules,
         sha256: sha256_hex(payload),

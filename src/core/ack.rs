@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::event::Reading;
+use crate::core::event::Reading;
 
 /// A reading on its way through the pipeline, with the ticket its PUBACK waits for (`None`:
 /// nobody waits, as for QoS 0 or a will).

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::app::gateway::Gateway;
 use crate::broker::Broker;
-use crate::cli::exit;
+use crate::commands::cli::exit;
+use crate::commands::consumer::{envelope_keys, envelopes, Tracker, Verdict};
 use crate::config::{parse_upstream_url, Config};
-use crate::consumer::{envelope_keys, envelopes, Tracker, Verdict};
-use crate::gateway::Gateway;
 
 pub fn main(seconds: u64) -> i32 {
     let seconds = seconds.max(10);
@@ -31,7 +31,7 @@ pub fn main(seconds: u64) -> i32 {
             return exit::SOFTWARE;
         }
     };
-    crate::ops::logging::init("error");
+    crate::app::logging::init("error");
     crate::init_crypto();
     match runtime.block_on(demo(Duration::from_secs(seconds))) {
         Ok(true) => exit::OK,
@@ -73,7 +73,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     // The cloud: a second embedded broker, reached through a link we can cut.
     let mut cloud_cfg = Config::defaults().broker;
     cloud_cfg.listen = "127.0.0.1:0".parse()?;
-    let cloud = Broker::start(&cloud_cfg, crate::ops::metrics::Metrics::new()).await?;
+    let cloud = Broker::start(&cloud_cfg, crate::core::metrics::Metrics::new()).await?;
     let link_up = Arc::new(AtomicBool::new(true));
     let relay = Relay::start(cloud.addr(), link_up.clone()).await?;
 

@@ -24,9 +24,9 @@ use tokio::task::JoinHandle;
 use super::document::{self, Policy};
 use super::store::{Doc, Store};
 use super::{RuleSources, Source};
+use crate::app::http::HealthFn;
 use crate::config::{Config, ConfigError, UpstreamProtocol, UpstreamUrl};
 use crate::forwarder::UpstreamStatus;
-use crate::ops::http::HealthFn;
 use crate::queue::QueueHandle;
 use crate::rules::stage::RulesHandle;
 
@@ -125,7 +125,7 @@ fn open(
 ) -> (Client, JoinHandle<()>) {
     let up = &config.upstream;
     let f = &config.fleet;
-    let state = super::state_topic(&up.topic_prefix);
+    let state = crate::core::reserved::state_topic(&up.topic_prefix);
     let transport = crate::forwarder::session::transport(up, url);
     let password = crate::forwarder::session::password(up);
     let incoming = ceiling
@@ -333,7 +333,7 @@ impl Agent {
         let started = Instant::now();
         let started_at = SystemTime::now();
         let topics = super::topics(&self.config);
-        let state_topic = super::state_topic(&self.config.upstream.topic_prefix);
+        let state_topic = crate::core::reserved::state_topic(&self.config.upstream.topic_prefix);
         // Documents on trial since this start (a kept trial) or their apply.
         let mut trial_since = self.store.on_trial().then(Instant::now);
         let mut attempt: u32 = 0;

@@ -23,8 +23,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::metrics::Metrics;
 use super::web::{access::Denied, Web, PAGE};
+use crate::core::metrics::Metrics;
 
 /// Reports why the gateway is unhealthy (empty when healthy).
 pub type HealthFn = Arc<dyn Fn() -> Vec<String> + Send + Sync>;

@@ -24,8 +24,8 @@ pub mod exit {
 }
 
 /// The exit code for a failed start (the message, printed by the caller, names the key or path).
-pub fn start_error_code(e: &crate::gateway::StartError) -> i32 {
-    use crate::gateway::StartError;
+pub fn start_error_code(e: &crate::app::gateway::StartError) -> i32 {
+    use crate::app::gateway::StartError;
     match e {
         StartError::Queue(_) => exit::IOERR,
         StartError::DataDir { source, .. }
@@ -44,7 +44,7 @@ pub fn start_error_code(e: &crate::gateway::StartError) -> i32 {
 /// `edgegate passwd FILE USER`: password from the first line of standard input.
 pub fn passwd(file: &Path, user: &str) -> i32 {
     let stdin = std::io::stdin();
-    match crate::broker::auth::set_password(file, user, &mut stdin.lock()) {
+    match crate::config::auth::set_password(file, user, &mut stdin.lock()) {
         Ok(()) => {
             eprintln!("edgegate: password of {user:?} set in {}", file.display());
             exit::OK
@@ -144,9 +144,9 @@ fn open_queue(path: Option<&Path>) -> Result<(Config, Store), i32> {
 /// in use (and the CLI never writes under a running daemon, the only writer of `events`).
 /// `Err(None)` when a daemon holds the lock.
 fn lock_queue(cfg: &Config) -> Result<(std::fs::File, Store), Option<i32>> {
-    let lock = match crate::gateway::lock_data_dir(&cfg.gateway.data_dir) {
+    let lock = match crate::app::gateway::lock_data_dir(&cfg.gateway.data_dir) {
         Ok(l) => l,
-        Err(crate::gateway::StartError::InUse(_)) => return Err(None),
+        Err(crate::app::gateway::StartError::InUse(_)) => return Err(None),
         Err(e) => {
             eprintln!("edgegate: {e}");
             return Err(Some(start_error_code(&e)));
@@ -479,7 +479,7 @@ fn queue_request(
 
 fn bad_filter(filter: Option<&str>) -> Option<i32> {
     let f = filter?;
-    match crate::rules::topic::validate_filter(f) {
+    match crate::core::topic::validate_filter(f) {
         Ok(()) => None,
         Err(e) => {
             eprintln!("edgegate: --topic: {e}");

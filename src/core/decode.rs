@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 
-use crate::event::Data;
+use crate::core::event::Data;
 
 /// Nesting deeper than this is not parsed as JSON (serde_json itself stops at 128): such
 /// payloads are forwarded opaque.

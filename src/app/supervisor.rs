@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::app::status::{Snapshot, StatusPublisher};
+use crate::app::systemd;
 use crate::broker::Broker;
+use crate::core::metrics::Metrics;
 use crate::forwarder::UpstreamStatus;
-use crate::ops::metrics::Metrics;
-use crate::ops::status::{Snapshot, StatusPublisher};
-use crate::ops::systemd;
 use crate::queue::QueueHandle;
 
 /// Longest wait for the queue writer to answer a stats request.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use tokio::sync::Semaphore;
 
-use crate::broker::auth::Passwords;
+use crate::config::auth::Passwords;
 
 /// How long a verified `Authorization` header is accepted without a new argon2 check.
 pub const REMEMBER: Duration = Duration::from_secs(600);
@@ -182,7 +182,7 @@ mod tests {
     async fn policy() {
         let lan: SocketAddr = "0.0.0.0:9883".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:9883".parse().unwrap();
-        let hash = crate::broker::auth::hash_password(b"s3cret").unwrap();
+        let hash = crate::config::auth::hash_password(b"s3cret").unwrap();
         let pw = Arc::new(Passwords::parse(&format!("tech:{hash}\n")).unwrap());
         assert!(matches!(Access::new(local, false, None), Access::Open));
         assert!(matches!(

@@ -23,17 +23,17 @@
 //! - The fleet's connection is its own: an oversized or hostile document can end that
 //!   connection, never the forwarder's (telemetry keeps flowing).
 //! - With the fleet on, the forwarder never publishes to the gateway's state topic or to any
-//!   `.../config/rules` topic ([`reserved_topic`]): a sensor cannot reach them through a
+//!   `.../config/rules` topic ([`crate::core::reserved::reserved_topic`]): a sensor cannot reach them through a
 //!   forwarding rule.
 
 pub mod agent;
-pub mod cli;
 pub mod document;
 pub mod store;
 
 use std::sync::Arc;
 
 use crate::config::{Config, RuleConfig};
+use crate::core::reserved::{gateway_topic, group_topic};
 use crate::rules::stage::RulesHandle;
 
 /// Where a document comes from, in combination order.
@@ -50,35 +50,6 @@ impl std::fmt::Display for Source {
             Source::Gateway => write!(f, "gateway"),
         }
     }
-}
-
-/// The topic of the gateway's own document.
-pub fn gateway_topic(topic_prefix: &str) -> String {
-    join(topic_prefix, "config/rules")
-}
-
-/// The topic of a group's document.
-pub fn group_topic(group_prefix: &str, group: &str) -> String {
-    join(&group_prefix.replace("{group}", group), "config/rules")
-}
-
-/// The gateway's state topic.
-pub fn state_topic(topic_prefix: &str) -> String {
-    join(topic_prefix, "state")
-}
-
-fn join(prefix: &str, rest: &str) -> String {
-    if prefix.is_empty() {
-        rest.to_string()
-    } else {
-        format!("{prefix}/{rest}")
-    }
-}
-
-/// Topics the forwarder must not publish to while the fleet is on: the gateway's state topic
-/// and any document topic (a topic ending in `config/rules`).
-pub fn reserved_topic(topic: &str, state_topic: &str) -> bool {
-    topic == state_topic || topic == "config/rules" || topic.ends_with("/config/rules")
 }
 
 /// The documents' topics of a configuration, in combination order, with their sources.
@@ -235,15 +206,5 @@ mod tests {
         assert_eq!(names(&c), ["a", "b", "g", "z"]);
         assert_eq!(c[1].filter, "y/+");
         assert_eq!(c[2].filter, "g/+");
-    }
-
-    #[test]
-    fn reserved_topics() {
-        assert!(reserved_topic("edge/gw/state", "edge/gw/state"));
-        assert!(reserved_topic("edge/gw/config/rules", "edge/gw/state"));
-        assert!(reserved_topic("fleet/all/config/rules", "edge/gw/state"));
-        assert!(!reserved_topic("edge/gw/sensors/state", "edge/gw/state"));
-        assert!(!reserved_topic("edge/gw/config/rules2", "edge/gw/state"));
-        assert_eq!(group_topic("fleet/{group}", "eu"), "fleet/eu/config/rules");
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use super::document::{self, Policy};
-use crate::cli::exit;
+use crate::app::fleet::document::{self, Policy};
+use crate::commands::cli::exit;
 
 /// How to reach the cloud broker and find the gateways.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ fn options(up: &Upstream) -> Result<MqttOptions, String> {
     o.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(16 * 1024 * 1024 + 1024, 16 * 1024 * 1024 + 1024);
     if url.tls {
-        let tls = crate::tls::client_config(up.ca_file.as_deref(), None)?;
+        let tls = crate::config::tls::client_config(up.ca_file.as_deref(), None)?;
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls),
         ));
@@ -80,7 +80,7 @@ fn options(up: &Upstream) -> Result<MqttOptions, String> {
 
 /// The states' filter: the prefix with `{id}` as `+`, then `/state`.
 fn states_filter(prefix: &str) -> String {
-    super::state_topic(&prefix.replace("{id}", "+"))
+    crate::core::reserved::state_topic(&prefix.replace("{id}", "+"))
 }
 
 /// Connect, subscribe to the states and collect the retained ones (until `quiet` passes with
@@ -201,9 +201,9 @@ pub fn push(up: &Upstream, p: &Push<'_>) -> i32 {
                     .find(|(_, s)| s["gateway"].as_str() == Some(id))
                     .map(|(t, _)| t.clone());
                 let state_topic =
-                    found.unwrap_or_else(|| super::state_topic(&up.prefix.replace("{id}", id)));
+                    found.unwrap_or_else(|| crate::core::reserved::state_topic(&up.prefix.replace("{id}", id)));
                 let prefix = state_topic.trim_end_matches("/state").to_string();
-                (super::gateway_topic(&prefix), vec![state_topic])
+                (crate::core::reserved::gateway_topic(&prefix), vec![state_topic])
             }
             (None, group) => {
                 let g = group.unwrap_or("all");
@@ -216,7 +216,7 @@ pub fn push(up: &Upstream, p: &Push<'_>) -> i32 {
                     })
                     .map(|(t, _)| t.clone())
                     .collect();
-                (super::group_topic(&up.group_prefix, g), members)
+                (crate::core::reserved::group_topic(&up.group_prefix, g), members)
             }
         };
         let payload = match &seed {

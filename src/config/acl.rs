@@ -7,7 +7,7 @@
 //! matched by the pattern). `{username}` and `{client_id}` in patterns are replaced per
 //! connection; an entry applies to `user = "*"` (everyone) or to that user name.
 
-use crate::rules::topic::{matches, validate_filter};
+use crate::core::topic::{matches, validate_filter};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AclRule {

@@ -21,15 +21,16 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::app::fleet::RuleSources;
+use crate::app::web::Web;
+use crate::app::{http, supervisor, systemd};
 use crate::broker::handoff::Handoff;
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
-use crate::fleet::RuleSources;
+use crate::core::metrics::Metrics;
 use crate::forwarder::{Forwarder, UpstreamStatus};
-use crate::ops::metrics::Metrics;
-use crate::ops::web::{history::Tap, Web};
-use crate::ops::{http, supervisor, systemd};
 use crate::queue::{self, QueueHandle, QueueWriter, Stats, Store, StoreError};
+use crate::rules::history::Tap;
 use crate::rules::stage::{RulesHandle, RulesStage};
 use crate::rules::Engine;
 
@@ -54,7 +55,7 @@ pub enum StartError {
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("fleet documents: {0}")]
-    Fleet(#[from] crate::fleet::store::StoreError),
+    Fleet(#[from] crate::app::fleet::store::StoreError),
 }
 
 /// How long shutdown waits for in-flight upstream acknowledgements.
@@ -189,7 +190,7 @@ impl Gateway {
         // 0b. Fleet documents kept from the last run (rolled back first if they kept the
         // gateway from running): combined with the local rules before the engine starts.
         let fleet_topics: Vec<String> = if config.fleet.enabled {
-            crate::fleet::topics(&config)
+            crate::app::fleet::topics(&config)
                 .into_iter()
                 .map(|(t, _)| t)
                 .collect()
@@ -198,7 +199,7 @@ impl Gateway {
         };
         let sources = RuleSources::new(config.rules.clone(), &fleet_topics);
         let fleet_store = if config.fleet.enabled {
-            Some(crate::fleet::agent::prepare(&config, &sources)?)
+            Some(crate::app::fleet::agent::prepare(&config, &sources)?)
         } else {
             None
         };
@@ -305,7 +306,7 @@ impl Gateway {
         let fleet = fleet_store.map(|(store, report)| {
             let p = problems.clone();
             tokio::spawn(
-                crate::fleet::agent::Agent {
+                crate::app::fleet::agent::Agent {
                     config: config.clone(),
                     sources: sources.clone(),
                     rules: rules_handle.clone(),
@@ -481,7 +482,7 @@ pub async fn run(
     let gw = Gateway::start(config).await?;
     systemd::ready(&format!("listening on {}", gw.broker_addr));
     let reload = hup.map(|hup| {
-        tokio::spawn(crate::rules::stage::reload_on_sighup(
+        tokio::spawn(crate::app::reload::reload_on_sighup(
             hup,
             source,
             gw.rules_handle(),

@@ -24,10 +24,47 @@ use std::time::Duration;
 use config::ValueKind;
 
 use crate::config::fields::{Fields, Table};
-use crate::event::Class;
+use crate::core::event::Class;
 
-use super::expr::Condition;
+use super::condition::Condition;
 use super::template::{Pattern, Template};
+
+/// Default noise floor of the outlier detector, in robust standard deviations of the jump
+/// feature (a reading closer than this to its prediction never alerts).
+pub const OUTLIER_Z: f64 = 4.0;
+/// Default novelty ratio: a surprise must exceed the sensor's recent maximum by this factor.
+pub const OUTLIER_RATIO: f64 = 2.0;
+/// Default half-life (seconds) of the recent maximum of each surprise feature: 7 days, so a
+/// weekly pattern's largest excursions are still remembered when they come back.
+pub const OUTLIER_MEMORY_SECS: f64 = 7.0 * 86_400.0;
+/// Default readings before the outlier detector may alert.
+pub const OUTLIER_WARMUP: u32 = 50;
+
+/// Settings of the outlier detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierSettings {
+    /// Noise floor in robust sigmas.
+    pub threshold: f64,
+    /// Novelty ratio over the recent maximum surprise.
+    pub ratio: f64,
+    /// Half-life of the recent maximum, seconds.
+    pub memory: f64,
+    pub warmup: u32,
+    /// Whether the time-of-day profile scores (see `rules::detect::Outlier`).
+    pub seasonal: bool,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            threshold: OUTLIER_Z,
+            ratio: OUTLIER_RATIO,
+            memory: OUTLIER_MEMORY_SECS,
+            warmup: OUTLIER_WARMUP,
+            seasonal: true,
+        }
+    }
+}
 
 /// The single action of the original form, or a summary of `actions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +274,7 @@ pub enum DetectorConfig {
     },
     /// Self-tuning streaming detector (see `detect::Outlier`): `threshold` is the noise floor in
     /// robust sigmas, `ratio` the factor over the recent largest surprise, `memory` its half-life.
-    Outlier(super::detect::OutlierSettings),
+    Outlier(OutlierSettings),
     /// Value within `epsilon` of where it got stuck for `duration` and `min_count` readings.
     Flatline {
         epsilon: f64,
@@ -448,9 +485,6 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
                     }
                 }
                 "outlier" => {
-                    use super::detect::{
-                        OUTLIER_MEMORY_SECS, OUTLIER_RATIO, OUTLIER_WARMUP, OUTLIER_Z,
-                    };
                     let threshold = float(a, "threshold").unwrap_or(OUTLIER_Z);
                     if threshold <= 1.0 {
                         a.error("threshold", "must be greater than 1 (robust sigmas)");
@@ -465,7 +499,7 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
                     let memory =
                         a.duration_in("memory", "7days", Duration::from_secs(1), 365 * DAY);
                     debug_assert_eq!(OUTLIER_MEMORY_SECS, 7.0 * DAY.as_secs_f64());
-                    DetectorConfig::Outlier(super::detect::OutlierSettings {
+                    DetectorConfig::Outlier(OutlierSettings {
                         threshold,
                         ratio,
                         memory: memory.as_secs_f64(),
@@ -559,7 +593,7 @@ pub(crate) fn compile(top: &mut Table<'_, '_>) -> Vec<RuleConfig> {
         s.error("alert_topic", "must be a topic without wildcards");
     } else if !settings
         .alert_topic
-        .starts_with(crate::broker::handoff::OWN_PREFIX)
+        .starts_with(crate::core::reserved::OWN_PREFIX)
     {
         s.error(
             "alert_topic",
@@ -663,7 +697,7 @@ fn compile_rule(mut r: Table<'_, '_>, i: usize, settings: &EngineSettings) -> Op
                     }
                     if let (ActionConfig::Publish { topic }, Some(p)) = (&parsed, &pattern) {
                         if let Some(lit) = topic.literal() {
-                            if super::topic::matches(&p.filter, lit) {
+                            if crate::core::topic::matches(&p.filter, lit) {
                                 r.error(
                                     &format!("actions[{j}].topic"),
                                     "publishing to a topic this rule matches would loop",
@@ -744,7 +778,7 @@ fn compile_rules_file(
 }
 
 /// A rules document in the syntax of a `rules_engine.dir` file (a fleet document: see
-/// `crate::fleet`), validated as `check-config` validates that file: every error with its key
+/// `crate::app::fleet`), validated as `check-config` validates that file: every error with its key
 /// (`rules[1].when`), and rule names unique within the document. `settings` are the gateway's
 /// `[rules_engine]` settings, which a document cannot change.
 pub fn compile_document(

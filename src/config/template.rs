@@ -1,7 +1,7 @@
 //! Named topic patterns (`sensors/{device}/{metric}`) and topic templates that reuse the names
 //! (`site/{device}/{metric}`, plus `{topic}` for the whole topic and `{rule}`).
 
-use super::topic;
+use crate::core::topic;
 
 /// A `match` pattern: an MQTT filter whose `+` levels may be named `{name}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

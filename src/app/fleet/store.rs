@@ -250,7 +250,7 @@ mod tests {
     fn doc(text: &str) -> Doc {
         Doc {
             text: text.into(),
-            sha256: crate::fleet::document::sha256_hex(text.as_bytes()),
+            sha256: crate::app::fleet::document::sha256_hex(text.as_bytes()),
             applied_at: now(),
             signed_at: None,
         }

@@ -2,20 +2,19 @@
 //! browser and no internet: health, uplink, backlog, sensors, alerts, rules.
 //!
 //! Where the data comes from (read-only, through what the stages already expose):
-//! - sensors, alerts, rule counters: the rules stage's [`history::Tap`], asked over a bounded
+//! - sensors, alerts, rule counters: the rules stage's [`crate::rules::history::Tap`], asked over a bounded
 //!   channel (a full channel answers 503: page loads never queue up in front of readings);
 //! - queue: [`QueueHandle::stats`] and the metrics' counters, sampled every
 //!   [`SAMPLE_EVERY`] by [`Web::sample`] for the rates and the depth chart (one hour);
 //! - upstream: the forwarder's status watch (since when up or down is noted here), reconnects
 //!   from the metrics;
 //! - health: the problems the supervisor finds for `/healthz`;
-//! - the last rules reload: [`ReloadLog`], filled by the SIGHUP handler.
+//! - the last rules reload: [`ReloadLog`], filled by the SIGHUP handler (`app::reload`).
 //!
 //! Invariant: nothing here can change the gateway (GET only) and nothing here holds a lock the
 //! pipeline takes per reading.
 
 pub mod access;
-pub mod history;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -27,12 +26,13 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::Config;
+use crate::core::metrics::Metrics;
 use crate::forwarder::UpstreamStatus;
-use crate::ops::metrics::Metrics;
 use crate::queue::QueueHandle;
+use crate::rules::stage::ReloadLog;
 
+use crate::rules::history::{Request, SensorQuery, SortBy};
 pub use access::Access;
-use history::{Request, SensorQuery, SortBy};
 
 /// The page: one HTML file with its CSS and script, no external assets.
 pub const PAGE: &str = include_str!("page.html");
@@ -67,20 +67,6 @@ pub const CHART_POINTS: usize = 360;
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Longest wait for the rules stage or the queue writer to answer.
 const ANSWER_LIMIT: Duration = Duration::from_secs(2);
-
-/// The outcome of the last rules reload (SIGHUP), for `/api/rules`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadReport {
-    pub time: String,
-    pub ok: bool,
-    /// `(key, message)` of every configuration error; empty when applied.
-    pub errors: Vec<(String, String)>,
-    /// Rules that kept their state.
-    pub kept: Vec<String>,
-}
-
-/// Shared slot for the last reload's outcome (written on SIGHUP, read by the page).
-pub type ReloadLog = Arc<Mutex<Option<ReloadReport>>>;
 
 /// The uplink as the page shows it.
 #[derive(Debug, Clone, Default)]
