@@ -24,11 +24,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::config::WhenFull;
 use crate::core::ack::{Acks, Inbound};
 use crate::core::decode::Payload;
 use crate::core::event::Reading;
 use crate::core::metrics::{DropReason, Metrics};
+use crate::core::outlet::{offer, Offered, WhenFull};
 use crate::core::reserved::OWN_PREFIX;
 
 /// Acknowledgements one connection may owe before the guard stops reading from it. A client
@@ -118,30 +118,26 @@ impl Handoff {
         };
         let ticket = acks.map(|o| o.acks.ticket_eager(o.waited_for()));
         let ticketed = ticket.is_some();
-        match self.when_full {
-            WhenFull::Block => match self.tx.send_async((reading, ticket)).await {
-                Ok(()) if ticketed => Handed::Ticketed,
-                Ok(()) => Handed::Behind,
-                Err(_) => Handed::Closed,
-            },
-            WhenFull::DropNewest => match self.tx.try_send((reading, ticket)) {
-                Ok(()) if ticketed => Handed::Ticketed,
-                Ok(()) => Handed::Behind,
-                Err(flume::TrySendError::Full((r, t))) => {
-                    metrics.drop_events(
-                        DropReason::ChannelFull,
-                        1,
-                        &format_args!("rules stage busy; dropped reading on {}", r.topic),
-                    );
-                    // Its number goes back (nothing else issues on this connection): the
-                    // publish is acknowledged behind the earlier ones, like one not handed on.
-                    if let (Some(_), Some(o)) = (t, acks) {
-                        o.acks.unissue();
-                    }
-                    Handed::Behind
+        let offered = offer(
+            &self.tx,
+            self.when_full,
+            (reading, ticket),
+            metrics,
+            "rules stage",
+            |(r, _)| &r.topic,
+        );
+        match offered.await {
+            Offered::Sent if ticketed => Handed::Ticketed,
+            Offered::Sent => Handed::Behind,
+            Offered::Dropped((_, t)) => {
+                // Its number goes back (nothing else issues on this connection): the
+                // publish is acknowledged behind the earlier ones, like one not handed on.
+                if let (Some(_), Some(o)) = (t, acks) {
+                    o.acks.unissue();
                 }
-                Err(flume::TrySendError::Disconnected(_)) => Handed::Closed,
-            },
+                Handed::Behind
+            }
+            Offered::Closed(_) => Handed::Closed,
         }
     }
 }

@@ -26,6 +26,9 @@ use crate::config::tls::Secret;
 
 use fields::{Fields, Table};
 
+/// `pipeline.when_full`: the policy itself is the stages' one outlet (`core::outlet`).
+pub use crate::core::outlet::WhenFull;
+
 pub use crate::config::rules::{RuleAction, RuleConfig};
 
 /// The shipped default configuration (`config/edgegate.toml`).
@@ -133,15 +136,6 @@ pub struct BrokerConfig {
     pub max_subscriptions_per_client: usize,
     /// Distinct subscription filters the broker will ever hold state for.
     pub max_filters: usize,
-}
-
-/// What a stage does when the bounded channel to the next stage is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WhenFull {
-    /// Wait: backpressure into the broker's in-memory log (skips there are counted).
-    Block,
-    /// Drop the new event and count it.
-    DropNewest,
 }
 
 #[derive(Debug, Clone)]

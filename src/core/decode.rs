@@ -13,8 +13,6 @@
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 
-use crate::core::event::Data;
-
 /// Nesting deeper than this is not parsed as JSON (serde_json itself stops at 128): such
 /// payloads are forwarded opaque.
 const MAX_JSON_DEPTH: usize = 64;
@@ -210,15 +208,6 @@ impl Payload {
         match self.field(name)? {
             Field::Number(v) => Some(v),
             _ => None,
-        }
-    }
-
-    /// The event data for this payload.
-    pub fn to_data(&self) -> Data {
-        match self {
-            Payload::Object(b) | Payload::OtherJson(b) => Data::Json(b.clone()),
-            Payload::Number { json, .. } => Data::Json(json.clone()),
-            Payload::Opaque(b) => Data::Binary(b.clone()),
         }
     }
 }
@@ -451,18 +440,6 @@ mod tests {
         assert_eq!(d(b"7").field_f64("value"), Some(7.0));
         assert_eq!(d(b"7").field_f64("t"), None);
         assert_eq!(d(b"x").field("value"), None);
-    }
-
-    #[test]
-    fn data_is_valid_json_or_binary() {
-        for p in [&b"{\"a\":[1,2]}"[..], b" 5 ", b"+5", b"[true]", b"\x00\x01"] {
-            match d(p).to_data() {
-                Data::Json(b) => {
-                    serde_json::from_slice::<serde_json::Value>(&b).unwrap();
-                }
-                Data::Binary(b) => assert_eq!(&b[..], p),
-            }
-        }
     }
 }
 

@@ -82,6 +82,17 @@ pub enum Data {
     Binary(Bytes),
 }
 
+impl From<&Payload> for Data {
+    /// The event data for a payload: its JSON text as is, or its bytes.
+    fn from(p: &Payload) -> Data {
+        match p {
+            Payload::Object(b) | Payload::OtherJson(b) => Data::Json(b.clone()),
+            Payload::Number { json, .. } => Data::Json(json.clone()),
+            Payload::Opaque(b) => Data::Binary(b.clone()),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Envelope<'a> {
     specversion: &'static str,
@@ -204,5 +215,17 @@ mod tests {
     #[test]
     fn ids_are_unique() {
         assert_ne!(new_id(), new_id());
+    }
+
+    #[test]
+    fn data_is_valid_json_or_binary() {
+        for p in [&b"{\"a\":[1,2]}"[..], b" 5 ", b"+5", b"[true]", b"\x00\x01"] {
+            match Data::from(&Payload::decode(Bytes::copy_from_slice(p))) {
+                Data::Json(b) => {
+                    serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+                }
+                Data::Binary(b) => assert_eq!(&b[..], p),
+            }
+        }
     }
 }

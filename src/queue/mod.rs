@@ -49,6 +49,7 @@ use crate::config::{MinFree, QueueConfig, SyncMode};
 use crate::core::ack::Ticket;
 use crate::core::event::Event;
 use crate::core::metrics::{DropReason, Metrics};
+use crate::core::outlet::{self, Offered, WhenFull};
 pub use store::{Cursor, Limits, Request, Stats, Store, StoreError, StoredEvent};
 pub use tail::Reader;
 use tail::Tail;
@@ -93,13 +94,6 @@ pub struct Leased {
 #[error("the queue writer has stopped")]
 pub struct QueueClosed;
 
-/// Outcome of a non-waiting append.
-pub enum TryAppend {
-    Sent,
-    Full(Event, Option<Ticket>),
-    Closed,
-}
-
 impl QueueHandle {
     /// Append, waiting while the channel is full.
     pub async fn append(&self, event: Event) -> Result<(), QueueClosed> {
@@ -119,11 +113,34 @@ impl QueueHandle {
             .map_err(|_| QueueClosed)
     }
 
-    pub fn try_append(&self, event: Event, ticket: Option<Ticket>) -> TryAppend {
-        match self.tx.try_send(Command::Append(event, ticket)) {
-            Ok(()) => TryAppend::Sent,
-            Err(flume::TrySendError::Full(Command::Append(e, t))) => TryAppend::Full(e, t),
-            Err(_) => TryAppend::Closed,
+    /// Append as `pipeline.when_full` says (see `core::outlet`): waiting while the channel is
+    /// full, or dropping the event (counted) and handing it back with its ticket.
+    pub async fn offer(
+        &self,
+        when_full: WhenFull,
+        event: Event,
+        ticket: Option<Ticket>,
+        metrics: &Metrics,
+    ) -> Offered<(Event, Option<Ticket>)> {
+        let offered = outlet::offer(
+            &self.tx,
+            when_full,
+            Command::Append(event, ticket),
+            metrics,
+            "queue writer",
+            |c| match c {
+                Command::Append(e, _) => &e.subject,
+                _ => "",
+            },
+        );
+        let back = |c| match c {
+            Command::Append(e, t) => Some((e, t)),
+            _ => None,
+        };
+        match offered.await {
+            Offered::Sent => Offered::Sent,
+            Offered::Dropped(c) => back(c).map_or(Offered::Sent, Offered::Dropped),
+            Offered::Closed(c) => back(c).map_or(Offered::Sent, Offered::Closed),
         }
     }
 

@@ -323,14 +323,14 @@ impl Engine {
                             subject: reading.topic.clone(),
                             upstream_topic: upstream.clone(),
                             time: reading.received,
-                            data: reading.payload.to_data(),
+                            data: Data::from(&reading.payload),
                             traceparent: reading.traceparent.clone(),
                         }));
                         self.forwarded.push(upstream);
                         forwarded = true;
                     }
                     (ActionConfig::Publish { topic }, _) => {
-                        let payload = match reading.payload.to_data() {
+                        let payload = match Data::from(&reading.payload) {
                             Data::Json(b) | Data::Binary(b) => b,
                         };
                         out.push(Action::Publish {

@@ -18,7 +18,8 @@ use crate::config::{RuleConfig, WhenFull};
 use crate::core::ack::{Inbound, Ticket};
 use crate::core::event::{Reading, TYPE_ALERT};
 use crate::core::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
-use crate::queue::{QueueHandle, TryAppend};
+use crate::core::outlet::Offered;
+use crate::queue::QueueHandle;
 
 use super::{Action, Disposition, Engine};
 
@@ -285,36 +286,19 @@ impl RulesStage {
                     } else {
                         None
                     };
-                    match self.when_full {
-                        WhenFull::Block => {
-                            if self.queue.append_settling(event, rides).await.is_err() {
-                                self.metrics.drop_events(
-                                    DropReason::Shutdown,
-                                    1,
-                                    &"queue writer stopped",
-                                );
-                            }
-                        }
-                        WhenFull::DropNewest => match self.queue.try_append(event, rides) {
-                            TryAppend::Sent => {}
-                            TryAppend::Full(e, t) => {
-                                self.metrics.drop_events(
-                                    DropReason::ChannelFull,
-                                    1,
-                                    &format_args!(
-                                        "queue writer busy; dropped event for {}",
-                                        e.subject
-                                    ),
-                                );
-                                // Still settled in order, behind what went before it.
-                                ticket = ticket.or(t);
-                            }
-                            TryAppend::Closed => self.metrics.drop_events(
-                                DropReason::Shutdown,
-                                1,
-                                &"queue writer stopped",
-                            ),
-                        },
+                    let offered = self
+                        .queue
+                        .offer(self.when_full, event, rides, &self.metrics);
+                    match offered.await {
+                        Offered::Sent => {}
+                        // Counted by the outlet; its ticket is still settled in order, behind
+                        // what went before it.
+                        Offered::Dropped((_, t)) => ticket = ticket.or(t),
+                        Offered::Closed(_) => self.metrics.drop_events(
+                            DropReason::Shutdown,
+                            1,
+                            &"queue writer stopped",
+                        ),
                     }
                 }
                 Action::Publish { topic, payload } => {
