@@ -12,6 +12,7 @@ pub mod auth;
 pub mod condition;
 pub(crate) mod fields;
 pub mod rules;
+mod source;
 pub mod template;
 pub mod tls;
 
@@ -25,6 +26,7 @@ use crate::config::auth::Passwords;
 use crate::config::tls::Secret;
 
 use fields::{Fields, Table};
+use source::Toml;
 
 /// `pipeline.when_full`: the policy itself is the stages' one outlet (`core::outlet`).
 pub use crate::core::outlet::WhenFull;
@@ -50,6 +52,16 @@ impl std::fmt::Display for ConfigError {
 /// Every problem found while loading a configuration.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// A single error under `key`.
+    pub fn one(key: &str, message: String) -> ConfigErrors {
+        ConfigErrors(vec![ConfigError {
+            key: key.into(),
+            message,
+        }])
+    }
+}
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,61 +319,28 @@ impl Config {
 
     /// Compile TOML texts, each layered over the ones before it.
     pub fn from_layers(texts: &[&str], source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
-        let mut builder = config::Config::builder();
-        for t in texts {
-            builder = builder.add_source(config::File::from_str(t, config::FileFormat::Toml));
-        }
-        let tree = builder.build().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "toml".into(),
-                message: e.to_string(),
-            }])
-        })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "(root)".into(),
-                message: e.to_string(),
-            }])
-        })?;
+        let texts: Vec<Toml<'_>> = texts.iter().map(|t| Toml::Text(t)).collect();
+        let root =
+            source::read(&texts, false).map_err(|message| ConfigErrors::one("toml", message))?;
         compile(&root, source)
     }
 
     /// Load `path` (TOML), apply `EDGEGATE__*` environment overrides, validate.
     /// With no path, the built-in defaults plus the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
-        let mut builder = config::Config::builder();
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigErrors(vec![ConfigError {
-                    key: "--config".into(),
-                    message: format!("file {} does not exist", p.display()),
-                }]));
+        let file = match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigErrors::one(
+                    "--config",
+                    format!("file {} does not exist", p.display()),
+                ))
             }
-            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
-        } else {
-            builder = builder.add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ));
-        }
-        builder = builder.add_source(
-            config::Environment::with_prefix("EDGEGATE")
-                .prefix_separator("__")
-                .separator("__"),
-        );
-        let tree = builder.build().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: path
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "environment".into()),
-                message: e.to_string(),
-            }])
-        })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "(root)".into(),
-                message: e.to_string(),
-            }])
+            Some(p) => Toml::File(p),
+            None => Toml::Text(DEFAULT_TOML),
+        };
+        let root = source::read(&[file], true).map_err(|message| {
+            let key = path.map_or_else(|| "environment".into(), |p| p.display().to_string());
+            ConfigErrors::one(&key, message)
         })?;
         compile(&root, path.map(Path::to_path_buf))
     }
@@ -973,6 +952,36 @@ mod tests {
             Config::defaults().broker.allow_anonymous,
             "the shipped file enables it"
         );
+    }
+
+    /// One source for the defaults: every value the shipped config/edgegate.toml sets equals
+    /// what the code uses when the key is left out, section by section, except the values
+    /// the shipped file sets on purpose (listed).
+    #[test]
+    fn the_shipped_file_sets_every_value_to_the_codes_default() {
+        let shipped = Config::defaults();
+        let code = from_toml("").unwrap();
+        let show = |c: &Config| -> Vec<String> {
+            let mut c = c.clone();
+            // On purpose: anonymous sensors for a first run (the code refuses to start without
+            // either it or a password file; `from_toml` here layers it in), the example rules.
+            c.broker.allow_anonymous = false;
+            c.rules.clear();
+            format!("{c:#?}").lines().map(str::to_string).collect()
+        };
+        let (a, b) = (show(&shipped), show(&code));
+        let differ: Vec<_> = a.iter().zip(&b).filter(|(x, y)| x != y).collect();
+        assert!(
+            differ.is_empty() && a.len() == b.len(),
+            "shipped vs code: {differ:#?}"
+        );
+        assert!(
+            shipped.broker.allow_anonymous,
+            "the shipped file enables it"
+        );
+        // `[rules_engine]` as shipped, as compiled without it, and EngineSettings::default().
+        assert_eq!(shipped.rules[0].settings, rules::EngineSettings::default());
+        assert_eq!(code.rules[0].settings, rules::EngineSettings::default());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::time::Duration;
 use config::ValueKind;
 
 use crate::config::fields::{Fields, Table};
+use crate::config::source::Toml;
 use crate::core::event::Class;
 
 use super::condition::Condition;
@@ -576,15 +577,17 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
 /// Read `[rules_engine]` and `[[rules]]`; without any rules, forward everything.
 pub(crate) fn compile(top: &mut Table<'_, '_>) -> Vec<RuleConfig> {
     let mut s = top.section("rules_engine");
+    // The code's defaults are `EngineSettings::default()` (equal to the shipped file's: tested).
+    let d = EngineSettings::default();
     let settings = EngineSettings {
-        max_sensors: s.usize_in("max_sensors", 10_000, 1, 10_000_000),
+        max_sensors: s.usize_in("max_sensors", d.max_sensors, 1, 10_000_000),
         alert_topic: s
-            .string("alert_topic", "edgegate/alerts")
+            .string("alert_topic", &d.alert_topic)
             .trim_end_matches('/')
             .to_string(),
         tick: s.duration_in(
             "tick",
-            "1s",
+            &humantime::format_duration(d.tick).to_string(),
             Duration::from_millis(10),
             Duration::from_secs(60),
         ),
@@ -742,14 +745,10 @@ fn load_rules_dir(
     };
     files.sort();
     for path in files {
-        let value = config::Config::builder()
-            .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize::<config::Value>());
-        let value = match value {
+        let value = match super::source::read(&[Toml::File(&path)], false) {
             Ok(v) => v,
             Err(e) => {
-                top.error_at(&path.display().to_string(), &e.to_string());
+                top.error_at(&path.display().to_string(), &e);
                 continue;
             }
         };
@@ -786,16 +785,8 @@ pub fn compile_document(
     settings: &EngineSettings,
 ) -> Result<Vec<RuleConfig>, crate::config::ConfigErrors> {
     use crate::config::{ConfigError, ConfigErrors};
-    let value = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize::<config::Value>())
-        .map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "toml".into(),
-                message: e.to_string(),
-            }])
-        })?;
+    let value = super::source::read(&[Toml::Text(text)], false)
+        .map_err(|message| ConfigErrors::one("toml", message))?;
     let (rules, mut errors) = compile_rules_file(&value, settings);
     let mut seen = std::collections::HashSet::new();
     for (i, r) in rules.iter().enumerate() {
@@ -815,18 +806,9 @@ pub fn compile_document(
 
 /// Read rules from a TOML text (for tests, the backtest and tools); every error listed.
 pub fn from_toml(text: &str) -> Result<Vec<RuleConfig>, crate::config::ConfigErrors> {
-    use crate::config::{ConfigError, ConfigErrors};
-    let err = |e: String| {
-        ConfigErrors(vec![ConfigError {
-            key: "toml".into(),
-            message: e,
-        }])
-    };
-    let tree = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let root: config::Value = tree.try_deserialize().map_err(|e| err(e.to_string()))?;
+    use crate::config::ConfigErrors;
+    let root = super::source::read(&[Toml::Text(text)], false)
+        .map_err(|message| ConfigErrors::one("toml", message))?;
     let mut errors = Vec::new();
     let mut top = Table::root(&root, &mut errors);
     let rules = compile(&mut top);
