@@ -12,6 +12,8 @@ pub mod commands;
 pub mod config;
 pub mod core;
 pub mod forwarder;
+#[cfg(test)]
+mod layers;
 pub mod queue;
 pub mod rules;
 
