@@ -1,5 +1,5 @@
 //! What the status page costs the rules stage per reading: the shipped rules alone, then the
-//! same with the page's recorder (`ops::web::history::Tap`) after each reading, over 10,000
+//! same with the page's recorder (`rules::history::Tap`) after each reading, over 10,000
 //! sensors; and the recorder alone, for number and JSON-object payloads.
 //!
 //! `cargo bench --bench web` (criterion prints readings/s as elem/s).

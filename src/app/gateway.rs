@@ -4,7 +4,7 @@
 //! sensors ─MQTT─> broker guard ─[readings + tickets]─> rules ─[Append]─> queue writer (SQLite
 //!     thread) <─[Lease/Ack]─ forwarder ─MQTT QoS1─> upstream
 //!   (the guard also relays every publish to rumqttd, as QoS 0, for local subscribers; a
-//!    sensor's PUBACK waits for its reading's commit: src/ack.rs)
+//!    sensor's PUBACK waits for its reading's commit: src/core/ack.rs)
 //! ```
 //!
 //! Startup: queue (open, integrity), broker (listening), stages, metrics endpoint; only then is
@@ -12,6 +12,9 @@
 //! sessions (readings not yet acknowledged are sent again by their sensors later), let the
 //! rules hand everything to the queue, let the forwarder wait for in-flight PUBACKs (up to a
 //! deadline), commit, close the file.
+//!
+//! Layer: app: it may import every stage, config and core; nothing below imports it (the CLI
+//! above does, for the data-dir lock).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

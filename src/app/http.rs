@@ -10,6 +10,8 @@
 //! [`MAX_LIFETIME`] (then it is closed after its current response), an answer takes at most
 //! [`ANSWER_TIMEOUT`]. `/metrics` and `/healthz` close the connection after the response, as
 //! before; the page's polls keep theirs open.
+//!
+//! Layer: app.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,6 +11,8 @@
 //! The level comes from `gateway.log_level` (`target=level` directives); `RUST_LOG` overrides
 //! it. [`set_level`] changes it at run time (SIGHUP reload). Libraries that log through `log`
 //! (rumqttc) are bridged into tracing, so their lines obey the same filter and sinks.
+//!
+//! Layer: app (the commands set it up too).
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;

@@ -8,6 +8,8 @@
 //! guard refuses. The current state is always at `/healthz` and the status page. It cannot live
 //! under `$SYS`: rumqttd 0.20 refuses every filter that starts with `$` and routes no topic that
 //! does (`protocol::matches`, `router::routing::validate_subscription`).
+//!
+//! Layer: app.
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -21,6 +21,9 @@
 //! `/healthz` answers 503 with the reason, systemd's `STATUS=` and the status page show it, but
 //! the watchdog is still pinged: a restart cures neither, and a restart during failing commits
 //! would lose the readings the writer holds for its retry.
+//!
+//! Layer: app: it watches the stages through what they expose (handles, metrics in
+//! `core::metrics`); no stage imports it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

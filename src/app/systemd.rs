@@ -1,4 +1,6 @@
 //! systemd notify protocol: READY=1, STATUS=, WATCHDOG=1. Every call is a no-op outside systemd.
+//!
+//! Layer: app.
 
 use std::time::Duration;
 

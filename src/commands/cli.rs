@@ -1,4 +1,7 @@
-//! Commands other than `run`: `check-config`, `queue stats`. Each returns a sysexits code.
+//! Commands other than `run`: `check-config`, `queue ...`, `passwd`. Each returns a sysexits code.
+//!
+//! Layer: commands: the top; it may import every layer (it takes the app's data-dir lock before
+//! writing the queue), and nothing imports it but `main` and the other commands (for [`exit`]).
 
 use std::path::Path;
 

@@ -5,6 +5,8 @@
 //! broker had not acknowledged, so duplicates arrive close to their first copy (at most
 //! `upstream.inflight` of them per reconnect). Memory stays bounded: ids are remembered for a
 //! window of sequences behind the highest contiguous one.
+//!
+//! Layer: commands (used by `demo`, the example consumer and the tests).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 

@@ -4,6 +4,8 @@
 //! plays the cloud; a cloud consumer prints what arrives and checks ids and sequences; the link
 //! between gateway and cloud (a TCP relay) goes down for a while, the backlog grows in the
 //! queue, and drains when the link returns. Ends by itself (or on Ctrl-C) with a summary.
+//!
+//! Layer: commands.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

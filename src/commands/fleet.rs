@@ -5,6 +5,9 @@
 //! 1, and waits for the targets' states: applied (the state lists the document's SHA-256 for its
 //! topic), refused (the state's last refusal has its SHA-256, with the errors), or not
 //! answering. `status` prints every gateway's retained state.
+//!
+//! Layer: commands (reserved topics from `core::reserved`, documents from
+//! `app::fleet::document`).
 
 use std::collections::BTreeMap;
 use std::path::Path;

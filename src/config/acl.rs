@@ -6,6 +6,10 @@
 //! to a filter only if a `subscribe` pattern covers it (every topic the filter can match is
 //! matched by the pattern). `{username}` and `{client_id}` in patterns are replaced per
 //! connection; an entry applies to `user = "*"` (everyone) or to that user name.
+//!
+//! Layer: config (imports `core::topic`: a pattern is a filter, and
+//! [`crate::core::topic::covers`] is the one matcher). Checked at config load; the guard only
+//! asks [`Perms`].
 
 use crate::core::topic::{covers, matches, validate_filter};
 

@@ -1,6 +1,9 @@
 //! Local broker passwords: a file of `username:$argon2id$...` lines (`broker.password_file`),
 //! written by `edgegate passwd FILE USER`. Only PHC-format argon2 hashes are accepted: a plain
 //! text password in the file is a configuration error, never a credential.
+//!
+//! Layer: config: loaded and checked when the configuration is compiled; the broker's guard and
+//! the status page verify against it.
 
 use std::collections::HashMap;
 use std::path::Path;

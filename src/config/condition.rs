@@ -5,6 +5,9 @@
 //! rule's `match`, `topic`, and `time` (Unix seconds, float). A field the reading lacks, or a
 //! value of the wrong type, is an evaluation error: the rule is skipped for that reading and the
 //! error counted.
+//!
+//! Layer: config (imports `core`): a `when` is compiled here, at load, so that `check-config`
+//! reports it with its key and the rules stage only evaluates; it needs nothing of the stage.
 
 use evalexpr::{
     build_operator_tree, Context, DefaultNumericTypes, EvalexprError, EvalexprResult, Node, Value,

@@ -18,6 +18,9 @@
 //! ```
 //!
 //! The original one-action form (`action = "forward"` or `"drop"`) keeps working.
+//!
+//! Layer: config. The validated types the rules stage runs on (`RuleConfig`, `ActionConfig`,
+//! detector settings with their defaults); the stage imports them, never the reverse.
 
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! Named topic patterns (`sensors/{device}/{metric}`) and topic templates that reuse the names
 //! (`site/{device}/{metric}`, plus `{topic}` for the whole topic and `{rule}`).
+//!
+//! Layer: config (imports `core::topic`): compiled at config load, rendered by the rules stage.
 
 use crate::core::topic;
 

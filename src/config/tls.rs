@@ -2,6 +2,10 @@
 //! connection (client side, optional client certificate for mTLS). Loaded when the configuration
 //! is compiled, so `check-config` reports a bad file under its key. Uses the ring provider
 //! explicitly: no dependence on the process-wide default being installed.
+//!
+//! Layer: config: the rustls configurations are part of the validated `Config` (the guard's TLS
+//! listener, the forwarder, the fleet agent and `fleet push` use them); it imports nothing from
+//! the crate.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -18,6 +18,9 @@
 //!   without a PUBACK: it sends the reading again after it reconnects (at least once).
 //! - Settling costs an atomic maximum and a wake-up of the connection; the writer settles
 //!   once per commit group, never once per reading.
+//!
+//! Layer: core (imports only `core::event`): the broker's hand-off issues tickets, the rules
+//! stage and the queue writer settle them, none of them imports another for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -9,6 +9,9 @@
 //!
 //! Invariant: decoding never fails and never drops a payload; `Json`/`Object`/`Number` bytes are
 //! valid JSON text.
+//!
+//! Layer: core, the bottom of it: imports nothing from the crate (the event's `Data` is made from
+//! a `Payload` in `core::event`).
 
 use bytes::Bytes;
 use serde::de::IgnoredAny;

@@ -4,6 +4,9 @@
 //! [`Event`]s bound upstream; the queue gives each event its `sequence` and freezes it into the
 //! envelope bytes with [`Event::envelope`]. Those bytes are what is stored, sent and re-sent: an
 //! event's `id` and `sequence` never change after commit.
+//!
+//! Layer: core (imports only `core::decode`). Invariant: the event model has no behaviour of a
+//! stage; what a stage does with an event lives in the stage.
 
 use std::time::SystemTime;
 

@@ -3,6 +3,9 @@
 //!
 //! Invariant: every event that leaves the pipeline other than by an upstream PUBACK goes through
 //! [`Metrics::drop_events`], which counts it by reason and logs it.
+//!
+//! Layer: core: every stage counts here, and the app's supervisor and HTTP listener read it; it
+//! imports nothing from the crate.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

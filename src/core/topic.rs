@@ -1,8 +1,8 @@
 //! MQTT topic filters: validation and matching (MQTT 3.1.1 §4.7). Layer: core.
 //!
 //! Invariant: this is the one place a filter is matched: the rules' patterns, the sensor
-//! table, the queue's `--topic` filters and the broker's ACLs all ask [`matches`] (a topic
-//! name) or [`covers`] (a filter under another filter), and [`matches`] is [`covers`] of a
+//! table, the queue's `--topic` filters and the broker's ACLs all ask [`matches()`] (a topic
+//! name) or [`covers`] (a filter under another filter), and [`matches()`] is [`covers`] of a
 //! topic name, so a topic an ACL lets a client subscribe to is matched the same way.
 
 /// Check a subscription-style filter: `#` only as the whole last level, `+` only as a whole level.
@@ -31,7 +31,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 }
 
 /// Does `pattern` match every topic `filter` can match? (A topic name is a filter that
-/// matches itself only, so this is also [`matches`].)
+/// matches itself only, so this is also [`matches()`].)
 pub fn covers(pattern: &str, filter: &str) -> bool {
     if filter.starts_with('$') && (pattern.starts_with('+') || pattern.starts_with('#')) {
         return false;

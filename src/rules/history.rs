@@ -10,6 +10,8 @@
 //!   checked by a test) plus its topic and the hash table's slot.
 //! - The numeric value of an object payload is parsed at most once per second per sensor (a
 //!   fast sensor costs a copy of a few bytes per reading, not a JSON parse).
+//!
+//! Layer: stages (rules): the app's status page (`app::web`) asks it, it never imports the app.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -12,6 +12,9 @@
 //! - Documents are handled one at a time in this task; those arriving meanwhile are coalesced
 //!   (the latest per topic wins), so a flood costs one check and at most one apply per topic
 //!   per round, and a bounded channel paces the connection.
+//!
+//! Layer: app (it uses the forwarder's session adapter and backoff, the rules stage's handle and
+//! the HTTP listener's health).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};

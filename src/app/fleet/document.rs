@@ -11,6 +11,8 @@
 //! document is meant for, the signing time and the body; so a signed document cannot be moved to
 //! another gateway's or group's topic, and (with the time) not replayed over a newer one. The
 //! line is a TOML comment: the whole document is still a valid rules file.
+//!
+//! Layer: app (the rules are compiled by `config::rules`).
 
 use crate::config::rules::EngineSettings;
 use crate::config::{ConfigError, RuleConfig};

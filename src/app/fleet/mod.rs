@@ -25,6 +25,9 @@
 //! - With the fleet on, the forwarder never publishes to the gateway's state topic or to any
 //!   `.../config/rules` topic ([`crate::core::reserved::reserved_topic`]): a sensor cannot reach them through a
 //!   forwarding rule.
+//!
+//! Layer: app. The topics it owns (documents, state) are named in `core::reserved`, so that
+//! config and the forwarder can keep readings off them without importing the app.
 
 pub mod agent;
 pub mod document;

@@ -11,6 +11,8 @@
 //!   used `fleet.rollback_after` times without confirmation
 //!   rolls it back to the good one (or to none), records why, and the same bytes are refused
 //!   when the broker delivers them again.
+//!
+//! Layer: app.
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -11,6 +11,8 @@
 //! HMAC (per-process random key) of the header, never the password itself; at most
 //! [`VERIFYING`] checks run at once, on blocking threads. `/metrics` and `/healthz` are not
 //! covered (scrapers and probes use them as before).
+//!
+//! Layer: app (the password table is `config::auth`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -13,6 +13,9 @@
 //!
 //! Invariant: nothing here can change the gateway (GET only) and nothing here holds a lock the
 //! pipeline takes per reading.
+//!
+//! Layer: app: reads the stages (rules' `Tap` and reload log, queue stats, forwarder status),
+//! never the other way round.
 
 pub mod access;
 
