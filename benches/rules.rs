@@ -36,9 +36,10 @@ static GLOBAL: Counting = Counting;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use edgegate::decode::Payload;
-use edgegate::event::Reading;
-use edgegate::rules::{config::from_toml, Engine};
+use edgegate::config::rules::from_toml;
+use edgegate::core::decode::Payload;
+use edgegate::core::event::Reading;
+use edgegate::rules::Engine;
 
 const RULES: &str = r#"
 [rules_engine]

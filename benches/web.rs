@@ -1,5 +1,5 @@
 //! What the status page costs the rules stage per reading: the shipped rules alone, then the
-//! same with the page's recorder (`ops::web::history::Tap`) after each reading, over 10,000
+//! same with the page's recorder (`rules::history::Tap`) after each reading, over 10,000
 //! sensors; and the recorder alone, for number and JSON-object payloads.
 //!
 //! `cargo bench --bench web` (criterion prints readings/s as elem/s).
@@ -9,9 +9,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use edgegate::config::Config;
-use edgegate::decode::Payload;
-use edgegate::event::Reading;
-use edgegate::ops::web::history::Tap;
+use edgegate::core::decode::Payload;
+use edgegate::core::event::Reading;
+use edgegate::rules::history::Tap;
 use edgegate::rules::Engine;
 
 const SENSORS: usize = 10_000;

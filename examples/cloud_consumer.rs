@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgegate::consumer::{envelope_keys, envelopes, Tracker, Verdict};
+use edgegate::commands::consumer::{envelope_keys, envelopes, Tracker, Verdict};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::main]

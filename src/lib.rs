@@ -1,30 +1,35 @@
 //! edgegate: an edge event gateway.
 //!
-//! Sensors publish to the embedded MQTT [`broker`]; every reading is [`decode`]d and run
-//! through the [`rules`]; events bound upstream are committed to the durable [`queue`] and
-//! delivered at-least-once by the [`forwarder`]. [`gateway`] wires the stages together;
-//! [`config`] and [`ops`] (metrics, health, logging, systemd) surround them. See
-//! ARCHITECTURE.md for the task and channel diagram.
+//! Sensors publish to the embedded MQTT [`broker`]; every reading is decoded
+//! ([`core::decode`]) and run through the [`rules`]; events bound upstream are committed to the
+//! durable [`queue`] and delivered at-least-once by the [`forwarder`]. The [`app`] wires the
+//! stages into a running gateway ([`app::gateway`]); the [`commands`] are what `main` runs.
+//!
+//! The modules form one-way layers; each imports only from the layers below it (checked by
+//! the test in `src/layers.rs`; ARCHITECTURE.md, "Layers"):
+//!
+//! ```text
+//! commands   cli, backtest, demo, consumer, fleet CLI
+//! app        gateway, supervisor, reload, HTTP, status page, logging, systemd, fleet
+//! stages     broker, rules, queue, forwarder   (rules -> queue and forwarder -> queue only)
+//! config     raw TOML -> validated Config (rules, ACLs, passwords, TLS)
+//! core       event model, payload decoding, ack tickets, topic matching, reserved names,
+//!            metrics and drop reasons, the when_full outlet, the token bucket
+//! ```
 
-pub mod ack;
+pub mod app;
 pub mod broker;
-pub mod budget;
-pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod consumer;
-pub mod decode;
-pub mod demo;
-pub mod event;
-pub mod fleet;
+pub mod core;
 pub mod forwarder;
-pub mod gateway;
-pub mod ops;
+#[cfg(test)]
+mod layers;
 pub mod queue;
 pub mod rules;
-pub mod tls;
 
+pub use app::gateway::{run, Gateway};
 pub use config::Config;
-pub use gateway::{run, Gateway};
 
 /// Install the process-wide TLS crypto provider (ring) once; the upstream client needs it.
 pub fn init_crypto() {

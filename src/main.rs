@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use edgegate::cli::{self, exit};
+use edgegate::commands::cli::{self, exit};
 
 #[derive(Parser)]
 #[command(
@@ -99,8 +99,8 @@ struct UpstreamArgs {
 }
 
 impl UpstreamArgs {
-    fn into_upstream(self) -> edgegate::fleet::cli::Upstream {
-        edgegate::fleet::cli::Upstream {
+    fn into_upstream(self) -> edgegate::commands::fleet::Upstream {
+        edgegate::commands::fleet::Upstream {
             url: self.upstream,
             username: self.username,
             password_file: self.password_file,
@@ -226,7 +226,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => cli::check_config(config.as_deref()),
         Command::Passwd { file, user } => cli::passwd(&file, &user),
-        Command::Demo { seconds } => edgegate::demo::main(seconds),
+        Command::Demo { seconds } => edgegate::commands::demo::main(seconds),
         Command::Backtest {
             config,
             input,
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
             labels,
             json,
             probation,
-        } => edgegate::rules::backtest::main(&edgegate::rules::backtest::Options {
+        } => edgegate::commands::backtest::main(&edgegate::commands::backtest::Options {
             config: config.as_deref(),
             input: &input,
             topic: topic.as_deref(),
@@ -253,9 +253,9 @@ fn main() -> ExitCode {
                 timeout,
                 max_size,
                 file,
-            } => edgegate::fleet::cli::push(
+            } => edgegate::commands::fleet::push(
                 &upstream.into_upstream(),
-                &edgegate::fleet::cli::Push {
+                &edgegate::commands::fleet::Push {
                     file: &file,
                     group: group.as_deref(),
                     gateway: gateway.as_deref(),
@@ -265,9 +265,9 @@ fn main() -> ExitCode {
                 },
             ),
             FleetCommand::Status { upstream, json } => {
-                edgegate::fleet::cli::status(&upstream.into_upstream(), json)
+                edgegate::commands::fleet::status(&upstream.into_upstream(), json)
             }
-            FleetCommand::Keygen { file } => edgegate::fleet::cli::keygen(&file),
+            FleetCommand::Keygen { file } => edgegate::commands::fleet::keygen(&file),
         },
         Command::Queue { command } => match command {
             QueueCommand::Stats {
@@ -311,7 +311,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    edgegate::ops::logging::init(&config.gateway.log_level);
+    edgegate::app::logging::init(&config.gateway.log_level);
     edgegate::init_crypto();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -114,7 +114,7 @@ async fn a_queue_that_fills_its_disk_drains_and_gives_the_space_back() {
     }
     sensor.wait_acked(total).await;
     let dropped_all =
-        |m: &edgegate::ops::metrics::Metrics| -> u64 { m.drops().iter().map(|(_, n)| n).sum() };
+        |m: &edgegate::core::metrics::Metrics| -> u64 { m.drops().iter().map(|(_, n)| n).sum() };
     // Every reading is committed, counted as dropped, or (at most a channel's worth) waits in
     // memory for a commit.
     let buffered = 2 * edgegate::config::Config::defaults()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edgegate::ops::metrics::DropReason;
+use edgegate::core::metrics::DropReason;
 
 use crate::util::*;
 
@@ -812,7 +812,7 @@ async fn a_queue_file_corrupted_while_running_is_replaced_and_forwarding_goes_on
 /// in order (and the peek limit and topic filter still hold across pages).
 #[test]
 fn queue_export_streams_every_event_in_order() {
-    use edgegate::event::{Class, Data, Event, TYPE_READING};
+    use edgegate::core::event::{Class, Data, Event, TYPE_READING};
     let dir = tempfile::tempdir().unwrap();
     {
         let (mut store, _) = edgegate::queue::Store::open(
@@ -826,7 +826,7 @@ fn queue_export_streams_every_event_in_order() {
             let subject = format!("sensors/{}/v", if i % 2 == 0 { "a" } else { "b" });
             txn.append(
                 &Event {
-                    id: edgegate::event::new_id(),
+                    id: edgegate::core::event::new_id(),
                     class: Class::Telemetry,
                     kind: TYPE_READING,
                     upstream_topic: format!("edge/gw1/{subject}"),
@@ -900,19 +900,19 @@ async fn cli_writes_take_the_data_dir_lock() {
         .spawn()
         .unwrap();
     assert!(
-        eventually(WAIT, || edgegate::gateway::data_dir_in_use(&data)).await,
+        eventually(WAIT, || edgegate::app::gateway::data_dir_in_use(&data)).await,
         "the CLI holds the lock"
     );
     init_logs();
     edgegate::init_crypto();
     let start = edgegate::Gateway::start(test_config(&data, None)).await;
     assert!(
-        matches!(start, Err(edgegate::gateway::StartError::InUse(_))),
+        matches!(start, Err(edgegate::app::gateway::StartError::InUse(_))),
         "a gateway started while the CLI was writing"
     );
     purge.stdin.take().unwrap().write_all(b"y\n").unwrap();
     let out = purge.wait_with_output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 1"));
-    assert!(!edgegate::gateway::data_dir_in_use(&data));
+    assert!(!edgegate::app::gateway::data_dir_in_use(&data));
 }

@@ -20,7 +20,7 @@ const SENSORS_ONLY: &str =
 const ECHO: &str = "[[rules]]\nname = \"echo\"\nmatch = \"sensors/{device}\"\nactions = [{ type = \"publish\", topic = \"echo/{device}\" }]\n";
 
 fn sha(b: &[u8]) -> String {
-    edgegate::fleet::document::sha256_hex(b)
+    edgegate::app::fleet::document::sha256_hex(b)
 }
 
 /// A gateway `id` on `url` with the fleet on, in `groups`.
@@ -417,9 +417,13 @@ async fn with_trusted_keys_only_documents_signed_for_that_topic_apply() {
         .unwrap()
         .try_into()
         .unwrap();
-    let evil_doc =
-        edgegate::fleet::document::sign(&seed_evil, "fleet/all/config/rules", ECHO.as_bytes(), 1)
-            .unwrap();
+    let evil_doc = edgegate::app::fleet::document::sign(
+        &seed_evil,
+        "fleet/all/config/rules",
+        ECHO.as_bytes(),
+        1,
+    )
+    .unwrap();
     publish_retained(cloud.port, "fleet/all/config/rules", evil_doc.clone()).await;
 
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -486,9 +490,13 @@ async fn with_trusted_keys_only_documents_signed_for_that_topic_apply() {
         .unwrap()
         .try_into()
         .unwrap();
-    let for_all =
-        edgegate::fleet::document::sign(&seed_good, "fleet/all/config/rules", ECHO.as_bytes(), 5)
-            .unwrap();
+    let for_all = edgegate::app::fleet::document::sign(
+        &seed_good,
+        "fleet/all/config/rules",
+        ECHO.as_bytes(),
+        5,
+    )
+    .unwrap();
     publish_retained(cloud.port, "edge/gw-b/config/rules", for_all.clone()).await;
     let s = states
         .wait("gw-b", "a moved document refused", |s| {
@@ -898,9 +906,9 @@ async fn over_tls_with_per_gateway_credentials_and_acls() {
     let url = format!("mqtts://localhost:{tls}");
     let gw = |dir: &Path, id: &str, groups: &[&str]| {
         let mut c = gw_config(dir, &url, id, groups);
-        c.upstream.tls = Some(edgegate::tls::client_config(Some(&pki.ca), None).unwrap());
+        c.upstream.tls = Some(edgegate::config::tls::client_config(Some(&pki.ca), None).unwrap());
         c.upstream.username = Some(id.to_string());
-        c.upstream.password = Some(edgegate::tls::Secret::new(
+        c.upstream.password = Some(edgegate::config::tls::Secret::new(
             if id == "gw-a" { "pa" } else { "pb" }.into(),
         ));
         c

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use edgegate::gateway::StartError;
+use edgegate::app::gateway::StartError;
 use edgegate::Gateway;
 
 use crate::util::*;

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use edgegate::config::SyncMode;
-use edgegate::event::{Class, Data, Event, TYPE_READING};
+use edgegate::core::event::{Class, Data, Event, TYPE_READING};
 use edgegate::queue::{Limits, Store};
 
 use crate::util::*;
@@ -13,7 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn event(class: Class, subject: &str, upstream_topic: &str) -> Event {
     Event {
-        id: edgegate::event::new_id(),
+        id: edgegate::core::event::new_id(),
         class,
         kind: TYPE_READING,
         subject: subject.into(),

@@ -178,7 +178,9 @@ async fn batches_carry_many_events_per_message_in_order() {
     );
     for batch in cloud.received.lock().unwrap().iter() {
         assert_eq!(batch.0, "edge/gw1/batch");
-        let n = edgegate::consumer::envelopes(&batch.1).unwrap().len();
+        let n = edgegate::commands::consumer::envelopes(&batch.1)
+            .unwrap()
+            .len();
         assert!((1..=100).contains(&n), "{n} events in one batch");
     }
     // Each event whole (its own envelope, subject and sequence), once, in queue order.
@@ -284,7 +286,7 @@ async fn sequence_continues_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_rules_forward_and_drop_with_counts() {
     use edgegate::config::{RuleAction, RuleConfig};
-    use edgegate::ops::metrics::DropReason;
+    use edgegate::core::metrics::DropReason;
     let cloud_broker = Mosquitto::start();
     let cloud = Cloud::subscribe(cloud_broker.port, "edge/#").await;
     let dir = tempfile::tempdir().unwrap();

@@ -338,7 +338,7 @@ async fn publishes_over_the_clients_maximum_packet_size_are_withheld_as_delivere
         dropped += large as u64;
         assert_eq!(
             gw.metrics()
-                .dropped(edgegate::ops::metrics::DropReason::SubscriberMaxPacket),
+                .dropped(edgegate::core::metrics::DropReason::SubscriberMaxPacket),
             dropped
         );
     }

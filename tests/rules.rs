@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::util::*;
-use edgegate::rules::config::from_toml;
+use edgegate::config::rules::from_toml;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -69,7 +69,7 @@ async fn alerts_arrive_locally_and_upstream_and_missing_fires_without_input() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         gw.metrics()
-            .dropped(edgegate::ops::metrics::DropReason::Unrouted),
+            .dropped(edgegate::core::metrics::DropReason::Unrouted),
         0
     );
     gw.shutdown().await;

@@ -337,7 +337,7 @@ async fn fm2_idle_connections_do_not_block_tls_clients() {
         c.broker.connection_timeout = Duration::from_secs(2);
         c.broker.tls_listen = Some("127.0.0.1:0".parse().unwrap());
         c.broker.tls =
-            Some(edgegate::tls::server_config(&pki.server_cert, &pki.server_key).unwrap());
+            Some(edgegate::config::tls::server_config(&pki.server_cert, &pki.server_key).unwrap());
     })
     .await;
     let tls_addr = gw.broker_addr_tls.expect("TLS listener");
@@ -737,7 +737,7 @@ async fn rule_expressions_dividing_by_zero_or_reading_missing_fields() {
     let cloud = Cloud::subscribe(mosq.port, "edge/gw1/#").await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Some(&mosq.url()));
-    cfg.rules = edgegate::rules::config::from_toml(
+    cfg.rules = edgegate::config::rules::from_toml(
         r#"
         [[rules]]
         name = "div"
@@ -765,10 +765,10 @@ async fn rule_expressions_dividing_by_zero_or_reading_missing_fields() {
     s.wait_acked(4).await;
     assert!(eventually(WAIT, || arrived(&cloud, "sensors/ok/t") == 1).await);
     let m = gw.metrics();
-    let counted = m.dropped(edgegate::ops::metrics::DropReason::RuleError)
+    let counted = m.dropped(edgegate::core::metrics::DropReason::RuleError)
         + arrived(&cloud, "sensors/div/t") as u64
         + arrived(&cloud, "sensors/missing/t") as u64
-        + m.dropped(edgegate::ops::metrics::DropReason::Unrouted);
+        + m.dropped(edgegate::core::metrics::DropReason::Unrouted);
     assert_eq!(
         counted, 3,
         "each reading is forwarded or counted, never lost silently"
@@ -776,7 +776,7 @@ async fn rule_expressions_dividing_by_zero_or_reading_missing_fields() {
     // Fields are floats: t / 0 is +inf (IEEE), so "t / 0 > 1" holds and both are forwarded;
     // the missing field is an evaluation error, counted as rule_error.
     assert!(
-        m.dropped(edgegate::ops::metrics::DropReason::RuleError) == 1,
+        m.dropped(edgegate::core::metrics::DropReason::RuleError) == 1,
         "drops {:?}, div arrived {}",
         m.drops(),
         arrived(&cloud, "sensors/div/t")
@@ -822,7 +822,7 @@ async fn password_file_authentication() {
 
     let (_m, cloud, gw, _d) = setup(|c| {
         c.broker.passwords = Some(Arc::new(
-            edgegate::broker::auth::Passwords::load(&file).unwrap(),
+            edgegate::config::auth::Passwords::load(&file).unwrap(),
         ));
         c.broker.allow_anonymous = false;
     })
@@ -918,7 +918,7 @@ async fn upstream_mtls_against_mosquitto_require_certificate() {
     // Without a client certificate: refused, events stay queued.
     let dir1 = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir1.path(), Some(&format!("mqtts://localhost:{tls}")));
-    cfg.upstream.tls = Some(edgegate::tls::client_config(Some(&pki.ca), None).unwrap());
+    cfg.upstream.tls = Some(edgegate::config::tls::client_config(Some(&pki.ca), None).unwrap());
     let gw = start_gateway(cfg).await;
     let s = Sensor::connect(gw.broker_addr, "nocert").await;
     for i in 0..3 {
@@ -995,15 +995,15 @@ pub(crate) async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 /// forwarded), subscriptions outside them get a SUBACK failure; both counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_topic_acls_for_publish_and_subscribe() {
-    use edgegate::broker::acl::{Acl, AclRule};
+    use edgegate::config::acl::{Acl, AclRule};
     let secrets = tempfile::tempdir().unwrap();
     let file = secrets.path().join("passwd");
     for (u, p) in [("boiler", "pw-b"), ("ops", "pw-o")] {
-        edgegate::broker::auth::set_password(&file, u, &mut format!("{p}\n").as_bytes()).unwrap();
+        edgegate::config::auth::set_password(&file, u, &mut format!("{p}\n").as_bytes()).unwrap();
     }
     let (_m, cloud, gw, _d) = setup(|c| {
         c.broker.passwords = Some(Arc::new(
-            edgegate::broker::auth::Passwords::load(&file).unwrap(),
+            edgegate::config::auth::Passwords::load(&file).unwrap(),
         ));
         c.broker.allow_anonymous = false;
         c.broker.acl = Some(Arc::new(Acl {

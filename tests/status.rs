@@ -82,7 +82,7 @@ async fn status_changes_are_published_when_they_happen() {
 
 /// `/healthz` is true while delivery flows and false while it cannot: the upstream unreachable
 /// for longer than a reconnect (issue 12's soak requirement). The watchdog is still pinged then
-/// (a restart would not bring the uplink back); that side is in ops::supervisor.
+/// (a restart would not bring the uplink back); that side is in app::supervisor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_says_when_the_upstream_is_unreachable() {
     let mut cloud = Mosquitto::start();

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgegate::broker::acl::{Acl, AclRule};
-use edgegate::ops::metrics::DropReason;
+use edgegate::config::acl::{Acl, AclRule};
+use edgegate::core::metrics::DropReason;
 use tokio::io::AsyncWriteExt;
 
 use crate::security::*;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::util::*;
-use edgegate::rules::config::from_toml;
+use edgegate::config::rules::from_toml;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -705,9 +705,9 @@ async fn json_api_answers_what_the_page_shows() {
 async fn off_loopback_the_page_needs_the_broker_users() {
     let dir = tempfile::tempdir().unwrap();
     let pwfile = dir.path().join("passwd");
-    let hash = edgegate::broker::auth::hash_password(b"s3cret").unwrap();
+    let hash = edgegate::config::auth::hash_password(b"s3cret").unwrap();
     std::fs::write(&pwfile, format!("tech:{hash}\n")).unwrap();
-    let passwords = std::sync::Arc::new(edgegate::broker::auth::Passwords::load(&pwfile).unwrap());
+    let passwords = std::sync::Arc::new(edgegate::config::auth::Passwords::load(&pwfile).unwrap());
 
     let mut cfg = page_config(&dir.path().join("a"), None);
     // Every address: the page is on the LAN (the test still talks to it over 127.0.0.1).

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use edgegate::config::{parse_upstream_url, Config, SyncMode};
-use edgegate::event::{new_id, Class, Data, Event, TYPE_READING};
-use edgegate::ops::metrics::Metrics;
+use edgegate::core::event::{new_id, Class, Data, Event, TYPE_READING};
+use edgegate::core::metrics::Metrics;
 use edgegate::queue::{self, Store};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 
@@ -380,7 +380,8 @@ async fn bench_drain(
             while let Ok(ev) = el.poll().await {
                 if let MqttEvent::Incoming(Packet::Publish(p)) = ev {
                     let now = now_us();
-                    let envelopes = edgegate::consumer::envelopes(&p.payload).unwrap_or_default();
+                    let envelopes =
+                        edgegate::commands::consumer::envelopes(&p.payload).unwrap_or_default();
                     for v in envelopes {
                         if v["subject"] != "sensors/live/v" {
                             continue;
@@ -856,7 +857,7 @@ async fn cloud_subscriber(
 /// (run, publisher, n, ts) of each reading in a message: bare (Mosquitto bridge), in an
 /// envelope, or in a CloudEvents batch of envelopes (edgegate with `upstream.batch_events`).
 fn parse_readings(payload: &[u8]) -> Vec<(String, u32, u64, u64)> {
-    let Ok(envelopes) = edgegate::consumer::envelopes(payload) else {
+    let Ok(envelopes) = edgegate::commands::consumer::envelopes(payload) else {
         return Vec::new();
     };
     envelopes

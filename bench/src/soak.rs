@@ -430,7 +430,7 @@ fn on_cloud_message(soak: &Soak, cloud: &Cloud, sensors: u32, payload: &[u8], no
         .iter()
         .any(|r| r.0 == soak.run && r.1 == TRACEPARENT_P)
     {
-        for env in edgegate::consumer::envelopes(payload).unwrap_or_default() {
+        for env in edgegate::commands::consumer::envelopes(payload).unwrap_or_default() {
             if env["data"]["p"].as_u64() != Some(TRACEPARENT_P as u64) {
                 continue;
             }

@@ -1,7 +1,7 @@
 //! Payload decoder: never panics; whatever it classifies as JSON is JSON every consumer's
 //! parser accepts (the envelope embeds it as is), and object fields can be read.
 #![no_main]
-use edgegate::decode::Payload;
+use edgegate::core::decode::Payload;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,9 +1,9 @@
 //! Rule conditions: any text either fails to compile with a message or evaluates (true, false
 //! or an error) without panicking, against readings made from the rest of the input.
 #![no_main]
-use edgegate::decode::Payload;
-use edgegate::event::Reading;
-use edgegate::rules::expr::{Condition, Scratch};
+use edgegate::core::decode::Payload;
+use edgegate::core::event::Reading;
+use edgegate::config::condition::{Condition, Scratch};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

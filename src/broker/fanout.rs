@@ -27,7 +27,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use crate::rules::topic::matches;
+use crate::core::topic::matches;
 
 /// Bytes rumqttd spends per stored message beyond its topic and payload (the publish and its
 /// place in a segment), counted so that floods of tiny messages are bounded too.

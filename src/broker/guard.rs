@@ -44,17 +44,19 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use crate::broker::fanout::Fanout;
-use crate::budget::{Budget, Charge};
+use crate::core::budget::{Budget, Charge};
 use rumqttd::protocol::{v4::V4, v5::V5, Login, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::broker::acl::{Acl, Perms};
-use crate::broker::auth::Passwords;
-use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX, OWN_PREFIX};
+use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX};
 use crate::broker::retained::{topic_hash, RetainedBook, RetainedLimits};
-use crate::ops::metrics::{DropReason, Metrics};
+use crate::config::acl::{Acl, Perms};
+use crate::config::auth::Passwords;
+use crate::core::bucket::TokenBucket;
+use crate::core::metrics::{DropReason, Metrics};
+use crate::core::reserved::OWN_PREFIX;
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
@@ -1557,7 +1559,7 @@ fn valid_filter(filter: &[u8]) -> bool {
     let Ok(f) = std::str::from_utf8(filter) else {
         return false;
     };
-    !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
+    !f.is_empty() && !f.contains('\0') && crate::core::topic::validate_filter(f).is_ok()
 }
 
 /// The Session Expiry Interval an MQTT 5 DISCONNECT `body` (after the fixed header) sets:
@@ -2092,7 +2094,6 @@ async fn relay<S: Io>(
         own_pings: &flow.own_pings,
     };
     let p = &guard.policy;
-    let rate = p.max_publish_rate as f64;
     // Readings go to the pipeline and are acknowledged from here (see `handoff`); without a
     // pipeline rumqttd acknowledges what it gets.
     let handoff = guard.handoff();
@@ -2105,8 +2106,8 @@ async fn relay<S: Io>(
     let up = async {
         let iw = &mut to_broker;
         let mut disconnect = false;
-        let mut tokens = rate;
-        let mut last = Instant::now();
+        // `broker.max_publish_rate`, per connection.
+        let mut bucket = TokenBucket::new(p.max_publish_rate);
         let mut heard = tokio::time::Instant::now();
         let mut quiet = Box::pin(tokio::time::sleep(silence.unwrap_or_default()));
         let refused: Option<&'static str> = 'frames: loop {
@@ -2258,26 +2259,18 @@ async fn relay<S: Io>(
                 {
                     keep_retain = false;
                 }
-                if rate > 0.0 {
-                    let now = Instant::now();
-                    tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
-                    last = now;
-                    if tokens < 1.0 {
-                        guard.metrics.broker_throttled.inc();
-                        if iw.flush().await.is_err() {
-                            return false;
-                        }
-                        let wait = (1.0 - tokens) / rate;
-                        let pause = tokio::time::sleep(Duration::from_secs_f64(wait));
-                        if iw.wait(pause).await.is_err() {
-                            return false;
-                        }
-                        tokens = 1.0;
-                        last = Instant::now();
-                        // Not reading was the guard's doing, not the client's silence.
-                        heard = tokio::time::Instant::now();
+                if let Err(wait) = bucket.try_take() {
+                    guard.metrics.broker_throttled.inc();
+                    if iw.flush().await.is_err() {
+                        return false;
                     }
-                    tokens -= 1.0;
+                    if iw.wait(tokio::time::sleep(wait)).await.is_err() {
+                        return false;
+                    }
+                    bucket.refill();
+                    bucket.take();
+                    // Not reading was the guard's doing, not the client's silence.
+                    heard = tokio::time::Instant::now();
                 }
                 let (qos, pkid) = (meta.qos, meta.pkid.unwrap_or(0));
                 let payload_at = frame.len() - meta.payload_len;

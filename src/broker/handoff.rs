@@ -1,6 +1,6 @@
 //! The hand-off: a sensor's publish goes from its connection straight into the pipeline as a
 //! [`Reading`], and its PUBACK (QoS 1) or PUBREC (QoS 2) waits until the reading is committed
-//! to the queue, or the rules decided it goes nowhere upstream (see [`crate::ack`]).
+//! to the queue, or the rules decided it goes nowhere upstream (see [`crate::core::ack`]).
 //!
 //! rumqttd still gets every publish, as QoS 0, for local subscribers, retained messages and
 //! wills; it never acknowledges a sensor's reading, and readings never wait in its in-memory
@@ -24,16 +24,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 
-use crate::ack::{Acks, Inbound};
-use crate::budget::Budget;
-use crate::config::WhenFull;
-use crate::decode::Payload;
-use crate::event::Reading;
-use crate::ops::metrics::{DropReason, Metrics};
-
-/// The gateway's own topic namespace: sensors publish there only when an ACL names it, and
-/// such a publish is not a reading (counted as `reserved_topic`).
-pub const OWN_PREFIX: &str = "edgegate/";
+use crate::core::ack::{Acks, Inbound};
+use crate::core::decode::Payload;
+use crate::core::event::Reading;
+use crate::core::metrics::{DropReason, Metrics};
+use crate::core::outlet::{offer, Offered, WhenFull};
+use crate::core::reserved::OWN_PREFIX;
+use crate::core::budget::Budget;
 
 /// Acknowledgements one connection may owe before the guard stops reading from it. A client
 /// that keeps publishing without reading its socket holds this many at most (16 bytes each).
@@ -141,30 +138,26 @@ impl Handoff {
         };
         let ticket = acks.map(|o| o.acks.ticket_eager(o.waited_for()));
         let ticketed = ticket.is_some();
-        match self.when_full {
-            WhenFull::Block => match self.tx.send_async((reading, ticket)).await {
-                Ok(()) if ticketed => Handed::Ticketed,
-                Ok(()) => Handed::Behind,
-                Err(_) => Handed::Closed,
-            },
-            WhenFull::DropNewest => match self.tx.try_send((reading, ticket)) {
-                Ok(()) if ticketed => Handed::Ticketed,
-                Ok(()) => Handed::Behind,
-                Err(flume::TrySendError::Full((r, t))) => {
-                    metrics.drop_events(
-                        DropReason::ChannelFull,
-                        1,
-                        &format_args!("rules stage busy; dropped reading on {}", r.topic),
-                    );
-                    // Its number goes back (nothing else issues on this connection): the
-                    // publish is acknowledged behind the earlier ones, like one not handed on.
-                    if let (Some(_), Some(o)) = (t, acks) {
-                        o.acks.unissue();
-                    }
-                    Handed::Behind
+        let offered = offer(
+            &self.tx,
+            self.when_full,
+            (reading, ticket),
+            metrics,
+            "rules stage",
+            |(r, _)| &r.topic,
+        );
+        match offered.await {
+            Offered::Sent if ticketed => Handed::Ticketed,
+            Offered::Sent => Handed::Behind,
+            Offered::Dropped((_, t)) => {
+                // Its number goes back (nothing else issues on this connection): the
+                // publish is acknowledged behind the earlier ones, like one not handed on.
+                if let (Some(_), Some(o)) = (t, acks) {
+                    o.acks.unissue();
                 }
-                Err(flume::TrySendError::Disconnected(_)) => Handed::Closed,
-            },
+                Handed::Behind
+            }
+            Offered::Closed(_) => Handed::Closed,
         }
     }
 }
@@ -192,7 +185,7 @@ pub struct Owed {
 }
 
 /// A publish that comes this soon after the connection's last acknowledgements, with nothing
-/// else owed, is from a sender that waits for each one (see [`crate::ack::Ticket::eager`]): a
+/// else owed, is from a sender that waits for each one (see [`crate::core::ack::Ticket::eager`]): a
 /// client on the same host or a wired LAN answers within a fraction of a millisecond. Longer
 /// and a sensor paced at a few milliseconds passes for one that waits (measured: 20 ms made
 /// the bench's four 250/s publishers commit every 2.5 ms, 1,152 instead of ~680 bytes written

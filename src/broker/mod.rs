@@ -17,8 +17,6 @@
 //! `broker.segment_count`): the router keeps, per subscription filter of a local subscriber, an
 //! in-memory log of about `segment_size × (segment_count + 1)` bytes; a slower subscriber skips.
 
-pub mod acl;
-pub mod auth;
 pub mod fanout;
 pub mod guard;
 pub mod handoff;
@@ -35,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::BrokerConfig;
-use crate::ops::metrics::Metrics;
+use crate::core::metrics::Metrics;
 use guard::Guard;
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +143,7 @@ impl Broker {
                 max_connections: cfg.max_connections,
                 connect_timeout: cfg.connection_timeout,
                 max_packet: cfg.max_payload_size,
-                buffered: crate::budget::Budget::new(cfg.max_buffered_bytes),
+                buffered: crate::core::budget::Budget::new(cfg.max_buffered_bytes),
                 fanout: (cfg.segment_size, cfg.segment_count, cfg.max_fanout_bytes),
                 max_client_id_length: cfg.max_client_id_length,
                 max_topic_length: cfg.max_topic_length,

@@ -7,20 +7,31 @@
 //!
 //! Invariant: a [`Config`] value is always valid; the rest of the daemon never re-checks it.
 
+pub mod acl;
+pub mod auth;
+pub mod condition;
 pub(crate) mod fields;
+pub mod rules;
+mod source;
+pub mod template;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::acl::{validate_pattern, Acl, AclRule};
-use crate::broker::auth::Passwords;
-use crate::tls::Secret;
+use crate::config::acl::{validate_pattern, Acl, AclRule};
+use crate::config::auth::Passwords;
+use crate::config::tls::Secret;
 
 use fields::{Fields, Table};
+use source::Toml;
 
-pub use crate::rules::config::{RuleAction, RuleConfig};
+/// `pipeline.when_full`: the policy itself is the stages' one outlet (`core::outlet`).
+pub use crate::core::outlet::WhenFull;
+
+pub use crate::config::rules::{RuleAction, RuleConfig};
 
 /// The shipped default configuration (`config/edgegate.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/edgegate.toml");
@@ -41,6 +52,16 @@ impl std::fmt::Display for ConfigError {
 /// Every problem found while loading a configuration.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// A single error under `key`.
+    pub fn one(key: &str, message: String) -> ConfigErrors {
+        ConfigErrors(vec![ConfigError {
+            key: key.into(),
+            message,
+        }])
+    }
+}
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,15 +154,6 @@ pub struct BrokerConfig {
     pub max_subscriptions_per_client: usize,
     /// Distinct subscription filters the broker will ever hold state for.
     pub max_filters: usize,
-}
-
-/// What a stage does when the bounded channel to the next stage is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WhenFull {
-    /// Wait: backpressure into the broker's in-memory log (skips there are counted).
-    Block,
-    /// Drop the new event and count it.
-    DropNewest,
 }
 
 #[derive(Debug, Clone)]
@@ -242,7 +254,7 @@ pub struct UpstreamConfig {
     /// For messages: which trust anchors and whether a client certificate is used.
     pub tls_summary: Option<String>,
     /// With `fleet.enabled`: the gateway's state topic; the forwarder then never publishes
-    /// there or to a fleet document topic (`crate::fleet::reserved_topic`).
+    /// there or to a fleet document topic (`crate::core::reserved::reserved_topic`).
     pub fleet_state_topic: Option<String>,
 }
 
@@ -269,7 +281,7 @@ impl std::fmt::Display for UpstreamUrl {
     }
 }
 
-/// `[fleet]`: rules documents pushed from the cloud broker (see `crate::fleet`).
+/// `[fleet]`: rules documents pushed from the cloud broker (see `crate::app::fleet`).
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     /// Subscribe to rules documents upstream and report state (needs `upstream.url`).
@@ -316,61 +328,28 @@ impl Config {
 
     /// Compile TOML texts, each layered over the ones before it.
     pub fn from_layers(texts: &[&str], source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
-        let mut builder = config::Config::builder();
-        for t in texts {
-            builder = builder.add_source(config::File::from_str(t, config::FileFormat::Toml));
-        }
-        let tree = builder.build().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "toml".into(),
-                message: e.to_string(),
-            }])
-        })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "(root)".into(),
-                message: e.to_string(),
-            }])
-        })?;
+        let texts: Vec<Toml<'_>> = texts.iter().map(|t| Toml::Text(t)).collect();
+        let root =
+            source::read(&texts, false).map_err(|message| ConfigErrors::one("toml", message))?;
         compile(&root, source)
     }
 
     /// Load `path` (TOML), apply `EDGEGATE__*` environment overrides, validate.
     /// With no path, the built-in defaults plus the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
-        let mut builder = config::Config::builder();
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigErrors(vec![ConfigError {
-                    key: "--config".into(),
-                    message: format!("file {} does not exist", p.display()),
-                }]));
+        let file = match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigErrors::one(
+                    "--config",
+                    format!("file {} does not exist", p.display()),
+                ))
             }
-            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
-        } else {
-            builder = builder.add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ));
-        }
-        builder = builder.add_source(
-            config::Environment::with_prefix("EDGEGATE")
-                .prefix_separator("__")
-                .separator("__"),
-        );
-        let tree = builder.build().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: path
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "environment".into()),
-                message: e.to_string(),
-            }])
-        })?;
-        let root: config::Value = tree.try_deserialize().map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                key: "(root)".into(),
-                message: e.to_string(),
-            }])
+            Some(p) => Toml::File(p),
+            None => Toml::Text(DEFAULT_TOML),
+        };
+        let root = source::read(&[file], true).map_err(|message| {
+            let key = path.map_or_else(|| "environment".into(), |p| p.display().to_string());
+            ConfigErrors::one(&key, message)
         })?;
         compile(&root, path.map(Path::to_path_buf))
     }
@@ -476,7 +455,7 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
         ),
         (true, "", _) => b.error("tls_cert_file", "required when broker.tls_listen is set"),
         (true, _, "") => b.error("tls_key_file", "required when broker.tls_listen is set"),
-        (true, c, k) => match crate::tls::server_config(Path::new(c), Path::new(k)) {
+        (true, c, k) => match crate::config::tls::server_config(Path::new(c), Path::new(k)) {
             Ok(t) => broker.tls = Some(t),
             Err(e) => b.error("tls_cert_file", &e),
         },
@@ -715,22 +694,22 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
                 // Check each file on its own first, so the error names the right key.
                 let mut file_ok = true;
                 if let Some(p) = ca_path {
-                    if let Err(e) = crate::tls::certs(p) {
+                    if let Err(e) = crate::config::tls::certs(p) {
                         u.error("ca_file", &e);
                         file_ok = false;
                     }
                 }
                 if let Some((c, k)) = client {
-                    if let Err(e) = crate::tls::certs(c) {
+                    if let Err(e) = crate::config::tls::certs(c) {
                         u.error("cert_file", &e);
                         file_ok = false;
                     }
-                    if let Err(e) = crate::tls::key(k) {
+                    if let Err(e) = crate::config::tls::key(k) {
                         u.error("key_file", &e);
                         file_ok = false;
                     }
                 }
-                match crate::tls::client_config(ca_path, client).filter_ok(file_ok) {
+                match crate::config::tls::client_config(ca_path, client).filter_ok(file_ok) {
                     Ok(t) => {
                         upstream.tls = Some(t);
                         upstream.tls_summary = Some(format!(
@@ -782,10 +761,11 @@ pub fn compile(root: &config::Value, source: Option<PathBuf>) -> Result<Config, 
     let fleet = compile_fleet(&mut top, &upstream);
     let mut upstream = upstream;
     if fleet.enabled {
-        upstream.fleet_state_topic = Some(crate::fleet::state_topic(&upstream.topic_prefix));
+        upstream.fleet_state_topic =
+            Some(crate::core::reserved::state_topic(&upstream.topic_prefix));
     }
 
-    let rules = crate::rules::config::compile(&mut top);
+    let rules = crate::config::rules::compile(&mut top);
     top.finish();
 
     if errors.is_empty() {
@@ -984,6 +964,36 @@ mod tests {
             Config::defaults().broker.allow_anonymous,
             "the shipped file enables it"
         );
+    }
+
+    /// One source for the defaults: every value the shipped config/edgegate.toml sets equals
+    /// what the code uses when the key is left out, section by section, except the values
+    /// the shipped file sets on purpose (listed).
+    #[test]
+    fn the_shipped_file_sets_every_value_to_the_codes_default() {
+        let shipped = Config::defaults();
+        let code = from_toml("").unwrap();
+        let show = |c: &Config| -> Vec<String> {
+            let mut c = c.clone();
+            // On purpose: anonymous sensors for a first run (the code refuses to start without
+            // either it or a password file; `from_toml` here layers it in), the example rules.
+            c.broker.allow_anonymous = false;
+            c.rules.clear();
+            format!("{c:#?}").lines().map(str::to_string).collect()
+        };
+        let (a, b) = (show(&shipped), show(&code));
+        let differ: Vec<_> = a.iter().zip(&b).filter(|(x, y)| x != y).collect();
+        assert!(
+            differ.is_empty() && a.len() == b.len(),
+            "shipped vs code: {differ:#?}"
+        );
+        assert!(
+            shipped.broker.allow_anonymous,
+            "the shipped file enables it"
+        );
+        // `[rules_engine]` as shipped, as compiled without it, and EngineSettings::default().
+        assert_eq!(shipped.rules[0].settings, rules::EngineSettings::default());
+        assert_eq!(code.rules[0].settings, rules::EngineSettings::default());
     }
 
     #[test]

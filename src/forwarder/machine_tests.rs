@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::fake::{FakeConnector, Peer, WAIT};
 use super::*;
 use crate::config::{Config, SyncMode};
-use crate::event::Class;
+use crate::core::event::Class;
 use crate::queue::{QueueWriter, Store};
 
 struct Harness {

@@ -45,8 +45,9 @@ use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
-use crate::event::Class;
-use crate::ops::metrics::Metrics;
+use crate::core::bucket::TokenBucket;
+use crate::core::event::Class;
+use crate::core::metrics::Metrics;
 use crate::queue::{Cursor, QueueClosed, QueueHandle, Reader, StoredEvent};
 use held::{HeldBack, MAX_HELD_BACK};
 use session::{Connector, Rumqttc, SessionError, Up, UpstreamSession};
@@ -216,7 +217,8 @@ impl<C: Connector> Forwarder<C> {
         let mut tick =
             tokio::time::interval(Duration::from_millis(100).min(self.cfg.ack_timeout / 4));
         let mut caught_up = false;
-        let mut rate = RateLimit::new(self.cfg.max_rate);
+        // `upstream.max_rate`: one second's worth of events at most in a burst.
+        let mut rate = TokenBucket::new(self.cfg.max_rate);
 
         let end = loop {
             // Lease more when connected, not stopping, and there is room in the window (of
@@ -601,7 +603,7 @@ pub fn unacceptable(topic: Option<&str>, payload: usize, cfg: &UpstreamConfig) -
                 return Some(format!("topic of {} bytes (at most 65535)", t.len()));
             }
             if let Some(state) = &cfg.fleet_state_topic {
-                if crate::fleet::reserved_topic(t, state) {
+                if crate::core::reserved::reserved_topic(t, state) {
                     return Some(format!(
                         "topic {:?} is reserved for fleet documents and state",
                         truncated(t)
@@ -776,66 +778,6 @@ impl AckBatch {
 /// After a crash, at most this much of acknowledged traffic (plus the in-flight window) is sent
 /// again.
 const ACK_BATCH_WAIT: Duration = Duration::from_millis(50);
-
-/// `upstream.max_rate`: a token bucket of one second's worth of events.
-struct RateLimit {
-    per_second: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_second: u32) -> RateLimit {
-        RateLimit {
-            per_second: per_second as f64,
-            tokens: per_second as f64,
-            last: Instant::now(),
-        }
-    }
-
-    fn refill(&mut self) {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
-            .min(self.per_second);
-        self.last = now;
-    }
-
-    /// How many of `want` may be sent now.
-    fn available(&mut self, want: usize) -> usize {
-        if self.per_second == 0.0 {
-            return want;
-        }
-        self.refill();
-        want.min(self.tokens as usize)
-    }
-
-    fn take(&mut self) {
-        if self.per_second > 0.0 {
-            self.tokens -= 1.0;
-        }
-    }
-
-    fn burst(&self) -> usize {
-        if self.per_second == 0.0 {
-            usize::MAX
-        } else {
-            (self.per_second as usize).max(1)
-        }
-    }
-
-    /// Is the limit what holds us back right now?
-    fn limited(&self) -> bool {
-        self.per_second > 0.0 && self.tokens < 1.0
-    }
-
-    /// Time until the next token.
-    fn next_in(&self) -> Duration {
-        if self.per_second == 0.0 {
-            return Duration::from_secs(3600);
-        }
-        Duration::from_secs_f64(((1.0 - self.tokens).max(0.0) / self.per_second).max(0.001))
-    }
-}
 
 /// Exponential backoff with full jitter, between `min` and `max`.
 pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {

@@ -45,10 +45,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::ack::Ticket;
 use crate::config::{MinFree, QueueConfig, SyncMode};
-use crate::event::Event;
-use crate::ops::metrics::{DropReason, Metrics};
+use crate::core::ack::Ticket;
+use crate::core::event::Event;
+use crate::core::metrics::{DropReason, Metrics};
+use crate::core::outlet::{self, Offered, WhenFull};
 pub use store::{Cursor, Limits, Request, Stats, Store, StoreError, StoredEvent};
 pub use tail::Reader;
 use tail::Tail;
@@ -93,13 +94,6 @@ pub struct Leased {
 #[error("the queue writer has stopped")]
 pub struct QueueClosed;
 
-/// Outcome of a non-waiting append.
-pub enum TryAppend {
-    Sent,
-    Full(Event, Option<Ticket>),
-    Closed,
-}
-
 impl QueueHandle {
     /// Append, waiting while the channel is full.
     pub async fn append(&self, event: Event) -> Result<(), QueueClosed> {
@@ -119,11 +113,34 @@ impl QueueHandle {
             .map_err(|_| QueueClosed)
     }
 
-    pub fn try_append(&self, event: Event, ticket: Option<Ticket>) -> TryAppend {
-        match self.tx.try_send(Command::Append(event, ticket)) {
-            Ok(()) => TryAppend::Sent,
-            Err(flume::TrySendError::Full(Command::Append(e, t))) => TryAppend::Full(e, t),
-            Err(_) => TryAppend::Closed,
+    /// Append as `pipeline.when_full` says (see `core::outlet`): waiting while the channel is
+    /// full, or dropping the event (counted) and handing it back with its ticket.
+    pub async fn offer(
+        &self,
+        when_full: WhenFull,
+        event: Event,
+        ticket: Option<Ticket>,
+        metrics: &Metrics,
+    ) -> Offered<(Event, Option<Ticket>)> {
+        let offered = outlet::offer(
+            &self.tx,
+            when_full,
+            Command::Append(event, ticket),
+            metrics,
+            "queue writer",
+            |c| match c {
+                Command::Append(e, _) => &e.subject,
+                _ => "",
+            },
+        );
+        let back = |c| match c {
+            Command::Append(e, t) => Some((e, t)),
+            _ => None,
+        };
+        match offered.await {
+            Offered::Sent => Offered::Sent,
+            Offered::Dropped(c) => back(c).map_or(Offered::Sent, Offered::Dropped),
+            Offered::Closed(c) => back(c).map_or(Offered::Sent, Offered::Closed),
         }
     }
 
@@ -1038,7 +1055,7 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::event::{Class, Data};
+    use crate::core::event::{Class, Data};
     use store::tests::ev;
 
     /// A writer on a fresh file in `dir` with `commit_delay`.
@@ -1175,7 +1192,7 @@ mod tests {
     async fn tickets_settle_after_the_commit_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (q, w, m) = writer(dir.path(), Duration::from_millis(300));
-        let acks = crate::ack::Acks::new();
+        let acks = crate::core::ack::Acks::new();
         q.append_settling(reading(0), Some(acks.ticket()))
             .await
             .unwrap();
@@ -1203,7 +1220,7 @@ mod tests {
         let settle_time = |n: usize| {
             let q = q.clone();
             async move {
-                let acks = crate::ack::Acks::new();
+                let acks = crate::core::ack::Acks::new();
                 let t0 = Instant::now();
                 for i in 0..n {
                     q.append_settling(reading(i), Some(acks.ticket()))

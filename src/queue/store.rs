@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::config::{QueueFull, SyncMode};
-use crate::event::{Class, Event};
+use crate::core::event::{Class, Event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -621,7 +621,7 @@ impl Store {
             let full = page.len() == PAGE;
             for e in page {
                 after = e.pos;
-                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject)) && !f(e) {
+                if filter.is_none_or(|flt| crate::core::topic::matches(flt, &e.subject)) && !f(e) {
                     return Ok(());
                 }
             }
@@ -663,7 +663,7 @@ impl Store {
                     path: self.path.clone(),
                     source: e,
                 })?;
-                if filter.is_none_or(|f| crate::rules::topic::matches(f, &subject)) {
+                if filter.is_none_or(|f| crate::core::topic::matches(f, &subject)) {
                     doomed.push(pos);
                 }
             }
@@ -716,7 +716,7 @@ impl Store {
             let full = page.len() == PAGE;
             for (e, reason) in page {
                 after = e.pos;
-                if filter.is_none_or(|flt| crate::rules::topic::matches(flt, &e.subject))
+                if filter.is_none_or(|flt| crate::core::topic::matches(flt, &e.subject))
                     && !f(e, reason)
                 {
                     return Ok(());
@@ -820,7 +820,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let e = row.map_err(|e| self.err(e))?;
-            if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+            if filter.is_none_or(|f| crate::core::topic::matches(f, &e.subject)) {
                 out.push(e);
             }
         }
@@ -1391,7 +1391,7 @@ impl Txn<'_> {
             let rows = stmt.query_map([], row_to_event).map_err(|e| self.err(e))?;
             for r in rows {
                 let e = r.map_err(|e| self.err(e))?;
-                if filter.is_none_or(|f| crate::rules::topic::matches(f, &e.subject)) {
+                if filter.is_none_or(|f| crate::core::topic::matches(f, &e.subject)) {
                     events.push(e);
                 }
             }
@@ -1466,7 +1466,7 @@ impl Txn<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::event::{Data, TYPE_READING};
+    use crate::core::event::{Data, TYPE_READING};
     use bytes::Bytes;
 
     #[test]
@@ -1477,7 +1477,7 @@ pub(crate) mod tests {
 
     pub(crate) fn ev(class: Class, subject: &str) -> Event {
         Event {
-            id: crate::event::new_id(),
+            id: crate::core::event::new_id(),
             class,
             kind: TYPE_READING,
             subject: subject.into(),

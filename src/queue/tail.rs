@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use super::store::{Cursor, StoredEvent};
 use super::Leased;
-use crate::event::Class;
+use crate::core::event::Class;
 
 /// One upstream connection's place in the queue, and whether the tail may answer for it
 /// (`QueueHandle::read` is how the forwarder reads with it). A new connection starts a new

@@ -28,8 +28,8 @@ use bytes::Bytes;
 
 use super::{Action, Engine};
 use crate::config::RuleConfig;
-use crate::decode::Payload;
-use crate::event::{Reading, TYPE_ALERT};
+use crate::core::decode::Payload;
+use crate::core::event::{Reading, TYPE_ALERT};
 
 pub mod score;
 
@@ -437,9 +437,9 @@ fn is_alert_start(a: &Action) -> bool {
     }
 }
 
-fn is_start(e: &crate::event::Event) -> bool {
+fn is_start(e: &crate::core::event::Event) -> bool {
     match &e.data {
-        crate::event::Data::Json(b) => {
+        crate::core::event::Data::Json(b) => {
             serde_json::from_slice::<serde_json::Value>(b)
                 .ok()
                 .and_then(|v| {
@@ -483,82 +483,6 @@ fn emit<W: Write>(actions: &mut Vec<Action>, n: &mut u64, out: &mut W) -> std::i
         }
     }
     Ok(())
-}
-
-/// What `edgegate backtest` was asked to do.
-pub struct Options<'a> {
-    pub config: Option<&'a std::path::Path>,
-    /// A file (`-`: standard input), or with `labels` a directory.
-    pub input: &'a std::path::Path,
-    pub topic: Option<&'a str>,
-    pub scores: bool,
-    /// Score every `*.csv` under `input` against these incident windows.
-    pub labels: Option<&'a std::path::Path>,
-    pub json: bool,
-    pub probation: f64,
-}
-
-/// The `backtest` command; returns the process exit code.
-pub fn main(o: &Options<'_>) -> i32 {
-    let (rules, prefix) = match o.config {
-        Some(p) => match crate::config::Config::load(Some(p)) {
-            Ok(c) => (c.rules, c.upstream.topic_prefix),
-            Err(e) => {
-                eprintln!("edgegate: {e}");
-                return crate::cli::exit::CONFIG;
-            }
-        },
-        None => (default_rules(), "edge/backtest".to_string()),
-    };
-    if let Some(labels) = o.labels {
-        if !(0.0..1.0).contains(&o.probation) {
-            eprintln!("edgegate: --probation must be in [0, 1)");
-            return crate::cli::exit::USAGE;
-        }
-        return score::main(&rules, o.input, labels, o.json, o.probation);
-    }
-    if o.json {
-        eprintln!("edgegate: --json goes with --labels");
-        return crate::cli::exit::USAGE;
-    }
-    let input = o.input;
-    let file: Box<dyn BufRead> = if input.as_os_str() == "-" {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        match std::fs::File::open(input) {
-            Ok(f) => Box::new(std::io::BufReader::new(f)),
-            Err(e) => {
-                eprintln!("edgegate: {}: {e}", input.display());
-                return crate::cli::exit::NOINPUT;
-            }
-        }
-    };
-    let stdout = std::io::stdout();
-    let started = std::time::Instant::now();
-    match run(
-        &rules,
-        &prefix,
-        file,
-        o.topic.unwrap_or("sensors/backtest/value"),
-        o.scores,
-        stdout.lock(),
-    ) {
-        Ok(s) => {
-            eprintln!(
-                "backtest: {} readings, {} events, {} alerts in {:.2?}",
-                s.readings,
-                s.events,
-                s.alerts,
-                started.elapsed()
-            );
-            0
-        }
-        Err(BacktestError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
-        Err(e) => {
-            eprintln!("edgegate: {}: {e}", input.display());
-            crate::cli::exit::DATAERR
-        }
-    }
 }
 
 #[cfg(test)]

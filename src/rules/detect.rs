@@ -31,21 +31,10 @@
 //! (a square wave's plateaus, a constant series or a count that is 0 every night are its normal).
 //! One alert at the onset, score 1 on that reading only.
 
-use super::config::DetectorConfig;
+use crate::config::rules::{DetectorConfig, OutlierSettings};
 
 #[cfg(test)]
 mod tests;
-
-/// Default noise floor of the outlier detector, in robust standard deviations of the jump
-/// feature (a reading closer than this to its prediction never alerts).
-pub const OUTLIER_Z: f64 = 4.0;
-/// Default novelty ratio: a surprise must exceed the sensor's recent maximum by this factor.
-pub const OUTLIER_RATIO: f64 = 2.0;
-/// Default half-life (seconds) of the recent maximum of each surprise feature: 7 days, so a
-/// weekly pattern's largest excursions are still remembered when they come back.
-pub const OUTLIER_MEMORY_SECS: f64 = 7.0 * 86_400.0;
-/// Default readings before the outlier detector may alert.
-pub const OUTLIER_WARMUP: u32 = 50;
 
 /// Smoothing of the fast level (the prediction of the next reading).
 const FAST: f64 = 0.3;
@@ -102,32 +91,6 @@ pub struct Verdict {
     pub band: Option<(f64, f64)>,
     /// Whether the detector is in alarm after this reading.
     pub active: bool,
-}
-
-/// Settings of the outlier detector.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OutlierSettings {
-    /// Noise floor in robust sigmas.
-    pub threshold: f64,
-    /// Novelty ratio over the recent maximum surprise.
-    pub ratio: f64,
-    /// Half-life of the recent maximum, seconds.
-    pub memory: f64,
-    pub warmup: u32,
-    /// Whether the time-of-day profile scores (see [`Outlier`]).
-    pub seasonal: bool,
-}
-
-impl Default for OutlierSettings {
-    fn default() -> Self {
-        OutlierSettings {
-            threshold: OUTLIER_Z,
-            ratio: OUTLIER_RATIO,
-            memory: OUTLIER_MEMORY_SECS,
-            warmup: OUTLIER_WARMUP,
-            seasonal: true,
-        }
-    }
 }
 
 /// `q^4 / (q^4 + 1)`: 0.5 at q = 1, a likelihood-like squashing of a ratio to its threshold.

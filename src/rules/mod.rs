@@ -18,22 +18,21 @@
 //! benchmarked without a broker or a disk; the stage performs the actions.
 
 pub mod backtest;
-pub mod config;
 pub mod detect;
-pub mod expr;
+pub mod history;
 mod sensors;
 pub mod stage;
-pub mod template;
-pub mod topic;
 pub mod window;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::config::rules::{ActionConfig, AggregateConfig, DetectConfig, EngineSettings};
 use crate::config::RuleConfig;
-use crate::event::{new_id, Class, Data, Event, Reading, TYPE_AGGREGATE, TYPE_ALERT, TYPE_READING};
-use config::{ActionConfig, AggregateConfig, DetectConfig, EngineSettings};
+use crate::core::event::{
+    new_id, Class, Data, Event, Reading, TYPE_AGGREGATE, TYPE_ALERT, TYPE_READING,
+};
 use detect::{DetectorState, Transition, Verdict};
 use sensors::{mask_bit, Sensors, States};
 use window::{Closed, WindowState};
@@ -95,7 +94,7 @@ enum Runtime {
 
 struct Rule {
     cfg: RuleConfig,
-    scratch: expr::Scratch,
+    scratch: crate::config::condition::Scratch,
     /// One per action, same order.
     state: Vec<Runtime>,
     stats: RuleStats,
@@ -116,7 +115,7 @@ impl Rule {
                 })
                 .collect(),
             cfg: cfg.clone(),
-            scratch: expr::Scratch::default(),
+            scratch: crate::config::condition::Scratch::default(),
             stats: RuleStats::default(),
         }
     }
@@ -324,14 +323,14 @@ impl Engine {
                             subject: reading.topic.clone(),
                             upstream_topic: upstream.clone(),
                             time: reading.received,
-                            data: reading.payload.to_data(),
+                            data: Data::from(&reading.payload),
                             traceparent: reading.traceparent.clone(),
                         }));
                         self.forwarded.push(upstream);
                         forwarded = true;
                     }
                     (ActionConfig::Publish { topic }, _) => {
-                        let payload = match reading.payload.to_data() {
+                        let payload = match Data::from(&reading.payload) {
                             Data::Json(b) | Data::Binary(b) => b,
                         };
                         out.push(Action::Publish {

@@ -33,7 +33,7 @@ pub(crate) fn mask_bit(mask: &[u64], i: usize) -> bool {
 fn compute_mask<F: AsRef<str>>(topic: &str, filters: &[F]) -> Vec<u64> {
     let mut mask = vec![0u64; filters.len().div_ceil(64).max(1)];
     for (i, f) in filters.iter().enumerate() {
-        if super::topic::matches(f.as_ref(), topic) {
+        if crate::core::topic::matches(f.as_ref(), topic) {
             mask[i / 64] |= 1 << (i % 64);
         }
     }

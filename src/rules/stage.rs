@@ -3,21 +3,23 @@
 //!
 //! Invariant: every reading leaves this stage as at least one queued event, or as a counted
 //! drop (`unrouted`, `rule_drop`, `rule_filtered`, `rule_error`, `channel_full`). Its ticket
-//! (the sensor's PUBACK, see [`crate::ack`]) rides on its last event to the queue, or, when it
+//! (the sensor's PUBACK, see [`crate::core::ack`]) rides on its last event to the queue, or, when it
 //! became no event, follows on its own (`Settle`), behind everything sent before it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use rumqttd::local::LinkTx;
+use serde::Serialize;
 
-use crate::ack::{Inbound, Ticket};
 use crate::config::{RuleConfig, WhenFull};
-use crate::event::{Reading, TYPE_ALERT};
-use crate::ops::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
-use crate::queue::{QueueHandle, TryAppend};
+use crate::core::ack::{Inbound, Ticket};
+use crate::core::event::{Reading, TYPE_ALERT};
+use crate::core::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
+use crate::core::outlet::Offered;
+use crate::queue::QueueHandle;
 
 use super::{Action, Disposition, Engine};
 
@@ -28,12 +30,26 @@ pub struct Reload {
     pub done: Option<tokio::sync::oneshot::Sender<Vec<String>>>,
 }
 
+/// The outcome of the last rules reload (SIGHUP), for `/api/rules`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub time: String,
+    pub ok: bool,
+    /// `(key, message)` of every configuration error; empty when applied.
+    pub errors: Vec<(String, String)>,
+    /// Rules that kept their state.
+    pub kept: Vec<String>,
+}
+
+/// Shared slot for the last reload's outcome (written on SIGHUP, read by the page).
+pub type ReloadLog = Arc<Mutex<Option<ReloadReport>>>;
+
 /// Handle to send reloads to a running stage.
 #[derive(Clone)]
 pub struct RulesHandle {
     tx: flume::Sender<Reload>,
     /// The outcome of the last SIGHUP reload, for the status page.
-    pub reloads: crate::ops::web::ReloadLog,
+    pub reloads: ReloadLog,
 }
 
 impl RulesHandle {
@@ -43,9 +59,10 @@ impl RulesHandle {
         (RulesHandle { tx, reloads }, rx)
     }
 
-    fn log_reload(&self, errors: Vec<(String, String)>, kept: Vec<String>) {
+    /// Note the outcome of a reload for the status page.
+    pub fn log_reload(&self, errors: Vec<(String, String)>, kept: Vec<String>) {
         if let Ok(mut r) = self.reloads.lock() {
-            *r = Some(crate::ops::web::ReloadReport {
+            *r = Some(ReloadReport {
                 time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 ok: errors.is_empty(),
                 errors,
@@ -79,7 +96,7 @@ pub struct RulesStage {
     pub local: Option<LinkTx>,
     pub reload: flume::Receiver<Reload>,
     /// The status page's view of sensors and alerts (`None`: no page).
-    pub tap: Option<crate::ops::web::history::Tap>,
+    pub tap: Option<super::history::Tap>,
 }
 
 /// The timer of `missing` detectors and windows; a late tick is not made up for.
@@ -248,7 +265,7 @@ impl RulesStage {
             if let Some(tap) = &mut self.tap {
                 match &action {
                     Action::Forward(e) if e.kind == TYPE_ALERT => {
-                        if let crate::event::Data::Json(b) = &e.data {
+                        if let crate::core::event::Data::Json(b) = &e.data {
                             tap.alert(b);
                         }
                     }
@@ -269,36 +286,19 @@ impl RulesStage {
                     } else {
                         None
                     };
-                    match self.when_full {
-                        WhenFull::Block => {
-                            if self.queue.append_settling(event, rides).await.is_err() {
-                                self.metrics.drop_events(
-                                    DropReason::Shutdown,
-                                    1,
-                                    &"queue writer stopped",
-                                );
-                            }
-                        }
-                        WhenFull::DropNewest => match self.queue.try_append(event, rides) {
-                            TryAppend::Sent => {}
-                            TryAppend::Full(e, t) => {
-                                self.metrics.drop_events(
-                                    DropReason::ChannelFull,
-                                    1,
-                                    &format_args!(
-                                        "queue writer busy; dropped event for {}",
-                                        e.subject
-                                    ),
-                                );
-                                // Still settled in order, behind what went before it.
-                                ticket = ticket.or(t);
-                            }
-                            TryAppend::Closed => self.metrics.drop_events(
-                                DropReason::Shutdown,
-                                1,
-                                &"queue writer stopped",
-                            ),
-                        },
+                    let offered = self
+                        .queue
+                        .offer(self.when_full, event, rides, &self.metrics);
+                    match offered.await {
+                        Offered::Sent => {}
+                        // Counted by the outlet; its ticket is still settled in order, behind
+                        // what went before it.
+                        Offered::Dropped((_, t)) => ticket = ticket.or(t),
+                        Offered::Closed(_) => self.metrics.drop_events(
+                            DropReason::Shutdown,
+                            1,
+                            &"queue writer stopped",
+                        ),
                     }
                 }
                 Action::Publish { topic, payload } => {
@@ -328,55 +328,6 @@ impl RulesStage {
             // goes once everything before it is committed. A stopped writer: no PUBACK; the
             // sensor sends it again after it reconnects.
             let _ = self.queue.settle(t).await;
-        }
-    }
-}
-
-/// Reload the rules on every SIGHUP: re-read the configuration (`path`, plus the environment)
-/// and apply its rules as the local part of `sources`; if it is invalid, log every error with
-/// its key, count the failure and keep the running rules.
-pub async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    path: Option<std::path::PathBuf>,
-    handle: RulesHandle,
-    metrics: Arc<Metrics>,
-    sources: crate::fleet::RuleSources,
-) {
-    use crate::ops::{logging, systemd};
-    while hup.recv().await.is_some() {
-        systemd::reloading();
-        tracing::info!("SIGHUP: reloading rules");
-        match crate::config::Config::load(path.as_deref()) {
-            Err(errors) => {
-                metrics.rules.reload_failures.inc();
-                for e in &errors.0 {
-                    tracing::error!(key = %e.key, error = %e.message, "invalid configuration");
-                }
-                handle.log_reload(
-                    errors
-                        .0
-                        .iter()
-                        .map(|e| (e.key.to_string(), e.message.to_string()))
-                        .collect(),
-                    Vec::new(),
-                );
-                tracing::error!("{errors}; the running rules are kept");
-                systemd::ready("reload rejected: invalid configuration, running rules kept");
-            }
-            Ok(config) => {
-                if let Err(e) = logging::set_level(&config.gateway.log_level) {
-                    tracing::warn!(error = %e, "gateway.log_level not applied");
-                }
-                // Combined with the fleet's documents (crate::fleet): local rules first.
-                match sources.reload_local(&handle, config.rules).await {
-                    Some(kept) => {
-                        tracing::info!(kept_state = ?kept, "rules reload applied");
-                        handle.log_reload(Vec::new(), kept.clone());
-                        systemd::ready("rules reloaded");
-                    }
-                    None => return,
-                }
-            }
         }
     }
 }

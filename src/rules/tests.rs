@@ -1,5 +1,5 @@
 use super::*;
-use crate::decode::Payload;
+use crate::core::decode::Payload;
 use bytes::Bytes;
 
 fn reading(topic: &str) -> Reading {
@@ -16,7 +16,7 @@ fn at(topic: &str, payload: &[u8], t: f64) -> Reading {
 }
 
 fn rules(toml: &str) -> Vec<RuleConfig> {
-    match config::from_toml(toml) {
+    match crate::config::rules::from_toml(toml) {
         Ok(r) => r,
         Err(e) => panic!("{e}"),
     }
@@ -153,7 +153,7 @@ fn old_and_new_syntax() {
 
 #[test]
 fn config_errors_are_all_listed() {
-    let err = config::from_toml(
+    let err = crate::config::rules::from_toml(
         r#"
         [[rules]]
         name = "a"

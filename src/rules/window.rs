@@ -2,7 +2,7 @@
 //! (`window` every `slide`), kept as a ring of panes of length `slide` so that a reading costs
 //! O(1) and a window O(panes).
 
-use super::config::{AggregateConfig, Stat};
+use crate::config::rules::{AggregateConfig, Stat};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Acc {
@@ -169,7 +169,7 @@ mod tests {
             slide: slide.map(Duration::from_secs),
             stats: Stat::ALL.to_vec(),
             topic: None,
-            class: crate::event::Class::Telemetry,
+            class: crate::core::event::Class::Telemetry,
             publish: None,
         }
     }

@@ -403,7 +403,7 @@ impl Cloud {
         let r = self.received.lock().unwrap();
         let mut out = Vec::new();
         for (t, p) in r.iter() {
-            for e in edgegate::consumer::envelopes(p).expect("an envelope or a batch") {
+            for e in edgegate::commands::consumer::envelopes(p).expect("an envelope or a batch") {
                 out.push((t.clone(), e));
             }
         }

@@ -377,46 +377,5 @@ pub fn print_text(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     )
 }
 
-/// The `backtest --labels` command; returns the process exit code.
-pub fn main(rules: &[RuleConfig], dir: &Path, labels: &Path, json: bool, probation: f64) -> i32 {
-    let labels = match read_labels(labels) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("edgegate: {e}");
-            return match e {
-                LabelsError::Read(..) => crate::cli::exit::NOINPUT,
-                _ => crate::cli::exit::DATAERR,
-            };
-        }
-    };
-    let report = match evaluate(rules, dir, &labels, probation) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgegate: {e}");
-            return match e {
-                LabelsError::Dir(..) | LabelsError::Empty(_) => crate::cli::exit::NOINPUT,
-                _ => crate::cli::exit::DATAERR,
-            };
-        }
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let written = if json {
-        serde_json::to_writer(&mut out, &report)
-            .map_err(std::io::Error::from)
-            .and_then(|_| writeln!(out))
-    } else {
-        print_text(&report, &mut out)
-    };
-    match written {
-        Ok(()) => 0,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
-        Err(e) => {
-            eprintln!("edgegate: {e}");
-            crate::cli::exit::IOERR
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,234 @@
+//! The event model shared by all stages, and its CloudEvents 1.0 wire form.
+//!
+//! A sensor publish becomes a [`Reading`] (ingest + decode); the rules turn readings into
+//! [`Event`]s bound upstream; the queue gives each event its `sequence` and freezes it into the
+//! envelope bytes with [`Event::envelope`]. Those bytes are what is stored, sent and re-sent: an
+//! event's `id` and `sequence` never change after commit.
+//!
+//! Layer: core (imports only `core::decode`). Invariant: the event model has no behaviour of a
+//! stage; what a stage does with an event lives in the stage.
+
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::core::decode::Payload;
+
+/// A publish received from a sensor, decoded.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    pub topic: String,
+    pub received: SystemTime,
+    pub payload: Payload,
+    /// W3C trace context from an MQTT 5 `traceparent` user property.
+    pub traceparent: Option<String>,
+}
+
+/// Delivery class: alerts leave before telemetry and are evicted after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Alert = 0,
+    Telemetry = 1,
+}
+
+impl Class {
+    pub fn as_i64(self) -> i64 {
+        self as i64
+    }
+
+    pub fn from_i64(v: i64) -> Class {
+        if v == 0 {
+            Class::Alert
+        } else {
+            Class::Telemetry
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Alert => "alert",
+            Class::Telemetry => "telemetry",
+        }
+    }
+}
+
+pub const TYPE_READING: &str = "io.edgegate.reading";
+/// An anomaly detector's alert; `data.state` is `"start"` when the anomaly begins and `"clear"`
+/// when it ends.
+pub const TYPE_ALERT: &str = "io.edgegate.alert";
+/// One window of an `aggregate` action.
+pub const TYPE_AGGREGATE: &str = "io.edgegate.aggregate";
+
+/// An event bound upstream, before the queue assigns its sequence.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: String,
+    pub class: Class,
+    pub kind: &'static str,
+    /// The topic the event is about (the sensor's topic for readings).
+    pub subject: String,
+    /// Where it is published upstream (`{topic_prefix}/{subject}` for readings).
+    pub upstream_topic: String,
+    pub time: SystemTime,
+    pub data: Data,
+    pub traceparent: Option<String>,
+}
+
+/// Event data: JSON (embedded as is) or opaque bytes (sent as `data_base64`).
+#[derive(Debug, Clone)]
+pub enum Data {
+    /// Valid JSON text, embedded verbatim.
+    Json(Bytes),
+    Binary(Bytes),
+}
+
+impl From<&Payload> for Data {
+    /// The event data for a payload: its JSON text as is, or its bytes.
+    fn from(p: &Payload) -> Data {
+        match p {
+            Payload::Object(b) | Payload::OtherJson(b) => Data::Json(b.clone()),
+            Payload::Number { json, .. } => Data::Json(json.clone()),
+            Payload::Opaque(b) => Data::Binary(b.clone()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    subject: &'a str,
+    time: String,
+    sequence: String,
+    datacontenttype: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+/// Width of the zero-padded `sequence` string: lexicographic order equals numeric order, as the
+/// CloudEvents sequence extension asks.
+pub const SEQUENCE_WIDTH: usize = 20;
+
+pub fn format_sequence(seq: u64) -> String {
+    format!("{seq:0width$}", width = SEQUENCE_WIDTH)
+}
+
+impl Event {
+    /// The CloudEvents 1.0 structured-mode JSON of this event with its committed sequence.
+    pub fn envelope(&self, source: &str, sequence: u64) -> Vec<u8> {
+        let time = humantime::format_rfc3339_micros(self.time).to_string();
+        let (datacontenttype, data, data_base64) = match &self.data {
+            Data::Json(bytes) => {
+                // Json data is valid JSON by construction (see decode); if not, fall back to
+                // base64 rather than emit a broken envelope.
+                match std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<&RawValue>(s).ok())
+                {
+                    Some(raw) => ("application/json", Some(raw), None),
+                    None => (
+                        "application/octet-stream",
+                        None,
+                        Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    ),
+                }
+            }
+            Data::Binary(bytes) => (
+                "application/octet-stream",
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        };
+        let env = Envelope {
+            specversion: "1.0",
+            id: &self.id,
+            source,
+            kind: self.kind,
+            subject: &self.subject,
+            time,
+            sequence: format_sequence(sequence),
+            datacontenttype,
+            traceparent: self.traceparent.as_deref(),
+            data,
+            data_base64,
+        };
+        // Serializing plain strings and validated raw JSON into a Vec cannot fail.
+        serde_json::to_vec(&env).unwrap_or_default()
+    }
+}
+
+/// A new event id: UUIDv7, time-ordered and unique without coordination.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(data: Data) -> Event {
+        Event {
+            id: "id-1".into(),
+            class: Class::Telemetry,
+            kind: TYPE_READING,
+            subject: "sensors/a/t".into(),
+            upstream_topic: "edge/gw/sensors/a/t".into(),
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456),
+            data,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn json_envelope() {
+        let bytes =
+            ev(Data::Json(Bytes::from_static(b"{\"t\": 21.5}"))).envelope("edgegate://gw", 7);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], "id-1");
+        assert_eq!(v["source"], "edgegate://gw");
+        assert_eq!(v["type"], "io.edgegate.reading");
+        assert_eq!(v["subject"], "sensors/a/t");
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["sequence"], "00000000000000000007");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(v["data"]["t"], 21.5);
+        assert!(v.get("data_base64").is_none());
+    }
+
+    #[test]
+    fn binary_envelope() {
+        let bytes = ev(Data::Binary(Bytes::from_static(&[0, 159, 146, 150]))).envelope("s", 1);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["datacontenttype"], "application/octet-stream");
+        assert_eq!(v["data_base64"], "AJ+Slg==");
+        assert!(v.get("data").is_none());
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        assert_ne!(new_id(), new_id());
+    }
+
+    #[test]
+    fn data_is_valid_json_or_binary() {
+        for p in [&b"{\"a\":[1,2]}"[..], b" 5 ", b"+5", b"[true]", b"\x00\x01"] {
+            match Data::from(&Payload::decode(Bytes::copy_from_slice(p))) {
+                Data::Json(b) => {
+                    serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+                }
+                Data::Binary(b) => assert_eq!(&b[..], p),
+            }
+        }
+    }
+}
