@@ -19,8 +19,10 @@
 
 pub mod acl;
 pub mod auth;
+pub mod frame;
 pub mod guard;
 pub mod handoff;
+pub mod refusal;
 pub mod retained;
 
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -42,14 +42,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rumqttd::protocol::{v4::V4, v5::V5, Login, Packet, Protocol};
+use rumqttd::protocol::{Login, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::broker::acl::{Acl, Perms};
 use crate::broker::auth::Passwords;
+use crate::broker::frame::{
+    complete_frames, connack_assigning, decode, disconnect_expiry, encode, frame_of, parse_header,
+    publish_meta, publish_pkid, qos0_frame, read_frame, read_frame_of, suback_refusal,
+    subscribe_filters, unsubscribe_filters, FrameError, PacketType, PINGREQ,
+};
 use crate::broker::handoff::{Handed, Handoff, Owed, Publish, OWED_MAX, OWN_PREFIX};
+use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::{topic_hash, RetainedBook, RetainedLimits};
 use crate::ops::metrics::{DropReason, Metrics};
 
@@ -177,169 +183,19 @@ impl Drop for Admitted {
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-#[derive(Debug)]
-enum FrameError {
-    Io,
-    Malformed,
-    Oversize(usize),
-    /// The first byte is not the packet type expected (CONNECT first).
-    Unexpected(u8),
-}
-
-/// MQTT variable byte integer at the start of `buf`: (its length in bytes, its value), or `None`
-/// if more bytes are needed.
-fn var_int(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
-    let mut value = 0usize;
-    for i in 0..4 {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        value |= ((b & 0x7f) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok(Some((i + 1, value)));
-        }
-    }
-    Err(FrameError::Malformed)
-}
-
-/// Fixed header: (byte 1, header length, remaining length), or `None` if more bytes are needed.
-fn parse_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, FrameError> {
-    let Some(&byte1) = buf.first() else {
-        return Ok(None);
-    };
-    Ok(var_int(&buf[1..])?.map(|(n, len)| (byte1, 1 + n, len)))
-}
-
-/// Length of the complete packets at the start of `buf` (up to about `limit` bytes, each at most
-/// `max`): what can be passed on in one write.
-fn complete_frames(buf: &[u8], max: usize, limit: usize) -> usize {
-    let mut at = 0;
-    while at < limit {
-        match parse_header(&buf[at..]) {
-            Ok(Some((_, hl, rl))) if rl <= max && buf.len() - at >= hl + rl => at += hl + rl,
-            _ => break,
-        }
-    }
-    at
-}
-
 /// Packets relayed together in one write at most (bytes): under load a sensor's publishes and
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 const COALESCE: usize = 64 * 1024;
-
-/// Read one whole MQTT packet into a buffer of its own; `None` on a clean end of stream.
-async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Option<BytesMut>, FrameError> {
-    read_frame_of(r, buf, max, None).await
-}
-
-/// As [`read_frame`]; with `expect`, fails as soon as the first byte shows another packet type
-/// (garbage is refused before its "length" is even read).
-async fn read_frame_of<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-    expect: Option<u8>,
-) -> Result<Option<BytesMut>, FrameError> {
-    loop {
-        if let (Some(t), Some(b)) = (expect, buf.first()) {
-            if b >> 4 != t {
-                return Err(FrameError::Unexpected(b >> 4));
-            }
-        }
-        if let Some((_, hl, rl)) = parse_header(buf)? {
-            if rl > max {
-                return Err(FrameError::Oversize(rl));
-            }
-            if buf.len() >= hl + rl {
-                return Ok(Some(buf.split_to(hl + rl)));
-            }
-            buf.reserve(hl + rl - buf.len());
-        } else {
-            buf.reserve(64);
-        }
-        match r.read_buf(buf).await {
-            Ok(0) if buf.is_empty() => return Ok(None),
-            Ok(0) => return Err(FrameError::Io),
-            Ok(_) => {}
-            Err(_) => return Err(FrameError::Io),
-        }
-    }
-}
-
-/// CONNACK refusing a connection: MQTT 3.1.1 return code or MQTT 5 reason code.
-#[derive(Clone, Copy)]
-enum Refuse {
-    ClientId,
-    BadLogin,
-    NotAuthorized,
-    Unavailable,
-    /// A will topic MQTT forbids or the gateway reserves (3.1.1 has no better code than "not
-    /// authorized"; MQTT 5 has 0x90 "topic name invalid").
-    TopicName,
-    /// A protocol level the listener does not speak (3.1.1 0x01, MQTT 5 0x84).
-    Version,
-    /// MQTT 5 protocol error (0x82; 3.1.1 has no such CONNACK and never gets this).
-    Protocol,
-}
-
-fn connack(v5: bool, why: Refuse) -> Vec<u8> {
-    if v5 {
-        let code = match why {
-            Refuse::ClientId => 0x85,
-            Refuse::BadLogin => 0x86,
-            Refuse::NotAuthorized => 0x87,
-            Refuse::Unavailable => 0x89,
-            Refuse::TopicName => 0x90,
-            Refuse::Version => 0x84,
-            Refuse::Protocol => 0x82,
-        };
-        vec![0x20, 0x03, 0x00, code, 0x00]
-    } else {
-        let code = match why {
-            Refuse::ClientId => 0x02,
-            Refuse::Unavailable => 0x03,
-            Refuse::BadLogin => 0x04,
-            Refuse::NotAuthorized | Refuse::TopicName => 0x05,
-            Refuse::Version => 0x01,
-            Refuse::Protocol => 0x03,
-        };
-        vec![0x20, 0x02, 0x00, code]
-    }
-}
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn decode(v5: bool, frame: &mut BytesMut, max: usize) -> Option<Packet> {
-    // rumqttd's decoder, on a frame we already checked is a CONNECT of at most `max` bytes.
-    let r = if v5 {
-        V5.read_mut(frame, max)
-    } else {
-        V4.read_mut(frame, max)
-    };
-    r.ok()
-}
-
-fn encode(v5: bool, packet: Packet) -> Option<BytesMut> {
-    let mut out = BytesMut::new();
-    let r = if v5 {
-        V5.write(packet, &mut out)
-    } else {
-        V4.write(packet, &mut out)
-    };
-    r.ok().map(|_| out)
-}
-
 /// Is this client id acceptable? `Err(reason, detail)`.
-pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, String)> {
+pub fn check_client_id(id: &str, max_len: usize) -> Result<(), Refused> {
     if id.len() > max_len {
-        return Err((
-            "client_id",
+        return Err(Refused(
+            Refusal::ClientId,
             format!(
                 "client id of {} bytes (broker.max_client_id_length {max_len})",
                 id.len()
@@ -347,11 +203,14 @@ pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, St
         ));
     }
     if let Some(c) = id.chars().find(|c| "+#/$".contains(*c) || c.is_control()) {
-        return Err(("client_id", format!("client id {id:?} contains {c:?}")));
+        return Err(Refused(
+            Refusal::ClientId,
+            format!("client id {id:?} contains {c:?}"),
+        ));
     }
     if let Some(p) = RESERVED_IDS.iter().find(|p| id.starts_with(**p)) {
-        return Err((
-            "reserved_client_id",
+        return Err(Refused(
+            Refusal::ReservedClientId,
             format!("client id {id:?} uses the gateway's reserved prefix {p:?}"),
         ));
     }
@@ -362,10 +221,10 @@ pub fn check_client_id(id: &str, max_len: usize) -> Result<(), (&'static str, St
 /// invalid UTF-8 and the empty name are refused (an MQTT 5 publish with a topic alias is checked
 /// by the caller). Such a topic PUBACKed and queued would block the forwarder, whose client
 /// library refuses it (issue 12.1). `Err(reason, detail)`.
-pub fn check_topic_name(topic: &[u8]) -> Result<(), (&'static str, String)> {
+pub fn check_topic_name(topic: &[u8]) -> Result<(), Refused> {
     let Ok(t) = std::str::from_utf8(topic) else {
-        return Err((
-            "topic_invalid",
+        return Err(Refused(
+            Refusal::TopicInvalid,
             format!(
                 "topic {:?} is not valid UTF-8",
                 String::from_utf8_lossy(topic)
@@ -373,16 +232,19 @@ pub fn check_topic_name(topic: &[u8]) -> Result<(), (&'static str, String)> {
         ));
     };
     if t.is_empty() {
-        return Err(("topic_invalid", "empty topic name".into()));
+        return Err(Refused(Refusal::TopicInvalid, "empty topic name".into()));
     }
     if t.contains(['+', '#']) {
-        return Err((
-            "topic_wildcard",
+        return Err(Refused(
+            Refusal::TopicWildcard,
             format!("topic name {t:?} contains a wildcard"),
         ));
     }
     if t.contains('\0') {
-        return Err(("topic_invalid", format!("topic name {t:?} contains NUL")));
+        return Err(Refused(
+            Refusal::TopicInvalid,
+            format!("topic name {t:?} contains NUL"),
+        ));
     }
     Ok(())
 }
@@ -478,12 +340,12 @@ impl Guard {
 
     /// Admit a connection from `ip`: `Err(reason, detail)` over `broker.max_connections` or
     /// `broker.max_connections_per_address`.
-    fn admit(self: &Arc<Guard>, ip: IpAddr) -> Result<Admitted, (&'static str, String)> {
+    fn admit(self: &Arc<Guard>, ip: IpAddr) -> Result<Admitted, Refused> {
         let n = self.active.fetch_add(1, Ordering::SeqCst);
         if n >= self.policy.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err((
-                "connection_limit",
+            return Err(Refused(
+                Refusal::ConnectionLimit,
                 format!(
                     "broker.max_connections {} reached",
                     self.policy.max_connections
@@ -496,8 +358,8 @@ impl Guard {
             if *mine >= self.policy.max_connections_per_address {
                 drop(per);
                 self.active.fetch_sub(1, Ordering::SeqCst);
-                return Err((
-                    "address_limit",
+                return Err(Refused(
+                    Refusal::AddressLimit,
                     format!(
                         "broker.max_connections_per_address {} reached for {ip}",
                         self.policy.max_connections_per_address
@@ -644,8 +506,8 @@ impl Guard {
         self.client_ids.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    fn reject(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
-        self.metrics.broker_reject(reason, &peer, detail);
+    fn reject(&self, reason: Refusal, peer: SocketAddr, detail: &dyn std::fmt::Display) {
+        self.metrics.broker_reject(reason.label(), &peer, detail);
     }
 
     /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
@@ -672,10 +534,10 @@ impl Guard {
     }
 
     /// Check a topic name or filter (length, distinct-topic budget).
-    fn check_topic(&self, topic: &[u8]) -> Result<(), (&'static str, String)> {
+    fn check_topic(&self, topic: &[u8]) -> Result<(), Refused> {
         if topic.len() > self.policy.max_topic_length {
-            return Err((
-                "topic_too_long",
+            return Err(Refused(
+                Refusal::TopicTooLong,
                 format!(
                     "topic of {} bytes (broker.max_topic_length {})",
                     topic.len(),
@@ -684,8 +546,8 @@ impl Guard {
             ));
         }
         if !self.note(&self.topics, topic, self.policy.max_topics) {
-            return Err((
-                "topic_limit",
+            return Err(Refused(
+                Refusal::TopicLimit,
                 format!(
                     "new topic {:?} beyond broker.max_topics {}",
                     String::from_utf8_lossy(topic),
@@ -719,14 +581,14 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let admitted = match guard.admit(peer.ip()) {
             Ok(a) => a,
-            Err((reason, detail)) => {
+            Err(Refused(reason, detail)) => {
                 guard.reject(reason, peer, &detail);
                 if tls.is_none() {
                     tokio::spawn(async move {
                         let mut s = stream;
                         let _ = tokio::time::timeout(
                             Duration::from_secs(1),
-                            s.write_all(&connack(v5, Refuse::Unavailable)),
+                            s.write_all(&reason.connack(v5)),
                         )
                         .await;
                     });
@@ -750,9 +612,9 @@ pub async fn accept_loop(
                         .await
                         {
                             Ok(Ok(s)) => session(s, peer, v5, targets, guard).await,
-                            Ok(Err(e)) => guard.reject("tls_handshake", peer, &e),
+                            Ok(Err(e)) => guard.reject(Refusal::TlsHandshake, peer, &e),
                             Err(_) => guard.reject(
-                                "tls_handshake_timeout",
+                                Refusal::TlsHandshakeTimeout,
                                 peer,
                                 &"no TLS handshake within broker.connection_timeout",
                             ),
@@ -785,13 +647,18 @@ async fn session<S: Io>(
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
         p.connect_timeout,
-        read_frame_of(&mut client, &mut buf, p.max_packet, Some(1)),
+        read_frame_of(
+            &mut client,
+            &mut buf,
+            p.max_packet,
+            Some(PacketType::Connect),
+        ),
     )
     .await;
     let mut frame = match first {
         Err(_) => {
             return guard.reject(
-                "connect_timeout",
+                Refusal::ConnectTimeout,
                 peer,
                 &"no complete CONNECT within broker.connection_timeout",
             )
@@ -799,26 +666,30 @@ async fn session<S: Io>(
         Ok(Ok(None)) | Ok(Err(FrameError::Io)) => return,
         Ok(Err(FrameError::Unexpected(t))) => {
             return guard.reject(
-                "not_connect",
+                Refusal::NotConnect,
                 peer,
                 &format_args!("packet type {t} before CONNECT"),
             )
         }
         Ok(Err(FrameError::Malformed)) => {
-            return guard.reject("malformed", peer, &"bad remaining length before CONNECT")
+            return guard.reject(
+                Refusal::Malformed,
+                peer,
+                &"bad remaining length before CONNECT",
+            )
         }
         Ok(Err(FrameError::Oversize(n))) => {
             return guard.reject(
-                "oversize",
+                Refusal::Oversize,
                 peer,
                 &format_args!("first packet of {n} bytes (broker.max_payload_size)"),
             )
         }
         Ok(Ok(Some(f))) => f,
     };
-    if frame[0] >> 4 != 1 {
+    if PacketType::of(frame[0]) != Some(PacketType::Connect) {
         return guard.reject(
-            "not_connect",
+            Refusal::NotConnect,
             peer,
             &format_args!("packet type {} before CONNECT", frame[0] >> 4),
         );
@@ -838,9 +709,8 @@ async fn session<S: Io>(
         let reply = refuse(
             &mut client,
             v5,
-            Refuse::Version,
             &guard,
-            "protocol_version",
+            Refusal::ProtocolVersion,
             peer,
             &format_args!(
                 "protocol {:?} level {level:?}: this listener speaks MQTT {}",
@@ -852,12 +722,16 @@ async fn session<S: Io>(
     }
     if flags.is_some_and(|f| f & 1 == 1) {
         // MQTT 3.1.1 3.1.2.3 / 5 3.1.2.3: the server must close the connection.
-        return guard.reject("protocol", peer, &"CONNECT with the reserved flag set");
+        return guard.reject(
+            Refusal::Protocol,
+            peer,
+            &"CONNECT with the reserved flag set",
+        );
     }
     let Some(Packet::Connect(mut connect, props, mut will, will_props, login)) =
         decode(v5, &mut frame, p.max_packet)
     else {
-        return guard.reject("malformed", peer, &"CONNECT could not be decoded");
+        return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be decoded");
     };
     let mut assigned_id = None;
     // MQTT 5 Session Expiry Interval (0: the session ends with the connection).
@@ -866,24 +740,16 @@ async fn session<S: Io>(
         _ => 0,
     };
     {
-        if let Err((reason, detail)) = check_client_id(&connect.client_id, p.max_client_id_length)
-            .or_else(|e| {
-                if e.0 == "reserved_client_id" && !p.reserve_own_prefix {
+        if let Err(Refused(reason, detail)) =
+            check_client_id(&connect.client_id, p.max_client_id_length).or_else(|e| {
+                if e.0 == Refusal::ReservedClientId && !p.reserve_own_prefix {
                     Ok(())
                 } else {
                     Err(e)
                 }
             })
         {
-            let reply = refuse(
-                &mut client,
-                v5,
-                Refuse::ClientId,
-                &guard,
-                reason,
-                peer,
-                &detail,
-            );
+            let reply = refuse(&mut client, v5, &guard, reason, peer, &detail);
             return reply.await;
         }
         if props
@@ -894,22 +760,20 @@ async fn session<S: Io>(
             let reply = refuse(
                 &mut client,
                 v5,
-                Refuse::Protocol,
                 &guard,
-                "protocol",
+                Refusal::Protocol,
                 peer,
                 &"CONNECT with Receive Maximum or Maximum Packet Size 0",
             );
             return reply.await;
         }
         if let Some(w) = &will {
-            if let Err((reason, detail)) =
+            if let Err(Refused(reason, detail)) =
                 check_topic_name(&w.topic).and_then(|()| guard.check_topic(&w.topic))
             {
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::TopicName,
                     &guard,
                     reason,
                     peer,
@@ -923,9 +787,8 @@ async fn session<S: Io>(
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::NotAuthorized,
                     &guard,
-                    "anonymous",
+                    Refusal::Anonymous,
                     peer,
                     &format_args!(
                         "client {:?} without credentials (broker.allow_anonymous = false)",
@@ -951,9 +814,8 @@ async fn session<S: Io>(
                     let reply = refuse(
                         &mut client,
                         v5,
-                        Refuse::BadLogin,
                         &guard,
-                        "auth",
+                        Refusal::Auth,
                         peer,
                         &format_args!("bad user name or password for user {:?}", l.username),
                     );
@@ -964,9 +826,8 @@ async fn session<S: Io>(
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::BadLogin,
                     &guard,
-                    "auth",
+                    Refusal::Auth,
                     peer,
                     &"credentials given but no broker.password_file",
                 );
@@ -991,9 +852,8 @@ async fn session<S: Io>(
             let reply = refuse(
                 &mut client,
                 v5,
-                Refuse::Unavailable,
                 &guard,
-                "client_id_limit",
+                Refusal::ClientIdLimit,
                 peer,
                 &format_args!(
                     "new client id beyond broker.max_client_ids {}",
@@ -1018,9 +878,8 @@ async fn session<S: Io>(
             let reply = refuse(
                 &mut client,
                 v5,
-                Refuse::NotAuthorized,
                 &guard,
-                "acl_publish",
+                Refusal::AclPublish,
                 peer,
                 &format_args!("will topic {topic:?} not allowed by broker.acl"),
             );
@@ -1040,9 +899,8 @@ async fn session<S: Io>(
             let reply = refuse(
                 &mut client,
                 v5,
-                Refuse::TopicName,
                 &guard,
-                "reserved_topic",
+                Refusal::ReservedTopic,
                 peer,
                 &format_args!(
                     "will topic {:?}: reserved for the gateway (edgegate/) or the broker ($)",
@@ -1109,9 +967,8 @@ async fn session<S: Io>(
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::Unavailable,
                     &guard,
-                    "takeover_timeout",
+                    Refusal::TakeoverTimeout,
                     peer,
                     &format_args!("previous session of {client_id:?} did not end"),
                 );
@@ -1140,9 +997,8 @@ async fn session<S: Io>(
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::Unavailable,
                     &guard,
-                    "session_reset",
+                    Refusal::SessionReset,
                     peer,
                     &format_args!("the stored session of {client_id:?} could not be ended: {e}"),
                 );
@@ -1157,7 +1013,7 @@ async fn session<S: Io>(
     let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
     connect.keep_alive = internal_keep_alive;
     let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
-        return guard.reject("malformed", peer, &"CONNECT could not be re-encoded");
+        return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be re-encoded");
     };
     let mut internal =
         match tokio::time::timeout(INTERNAL_CONNACK, TcpStream::connect(target)).await {
@@ -1166,9 +1022,8 @@ async fn session<S: Io>(
                 let reply = refuse(
                     &mut client,
                     v5,
-                    Refuse::Unavailable,
                     &guard,
-                    "broker_unavailable",
+                    Refusal::BrokerUnavailable,
                     peer,
                     &format_args!("internal listener {target} not reachable"),
                 );
@@ -1184,7 +1039,7 @@ async fn session<S: Io>(
         read_frame(&mut internal, &mut ibuf, 1 << 16).await
     };
     let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
-        Ok(Ok(Some(f))) if f[0] >> 4 == 2 => {
+        Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
             // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
             will_charge.charge = None;
             let f = match &assigned_id {
@@ -1204,9 +1059,8 @@ async fn session<S: Io>(
             let reply = refuse(
                 &mut client,
                 v5,
-                Refuse::Unavailable,
                 &guard,
-                "broker_refused",
+                Refusal::BrokerRefused,
                 peer,
                 &format_args!("rumqttd did not accept client {client_id:?}"),
             );
@@ -1287,110 +1141,21 @@ impl Drop for WillCharge {
     }
 }
 
-/// Count and log a refusal, then tell the client (CONNACK) and let the connection close.
+/// Count and log a refusal, then tell the client (CONNACK with the refusal's code) and let the
+/// connection close.
 fn refuse<'a, S: Io>(
     client: &'a mut S,
     v5: bool,
-    why: Refuse,
     guard: &Guard,
-    reason: &'static str,
+    reason: Refusal,
     peer: SocketAddr,
     detail: &dyn std::fmt::Display,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
     guard.reject(reason, peer, detail);
-    let bytes = connack(v5, why);
+    let bytes = reason.connack(v5);
     async move {
         let _ = client.write_all(&bytes).await;
     }
-}
-
-/// Append `n` as an MQTT variable byte integer.
-fn put_var_int(out: &mut impl bytes::BufMut, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.put_u8(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-/// A packet with fixed header byte `byte1` and `body`.
-fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    put_var_int(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
-
-/// rumqttd's MQTT 5 CONNACK `frame`, when it accepted the connection, with an Assigned Client
-/// Identifier property (0x12) `id` added (rumqttd's own decoder cannot read a CONNACK: it
-/// panics, failure mode 3, so the guard edits the bytes).
-fn connack_assigning(frame: &[u8], id: &str) -> Option<Vec<u8>> {
-    let (_, hl, rl) = parse_header(frame).ok()??;
-    let body = frame.get(hl..hl + rl)?;
-    let (flags, code) = (*body.first()?, *body.get(1)?);
-    if code != 0 {
-        return None;
-    }
-    let (n, plen) = var_int(body.get(2..)?).ok()??;
-    let mut props = body.get(2 + n..2 + n + plen)?.to_vec();
-    props.push(0x12);
-    props.extend_from_slice(&u16::try_from(id.len()).ok()?.to_be_bytes());
-    props.extend_from_slice(id.as_bytes());
-    let mut out = vec![flags, code];
-    put_var_int(&mut out, props.len());
-    out.extend_from_slice(&props);
-    Some(frame_of(0x20, &out))
-}
-
-/// Packets a client may send after CONNECT.
-fn allowed_from_client(kind: u8) -> bool {
-    matches!(kind, 3 | 4 | 5 | 6 | 7 | 8 | 10 | 12 | 14)
-}
-
-/// Topic of a PUBLISH frame.
-fn publish_topic(frame: &[u8], header_len: usize) -> Option<&[u8]> {
-    let body = frame.get(header_len..)?;
-    let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    body.get(2..2 + len)
-}
-
-/// Filters of a SUBSCRIBE frame, each with its options byte.
-fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<(&[u8], u8)>> {
-    let mut body = frame.get(header_len + 2..)?; // after the packet id
-    if v5 {
-        // properties: variable byte integer length, then the properties
-        let (n, plen) = var_int(body).ok()??;
-        body = body.get(n + plen..)?;
-    }
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-        out.push((body.get(2..2 + len)?, *body.get(2 + len)?));
-        body = body.get(2 + len + 1..)?; // + options byte
-    }
-    Some(out)
-}
-
-/// Filters of an UNSUBSCRIBE frame.
-fn unsubscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
-    let mut body = frame.get(header_len + 2..)?;
-    if v5 {
-        let (n, plen) = var_int(body).ok()??;
-        body = body.get(n + plen..)?;
-    }
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-        out.push(body.get(2..2 + len)?);
-        body = body.get(2 + len..)?;
-    }
-    Some(out)
 }
 
 /// What the guard knows of one connection's session.
@@ -1422,94 +1187,6 @@ struct Conn {
 /// rumqttd 0.20's largest topic alias (`TOPIC_ALIAS_MAX`, advertised in its CONNACK).
 const TOPIC_ALIAS_MAX: u16 = 4096;
 
-/// The parts of a PUBLISH frame the guard checks.
-struct PublishMeta<'a> {
-    topic: &'a [u8],
-    qos: u8,
-    /// Packet id (QoS 1 and 2).
-    pkid: Option<u16>,
-    retain: bool,
-    alias: Option<u16>,
-    /// MQTT 5 user property `traceparent` (the first).
-    traceparent: Option<&'a [u8]>,
-    payload_len: usize,
-}
-
-/// Length of the MQTT string (or binary data) at the start of `r`, with its 2-byte length.
-fn prop_string_len(r: &[u8]) -> Option<usize> {
-    Some(2 + u16::from_be_bytes([*r.first()?, *r.get(1)?]) as usize)
-}
-
-/// Parse a PUBLISH frame (`None`: malformed).
-fn publish_meta(frame: &[u8], header_len: usize, v5: bool) -> Option<PublishMeta<'_>> {
-    let qos = (frame.first()? >> 1) & 3;
-    if qos == 3 {
-        return None;
-    }
-    let topic = publish_topic(frame, header_len)?;
-    let mut at = header_len + 2 + topic.len();
-    let pkid = if qos > 0 {
-        at += 2;
-        Some(u16::from_be_bytes([
-            *frame.get(at - 2)?,
-            *frame.get(at - 1)?,
-        ]))
-    } else {
-        None
-    };
-    let mut alias = None;
-    let mut traceparent = None;
-    if v5 {
-        let (n, plen) = var_int(frame.get(at..)?).ok()??;
-        let mut props = frame.get(at + n..at + n + plen)?;
-        at += n + plen;
-        while let Some((&id, rest)) = props.split_first() {
-            let string = prop_string_len;
-            let len = match id {
-                0x01 => 1,
-                0x02 => 4,
-                0x23 => {
-                    alias = Some(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
-                    2
-                }
-                0x03 | 0x08 | 0x09 => string(rest)?,
-                0x26 => {
-                    let k = string(rest)?;
-                    let v = string(rest.get(k..)?)?;
-                    if traceparent.is_none() && rest.get(2..k)?.eq_ignore_ascii_case(b"traceparent")
-                    {
-                        traceparent = Some(rest.get(k + 2..k + v)?);
-                    }
-                    k + v
-                }
-                0x0b => var_int(rest).ok()??.0,
-                _ => return None,
-            };
-            props = rest.get(len..)?;
-        }
-    }
-    Some(PublishMeta {
-        topic,
-        qos,
-        pkid,
-        retain: frame[0] & 1 == 1,
-        alias,
-        traceparent,
-        payload_len: frame.len().checked_sub(at)?,
-    })
-}
-
-/// A SUBACK refusing every filter of the SUBSCRIBE `frame` with `code`.
-fn suback_refusal(frame: &[u8], header_len: usize, v5: bool, code: u8, filters: usize) -> Vec<u8> {
-    let pkid = frame.get(header_len..header_len + 2).unwrap_or(&[0, 0]);
-    let mut body = pkid.to_vec();
-    if v5 {
-        body.push(0);
-    }
-    body.extend(std::iter::repeat_n(code, filters));
-    frame_of(0x90, &body)
-}
-
 /// Is `filter` a valid MQTT topic filter? (`#` only as the last whole level, `+` only as a
 /// whole level, UTF-8 without NUL, not empty.)
 fn valid_filter(filter: &[u8]) -> bool {
@@ -1517,50 +1194,6 @@ fn valid_filter(filter: &[u8]) -> bool {
         return false;
     };
     !f.is_empty() && !f.contains('\0') && crate::rules::topic::validate_filter(f).is_ok()
-}
-
-/// The Session Expiry Interval an MQTT 5 DISCONNECT `body` (after the fixed header) sets:
-/// `Some(None)` when it sets none, `None` when malformed.
-fn disconnect_expiry(body: &[u8]) -> Option<Option<u32>> {
-    // Reason code and properties are both optional.
-    let Some(props) = body.get(1..).filter(|p| !p.is_empty()) else {
-        return Some(None);
-    };
-    let (n, plen) = var_int(props).ok()??;
-    let mut props = props.get(n..n + plen)?;
-    let mut expiry = None;
-    while let Some((&id, rest)) = props.split_first() {
-        let string = prop_string_len;
-        let len = match id {
-            0x11 => {
-                let b = rest.get(..4)?;
-                expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                4
-            }
-            0x1f | 0x1c => string(rest)?,
-            0x26 => {
-                let k = string(rest)?;
-                k + string(rest.get(k..)?)?
-            }
-            _ => return None,
-        };
-        props = rest.get(len..)?;
-    }
-    Some(expiry)
-}
-
-/// MQTT 5 DISCONNECT reason code for a refusal after CONNECT.
-fn disconnect_code(reason: &str) -> u8 {
-    match reason {
-        "topic_wildcard" | "topic_invalid" | "reserved_topic" | "topic_too_long" => 0x90,
-        "acl_publish" => 0x87,
-        "topic_limit" => 0x97,
-        "oversize" => 0x95,
-        "malformed" => 0x81,
-        "topic_alias" => 0x94,
-        "keep_alive_timeout" => 0x8d,
-        _ => 0x82,
-    }
 }
 
 impl Guard {
@@ -1583,7 +1216,7 @@ impl Guard {
             Ok(()) => true,
             Err(why) => {
                 self.reject(
-                    "retained_limit",
+                    Refusal::RetainedLimit,
                     peer,
                     &format_args!(
                         "retained message on {:?} ({bytes} bytes) beyond {why}: passed on without retain",
@@ -1630,33 +1263,6 @@ const RUMQTTD_OUTGOING_WINDOW: usize = 100;
 /// log anyway). Without it, a client that never completes a delivery could make the guard hold
 /// rumqttd's whole window of 100 messages of up to `broker.max_payload_size` each.
 const HELD_BYTES: usize = 256 * 1024;
-
-/// PINGREQ, as the guard sends it to rumqttd on its own.
-const PINGREQ: [u8; 2] = [0xc0, 0x00];
-
-/// Packet id of a PUBLISH frame of QoS 1 or 2.
-fn publish_pkid(frame: &[u8], header_len: usize) -> Option<u16> {
-    let topic = publish_topic(frame, header_len)?;
-    let at = header_len + 2 + topic.len();
-    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
-}
-
-/// Append to `out` the PUBLISH `frame` as QoS 0 (no packet id, no DUP), with the retain flag
-/// `retain`: how rumqttd gets a reading the guard acknowledges itself. `topic_len`: the length
-/// of the frame's topic name field (0 for an MQTT 5 alias without one).
-fn qos0_frame(frame: &[u8], header_len: usize, topic_len: usize, retain: bool, out: &mut BytesMut) {
-    let qos = (frame[0] >> 1) & 3;
-    let topic_end = header_len + 2 + topic_len;
-    let rest_at = if qos > 0 { topic_end + 2 } else { topic_end };
-    let (Some(topic_field), Some(rest)) = (frame.get(header_len..topic_end), frame.get(rest_at..))
-    else {
-        return;
-    };
-    out.extend_from_slice(&[(frame[0] & 0xf0) | u8::from(retain)]);
-    put_var_int(out, topic_field.len() + rest.len());
-    out.extend_from_slice(topic_field);
-    out.extend_from_slice(rest);
-}
 
 /// What the guard does on one connection for the client, between it and rumqttd:
 /// - keep alive: the client's own is enforced by the guard (rumqttd is given
@@ -1723,25 +1329,25 @@ struct FlowState {
 impl FlowState {
     /// Send the guard's acknowledgements that are next in rumqttd's order.
     fn settle(&mut self, ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>) {
-        let send = |kind: u8, id: u16| {
+        let send = |byte1: u8, id: u16| {
             let [hi, lo] = id.to_be_bytes();
             // The relay towards rumqttd is gone only when the connection ends.
-            let _ = ctl.send([kind, 0x02, hi, lo]);
+            let _ = ctl.send([byte1, 0x02, hi, lo]);
         };
         loop {
             if let Some(&(id, qos, Owner::Guard)) = self.acks.front() {
                 self.acks.pop_front();
                 if qos == 1 {
-                    send(0x40, id);
+                    send(PacketType::Puback.byte1(), id);
                 } else {
-                    send(0x50, id);
+                    send(PacketType::Pubrec.byte1(), id);
                     self.comps.push_back((id, Owner::Guard, false));
                 }
                 continue;
             }
             if let Some(&(id, Owner::Guard, true)) = self.comps.front() {
                 self.comps.pop_front();
-                send(0x70, id);
+                send(PacketType::Pubcomp.byte1(), id);
                 continue;
             }
             return;
@@ -1812,8 +1418,8 @@ impl Flow {
             };
             let f = &rest[..(hl + rl).min(rest.len())];
             at += f.len();
-            match byte1 >> 4 {
-                13 => {
+            match PacketType::of(byte1) {
+                Some(PacketType::Pingresp) => {
                     let own = self
                         .own_pings
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -1822,7 +1428,7 @@ impl Flow {
                         continue;
                     }
                 }
-                3 if self.tracks() => {
+                Some(PacketType::Publish) if self.tracks() => {
                     let qos = (byte1 >> 1) & 3;
                     let pkid = (qos > 0).then(|| publish_pkid(f, hl)).flatten();
                     let too_large = f.len() > self.max_packet;
@@ -1868,7 +1474,7 @@ impl Flow {
                     }
                     continue;
                 }
-                6 if self.tracks() => {
+                Some(PacketType::Pubrel) if self.tracks() => {
                     let id = f.get(hl..hl + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
                     let mine = id.and_then(|id| st.comps.iter().position(|c| c.0 == id));
                     match mine.map(|i| (i, st.comps[i].1)) {
@@ -1920,7 +1526,7 @@ impl Flow {
     /// client's Receive Maximum.
     fn client_acked(
         &self,
-        kind: u8,
+        kind: PacketType,
         body: &[u8],
         ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>,
     ) {
@@ -1932,7 +1538,7 @@ impl Flow {
         };
         let mut st = self.state();
         let before = st.in_flight;
-        if kind == 7 {
+        if kind == PacketType::Pubcomp {
             if let Some(i) = st
                 .comps
                 .iter()
@@ -1948,7 +1554,7 @@ impl Flow {
         {
             let qos = st.acks[i].1;
             st.acks.remove(i);
-            if kind == 5 && qos == 2 {
+            if kind == PacketType::Pubrec && qos == 2 {
                 // rumqttd answers any PUBREC with a PUBREL and waits for the PUBCOMP.
                 st.comps.push_back((id, Owner::Client, false));
             } else {
@@ -2068,12 +1674,12 @@ async fn relay<S: Io>(
         let mut last = Instant::now();
         let mut heard = tokio::time::Instant::now();
         let mut quiet = Box::pin(tokio::time::sleep(silence.unwrap_or_default()));
-        let refused: Option<&'static str> = 'frames: loop {
+        let refused: Option<Refusal> = 'frames: loop {
             let buffered = complete_frames(&buf, p.max_packet, 1) > 0;
             if (iw.out.len() >= COALESCE || !buffered) && iw.flush().await.is_err() {
                 return false;
             }
-            let refuse = |reason: &'static str, detail: &dyn std::fmt::Display| {
+            let refuse = |reason: Refusal, detail: &dyn std::fmt::Display| {
                 guard.reject(reason, peer, detail);
                 Some(reason)
             };
@@ -2108,7 +1714,7 @@ async fn relay<S: Io>(
             let Some(read) = read else {
                 let ka = flow.keep_alive;
                 break 'frames refuse(
-                    "keep_alive_timeout",
+                    Refusal::KeepAliveTimeout,
                     &format_args!("no packet within 1.5 x the client's keep alive of {ka} s"),
                 );
             };
@@ -2119,11 +1725,11 @@ async fn relay<S: Io>(
                     break 'frames None
                 }
                 Err(FrameError::Malformed) => {
-                    break 'frames refuse("malformed", &"bad remaining length")
+                    break 'frames refuse(Refusal::Malformed, &"bad remaining length")
                 }
                 Err(FrameError::Oversize(n)) => {
                     break 'frames refuse(
-                        "oversize",
+                        Refusal::Oversize,
                         &format_args!(
                             "packet of {n} bytes (broker.max_payload_size {})",
                             p.max_packet
@@ -2131,49 +1737,49 @@ async fn relay<S: Io>(
                     )
                 }
             };
-            let kind = frame[0] >> 4;
-            if !allowed_from_client(kind) {
+            let Some(kind) = PacketType::of(frame[0]).filter(|k| k.from_client()) else {
+                let kind = frame[0] >> 4;
                 break 'frames refuse(
-                    "protocol",
+                    Refusal::Protocol,
                     &format_args!("packet type {kind} is not one a client may send"),
                 );
-            }
+            };
             let header_len = parse_header(&frame)
                 .ok()
                 .flatten()
                 .map(|h| h.1)
                 .unwrap_or(2);
-            if kind == 3 {
+            if kind == PacketType::Publish {
                 let Some(meta) = publish_meta(&frame, header_len, v5) else {
-                    break 'frames refuse("malformed", &"PUBLISH could not be parsed");
+                    break 'frames refuse(Refusal::Malformed, &"PUBLISH could not be parsed");
                 };
                 // The topic this publish goes to: its own, or the one its MQTT 5 alias stands for.
                 let topic: &[u8] = if meta.topic.is_empty() && v5 {
                     let Some(alias) = meta.alias.and_then(|a| conn.aliases.get(&a)) else {
                         break 'frames refuse(
-                            "topic_invalid",
+                            Refusal::TopicInvalid,
                             &"PUBLISH without a topic name or a known topic alias",
                         );
                     };
                     if conn.perms.is_some() {
                         break 'frames refuse(
-                            "acl_publish",
+                            Refusal::AclPublish,
                             &"MQTT 5 topic alias without a topic: not supported with broker.acl",
                         );
                     }
                     &alias[..]
                 } else {
-                    if let Err((reason, detail)) = check_topic_name(meta.topic) {
+                    if let Err(Refused(reason, detail)) = check_topic_name(meta.topic) {
                         break 'frames refuse(reason, &detail);
                     }
-                    if let Err((reason, detail)) = guard.check_topic(meta.topic) {
+                    if let Err(Refused(reason, detail)) = guard.check_topic(meta.topic) {
                         break 'frames refuse(reason, &detail);
                     }
                     if reserved_topic(meta.topic)
                         && !reserved_allowed(conn.perms.as_ref(), meta.topic)
                     {
                         break 'frames refuse(
-                            "reserved_topic",
+                            Refusal::ReservedTopic,
                             &format_args!(
                                 "publish to {:?}: reserved for the gateway (edgegate/) or the broker ($); no broker.acl pattern names it",
                                 String::from_utf8_lossy(meta.topic)
@@ -2186,7 +1792,7 @@ async fn relay<S: Io>(
                             // Closing is MQTT's way to refuse a publish (3.1.1 has no negative
                             // PUBACK): the sensor gets no PUBACK, nothing is lost silently.
                             break 'frames refuse(
-                                "acl_publish",
+                                Refusal::AclPublish,
                                 &format_args!("publish to {t:?} not allowed by broker.acl"),
                             );
                         }
@@ -2194,7 +1800,7 @@ async fn relay<S: Io>(
                     if let Some(a) = meta.alias {
                         if a == 0 || a > TOPIC_ALIAS_MAX {
                             break 'frames refuse(
-                                "topic_alias",
+                                Refusal::TopicAlias,
                                 &format_args!("topic alias {a} outside 1..={TOPIC_ALIAS_MAX}"),
                             );
                         }
@@ -2296,15 +1902,18 @@ async fn relay<S: Io>(
                 if !keep_retain {
                     frame[0] &= !1;
                 }
-            } else if kind == 8 {
+            } else if kind == PacketType::Subscribe {
                 if frame[0] & 0x0f != 0x02 {
-                    break 'frames refuse("protocol", &"SUBSCRIBE with reserved header flags");
+                    break 'frames refuse(
+                        Refusal::Protocol,
+                        &"SUBSCRIBE with reserved header flags",
+                    );
                 }
                 let Some(filters) = subscribe_filters(&frame, header_len, v5) else {
-                    break 'frames refuse("malformed", &"SUBSCRIBE could not be parsed");
+                    break 'frames refuse(Refusal::Malformed, &"SUBSCRIBE could not be parsed");
                 };
                 if filters.is_empty() {
-                    break 'frames refuse("protocol", &"SUBSCRIBE without a filter");
+                    break 'frames refuse(Refusal::Protocol, &"SUBSCRIBE without a filter");
                 }
                 // Reserved option bits (3.1.1: all but the QoS; 5: the top two), QoS 3 and
                 // retain handling 3 are malformed: close.
@@ -2313,7 +1922,7 @@ async fn relay<S: Io>(
                     o & reserved != 0 || o & 3 == 3 || (v5 && (o >> 4) & 3 == 3)
                 }) {
                     break 'frames refuse(
-                        "protocol",
+                        Refusal::Protocol,
                         &format_args!(
                             "SUBSCRIBE to {:?} with reserved option bits {o:#04x}",
                             String::from_utf8_lossy(f)
@@ -2321,7 +1930,7 @@ async fn relay<S: Io>(
                     );
                 }
                 for (f, _) in &filters {
-                    if let Err((reason, detail)) = guard.check_topic(f) {
+                    if let Err(Refused(reason, detail)) = guard.check_topic(f) {
                         break 'frames refuse(reason, &detail);
                     }
                 }
@@ -2329,8 +1938,7 @@ async fn relay<S: Io>(
                 // failure code for every filter; it never reaches rumqttd.
                 let refusal = if let Some((f, _)) = filters.iter().find(|(f, _)| !valid_filter(f)) {
                     Some((
-                        "filter_invalid",
-                        if v5 { 0x8f } else { 0x80 },
+                        Refusal::FilterInvalid,
                         format!("invalid topic filter {:?}", String::from_utf8_lossy(f)),
                     ))
                 } else if let Some((f, _)) = conn.perms.as_ref().and_then(|perms| {
@@ -2339,8 +1947,7 @@ async fn relay<S: Io>(
                         .find(|(f, _)| !perms.may_subscribe(&String::from_utf8_lossy(f)))
                 }) {
                     Some((
-                        "acl_subscribe",
-                        if v5 { 0x87 } else { 0x80 },
+                        Refusal::AclSubscribe,
                         format!(
                             "subscription to {:?} not allowed by broker.acl",
                             String::from_utf8_lossy(f)
@@ -2354,8 +1961,7 @@ async fn relay<S: Io>(
                     > p.max_subscriptions_per_client
                 {
                     Some((
-                        "subscription_limit",
-                        if v5 { 0x97 } else { 0x80 },
+                        Refusal::SubscriptionLimit,
                         format!(
                             "more than broker.max_subscriptions_per_client {} filters",
                             p.max_subscriptions_per_client
@@ -2371,8 +1977,7 @@ async fn relay<S: Io>(
                         )
                         .map(|f| {
                             (
-                                "filter_limit",
-                                if v5 { 0x97 } else { 0x80 },
+                                Refusal::FilterLimit,
                                 format!(
                                     "new filter {:?} beyond broker.max_filters {}",
                                     String::from_utf8_lossy(f),
@@ -2381,8 +1986,9 @@ async fn relay<S: Io>(
                             )
                         })
                 };
-                if let Some((reason, code, detail)) = refusal {
+                if let Some((reason, detail)) = refusal {
                     guard.reject(reason, peer, &detail);
+                    let code = reason.suback_code(v5);
                     let suback = suback_refusal(&frame, header_len, v5, code, filters.len());
                     if inject_tx.send((suback, false)).await.is_err() {
                         break 'frames None;
@@ -2394,7 +2000,7 @@ async fn relay<S: Io>(
                 }
                 // Before the SUBSCRIBE goes on: publishes read this flag after it.
                 guard.subscribed.store(true, Ordering::SeqCst);
-            } else if kind == 6 {
+            } else if kind == PacketType::Pubrel {
                 // PUBREL of a QoS 2 reading the guard acknowledged itself: PUBCOMP from here
                 // (rumqttd never saw it as QoS 2).
                 let pkid = frame
@@ -2404,7 +2010,7 @@ async fn relay<S: Io>(
                     if owed.qos2_release(pkid) {
                         let [hi, lo] = pkid.to_be_bytes();
                         if inject_tx
-                            .send((vec![0x70, 2, hi, lo], false))
+                            .send((vec![PacketType::Pubcomp.byte1(), 2, hi, lo], false))
                             .await
                             .is_err()
                         {
@@ -2413,25 +2019,31 @@ async fn relay<S: Io>(
                         continue;
                     }
                 }
-            } else if matches!(kind, 4 | 5 | 7) {
+            } else if matches!(
+                kind,
+                PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp
+            ) {
                 // The client's PUBACK / PUBREC / PUBCOMP: its Receive Maximum quota.
                 flow.client_acked(kind, &frame[header_len..], &ctl_tx);
-            } else if kind == 10 {
+            } else if kind == PacketType::Unsubscribe {
                 if let Some(filters) = unsubscribe_filters(&frame, header_len, v5) {
                     for f in filters {
                         conn.subscriptions.remove(f);
                     }
                 }
-            } else if kind == 14 {
+            } else if kind == PacketType::Disconnect {
                 if v5 {
                     match disconnect_expiry(&frame[header_len..]) {
                         None => {
-                            break 'frames refuse("malformed", &"DISCONNECT could not be parsed")
+                            break 'frames refuse(
+                                Refusal::Malformed,
+                                &"DISCONNECT could not be parsed",
+                            )
                         }
                         Some(Some(e)) if e != 0 && conn.connect_expiry == 0 => {
                             // MQTT 5 §3.14.2.2.2: a protocol error; the will fires.
                             break 'frames refuse(
-                                "protocol",
+                                Refusal::Protocol,
                                 &"DISCONNECT with a Session Expiry Interval after CONNECT had 0",
                             );
                         }
@@ -2465,7 +2077,7 @@ async fn relay<S: Io>(
         let flushed = iw.flush().await.is_ok();
         if let (Some(reason), true) = (refused, v5) {
             // MQTT 5 says why: a DISCONNECT with the reason, after which the relay ends.
-            let d = frame_of(0xe0, &[disconnect_code(reason)]);
+            let d = frame_of(PacketType::Disconnect.byte1(), &[reason.disconnect_code()]);
             if inject_tx.send((d, true)).await.is_ok() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -2566,7 +2178,7 @@ async fn visit(
             .await
             .map_err(|e| format!("reading CONNACK: {e:?}"))?
             .ok_or("connection closed without CONNACK")?;
-        if f[0] >> 4 != 2 || f.get(3).copied() != Some(0) {
+        if PacketType::of(f[0]) != Some(PacketType::Connack) || f.get(3).copied() != Some(0) {
             return Err(format!("refused: {:02x?}", &f[..f.len().min(5)]));
         }
         Ok(s)
@@ -2684,24 +2296,6 @@ mod tests {
     }
 
     #[test]
-    fn headers() {
-        assert!(matches!(parse_header(&[0x10]), Ok(None)));
-        assert!(matches!(
-            parse_header(&[0x10, 0x00]),
-            Ok(Some((0x10, 2, 0)))
-        ));
-        assert!(matches!(
-            parse_header(&[0x30, 0x80, 0x01]),
-            Ok(Some((0x30, 3, 128)))
-        ));
-        assert!(matches!(parse_header(&[0x30, 0x80, 0x80]), Ok(None)));
-        assert!(matches!(
-            parse_header(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]),
-            Err(FrameError::Malformed)
-        ));
-    }
-
-    #[test]
     fn topic_names_and_filters() {
         assert!(check_topic_name(b"sensors/a/t").is_ok());
         for (bad, reason) in [
@@ -2712,7 +2306,11 @@ mod tests {
             (b"a\0b", "topic_invalid"),
             (b"a/\xc3", "topic_invalid"),
         ] {
-            assert_eq!(check_topic_name(bad).unwrap_err().0, reason, "{bad:?}");
+            assert_eq!(
+                check_topic_name(bad).unwrap_err().0.label(),
+                reason,
+                "{bad:?}"
+            );
         }
         assert!(reserved_topic(b"edgegate/x") && reserved_topic(b"$SYS/x"));
         assert!(!reserved_topic(b"edgegatex/y"));
@@ -2730,13 +2328,16 @@ mod tests {
         assert!(check_client_id("", 128).is_ok());
         for bad in ["a/b", "a+b", "a#", "$sys", "x\u{0}y"] {
             assert_eq!(
-                check_client_id(bad, 128).unwrap_err().0,
+                check_client_id(bad, 128).unwrap_err().0.label(),
                 "client_id",
                 "{bad}"
             );
         }
         assert_eq!(
-            check_client_id("edgegate-rules-0", 128).unwrap_err().0,
+            check_client_id("edgegate-rules-0", 128)
+                .unwrap_err()
+                .0
+                .label(),
             "reserved_client_id"
         );
         assert!(
@@ -2789,87 +2390,5 @@ mod tests {
             g.note_all(&set, keys(&["w"]).into_iter(), 3),
             Some(&b"w"[..])
         );
-    }
-
-    #[test]
-    fn subscribe_parsing() {
-        // v4: pkid 1, "a/b" qos1, "c" qos0
-        let f = [0x82, 11, 0, 1, 0, 3, b'a', b'/', b'b', 1, 0, 1, b'c', 0];
-        let v = subscribe_filters(&f[..13], 2, false);
-        assert!(v.is_none(), "truncated is None");
-        let f = [0x82, 12, 0, 1, 0, 3, b'a', b'/', b'b', 1, 0, 1, b'c', 0];
-        assert_eq!(
-            subscribe_filters(&f, 2, false).unwrap(),
-            vec![(&b"a/b"[..], 1), (&b"c"[..], 0)]
-        );
-        // v5: pkid, properties length 0
-        let f = [0x82, 8, 0, 1, 0, 0, 1, b'x', 0];
-        assert_eq!(
-            subscribe_filters(&f, 2, true).unwrap(),
-            vec![(&b"x"[..], 0)]
-        );
-        // v5 with 3 bytes of properties (subscription identifier 0x0b, value 0x81 0x01)
-        let f = [0x82, 11, 0, 1, 3, 0x0b, 0x81, 0x01, 0, 1, b'x', 0];
-        assert_eq!(
-            subscribe_filters(&f, 2, true).unwrap(),
-            vec![(&b"x"[..], 0)]
-        );
-        // UNSUBSCRIBE v4: pkid 1, "a/b"
-        let f = [0xa2, 7, 0, 1, 0, 3, b'a', b'/', b'b'];
-        assert_eq!(
-            unsubscribe_filters(&f, 2, false).unwrap(),
-            vec![&b"a/b"[..]]
-        );
-    }
-
-    #[test]
-    fn disconnect_and_connack_properties() {
-        // No reason code / reason only / no properties: no expiry set.
-        assert_eq!(disconnect_expiry(&[]), Some(None));
-        assert_eq!(disconnect_expiry(&[0x04]), Some(None));
-        assert_eq!(disconnect_expiry(&[0x00, 0x00]), Some(None));
-        // Reason string "x", then Session Expiry Interval 300.
-        assert_eq!(
-            disconnect_expiry(&[0x00, 9, 0x1f, 0, 1, b'x', 0x11, 0, 0, 1, 0x2c]),
-            Some(Some(300))
-        );
-        // Truncated, or a property a DISCONNECT cannot carry: malformed.
-        assert_eq!(disconnect_expiry(&[0x00, 5, 0x11, 0, 0]), None);
-        assert_eq!(disconnect_expiry(&[0x00, 2, 0x23, 0]), None);
-
-        // rumqttd's CONNACK with Topic Alias Maximum 4096: the assigned id goes after it.
-        let c = [0x20, 6, 0x00, 0x00, 3, 0x22, 0x10, 0x00];
-        assert_eq!(
-            connack_assigning(&c, "ab").unwrap(),
-            vec![0x20, 11, 0x00, 0x00, 8, 0x22, 0x10, 0x00, 0x12, 0, 2, b'a', b'b']
-        );
-        // A refusal is left alone.
-        assert!(connack_assigning(&[0x20, 3, 0x00, 0x85, 0], "ab").is_none());
-    }
-
-    #[test]
-    fn publish_parsing() {
-        // v4 QoS 1: topic "a/b", pkid, payload "hello" -> topic + payload = 8
-        let f = [
-            0x32, 12, 0, 3, b'a', b'/', b'b', 0, 7, b'h', b'e', b'l', b'l', b'o',
-        ];
-        let m = publish_meta(&f, 2, false).unwrap();
-        assert_eq!(
-            (m.topic, m.payload_len, m.retain, m.alias),
-            (&b"a/b"[..], 5, false, None)
-        );
-        // v5 QoS 0 retained: topic "t", properties payload format 0x01 = 1 and topic alias
-        // 0x23 = 7, payload "xy"
-        let f = [0x31, 11, 0, 1, b't', 5, 0x01, 1, 0x23, 0, 7, b'x', b'y'];
-        let m = publish_meta(&f, 2, true).unwrap();
-        assert_eq!(
-            (m.topic, m.payload_len, m.retain, m.alias),
-            (&b"t"[..], 2, true, Some(7))
-        );
-        // unknown property: malformed
-        let f = [0x30, 8, 0, 1, b't', 2, 0x7f, 1, b'x', b'y'];
-        assert!(publish_meta(&f, 2, true).is_none());
-        // QoS 3: malformed
-        assert!(publish_meta(&[0x36, 3, 0, 1, b't'], 2, false).is_none());
     }
 }
