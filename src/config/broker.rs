@@ -87,7 +87,7 @@ fn tls(b: &mut Table<'_, '_>, broker: &mut BrokerConfig) {
         (true, _, "") => b.error("tls_key_file", "required when broker.tls_listen is set"),
         (true, c, k) => match crate::tls::server_config(Path::new(c), Path::new(k)) {
             Ok(t) => broker.tls = Some(t),
-            Err(e) => b.error("tls_cert_file", &e),
+            Err(e) => b.error("tls_cert_file", &e.to_string()),
         },
     }
 }
@@ -99,7 +99,7 @@ fn access(b: &mut Table<'_, '_>, broker: &mut BrokerConfig) {
         let path = PathBuf::from(pw.trim());
         match Passwords::load(&path) {
             Ok(p) => broker.passwords = Some(Arc::new(p)),
-            Err(e) => b.error("password_file", &e),
+            Err(e) => b.error("password_file", &e.to_string()),
         }
         broker.password_file = Some(path);
     }

@@ -29,7 +29,7 @@ use crate::tls::Secret;
 
 pub use crate::rules::config::{RuleAction, RuleConfig};
 pub use compile::compile;
-pub use upstream::parse_upstream_url;
+pub use upstream::{parse_upstream_url, UrlError};
 
 /// The shipped default configuration (`config/edgegate.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/edgegate.toml");

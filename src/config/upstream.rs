@@ -22,7 +22,7 @@ pub(super) fn upstream(top: &mut Table<'_, '_>, id: &str) -> UpstreamConfig {
         match parse_upstream_url(&url_text) {
             Ok(url) => Some(url),
             Err(msg) => {
-                u.error("url", &msg);
+                u.error("url", &msg.to_string());
                 None
             }
         }
@@ -155,17 +155,17 @@ fn tls(u: &mut Table<'_, '_>, upstream: &mut UpstreamConfig) {
                 let mut file_ok = true;
                 if let Some(p) = ca_path {
                     if let Err(e) = crate::tls::certs(p) {
-                        u.error("ca_file", &e);
+                        u.error("ca_file", &e.to_string());
                         file_ok = false;
                     }
                 }
                 if let Some((c, k)) = client {
                     if let Err(e) = crate::tls::certs(c) {
-                        u.error("cert_file", &e);
+                        u.error("cert_file", &e.to_string());
                         file_ok = false;
                     }
                     if let Err(e) = crate::tls::key(k) {
-                        u.error("key_file", &e);
+                        u.error("key_file", &e.to_string());
                         file_ok = false;
                     }
                 }
@@ -194,7 +194,7 @@ fn tls(u: &mut Table<'_, '_>, upstream: &mut UpstreamConfig) {
                         } else {
                             "ca_file"
                         },
-                        &e,
+                        &e.to_string(),
                     ),
                     Err(None) => {}
                 }
@@ -204,12 +204,12 @@ fn tls(u: &mut Table<'_, '_>, upstream: &mut UpstreamConfig) {
 }
 
 /// A result whose error was already reported key by key (`Err(None)`).
-trait FilterOk<T> {
-    fn filter_ok(self, ok: bool) -> Result<T, Option<String>>;
+trait FilterOk<T, E> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<E>>;
 }
 
-impl<T> FilterOk<T> for Result<T, String> {
-    fn filter_ok(self, ok: bool) -> Result<T, Option<String>> {
+impl<T, E> FilterOk<T, E> for Result<T, E> {
+    fn filter_ok(self, ok: bool) -> Result<T, Option<E>> {
         match self {
             _ if !ok => Err(None),
             Ok(v) => Ok(v),
@@ -218,47 +218,66 @@ impl<T> FilterOk<T> for Result<T, String> {
     }
 }
 
+/// Why an upstream URL is refused (each message quotes the URL).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("{text:?} must start with mqtt:// or mqtts://")]
+    Scheme { text: String },
+    #[error("{text:?} must be mqtt[s]://host[:port] (credentials go in their own keys)")]
+    Shape { text: String },
+    #[error("{text:?}: unclosed '['")]
+    UnclosedBracket { text: String },
+    #[error("{text:?}: bad port {port:?}")]
+    BadPort { text: String, port: String },
+    #[error("{text:?}: unexpected {after:?}")]
+    Unexpected { text: String, after: String },
+    #[error("{text:?} needs a host and a non-zero port")]
+    NoHost { text: String },
+}
+
 /// `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]` (default 8883).
-pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, String> {
+pub fn parse_upstream_url(text: &str) -> Result<UpstreamUrl, UrlError> {
+    let owned = || text.to_string();
+    let bad_port = |p: &str| UrlError::BadPort {
+        text: owned(),
+        port: p.to_string(),
+    };
     let (tls, rest) = if let Some(r) = text.strip_prefix("mqtt://") {
         (false, r)
     } else if let Some(r) = text.strip_prefix("mqtts://") {
         (true, r)
     } else {
-        return Err(format!("{text:?} must start with mqtt:// or mqtts://"));
+        return Err(UrlError::Scheme { text: owned() });
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(format!(
-            "{text:?} must be mqtt[s]://host[:port] (credentials go in their own keys)"
-        ));
+        return Err(UrlError::Shape { text: owned() });
     }
     let default_port = if tls { 8883 } else { 1883 };
     let (host, port) = if let Some(h) = rest.strip_prefix('[') {
         // [ipv6]:port
         let (h, after) = h
             .split_once(']')
-            .ok_or_else(|| format!("{text:?}: unclosed '['"))?;
+            .ok_or_else(|| UrlError::UnclosedBracket { text: owned() })?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| format!("{text:?}: bad port {p:?}"))?,
+            Some(p) => p.parse::<u16>().map_err(|_| bad_port(p))?,
             None if after.is_empty() => default_port,
-            None => return Err(format!("{text:?}: unexpected {after:?}")),
+            None => {
+                return Err(UrlError::Unexpected {
+                    text: owned(),
+                    after: after.to_string(),
+                })
+            }
         };
         (h.to_string(), port)
     } else {
         match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse::<u16>()
-                    .map_err(|_| format!("{text:?}: bad port {p:?}"))?,
-            ),
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad_port(p))?),
             None => (rest.to_string(), default_port),
         }
     };
     if host.is_empty() || port == 0 {
-        return Err(format!("{text:?} needs a host and a non-zero port"));
+        return Err(UrlError::NoHost { text: owned() });
     }
     Ok(UpstreamUrl { tls, host, port })
 }

@@ -633,7 +633,7 @@ impl Guard {
         target: SocketAddr,
         v5: bool,
         client_id: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProbeError> {
         let who = format!("ending the session of {client_id:?}");
         visit(
             target,

@@ -73,7 +73,7 @@ use probe::visit;
 use relay::*;
 
 pub use limits::{check_client_id, check_topic_name, reserved_topic};
-pub use probe::probe;
+pub use probe::{probe, ProbeError};
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";

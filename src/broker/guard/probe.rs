@@ -11,9 +11,29 @@ use rumqttd::protocol::{Login, Packet};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::broker::frame::{encode, read_frame, PacketType};
+use crate::broker::frame::{encode, read_frame, FrameError, PacketType};
 
 use super::*;
+
+/// Why a visit to rumqttd's internal listener (the probe, or ending a stored session) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("could not encode CONNECT")]
+    Encode,
+    #[error("send CONNECT: {0}")]
+    Send(std::io::Error),
+    #[error("reading CONNACK: {0:?}")]
+    Read(FrameError),
+    #[error("connection closed without CONNACK")]
+    Closed,
+    /// Not a CONNACK accepting the connection: its first bytes.
+    #[error("refused: {0:02x?}")]
+    Refused(Vec<u8>),
+    #[error("no CONNACK within {0:?}")]
+    Timeout(Duration),
+}
 
 /// Liveness probe: a real CONNECT/CONNACK (and DISCONNECT) against rumqttd's internal listener
 /// at `addr`, as the gateway's probe client. It does not go through the public listener, so a
@@ -23,7 +43,7 @@ pub async fn probe(
     v5: bool,
     guard: &Guard,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let id = format!(
         "{}-{}",
         guard.probe_id,
@@ -41,11 +61,11 @@ pub(super) async fn visit(
     client_id: String,
     timeout: Duration,
     who: &(dyn std::fmt::Display + Sync),
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let work = async {
         let mut s = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(ProbeError::Connect)?;
         let connect = rumqttd::protocol::Connect {
             keep_alive: 10,
             client_id,
@@ -56,23 +76,21 @@ pub(super) async fn visit(
             password: guard.secret.clone(),
         });
         let out = encode(v5, Packet::Connect(connect, None, None, None, login))
-            .ok_or("could not encode CONNECT")?;
-        s.write_all(&out)
-            .await
-            .map_err(|e| format!("send CONNECT: {e}"))?;
+            .ok_or(ProbeError::Encode)?;
+        s.write_all(&out).await.map_err(ProbeError::Send)?;
         let mut buf = BytesMut::new();
         let f = read_frame(&mut s, &mut buf, 1 << 16)
             .await
-            .map_err(|e| format!("reading CONNACK: {e:?}"))?
-            .ok_or("connection closed without CONNACK")?;
+            .map_err(ProbeError::Read)?
+            .ok_or(ProbeError::Closed)?;
         if PacketType::of(f[0]) != Some(PacketType::Connack) || f.get(3).copied() != Some(0) {
-            return Err(format!("refused: {:02x?}", &f[..f.len().min(5)]));
+            return Err(ProbeError::Refused(f[..f.len().min(5)].to_vec()));
         }
         Ok(s)
     };
     let mut s = match tokio::time::timeout(timeout, work).await {
         Ok(r) => r?,
-        Err(_) => return Err(format!("no CONNACK within {timeout:?}")),
+        Err(_) => return Err(ProbeError::Timeout(timeout)),
     };
     // Answered. Leave as a client should, and as the guard does (module docs).
     if s.write_all(&[0xe0, 0x00]).await.is_ok() {
