@@ -74,10 +74,6 @@ pub struct OpenReport {
     pub problem: Option<String>,
 }
 
-fn integrity_failed(e: &StoreError) -> bool {
-    e.to_string().contains("integrity check failed")
-}
-
 /// Best effort: the sequence high-water mark of a damaged file, so numbering goes on after it.
 fn salvage_next_seq(path: &Path) -> Option<u64> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
@@ -133,7 +129,8 @@ impl Store {
         }
         match Self::open_checked(path, sync, limits) {
             Ok(s) => Ok((s, OpenReport::default())),
-            Err(e) if e.is_corruption() || integrity_failed(&e) => {
+            // A failed `quick_check` is reported as SQLITE_CORRUPT too (`open_checked`).
+            Err(e) if e.is_corruption() => {
                 let high_water = salvage_next_seq(path);
                 let aside = quarantine(path)?;
                 let mut s = Self::open_checked(path, sync, limits)?;
