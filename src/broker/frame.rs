@@ -274,6 +274,23 @@ pub fn publish_topic(frame: &[u8], header_len: usize) -> Option<&[u8]> {
 
 /// Filters of a SUBSCRIBE frame, each with its options byte.
 pub fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<(&[u8], u8)>> {
+    filter_list(frame, header_len, v5, true)
+}
+
+/// Filters of an UNSUBSCRIBE frame.
+pub fn unsubscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
+    let list = filter_list(frame, header_len, v5, false)?;
+    Some(list.into_iter().map(|(f, _)| f).collect())
+}
+
+/// The topic filters after the packet id (and MQTT 5 properties) of a SUBSCRIBE (each followed
+/// by an options byte: `options`) or UNSUBSCRIBE frame; options 0 when there are none.
+fn filter_list(
+    frame: &[u8],
+    header_len: usize,
+    v5: bool,
+    options: bool,
+) -> Option<Vec<(&[u8], u8)>> {
     let mut body = frame.get(header_len + 2..)?; // after the packet id
     if v5 {
         // properties: variable byte integer length, then the properties
@@ -283,24 +300,9 @@ pub fn subscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Ve
     let mut out = Vec::new();
     while !body.is_empty() {
         let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-        out.push((body.get(2..2 + len)?, *body.get(2 + len)?));
-        body = body.get(2 + len + 1..)?; // + options byte
-    }
-    Some(out)
-}
-
-/// Filters of an UNSUBSCRIBE frame.
-pub fn unsubscribe_filters(frame: &[u8], header_len: usize, v5: bool) -> Option<Vec<&[u8]>> {
-    let mut body = frame.get(header_len + 2..)?;
-    if v5 {
-        let (n, plen) = var_int(body).ok()??;
-        body = body.get(n + plen..)?;
-    }
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        let len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-        out.push(body.get(2..2 + len)?);
-        body = body.get(2 + len..)?;
+        let o = if options { *body.get(2 + len)? } else { 0 };
+        out.push((body.get(2..2 + len)?, o));
+        body = body.get(2 + len + usize::from(options)..)?; // + options byte
     }
     Some(out)
 }

@@ -10,154 +10,98 @@
 //!   ([`Refusal::suback_code`]). MQTT 3.1.1 has no DISCONNECT from the server: the connection
 //!   just closes.
 
-/// Why the guard refused (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
+/// The enum, its list and its labels from one table (`Variant => "label"`), so a reason cannot
+/// be added without its label.
+macro_rules! refusals {
+    ($($(#[$doc:meta])* $name:ident => $label:literal,)*) => {
+        /// Why the guard refused (see the module doc).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Refusal {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Refusal {
+            /// Every refusal (for tests and documentation).
+            pub const ALL: &'static [Refusal] = &[$(Refusal::$name,)*];
+
+            /// The `reason` label it is counted and logged under.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(Refusal::$name => $label,)*
+                }
+            }
+        }
+    };
+}
+
+refusals! {
     /// No complete CONNECT within `broker.connection_timeout`.
-    ConnectTimeout,
+    ConnectTimeout => "connect_timeout",
     /// The first packet is not a CONNECT.
-    NotConnect,
+    NotConnect => "not_connect",
     /// A packet that cannot be parsed (bad remaining length, truncated fields).
-    Malformed,
+    Malformed => "malformed",
     /// A packet over `broker.max_payload_size`.
-    Oversize,
+    Oversize => "oversize",
     /// A protocol name or level the listener does not speak.
-    ProtocolVersion,
+    ProtocolVersion => "protocol_version",
     /// Something MQTT forbids (reserved flags, a packet a client may not send, ...).
-    Protocol,
+    Protocol => "protocol",
     /// A client id that is too long or has `+ # / $` or control characters.
-    ClientId,
+    ClientId => "client_id",
     /// A client id with a prefix the gateway's own links use.
-    ReservedClientId,
+    ReservedClientId => "reserved_client_id",
     /// A topic name that is empty, not UTF-8, or has NUL.
-    TopicInvalid,
+    TopicInvalid => "topic_invalid",
     /// A topic name with a wildcard.
-    TopicWildcard,
+    TopicWildcard => "topic_wildcard",
     /// A topic over `broker.max_topic_length`.
-    TopicTooLong,
+    TopicTooLong => "topic_too_long",
     /// A new topic beyond `broker.max_topics`.
-    TopicLimit,
+    TopicLimit => "topic_limit",
     /// A topic reserved for the gateway (`edgegate/`) or the broker (`$`).
-    ReservedTopic,
+    ReservedTopic => "reserved_topic",
     /// A client without credentials while `broker.allow_anonymous` is false.
-    Anonymous,
+    Anonymous => "anonymous",
     /// Bad user name or password.
-    Auth,
+    Auth => "auth",
     /// A new client id beyond `broker.max_client_ids`.
-    ClientIdLimit,
+    ClientIdLimit => "client_id_limit",
     /// A publish (or will) `broker.acl` does not allow.
-    AclPublish,
+    AclPublish => "acl_publish",
     /// A subscription `broker.acl` does not allow.
-    AclSubscribe,
+    AclSubscribe => "acl_subscribe",
     /// The previous session with the client id did not end in time.
-    TakeoverTimeout,
+    TakeoverTimeout => "takeover_timeout",
     /// A stored MQTT 5 session could not be ended for clean start.
-    SessionReset,
+    SessionReset => "session_reset",
     /// rumqttd's internal listener is not reachable.
-    BrokerUnavailable,
+    BrokerUnavailable => "broker_unavailable",
     /// rumqttd did not accept the connection.
-    BrokerRefused,
+    BrokerRefused => "broker_refused",
     /// `broker.max_connections` reached.
-    ConnectionLimit,
+    ConnectionLimit => "connection_limit",
     /// `broker.max_connections_per_address` reached.
-    AddressLimit,
+    AddressLimit => "address_limit",
     /// The TLS handshake failed.
-    TlsHandshake,
+    TlsHandshake => "tls_handshake",
     /// No TLS handshake within `broker.connection_timeout`.
-    TlsHandshakeTimeout,
+    TlsHandshakeTimeout => "tls_handshake_timeout",
     /// Nothing from the client within 1.5 times its keep alive.
-    KeepAliveTimeout,
+    KeepAliveTimeout => "keep_alive_timeout",
     /// An MQTT 5 topic alias out of range.
-    TopicAlias,
+    TopicAlias => "topic_alias",
     /// A SUBSCRIBE with an invalid filter.
-    FilterInvalid,
+    FilterInvalid => "filter_invalid",
     /// More filters than `broker.max_subscriptions_per_client`.
-    SubscriptionLimit,
+    SubscriptionLimit => "subscription_limit",
     /// A new filter beyond `broker.max_filters`.
-    FilterLimit,
+    FilterLimit => "filter_limit",
     /// A retained message beyond the retained limits (passed on without retain).
-    RetainedLimit,
+    RetainedLimit => "retained_limit",
 }
 
 impl Refusal {
-    /// Every refusal (for tests and documentation).
-    pub const ALL: [Refusal; 32] = {
-        use Refusal::*;
-        [
-            ConnectTimeout,
-            NotConnect,
-            Malformed,
-            Oversize,
-            ProtocolVersion,
-            Protocol,
-            ClientId,
-            ReservedClientId,
-            TopicInvalid,
-            TopicWildcard,
-            TopicTooLong,
-            TopicLimit,
-            ReservedTopic,
-            Anonymous,
-            Auth,
-            ClientIdLimit,
-            AclPublish,
-            AclSubscribe,
-            TakeoverTimeout,
-            SessionReset,
-            BrokerUnavailable,
-            BrokerRefused,
-            ConnectionLimit,
-            AddressLimit,
-            TlsHandshake,
-            TlsHandshakeTimeout,
-            KeepAliveTimeout,
-            TopicAlias,
-            FilterInvalid,
-            SubscriptionLimit,
-            FilterLimit,
-            RetainedLimit,
-        ]
-    };
-
-    /// The `reason` label it is counted and logged under.
-    pub fn label(self) -> &'static str {
-        use Refusal::*;
-        match self {
-            ConnectTimeout => "connect_timeout",
-            NotConnect => "not_connect",
-            Malformed => "malformed",
-            Oversize => "oversize",
-            ProtocolVersion => "protocol_version",
-            Protocol => "protocol",
-            ClientId => "client_id",
-            ReservedClientId => "reserved_client_id",
-            TopicInvalid => "topic_invalid",
-            TopicWildcard => "topic_wildcard",
-            TopicTooLong => "topic_too_long",
-            TopicLimit => "topic_limit",
-            ReservedTopic => "reserved_topic",
-            Anonymous => "anonymous",
-            Auth => "auth",
-            ClientIdLimit => "client_id_limit",
-            AclPublish => "acl_publish",
-            AclSubscribe => "acl_subscribe",
-            TakeoverTimeout => "takeover_timeout",
-            SessionReset => "session_reset",
-            BrokerUnavailable => "broker_unavailable",
-            BrokerRefused => "broker_refused",
-            ConnectionLimit => "connection_limit",
-            AddressLimit => "address_limit",
-            TlsHandshake => "tls_handshake",
-            TlsHandshakeTimeout => "tls_handshake_timeout",
-            KeepAliveTimeout => "keep_alive_timeout",
-            TopicAlias => "topic_alias",
-            FilterInvalid => "filter_invalid",
-            SubscriptionLimit => "subscription_limit",
-            FilterLimit => "filter_limit",
-            RetainedLimit => "retained_limit",
-        }
-    }
-
     /// The CONNACK code refusing a connection for this reason: an MQTT 5 reason code, or an
     /// MQTT 3.1.1 return code (which has fewer: a will topic refused is "not authorized").
     pub fn connack_code(self, v5: bool) -> u8 {

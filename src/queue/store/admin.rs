@@ -57,21 +57,7 @@ impl Store {
             )
             .map_err(err)?
             > 0;
-        let mut store = Store {
-            conn,
-            path: path.to_path_buf(),
-            limits: Limits::default(),
-            next_seq: 1,
-            next_pos: 1,
-            depth: 0,
-            bytes: 0,
-            alerts: 0,
-            data_version: 0,
-            space_cap: 0,
-            has_parked,
-        };
-        store.load_counters()?;
-        Ok(store)
+        Store::from_file(conn, path, Limits::default(), has_parked)
     }
 
     /// Delete queued events older than `before_us` whose subject matches `filter` (CLI purge).

@@ -205,6 +205,16 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", WAL_LIMIT as i64)
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        Store::from_file(conn, path, limits, true)
+    }
+
+    /// The store over an open connection, its counters loaded from the file.
+    pub(super) fn from_file(
+        conn: Connection,
+        path: &Path,
+        limits: Limits,
+        has_parked: bool,
+    ) -> Result<Store, StoreError> {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -216,7 +226,7 @@ impl Store {
             alerts: 0,
             data_version: 0,
             space_cap: 0,
-            has_parked: true,
+            has_parked,
         };
         store.load_counters()?;
         Ok(store)
