@@ -31,7 +31,11 @@ use crate::broker::handoff::Publish;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 
-use super::*;
+use super::flow::Flow;
+use super::limits::{check_client_id, check_topic_name, reserved_allowed, reserved_topic};
+use super::probe::{visit, ProbeError};
+use super::relay::relay;
+use super::{Guard, Io};
 
 /// Longest wait for rumqttd's CONNACK on the internal connection.
 pub(super) const INTERNAL_CONNACK: Duration = Duration::from_secs(5);

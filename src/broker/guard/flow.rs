@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use crate::broker::frame::{parse_header, publish_pkid, PacketType};
 use crate::ops::metrics::DropReason;
 
-use super::*;
+use super::Guard;
 
 /// rumqttd 0.20's outgoing window: unacknowledged QoS 1/2 publishes it sends one connection
 /// at most (`MAX_INFLIGHT` in `router/iobufs.rs`).

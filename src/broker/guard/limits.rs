@@ -18,7 +18,7 @@ use crate::broker::acl::Perms;
 use crate::broker::handoff::OWN_PREFIX;
 use crate::broker::refusal::{Refusal, Refused};
 
-use super::*;
+use super::Guard;
 
 /// The gateway's own links and probe use these; a sensor that takes one would kick a link off.
 /// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)

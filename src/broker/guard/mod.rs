@@ -66,11 +66,7 @@ mod relay;
 #[cfg(test)]
 mod tests;
 
-use connect::*;
-use flow::*;
-use limits::*;
-use probe::visit;
-use relay::*;
+use connect::{session, Turn};
 
 pub use limits::{check_client_id, check_topic_name, reserved_topic};
 pub use probe::{probe, ProbeError};

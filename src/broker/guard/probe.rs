@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::broker::frame::{encode, read_frame, FrameError, PacketType};
 
-use super::*;
+use super::Guard;
 
 /// Why a visit to rumqttd's internal listener (the probe, or ending a stored session) failed.
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,10 @@ use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 
-use super::*;
+use super::connect::Conn;
+use super::flow::Flow;
+use super::limits::{check_topic_name, reserved_allowed, reserved_topic, valid_filter};
+use super::{Guard, Io};
 
 /// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
 pub(super) const DISCONNECT_SETTLE: Duration = Duration::from_secs(2);

@@ -7,6 +7,8 @@ use rumqttd::protocol::Packet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::connect::WillCharge;
+use super::limits::valid_filter;
 use super::*;
 use crate::broker::frame::{encode, read_frame};
 
