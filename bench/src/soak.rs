@@ -18,6 +18,10 @@
 //! | subflood    | 127.0.0.16 | thousands of distinct filters, then publishes to new topics        |
 //! | traceparent | 127.0.0.17 | MQTT 5 readings with garbage `traceparent` user properties         |
 //! | protocol    | 127.0.0.18 | every 30 s: reserved CONNECT flag, reserved SUBSCRIBE bits, `a/#/b`, MQIsdp |
+//! | bigflood    | 127.0.0.19 | two clients, QoS 0 250 KB publishes to `sensors/big/...` (readings: into the pipeline) |
+//! | halfsent    | 127.20.x.1 | hundreds of connections that each send 90% of a 250 KB publish, then wait |
+//! | deaf        | 127.0.0.21 | 50 subscribers to `sensors/#` that never read their socket (reconnect when closed) |
+//! | fanout      | 127.0.0.22 | 100 KB publishes spread over the subscription flood's filters (fills rumqttd's per-filter logs) |
 //! | outage      | -          | runs `--upstream-stop`, then `--upstream-start` (the upstream broker) |
 //!
 //! A canary connects from 127.0.0.1 every 2 s (can a new sensor still get in, how fast). Each
@@ -41,8 +45,7 @@ use crate::{cloud_subscriber, host_port, now_us, parse_readings, percentile_ms};
 /// `p` of the readings the traceparent attacker publishes (not an honest sensor).
 const TRACEPARENT_P: u32 = 1000;
 const VALID_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-const ALL_ATTACKS: &str =
-    "wildcard,flood,retained,connflood,slowloris,subflood,traceparent,protocol,outage";
+const ALL_ATTACKS: &str = "wildcard,flood,retained,connflood,slowloris,subflood,traceparent,protocol,bigflood,halfsent,deaf,fanout,outage";
 
 #[derive(clap::Args)]
 pub struct SoakArgs {
@@ -97,6 +100,18 @@ pub struct SoakArgs {
     /// Subscription filters of the subscription flood.
     #[arg(long, default_value_t = 10_000)]
     sub_filters: u32,
+    /// 250 KB publishes per second, per big-flood client.
+    #[arg(long, default_value_t = 10)]
+    bigflood_rate: u64,
+    /// Connections that each hold a half-sent 250 KB publish.
+    #[arg(long, default_value_t = 500)]
+    halfsent: u32,
+    /// Subscribers that never read.
+    #[arg(long, default_value_t = 50)]
+    deaf: u32,
+    /// 100 KB publishes per second over the subscription flood's filters.
+    #[arg(long, default_value_t = 50)]
+    fanout_rate: u64,
     /// Shell command that stops the upstream broker (the outage)...
     #[arg(long)]
     upstream_stop: Option<String>,
@@ -265,6 +280,10 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
     attack!("subflood", sub_flood(soak.clone(), a.sub_filters));
     attack!("traceparent", traceparent(soak.clone()));
     attack!("protocol", protocol(soak.clone()));
+    attack!("bigflood", big_flood(soak.clone(), a.bigflood_rate));
+    attack!("halfsent", half_sent(soak.clone(), a.halfsent));
+    attack!("deaf", deaf(soak.clone(), a.deaf));
+    attack!("fanout", fan_out(soak.clone(), a.fanout_rate));
     let canary_task = tokio::spawn(canary(soak.clone()));
     let mut outage = None;
     if attacks.contains("outage") {
@@ -783,6 +802,152 @@ async fn publisher_loop(
             sleep_or_end(soak, Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Two clients publishing QoS 0 250 KB readings to `sensors/big/...` at `rate` each: readings
+/// of the largest size, which the pipeline holds until committed.
+async fn big_flood(soak: Arc<Soak>, rate: u64) {
+    let payload = Arc::new(vec![b'b'; 250 * 1024]);
+    let clients: Vec<_> = (0..2)
+        .map(|k| {
+            let (soak, payload) = (soak.clone(), payload.clone());
+            tokio::spawn(async move {
+                publisher_loop(
+                    &soak,
+                    src(19),
+                    &format!("soak-big-{k}"),
+                    rate,
+                    "bigflood",
+                    |i| {
+                        (
+                            format!("sensors/big/{k}/{}", i % 10),
+                            payload.clone(),
+                            false,
+                            false,
+                        )
+                    },
+                )
+                .await;
+            })
+        })
+        .collect();
+    for c in clients {
+        let _ = c.await;
+    }
+}
+
+/// `count` connections, each sending 90% of a 250 KB publish and then nothing; one whose
+/// connection the gateway closes is opened again after 5 s.
+async fn half_sent(soak: Arc<Soak>, count: u32) {
+    let packet = Arc::new(wire::publish(
+        "sensors/half/t",
+        &vec![b'h'; 250 * 1024],
+        0,
+        false,
+        0,
+        None,
+    ));
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let (soak, packet) = (soak.clone(), packet.clone());
+            tokio::spawn(async move {
+                let part = &packet[..packet.len() * 9 / 10];
+                while !soak.over() {
+                    let id = format!("soak-half-{i}");
+                    // Spread over addresses, as many hosts would be (100 per address at most).
+                    let from = Some(Ipv4Addr::new(127, 20, (i / 90) as u8, 1));
+                    let (Some(mut s), _) = wire::open(
+                        from,
+                        soak.edge,
+                        &Connect::v311(&id),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    else {
+                        soak.tally.add("halfsent.connect_refused", 1);
+                        sleep_or_end(&soak, Duration::from_secs(5)).await;
+                        continue;
+                    };
+                    if s.write_all(part).await.is_ok() {
+                        soak.tally.add("halfsent.holding", 1);
+                        let mut buf = [0u8; 256];
+                        let closed =
+                            async { while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {} };
+                        tokio::select! {
+                            _ = closed => soak.tally.add("halfsent.closed_by_gateway", 1),
+                            _ = sleep_or_end(&soak, Duration::from_secs(3600)) => {}
+                        }
+                    }
+                    sleep_or_end(&soak, Duration::from_secs(5)).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// `count` subscribers to `sensors/#` that never read their socket; one the gateway
+/// disconnects comes back after 5 s.
+async fn deaf(soak: Arc<Soak>, count: u32) {
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let soak = soak.clone();
+            tokio::spawn(async move {
+                while !soak.over() {
+                    let id = format!("soak-deaf-{i}");
+                    let (Some(mut s), _) = wire::open(
+                        src(21),
+                        soak.edge,
+                        &Connect::v311(&id),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    else {
+                        soak.tally.add("deaf.connect_refused", 1);
+                        sleep_or_end(&soak, Duration::from_secs(5)).await;
+                        continue;
+                    };
+                    let sub = wire::subscribe(1, &[("sensors/#".to_string(), 1)], false);
+                    if s.write_all(&sub).await.is_err() {
+                        continue;
+                    }
+                    soak.tally.add("deaf.subscribed", 1);
+                    // Never read; notice the close only by a write failing.
+                    loop {
+                        sleep_or_end(&soak, Duration::from_secs(1)).await;
+                        if soak.over() {
+                            return;
+                        }
+                        if s.write_all(&[0xc0, 0x00]).await.is_err() {
+                            soak.tally.add("deaf.closed_by_gateway", 1);
+                            break;
+                        }
+                    }
+                    sleep_or_end(&soak, Duration::from_secs(5)).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// 100 KB publishes at `rate` to topics that match the subscription flood's filters, one
+/// after the other: every filter's log in rumqttd fills.
+async fn fan_out(soak: Arc<Soak>, rate: u64) {
+    let payload = Arc::new(vec![b'f'; 100 * 1024]);
+    publisher_loop(&soak, src(22), "soak-fanout", rate, "fanout", |i| {
+        (
+            format!("soak/subs/{}/big", i % 1000),
+            payload.clone(),
+            false,
+            false,
+        )
+    })
+    .await;
 }
 
 /// Open `count` connections (each with a CONNECT) and hold the accepted ones for a quarter of

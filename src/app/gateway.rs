@@ -147,7 +147,7 @@ async fn start_broker(
     broker.guard().set_handoff(handoff);
     // Every in-process link is built before the listeners open, while nothing else talks
     // to rumqttd's router: no connection slot a link takes was ever a remote client's, so
-    // no late report about such a client can end a link (broker/guard.rs, on DISCONNECT);
+    // no late report about such a client can end a link (broker/guard/mod.rs, on DISCONNECT);
     // built after, the rules link once failed with "Channel recv error". And if one cannot
     // be built, the start fails before any sensor got a PUBACK.
     // The rules stage publishes derived events and alerts on its own local link.

@@ -73,12 +73,21 @@ pub fn init(level: &str) -> Sink {
 
 /// Replace the level filter of the running process (e.g. after SIGHUP). `RUST_LOG`, when set,
 /// still wins, as at start-up.
-pub fn set_level(level: &str) -> Result<(), String> {
+pub fn set_level(level: &str) -> Result<(), LevelError> {
     let filter = build_filter(level);
     match FILTER.get() {
-        Some(h) => h.reload(filter).map_err(|e| e.to_string()),
-        None => Err("logging is not initialised".into()),
+        Some(h) => h.reload(filter).map_err(LevelError::Reload),
+        None => Err(LevelError::NotInitialised),
     }
+}
+
+/// Why the log level could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LevelError {
+    #[error("logging is not initialised")]
+    NotInitialised,
+    #[error("{0}")]
+    Reload(tracing_subscriber::reload::Error),
 }
 
 /// `Targets` (`info,edgegate::forwarder=debug,rumqttd=off`), not `EnvFilter`: the same

@@ -25,12 +25,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::BytesMut;
 
 use crate::core::ack::{Acks, Inbound};
+use crate::core::budget::Budget;
 use crate::core::decode::Payload;
 use crate::core::event::Reading;
 use crate::core::metrics::{DropReason, Metrics};
 use crate::core::outlet::{offer, Offered, WhenFull};
 use crate::core::reserved::OWN_PREFIX;
-use crate::core::budget::Budget;
 
 /// Acknowledgements one connection may owe before the guard stops reading from it. A client
 /// that keeps publishing without reading its socket holds this many at most (16 bytes each).

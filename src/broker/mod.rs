@@ -18,8 +18,10 @@
 //! in-memory log of about `segment_size × (segment_count + 1)` bytes; a slower subscriber skips.
 
 pub mod fanout;
+pub mod frame;
 pub mod guard;
 pub mod handoff;
+pub mod refusal;
 pub mod retained;
 
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -49,6 +49,19 @@ pub struct RetainedBook {
     bytes: usize,
 }
 
+/// The bound a retained message would break (its key and value, as the log shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OverLimit {
+    #[error("broker.max_retained_messages {0}")]
+    Messages(usize),
+    #[error("broker.max_retained_bytes {0}")]
+    Bytes(usize),
+    #[error("broker.max_retained_per_client {0}")]
+    PerClient(usize),
+    #[error("broker.max_retained_bytes_per_client {0}")]
+    BytesPerClient(usize),
+}
+
 impl RetainedBook {
     fn release(&mut self, topic: u64) -> Option<(u64, usize)> {
         let (owner, bytes) = self.topics.remove(&topic)?;
@@ -73,7 +86,7 @@ impl RetainedBook {
         o.1 += bytes;
     }
 
-    /// `owner` wants `bytes` stored as the retained message of `topic`. `Err(detail)` when that
+    /// `owner` wants `bytes` stored as the retained message of `topic`. `Err(bound)` when that
     /// would break a bound (the book is then unchanged).
     pub fn store(
         &mut self,
@@ -81,23 +94,17 @@ impl RetainedBook {
         topic: u64,
         owner: u64,
         bytes: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), OverLimit> {
         let old = self.release(topic);
         let (own_n, own_b) = self.owners.get(&owner).copied().unwrap_or_default();
         let over = if self.messages + 1 > limits.messages {
-            Some(format!("broker.max_retained_messages {}", limits.messages))
+            Some(OverLimit::Messages(limits.messages))
         } else if self.bytes + bytes > limits.bytes {
-            Some(format!("broker.max_retained_bytes {}", limits.bytes))
+            Some(OverLimit::Bytes(limits.bytes))
         } else if own_n + 1 > limits.per_client {
-            Some(format!(
-                "broker.max_retained_per_client {}",
-                limits.per_client
-            ))
+            Some(OverLimit::PerClient(limits.per_client))
         } else if own_b + bytes > limits.bytes_per_client {
-            Some(format!(
-                "broker.max_retained_bytes_per_client {}",
-                limits.bytes_per_client
-            ))
+            Some(OverLimit::BytesPerClient(limits.bytes_per_client))
         } else {
             None
         };
@@ -150,13 +157,18 @@ mod tests {
         for t in 0..3 {
             b.store(&L, t, 1, 100).unwrap();
         }
-        assert!(b.store(&L, 3, 1, 100).unwrap_err().contains("per_client"));
+        assert!(b
+            .store(&L, 3, 1, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("per_client"));
         // Replacing one of its own topics is fine, and frees the old size.
         b.store(&L, 2, 1, 300).unwrap();
         assert_eq!(b.totals(), (3, 500));
         assert!(b
             .store(&L, 1, 1, 500)
             .unwrap_err()
+            .to_string()
             .contains("bytes_per_client"));
         assert_eq!(
             b.totals(),
@@ -167,11 +179,13 @@ mod tests {
         assert!(b
             .store(&L, 11, 2, 10)
             .unwrap_err()
+            .to_string()
             .contains("max_retained_messages"));
         b.clear(0);
         assert!(b
             .store(&L, 11, 2, 201)
             .unwrap_err()
+            .to_string()
             .contains("max_retained_bytes"));
         b.store(&L, 11, 2, 100).unwrap();
         assert_eq!(b.totals(), (4, 900));

@@ -54,7 +54,7 @@ pub fn passwd(file: &Path, user: &str) -> i32 {
         }
         Err(e) => {
             eprintln!("edgegate: passwd: {e}");
-            if e.contains("standard input") || e.contains("user name") {
+            if e.is_usage() {
                 exit::USAGE
             } else {
                 exit::CANTCREAT

@@ -86,8 +86,7 @@ async fn demo(total: Duration) -> anyhow::Result<bool> {
     cfg.gateway.data_dir = data_dir.clone();
     cfg.broker.listen = "127.0.0.1:0".parse()?;
     cfg.metrics.listen = Some("127.0.0.1:0".parse()?);
-    cfg.upstream.url =
-        Some(parse_upstream_url(&format!("mqtt://{}", relay.addr)).map_err(anyhow::Error::msg)?);
+    cfg.upstream.url = Some(parse_upstream_url(&format!("mqtt://{}", relay.addr))?);
     cfg.upstream.topic_prefix = "edge/demo".into();
     cfg.upstream.reconnect_max = Duration::from_secs(2);
     cfg.upstream.ack_timeout = Duration::from_secs(3);

@@ -55,13 +55,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, i32> {
 }
 
 fn options(up: &Upstream) -> Result<MqttOptions, String> {
-    let url = crate::config::parse_upstream_url(&up.url)?;
+    let url = crate::config::parse_upstream_url(&up.url).map_err(|e| e.to_string())?;
     let id = format!("edgegate-fleet-cli-{}", uuid::Uuid::new_v4().simple());
     let mut o = MqttOptions::new(id, url.host.clone(), url.port);
     o.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(16 * 1024 * 1024 + 1024, 16 * 1024 * 1024 + 1024);
     if url.tls {
-        let tls = crate::config::tls::client_config(up.ca_file.as_deref(), None)?;
+        let tls = crate::config::tls::client_config(up.ca_file.as_deref(), None)
+            .map_err(|e| e.to_string())?;
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls),
         ));

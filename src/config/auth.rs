@@ -6,11 +6,72 @@
 //! the status page verify against it.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+
+/// A problem in the text of a password file: names the line (and user), never a hash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PasswordFileError {
+    #[error("line {0}: expected username:$argon2id$...")]
+    Syntax(usize),
+    #[error("line {0}: empty user name")]
+    EmptyUser(usize),
+    #[error("line {line} (user {user:?}): not an argon2 hash; create entries with `edgegate passwd FILE USER`")]
+    NotArgon2 { line: usize, user: String },
+    #[error("line {line}: user {user:?} appears twice")]
+    Duplicate { line: usize, user: String },
+}
+
+/// Why a password file could not be loaded or written, or a password hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        source: PasswordFileError,
+    },
+    #[error("user name {0:?} must be non-empty and contain no ':'")]
+    BadUser(String),
+    #[error("reading the password from standard input: {0}")]
+    Input(std::io::Error),
+    #[error("empty password on standard input")]
+    EmptyPassword,
+    #[error("{0}")]
+    Hash(argon2::password_hash::Error),
+}
+
+impl AuthError {
+    /// A mistake in how `edgegate passwd` was called (its user name or standard input), not
+    /// in the file.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            AuthError::BadUser(_) | AuthError::Input(_) | AuthError::EmptyPassword
+        )
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
+        move |source| AuthError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn invalid(path: &Path) -> impl FnOnce(PasswordFileError) -> AuthError + '_ {
+        move |source| AuthError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
 
 /// Parsed password file: user name -> PHC hash string.
 #[derive(Clone, PartialEq, Eq)]
@@ -27,7 +88,7 @@ impl std::fmt::Debug for Passwords {
 
 impl Passwords {
     /// Parse the text of a password file. Errors name the line, never its content.
-    pub fn parse(text: &str) -> Result<Passwords, String> {
+    pub fn parse(text: &str) -> Result<Passwords, PasswordFileError> {
         let mut users = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -36,29 +97,33 @@ impl Passwords {
             }
             let n = i + 1;
             let Some((user, hash)) = line.split_once(':') else {
-                return Err(format!("line {n}: expected username:$argon2id$..."));
+                return Err(PasswordFileError::Syntax(n));
             };
             if user.is_empty() {
-                return Err(format!("line {n}: empty user name"));
+                return Err(PasswordFileError::EmptyUser(n));
             }
             match PasswordHash::new(hash) {
                 Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
                 _ => {
-                    return Err(format!(
-                        "line {n} (user {user:?}): not an argon2 hash; create entries with `edgegate passwd FILE USER`"
-                    ))
+                    return Err(PasswordFileError::NotArgon2 {
+                        line: n,
+                        user: user.to_string(),
+                    })
                 }
             }
             if users.insert(user.to_string(), hash.to_string()).is_some() {
-                return Err(format!("line {n}: user {user:?} appears twice"));
+                return Err(PasswordFileError::Duplicate {
+                    line: n,
+                    user: user.to_string(),
+                });
             }
         }
         Ok(Passwords { users })
     }
 
-    pub fn load(path: &Path) -> Result<Passwords, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Passwords, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(AuthError::io(path))?;
+        Self::parse(&text).map_err(AuthError::invalid(path))
     }
 
     pub fn len(&self) -> usize {
@@ -91,14 +156,14 @@ fn dummy_hash() -> &'static str {
 
 /// A new argon2id hash (PHC string) of `password` with a random salt and the crate's default
 /// parameters (19 MiB, 2 passes).
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
+pub fn hash_password(password: &[u8]) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
     rand::Rng::fill(&mut rand::thread_rng(), &mut salt[..]);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&salt).map_err(AuthError::Hash)?;
     Argon2::default()
         .hash_password(password, &salt)
         .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(AuthError::Hash)
 }
 
 /// `edgegate passwd FILE USER`: set USER's password (read from `input`, first line) in FILE,
@@ -107,25 +172,21 @@ pub fn set_password(
     file: &Path,
     user: &str,
     input: &mut dyn std::io::BufRead,
-) -> Result<(), String> {
+) -> Result<(), AuthError> {
     if user.is_empty() || user.contains([':', '\n', '\r']) {
-        return Err(format!(
-            "user name {user:?} must be non-empty and contain no ':'"
-        ));
+        return Err(AuthError::BadUser(user.to_string()));
     }
     let mut line = String::new();
-    input
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the password from standard input: {e}"))?;
+    input.read_line(&mut line).map_err(AuthError::Input)?;
     let password = line.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
-        return Err("empty password on standard input".into());
+        return Err(AuthError::EmptyPassword);
     }
     let hash = hash_password(password.as_bytes())?;
     let existing = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("{}: {e}", file.display())),
+        Err(e) => return Err(AuthError::io(file)(e)),
     };
     let mut out = String::new();
     let mut replaced = false;
@@ -143,10 +204,10 @@ pub fn set_password(
     if !replaced {
         out.push_str(&format!("{user}:{hash}\n"));
     }
-    Passwords::parse(&out).map_err(|e| format!("{}: {e}", file.display()))?;
+    Passwords::parse(&out).map_err(AuthError::invalid(file))?;
     let tmp = file.with_extension("tmp");
-    write_private(&tmp, out.as_bytes()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))
+    write_private(&tmp, out.as_bytes()).map_err(AuthError::io(&tmp))?;
+    std::fs::rename(&tmp, file).map_err(AuthError::io(file))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -179,7 +240,7 @@ mod tests {
 
     #[test]
     fn plain_text_and_garbage_are_errors_without_echoing_secrets() {
-        let e = Passwords::parse("alice:hunter2\n").unwrap_err();
+        let e = Passwords::parse("alice:hunter2\n").unwrap_err().to_string();
         assert!(e.contains("line 1") && !e.contains("hunter2"), "{e}");
         assert!(Passwords::parse("nocolon\n").is_err());
         assert!(Passwords::parse(":$argon2id$x\n").is_err());
@@ -206,7 +267,13 @@ mod tests {
                 "password file must not be readable by others"
             );
         }
-        assert!(set_password(&f, "a", &mut "".as_bytes()).is_err());
-        assert!(set_password(&f, "x:y", &mut "p\n".as_bytes()).is_err());
+        assert!(set_password(&f, "a", &mut "".as_bytes()).is_err_and(|e| e.is_usage()));
+        assert!(set_password(&f, "x:y", &mut "p\n".as_bytes()).is_err_and(|e| e.is_usage()));
+        // A file that cannot be written is not the caller's mistake (`edgegate passwd` exits
+        // with CANTCREAT, not USAGE).
+        let no_dir = dir.path().join("missing/passwd");
+        assert!(!set_password(&no_dir, "a", &mut "p\n".as_bytes())
+            .unwrap_err()
+            .is_usage());
     }
 }

@@ -92,15 +92,64 @@ fn set_str(slot: &mut Value<DefaultNumericTypes>, s: &str) {
     }
 }
 
+/// Why a condition (`when`) is refused; each message quotes it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConditionError {
+    #[error("{text:?}: {source}")]
+    Syntax {
+        text: String,
+        source: EvalexprError<DefaultNumericTypes>,
+    },
+    #[error("{text:?}: assignments are not allowed in a condition")]
+    Assignment { text: String },
+    #[error("{text:?}: incomplete expression ({source})")]
+    Incomplete {
+        text: String,
+        source: EvalexprError<DefaultNumericTypes>,
+    },
+    /// What a trial run gave instead of true/false ("nothing" for the empty value).
+    #[error("{text:?} gives {gives}, not true/false")]
+    NotBoolean { text: String, gives: String },
+    /// A constant condition fails when evaluated.
+    #[error(transparent)]
+    Constant(#[from] EvalError),
+}
+
+/// Why a condition could not be evaluated for a reading.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    #[error("field {name:?} is {type_name}, which a condition cannot use")]
+    FieldType {
+        name: String,
+        type_name: &'static str,
+    },
+    #[error("the reading has no field {name:?}")]
+    NoField { name: String },
+    #[error("condition {text:?} gave {value}, not true/false")]
+    NotBoolean {
+        text: String,
+        value: Value<DefaultNumericTypes>,
+    },
+    #[error("condition {text:?}: {source}")]
+    Failed {
+        text: String,
+        source: EvalexprError<DefaultNumericTypes>,
+    },
+}
+
 impl Condition {
-    pub fn parse(text: &str, pattern: Option<&Pattern>) -> Result<Condition, String> {
-        let tree = build_operator_tree::<DefaultNumericTypes>(text)
-            .map_err(|e| format!("{text:?}: {e}"))?;
+    pub fn parse(text: &str, pattern: Option<&Pattern>) -> Result<Condition, ConditionError> {
+        let tree = build_operator_tree::<DefaultNumericTypes>(text).map_err(|source| {
+            ConditionError::Syntax {
+                text: text.to_string(),
+                source,
+            }
+        })?;
         if tree.iter_variable_identifiers().count() != tree.iter_read_variable_identifiers().count()
         {
-            return Err(format!(
-                "{text:?}: assignments are not allowed in a condition"
-            ));
+            return Err(ConditionError::Assignment {
+                text: text.to_string(),
+            });
         }
         let mut vars: Vec<Var> = Vec::new();
         for name in tree.iter_read_variable_identifiers() {
@@ -136,17 +185,20 @@ impl Condition {
             match tree.eval_with_context(&ctx) {
                 Err(e @ EvalexprError::WrongOperatorArgumentAmount { .. })
                 | Err(e @ EvalexprError::WrongFunctionArgumentAmount { .. }) => {
-                    return Err(format!("{text:?}: incomplete expression ({e})"));
+                    return Err(ConditionError::Incomplete {
+                        text: text.to_string(),
+                        source: e,
+                    });
                 }
                 Ok(v) if !v.is_boolean() => {
-                    return Err(format!(
-                        "{text:?} gives {}, not true/false",
-                        if v.is_empty() {
+                    return Err(ConditionError::NotBoolean {
+                        text: text.to_string(),
+                        gives: if v.is_empty() {
                             "nothing".to_string()
                         } else {
                             v.to_string()
-                        }
-                    ));
+                        },
+                    });
                 }
                 _ => {}
             }
@@ -184,7 +236,7 @@ impl Condition {
         reading: &Reading,
         time: f64,
         scratch: &mut Scratch,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, EvalError> {
         let values = &mut scratch.0;
         values.resize(self.vars.len(), Value::Empty);
         for (var, slot) in self.vars.iter().zip(values.iter_mut()) {
@@ -197,12 +249,12 @@ impl Condition {
                     Some(Field::Bool(b)) => *slot = Value::Boolean(b),
                     Some(Field::Str(s)) => set_str(slot, &s),
                     Some(other) => {
-                        return Err(format!(
-                            "field {name:?} is {}, which a condition cannot use",
-                            other.type_name()
-                        ))
+                        return Err(EvalError::FieldType {
+                            name: name.clone(),
+                            type_name: other.type_name(),
+                        })
                     }
-                    None => return Err(format!("the reading has no field {name:?}")),
+                    None => return Err(EvalError::NoField { name: name.clone() }),
                 },
             }
         }
@@ -212,11 +264,14 @@ impl Condition {
         };
         match self.tree.eval_with_context(&ctx) {
             Ok(Value::Boolean(b)) => Ok(b),
-            Ok(other) => Err(format!(
-                "condition {:?} gave {other}, not true/false",
-                self.text
-            )),
-            Err(e) => Err(format!("condition {:?}: {e}", self.text)),
+            Ok(other) => Err(EvalError::NotBoolean {
+                text: self.text.clone(),
+                value: other,
+            }),
+            Err(source) => Err(EvalError::Failed {
+                text: self.text.clone(),
+                source,
+            }),
         }
     }
 }
@@ -234,6 +289,34 @@ mod tests {
             payload: Payload::decode(Bytes::from_static(payload)),
             traceparent: None,
         }
+    }
+
+    /// The messages a rule's `last_error` shows (as they were when they were strings).
+    #[test]
+    fn evaluation_errors_say_what_went_wrong() {
+        let mut s = Scratch::default();
+        let c = Condition::parse("t > 20", None).unwrap();
+        let msg = |payload| {
+            c.eval(&r("x", payload), 0.0, &mut Scratch::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(msg(br#"{"u":1}"#), r#"the reading has no field "t""#);
+        assert_eq!(
+            msg(br#"{"t":[1]}"#),
+            r#"field "t" is array/object, which a condition cannot use"#
+        );
+        assert_eq!(
+            msg(br#"{"t":"hot"}"#),
+            r#"condition "t > 20": Expected a Value::Float or Value::Int, but got String("hot")."#
+        );
+        let c = Condition::parse("if(t > 1, t, true)", None).unwrap();
+        assert_eq!(
+            c.eval(&r("x", br#"{"t":5}"#), 0.0, &mut s)
+                .unwrap_err()
+                .to_string(),
+            r#"condition "if(t > 1, t, true)" gave 5, not true/false"#
+        );
     }
 
     #[test]

@@ -344,7 +344,7 @@ fn template(t: &mut Table<'_, '_>, key: &str, pattern: &Pattern) -> Option<Templ
     match Template::parse(&text, pattern) {
         Ok(tpl) => Some(tpl),
         Err(msg) => {
-            t.error(key, &msg);
+            t.error(key, &msg.to_string());
             None
         }
     }
@@ -646,7 +646,7 @@ fn compile_rule(mut r: Table<'_, '_>, i: usize, settings: &EngineSettings) -> Op
         .and_then(|m| match Pattern::parse(&m) {
             Ok(p) => Some(p),
             Err(msg) => {
-                r.error("match", &msg);
+                r.error("match", &msg.to_string());
                 None
             }
         });
@@ -657,7 +657,7 @@ fn compile_rule(mut r: Table<'_, '_>, i: usize, settings: &EngineSettings) -> Op
             match Condition::parse(&text, pattern.as_ref()) {
                 Ok(c) => Some(c),
                 Err(msg) => {
-                    r.error("when", &msg);
+                    r.error("when", &msg.to_string());
                     None
                 }
             }

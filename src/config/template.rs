@@ -23,35 +23,71 @@ fn valid_name(name: &str) -> bool {
 /// Names a template or condition may use besides the pattern's own.
 pub const RESERVED: [&str; 3] = ["topic", "rule", "time"];
 
+/// Why a `match` pattern or a topic template is refused; each message quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{text:?}: unclosed '{{' in level {level:?}")]
+    UnclosedLevel { text: String, level: String },
+    #[error("{text:?}: {name:?} is not a name (letters, digits, '_')")]
+    NotAName { text: String, name: String },
+    #[error("{text:?}: name {name:?} is reserved or repeated")]
+    Reserved { text: String, name: String },
+    #[error("{text:?}: a {{name}} must be a whole level, as '+' is")]
+    PartLevel { text: String },
+    /// The filter the pattern stands for is not a valid MQTT filter.
+    #[error("{0}")]
+    Filter(String),
+    #[error("topic template must not be empty")]
+    Empty,
+    #[error("{text:?}: a topic must not contain '+' or '#'")]
+    Wildcard { text: String },
+    #[error("{text:?}: unclosed '{{'")]
+    Unclosed { text: String },
+    #[error("{text:?}: unknown name {{{name}}}; known: {known}")]
+    UnknownName {
+        text: String,
+        name: String,
+        known: String,
+    },
+    #[error("{text:?}: unmatched '}}'")]
+    Unmatched { text: String },
+}
+
 impl Pattern {
-    pub fn parse(text: &str) -> Result<Pattern, String> {
+    pub fn parse(text: &str) -> Result<Pattern, TemplateError> {
+        let t = || text.to_string();
         let mut names = Vec::new();
         let mut levels = Vec::new();
         for (i, level) in text.split('/').enumerate() {
             if let Some(inner) = level.strip_prefix('{') {
                 let Some(name) = inner.strip_suffix('}') else {
-                    return Err(format!("{text:?}: unclosed '{{' in level {level:?}"));
+                    return Err(TemplateError::UnclosedLevel {
+                        text: t(),
+                        level: level.to_string(),
+                    });
                 };
                 if !valid_name(name) {
-                    return Err(format!(
-                        "{text:?}: {name:?} is not a name (letters, digits, '_')"
-                    ));
+                    return Err(TemplateError::NotAName {
+                        text: t(),
+                        name: name.to_string(),
+                    });
                 }
                 if RESERVED.contains(&name) || names.iter().any(|(n, _)| n == name) {
-                    return Err(format!("{text:?}: name {name:?} is reserved or repeated"));
+                    return Err(TemplateError::Reserved {
+                        text: t(),
+                        name: name.to_string(),
+                    });
                 }
                 names.push((name.to_string(), i));
                 levels.push("+");
             } else if level.contains(['{', '}']) {
-                return Err(format!(
-                    "{text:?}: a {{name}} must be a whole level, as '+' is"
-                ));
+                return Err(TemplateError::PartLevel { text: t() });
             } else {
                 levels.push(level);
             }
         }
         let filter = levels.join("/");
-        topic::validate_filter(&filter)?;
+        topic::validate_filter(&filter).map_err(TemplateError::Filter)?;
         Ok(Pattern { filter, names })
     }
 
@@ -88,12 +124,13 @@ pub struct Template {
 }
 
 impl Template {
-    pub fn parse(text: &str, pattern: &Pattern) -> Result<Template, String> {
+    pub fn parse(text: &str, pattern: &Pattern) -> Result<Template, TemplateError> {
+        let t = || text.to_string();
         if text.is_empty() {
-            return Err("topic template must not be empty".into());
+            return Err(TemplateError::Empty);
         }
         if text.contains(['+', '#']) {
-            return Err(format!("{text:?}: a topic must not contain '+' or '#'"));
+            return Err(TemplateError::Wildcard { text: t() });
         }
         let mut parts = Vec::new();
         let mut rest = text;
@@ -102,7 +139,7 @@ impl Template {
                 parts.push(Part::Lit(rest[..open].to_string()));
             }
             let Some(close) = rest[open..].find('}') else {
-                return Err(format!("{text:?}: unclosed '{{'"));
+                return Err(TemplateError::Unclosed { text: t() });
             };
             let name = &rest[open + 1..open + close];
             parts.push(match name {
@@ -117,17 +154,18 @@ impl Template {
                             .map(|(n, _)| n.as_str())
                             .chain(["topic", "rule"])
                             .collect();
-                        return Err(format!(
-                            "{text:?}: unknown name {{{name}}}; known: {}",
-                            known.join(", ")
-                        ));
+                        return Err(TemplateError::UnknownName {
+                            text: t(),
+                            name: name.to_string(),
+                            known: known.join(", "),
+                        });
                     }
                 },
             });
             rest = &rest[open + close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("{text:?}: unmatched '}}'"));
+            return Err(TemplateError::Unmatched { text: t() });
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));

@@ -7,7 +7,7 @@
 //! listener, the forwarder, the fleet agent and `fleet push` use them); it imports nothing from
 //! the crate.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -35,41 +35,87 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+/// Why TLS material could not be loaded. Each message names the file it concerns (never the
+/// content of a key).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not PEM certificates: {source}", .path.display())]
+    NotPemCertificates {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: no certificate in the file", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no private key in the file", .path.display())]
+    NoKey { path: PathBuf },
+    #[error("{}: not a PEM private key", .path.display())]
+    NotPemKey { path: PathBuf },
+    /// A CA certificate the trust store does not take.
+    #[error("{}: {source}", .path.display())]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("no CA certificates in the system trust store (install ca-certificates or set upstream.ca_file)")]
+    NoSystemRoots,
+    /// The crypto provider offers none of the default protocol versions.
+    #[error("{0}")]
+    Versions(rustls::Error),
+    #[error("certificate and key do not form a usable pair: {0}")]
+    ServerPair(rustls::Error),
+    #[error("client certificate and key do not form a usable pair: {0}")]
+    ClientPair(rustls::Error),
 }
 
-pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+        .map_err(|source| TlsError::NotPemCertificates {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate in the file", path.display()));
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
 /// The private key; its content never appears in an error.
-pub fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
+    let path = path.to_path_buf();
     match rustls_pemfile::private_key(&mut pem.as_slice()) {
         Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(format!("{}: no private key in the file", path.display())),
-        Err(_) => Err(format!("{}: not a PEM private key", path.display())),
+        Ok(None) => Err(TlsError::NoKey { path }),
+        Err(_) => Err(TlsError::NotPemKey { path }),
     }
 }
 
 /// Server configuration for the sensors' TLS listener (no client certificates).
-pub fn server_config(cert: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(cert: &Path, key_file: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certs(cert)?;
     let key = key(key_file)?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Versions)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?;
+        .map_err(TlsError::ServerPair)?;
     Ok(Arc::new(cfg))
 }
 
@@ -78,14 +124,15 @@ pub fn server_config(cert: &Path, key_file: &Path) -> Result<Arc<rustls::ServerC
 pub fn client_config(
     ca: Option<&Path>,
     client: Option<(&Path, &Path)>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
             for c in certs(path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                roots.add(c).map_err(|source| TlsError::BadCa {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             }
         }
         None => {
@@ -94,21 +141,18 @@ pub fn client_config(
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err(
-                    "no CA certificates in the system trust store (install ca-certificates or set upstream.ca_file)"
-                        .into(),
-                );
+                return Err(TlsError::NoSystemRoots);
             }
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Versions)?
         .with_root_certificates(roots);
     let cfg = match client {
         Some((cert, key_file)) => builder
             .with_client_auth_cert(certs(cert)?, key(key_file)?)
-            .map_err(|e| format!("client certificate and key do not form a usable pair: {e}"))?,
+            .map_err(TlsError::ClientPair)?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))

@@ -137,7 +137,7 @@ pub struct Metrics {
     /// reading the broker already PUBACKed can still be lost to a crash.
     pub commit_latency: Histogram,
     pub rules: RuleMetrics,
-    /// Connections and packets the broker guard refused, by reason (src/broker/guard.rs).
+    /// Connections and packets the broker guard refused, by reason (`broker::refusal::Refusal`).
     broker_rejected: Family<ReasonLabel, Counter>,
     broker_rejected_totals: Mutex<HashMap<&'static str, u64>>,
     broker_reject_log: Mutex<HashMap<&'static str, Instant>>,
@@ -152,7 +152,7 @@ pub struct Metrics {
     pub broker_probe_failures: Counter,
     pub broker_listener_restarts: Counter,
     /// Sessions rumqttd did not close within 2 s of the client's DISCONNECT (the guard closed
-    /// them itself; see broker/guard.rs on why it waits).
+    /// them itself; see broker/guard/mod.rs on why it waits).
     pub broker_disconnect_unsettled: Counter,
     /// `traceparent` user properties that were not W3C trace context and were left out of the
     /// event (the reading itself is kept).

@@ -299,7 +299,7 @@ impl Engine {
                     Ok(false) => continue,
                     Err(e) => {
                         rule.stats.eval_errors += 1;
-                        rule.stats.last_error = Some(e);
+                        rule.stats.last_error = Some(e.to_string());
                         held.get_or_insert(Disposition::EvalError(i));
                         continue;
                     }

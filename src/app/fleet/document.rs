@@ -153,17 +153,31 @@ pub fn check(
     })
 }
 
+/// A seed that does not make an ed25519 key pair.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not an ed25519 key: {0}")]
+    NotEd25519(ring::error::KeyRejected),
+    #[error("unexpected key length")]
+    Length,
+}
+
 /// Sign `body` for `topic` with the ed25519 key whose 32-byte seed is `seed`: the document to
 /// publish (signature line + body). A signature line already at the start of `body` is
 /// replaced.
-pub fn sign(seed: &[u8; 32], topic: &str, body: &[u8], signed_at: u64) -> Result<Vec<u8>, String> {
+pub fn sign(
+    seed: &[u8; 32],
+    topic: &str,
+    body: &[u8],
+    signed_at: u64,
+) -> Result<Vec<u8>, KeyError> {
     use base64::Engine as _;
     let body = match parse_signature(body) {
         Ok(Some(s)) => &body[s.body..],
         _ => body,
     };
-    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
-        .map_err(|e| format!("not an ed25519 key: {e}"))?;
+    let pair =
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(seed).map_err(KeyError::NotEd25519)?;
     let sig = pair.sign(&signed_message(topic, signed_at, body));
     let mut out = format!(
         "{SIGNATURE_TAG}{signed_at} {}\n",
@@ -175,11 +189,11 @@ pub fn sign(seed: &[u8; 32], topic: &str, body: &[u8], signed_at: u64) -> Result
 }
 
 /// The public key of a seed.
-pub fn public_key(seed: &[u8; 32]) -> Result<[u8; 32], String> {
+pub fn public_key(seed: &[u8; 32]) -> Result<[u8; 32], KeyError> {
     use ring::signature::KeyPair as _;
-    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
-        .map_err(|e| format!("not an ed25519 key: {e}"))?;
-    <[u8; 32]>::try_from(pair.public_key().as_ref()).map_err(|_| "unexpected key length".into())
+    let pair =
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(seed).map_err(KeyError::NotEd25519)?;
+    <[u8; 32]>::try_from(pair.public_key().as_ref()).map_err(|_| KeyError::Length)
 }
 
 #[cfg(test)]

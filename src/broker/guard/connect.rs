@@ -1,0 +1,715 @@
+//! One client's CONNECT: read within `broker.connection_timeout`, checked (protocol level,
+//! flags, client id, will, credentials, budgets, ACL), handed to rumqttd with the guard's
+//! internal credential once the client id's previous session has ended, and relayed after
+//! rumqttd's CONNACK.
+//!
+//! Invariants:
+//! - Nothing reaches rumqttd before every check passed; a refused client gets the CONNACK of
+//!   its [`Refusal`] (where MQTT has one) and is counted once.
+//! - One session per client id at rumqttd at a time ([`Turn`]), with [`TURN_GAP`] between two.
+//! - A retained will charged at CONNECT is given back if the session never reaches rumqttd
+//!   ([`WillCharge`]).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttd::protocol::{Login, Packet};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::broker::frame::{
+    connack_assigning, decode, encode, parse_header, read_frame, read_frame_of, FrameError,
+    PacketType,
+};
+use crate::broker::handoff::Publish;
+use crate::broker::refusal::{Refusal, Refused};
+use crate::broker::retained::topic_hash;
+use crate::config::acl::Perms;
+
+use super::flow::Flow;
+use super::limits::{check_client_id, check_topic_name, reserved_allowed, reserved_topic};
+use super::probe::{visit, ProbeError};
+use super::relay::relay;
+use super::{Guard, Io};
+
+/// Longest wait for rumqttd's CONNACK on the internal connection.
+pub(super) const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
+
+/// rumqttd 0.20 loses track of its will handlers when connections with the same client id
+/// overlap or follow each other within moments (a takeover, a client reconnecting in a loop): a
+/// handler with a dead receiver stays behind and the next CONNECT with that id panics while the
+/// handler mutex is held (failure mode 1 again; seen under churn in tests/security.rs). So the
+/// guard hands rumqttd one session per client id at a time: a new CONNECT first ends the
+/// running session with that id (the MQTT takeover, done by the guard), waits until it is
+/// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
+pub(super) struct Turn {
+    /// Held for the whole life of a session (and while the guard ends a stored one); the time
+    /// the last one ended.
+    pub(super) lock: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// Bumped by each new session: the running one ends when it sees a newer value.
+    pub(super) generation: watch::Sender<u64>,
+}
+
+/// Pause between the end of a session and the next one with the same client id.
+pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
+
+/// Longest MQTT 5 Session Expiry Interval the guard times; a session with a longer one (or
+/// 0xFFFFFFFF, "never") is kept as long as rumqttd runs.
+pub(super) const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// One client: CONNECT checked, handed to rumqttd with the internal credential, then relayed.
+pub(super) async fn session<S: Io>(
+    mut client: S,
+    peer: SocketAddr,
+    v5: bool,
+    targets: watch::Receiver<SocketAddr>,
+    guard: Arc<Guard>,
+) {
+    let target = *targets.borrow();
+    let p = &guard.policy;
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = tokio::time::timeout(
+        p.connect_timeout,
+        read_frame_of(
+            &mut client,
+            &mut buf,
+            p.max_packet,
+            Some(PacketType::Connect),
+            Some(&p.buffered),
+        ),
+    )
+    .await;
+    let mut frame = match first {
+        Err(_) => {
+            return guard.reject(
+                Refusal::ConnectTimeout,
+                peer,
+                &"no complete CONNECT within broker.connection_timeout",
+            )
+        }
+        Ok(Ok(None)) | Ok(Err(FrameError::Io)) => return,
+        Ok(Err(FrameError::Unexpected(t))) => {
+            return guard.reject(
+                Refusal::NotConnect,
+                peer,
+                &format_args!("packet type {t} before CONNECT"),
+            )
+        }
+        Ok(Err(FrameError::Malformed)) => {
+            return guard.reject(
+                Refusal::Malformed,
+                peer,
+                &"bad remaining length before CONNECT",
+            )
+        }
+        Ok(Err(FrameError::Oversize(n))) => {
+            return guard.reject(
+                Refusal::Oversize,
+                peer,
+                &format_args!("first packet of {n} bytes (broker.max_payload_size)"),
+            )
+        }
+        Ok(Ok(Some(f))) => f,
+    };
+    if PacketType::of(frame[0]) != Some(PacketType::Connect) {
+        return guard.reject(
+            Refusal::NotConnect,
+            peer,
+            &format_args!("packet type {} before CONNECT", frame[0] >> 4),
+        );
+    }
+    // Protocol name and level, and the connect flags, which rumqttd's decoder does not check.
+    let header_len = parse_header(&frame).ok().flatten().map_or(2, |h| h.1);
+    let body = frame.get(header_len..).unwrap_or_default();
+    let name_len = body
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+    let (name, level, flags) = (
+        body.get(2..2 + name_len).unwrap_or_default(),
+        body.get(2 + name_len).copied(),
+        body.get(3 + name_len).copied(),
+    );
+    if name == b"MQIsdp" || (name == b"MQTT" && level != Some(if v5 { 5 } else { 4 })) {
+        let reply = refuse(
+            &mut client,
+            v5,
+            &guard,
+            Refusal::ProtocolVersion,
+            peer,
+            &format_args!(
+                "protocol {:?} level {level:?}: this listener speaks MQTT {}",
+                String::from_utf8_lossy(name),
+                if v5 { "5" } else { "3.1.1" }
+            ),
+        );
+        return reply.await;
+    }
+    if flags.is_some_and(|f| f & 1 == 1) {
+        // MQTT 3.1.1 3.1.2.3 / 5 3.1.2.3: the server must close the connection.
+        return guard.reject(
+            Refusal::Protocol,
+            peer,
+            &"CONNECT with the reserved flag set",
+        );
+    }
+    let Some(Packet::Connect(mut connect, props, mut will, will_props, login)) =
+        decode(v5, &mut frame, p.max_packet)
+    else {
+        return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be decoded");
+    };
+    let mut assigned_id = None;
+    // MQTT 5 Session Expiry Interval (0: the session ends with the connection).
+    let expiry = match (&props, v5) {
+        (Some(p), true) => p.session_expiry_interval.unwrap_or(0),
+        _ => 0,
+    };
+    {
+        if let Err(Refused(reason, detail)) =
+            check_client_id(&connect.client_id, p.max_client_id_length).or_else(|e| {
+                if e.0 == Refusal::ReservedClientId && !p.reserve_own_prefix {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        {
+            let reply = refuse(&mut client, v5, &guard, reason, peer, &detail);
+            return reply.await;
+        }
+        if props
+            .as_ref()
+            .is_some_and(|p| p.receive_maximum == Some(0) || p.max_packet_size == Some(0))
+        {
+            // MQTT 5 §3.1.2.11.3/4: a protocol error.
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::Protocol,
+                peer,
+                &"CONNECT with Receive Maximum or Maximum Packet Size 0",
+            );
+            return reply.await;
+        }
+        if let Some(w) = &will {
+            if let Err(Refused(reason, detail)) =
+                check_topic_name(&w.topic).and_then(|()| guard.check_topic(&w.topic))
+            {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    reason,
+                    peer,
+                    &format_args!("will: {detail}"),
+                );
+                return reply.await;
+            }
+        }
+        match (&login, &p.passwords) {
+            (None, _) if !p.allow_anonymous => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    Refusal::Anonymous,
+                    peer,
+                    &format_args!(
+                        "client {:?} without credentials (broker.allow_anonymous = false)",
+                        connect.client_id
+                    ),
+                );
+                return reply.await;
+            }
+            (Some(l), Some(passwords)) => {
+                let ok = match tokio::time::timeout(p.connect_timeout, guard.auth_slots.acquire())
+                    .await
+                {
+                    Ok(Ok(_permit)) => {
+                        let (pw, user, pass) =
+                            (passwords.clone(), l.username.clone(), l.password.clone());
+                        tokio::task::spawn_blocking(move || pw.verify(&user, pass.as_bytes()))
+                            .await
+                            .unwrap_or(false)
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    let reply = refuse(
+                        &mut client,
+                        v5,
+                        &guard,
+                        Refusal::Auth,
+                        peer,
+                        &format_args!("bad user name or password for user {:?}", l.username),
+                    );
+                    return reply.await;
+                }
+            }
+            (Some(_), None) if !p.allow_anonymous => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    Refusal::Auth,
+                    peer,
+                    &"credentials given but no broker.password_file",
+                );
+                return reply.await;
+            }
+            _ => {}
+        }
+        // MQTT 5 lets a client with an empty id have a session (clean start 0, or an expiry);
+        // rumqttd refuses clean start 0 (0x85) and discards a clean session at the end, so the
+        // guard assigns the id (returned in the CONNACK). Otherwise rumqttd assigns one.
+        if v5 && connect.client_id.is_empty() && (!connect.clean_session || expiry > 0) {
+            connect.client_id = format!("auto-{}", uuid::Uuid::new_v4().simple());
+            assigned_id = Some(connect.client_id.clone());
+        }
+        // Empty client ids get a fresh id (and session state) from rumqttd each time.
+        let key = if connect.client_id.is_empty() {
+            uuid::Uuid::new_v4().as_bytes().to_vec()
+        } else {
+            connect.client_id.as_bytes().to_vec()
+        };
+        if !guard.note(&guard.client_ids, &key, p.max_client_ids) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::ClientIdLimit,
+                peer,
+                &format_args!(
+                    "new client id beyond broker.max_client_ids {}",
+                    p.max_client_ids
+                ),
+            );
+            return reply.await;
+        }
+    }
+    // ACLs: user names count only when verified against the password file.
+    let verified_user = login
+        .as_ref()
+        .filter(|_| p.passwords.is_some())
+        .map(|l| l.username.as_str());
+    let perms = p
+        .acl
+        .as_ref()
+        .map(|acl| acl.for_client(verified_user, &connect.client_id));
+    if let (Some(perms), Some(w)) = (&perms, &will) {
+        let topic = String::from_utf8_lossy(&w.topic);
+        if !perms.may_publish(&topic) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::AclPublish,
+                peer,
+                &format_args!("will topic {topic:?} not allowed by broker.acl"),
+            );
+            return reply.await;
+        }
+    }
+    let client_id = connect.client_id.clone();
+    let owner = if client_id.is_empty() {
+        topic_hash(uuid::Uuid::new_v4().as_bytes())
+    } else {
+        topic_hash(client_id.as_bytes())
+    };
+    let mut retained_will = None;
+    let mut will_reading = None;
+    if let Some(w) = will.as_mut() {
+        if reserved_topic(&w.topic) && !reserved_allowed(perms.as_ref(), &w.topic) {
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::ReservedTopic,
+                peer,
+                &format_args!(
+                    "will topic {:?}: reserved for the gateway (edgegate/) or the broker ($)",
+                    String::from_utf8_lossy(&w.topic)
+                ),
+            );
+            return reply.await;
+        }
+        // A retained will is stored when it fires: charged now, released by a clean DISCONNECT.
+        if w.retain && !w.message.is_empty() {
+            let hash = topic_hash(&w.topic);
+            let bytes = w.topic.len() + w.message.len();
+            if guard.keep_retained(hash, owner, bytes, peer, &w.topic) {
+                retained_will = Some((hash, bytes));
+            } else {
+                w.retain = false;
+            }
+        }
+        will_reading = Some((w.topic.clone(), w.message.clone()));
+    }
+    let mut conn = Conn {
+        owner,
+        aliases: HashMap::new(),
+        subscriptions: HashSet::new(),
+        retained_will,
+        will: will_reading,
+        will_cancelled: false,
+        perms,
+        expiry: None,
+        connect_expiry: expiry,
+        ended: false,
+    };
+    // Until rumqttd has the session (its CONNACK), a refusal takes the will's charge back.
+    let mut will_charge = WillCharge {
+        guard: guard.clone(),
+        charge: conn
+            .retained_will
+            .map(|(topic, bytes)| (topic, conn.owner, bytes)),
+    };
+    // One session per client id at rumqttd (empty ids get a fresh id from rumqttd).
+    let turn = (!client_id.is_empty()).then(|| {
+        let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns
+            .entry(client_id.clone())
+            .or_insert_with(|| {
+                Arc::new(Turn {
+                    lock: Arc::new(tokio::sync::Mutex::new(None)),
+                    generation: watch::channel(0).0,
+                })
+            })
+            .clone()
+    });
+    let mut my_turn = None;
+    if let Some(t) = &turn {
+        let mut gen = 0;
+        t.generation.send_modify(|g| {
+            *g += 1;
+            gen = *g;
+        });
+        let taken = match tokio::time::timeout(INTERNAL_CONNACK, t.lock.clone().lock_owned()).await
+        {
+            Ok(l) => l,
+            Err(_) => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    Refusal::TakeoverTimeout,
+                    peer,
+                    &format_args!("previous session of {client_id:?} did not end"),
+                );
+                return reply.await;
+            }
+        };
+        if let Some(ended) = *taken {
+            let since = ended.elapsed();
+            if since < TURN_GAP {
+                tokio::time::sleep(TURN_GAP - since).await;
+            }
+        }
+        my_turn = Some((taken, t.generation.subscribe(), gen));
+    }
+    let login = Some(Login {
+        username: login.map(|l| l.username).unwrap_or_default(),
+        password: guard.secret.clone(),
+    });
+    // MQTT 5 sessions on rumqttd's 3.1.1 ones (module docs): rumqttd keeps a session exactly
+    // when it was made with clean session 0, so it gets 0 whenever the MQTT 5 session is to be
+    // resumed or kept, and the guard ends it where MQTT 5 says: before the connect (clean start
+    // 1 with an expiry), at the end of the connection (expiry 0), after the expiry (a timer).
+    if v5 && !(connect.clean_session && expiry == 0) {
+        if connect.clean_session && assigned_id.is_none() {
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    Refusal::SessionReset,
+                    peer,
+                    &format_args!("the stored session of {client_id:?} could not be ended: {e}"),
+                );
+                return reply.await;
+            }
+            tokio::time::sleep(TURN_GAP).await;
+        }
+        connect.clean_session = false;
+        conn.expiry = Some(expiry);
+    }
+    let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
+    let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
+    connect.keep_alive = internal_keep_alive;
+    let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
+        return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be re-encoded");
+    };
+    let mut internal =
+        match tokio::time::timeout(INTERNAL_CONNACK, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                let reply = refuse(
+                    &mut client,
+                    v5,
+                    &guard,
+                    Refusal::BrokerUnavailable,
+                    peer,
+                    &format_args!("internal listener {target} not reachable"),
+                );
+                return reply.await;
+            }
+        };
+    let _ = internal.set_nodelay(true);
+    let mut ibuf = BytesMut::with_capacity(256);
+    // Wait for rumqttd's CONNACK before anything else can happen on this connection: a client
+    // that vanishes right after CONNECT must not make rumqttd fail half-way (see module docs).
+    let connack_frame = async {
+        internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
+        read_frame(&mut internal, &mut ibuf, 1 << 16).await
+    };
+    let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
+        Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
+            // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
+            will_charge.charge = None;
+            let f = match &assigned_id {
+                Some(id) => match connack_assigning(&f, id) {
+                    Some(c) => BytesMut::from(&c[..]),
+                    None => f,
+                },
+                None => f,
+            };
+            if client.write_all(&f).await.is_err() {
+                return;
+            }
+            // What rumqttd sent behind its CONNACK goes through the relay's checks.
+            ibuf
+        }
+        _ => {
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::BrokerRefused,
+                peer,
+                &format_args!("rumqttd did not accept client {client_id:?}"),
+            );
+            return reply.await;
+        }
+    };
+    match my_turn {
+        Some((mut taken, mut generation, gen)) => {
+            let taken_over = tokio::select! {
+                // The relay first: what the client sent before the newer connection (its
+                // DISCONNECT, ending the session) is read before the takeover ends the relay.
+                biased;
+                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
+                // A newer session with this client id: the takeover.
+                _ = async {
+                    loop {
+                        if *generation.borrow_and_update() != gen {
+                            return;
+                        }
+                        if generation.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                } => true,
+            };
+            // An MQTT 5 session the guard keeps the lifetime of (after a takeover of a live
+            // connection it is the new connection's).
+            let taken_over = taken_over && !conn.ended;
+            let mut expires = None;
+            match conn.expiry {
+                Some(0) if !taken_over => {
+                    tokio::time::sleep(TURN_GAP).await;
+                    if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                        tracing::warn!(client = %client_id, error = %e, "an MQTT 5 session with expiry 0 could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+                    }
+                }
+                Some(secs) if !taken_over && secs != u32::MAX => {
+                    expires = Some(Duration::from_secs(secs as u64));
+                }
+                _ => {}
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            if let (Some(after), Some(t)) = (expires, &turn) {
+                guard.expire_later(targets, v5, client_id.clone(), t.clone(), gen, after);
+            }
+            guard.release_turn(client_id, turn);
+        }
+        None => {
+            relay(
+                client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow,
+            )
+            .await
+        }
+    }
+    // After a takeover the relay was dropped before it could count the will.
+    guard.will_fires(&mut conn).await;
+}
+
+/// A retained will charged to the retained book at CONNECT, taken back when the session is
+/// refused before rumqttd has it (the will then never fires: its charge would shrink the
+/// budget for good).
+pub(super) struct WillCharge {
+    pub(super) guard: Arc<Guard>,
+    /// (topic hash, owner, bytes); `None` once rumqttd holds the will.
+    pub(super) charge: Option<(u64, u64, usize)>,
+}
+
+impl Drop for WillCharge {
+    fn drop(&mut self) {
+        if let Some((topic, owner, bytes)) = self.charge.take() {
+            self.guard
+                .retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_if(topic, owner, bytes);
+        }
+    }
+}
+
+/// Count and log a refusal, then tell the client (CONNACK with the refusal's code) and let the
+/// connection close.
+pub(super) fn refuse<'a, S: Io>(
+    client: &'a mut S,
+    v5: bool,
+    guard: &Guard,
+    reason: Refusal,
+    peer: SocketAddr,
+    detail: &dyn std::fmt::Display,
+) -> impl std::future::Future<Output = ()> + Send + 'a {
+    guard.reject(reason, peer, detail);
+    let bytes = reason.connack(v5);
+    async move {
+        let _ = client.write_all(&bytes).await;
+    }
+}
+
+/// What the guard knows of one connection's session.
+pub(super) struct Conn {
+    /// Whose retained messages these are (hash of the client id; of a fresh id for an empty one).
+    pub(super) owner: u64,
+    /// MQTT 5 topic aliases set on this connection: the topic each stands for.
+    pub(super) aliases: HashMap<u16, bytes::Bytes>,
+    /// Filters subscribed on this connection (for `broker.max_subscriptions_per_client`).
+    pub(super) subscriptions: HashSet<Vec<u8>>,
+    /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
+    pub(super) retained_will: Option<(u64, usize)>,
+    /// The will's topic and payload, published by rumqttd (and handed to the pipeline) unless
+    /// the client leaves cleanly.
+    pub(super) will: Option<(bytes::Bytes, bytes::Bytes)>,
+    /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
+    pub(super) will_cancelled: bool,
+    pub(super) perms: Option<Perms>,
+    /// MQTT 5 Session Expiry Interval of a session the guard ends itself (rumqttd keeps it
+    /// otherwise); `None`: rumqttd discards the session at the end (clean), or MQTT 3.1.1.
+    /// A DISCONNECT may change it.
+    pub(super) expiry: Option<u32>,
+    /// The Session Expiry Interval of the CONNECT (a DISCONNECT must not raise 0).
+    pub(super) connect_expiry: u32,
+    /// The connection has ended (the relay is only finishing).
+    pub(super) ended: bool,
+}
+
+impl Guard {
+    /// Forget a client id's turn once its gap has passed and no session holds or waits for it
+    /// (the entry keeps the end time for the gap).
+    pub(super) fn release_turn(self: &Arc<Guard>, client_id: String, turn: Option<Arc<Turn>>) {
+        let Some(turn) = turn else { return };
+        let guard = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TURN_GAP).await;
+            let mut turns = guard.turns.lock().unwrap_or_else(|e| e.into_inner());
+            // Only the map's reference and ours left: nobody holds or waits for it.
+            if Arc::strong_count(&turn) == 2
+                && turns.get(&client_id).is_some_and(|t| Arc::ptr_eq(t, &turn))
+            {
+                turns.remove(&client_id);
+            }
+        });
+    }
+
+    /// End the session rumqttd stores for `client_id` (a clean connect discards it). The caller
+    /// holds the client id's turn.
+    pub(super) async fn end_session(
+        &self,
+        target: SocketAddr,
+        v5: bool,
+        client_id: &str,
+    ) -> Result<(), ProbeError> {
+        let who = format!("ending the session of {client_id:?}");
+        visit(
+            target,
+            v5,
+            self,
+            client_id.to_string(),
+            INTERNAL_CONNACK,
+            &who,
+        )
+        .await
+    }
+
+    /// End `client_id`'s session `after` its connection (generation `gen` of its turn) ended,
+    /// unless a newer connection took it up meanwhile (MQTT 5 Session Expiry Interval).
+    pub(super) fn expire_later(
+        self: &Arc<Guard>,
+        targets: watch::Receiver<SocketAddr>,
+        v5: bool,
+        client_id: String,
+        turn: Arc<Turn>,
+        gen: u64,
+        after: Duration,
+    ) {
+        if after > MAX_EXPIRY {
+            return;
+        }
+        let guard = self.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            let mut taken = turn.lock.clone().lock_owned().await;
+            // A connection that came meanwhile bumped the generation before waiting its turn.
+            if *turn.generation.borrow() != gen {
+                return;
+            }
+            if let Some(ended) = *taken {
+                let since = ended.elapsed();
+                if since < TURN_GAP {
+                    tokio::time::sleep(TURN_GAP - since).await;
+                }
+            }
+            let target = *targets.borrow();
+            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                tracing::warn!(client = %client_id, error = %e, "an expired MQTT 5 session could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
+            }
+            *taken = Some(Instant::now());
+            drop(taken);
+            guard.release_turn(client_id, Some(turn));
+        });
+    }
+
+    /// The session ends without a clean DISCONNECT: rumqttd publishes the will to local
+    /// subscribers, and it goes to the pipeline as a reading (once; nobody waits for it).
+    pub(super) async fn will_fires(&self, conn: &mut Conn) {
+        if conn.will_cancelled {
+            return;
+        }
+        let (Some((topic, payload)), Some(handoff)) = (conn.will.take(), self.handoff()) else {
+            return;
+        };
+        let will = Publish {
+            topic: &topic,
+            payload: &payload,
+            traceparent: None,
+        };
+        let _ = handoff.offer(will, None, &self.metrics).await;
+    }
+}

@@ -1,0 +1,325 @@
+//! The broker guard: the only sockets sensors reach. It accepts connections itself, checks them,
+//! and relays what it lets through to rumqttd's listeners, which listen on 127.0.0.1 only and
+//! accept nothing without the guard's per-process secret.
+//!
+//! Why (rumqttd 0.20, read in its source and reproduced against the internal listener in
+//! tests/security.rs):
+//! - a CONNECT the router refuses (client id with `+ # / $`, more than `max_connections`) leaves a
+//!   will handler with a dead channel; the same client id connecting again panics while the
+//!   will-handler mutex is held, poisoning it: every later connection on that listener dies.
+//!   A connection task that dies after CONNECT (below) leaves the same trap. The guard refuses
+//!   such client ids and excess connections before rumqttd sees them, waits for rumqttd's CONNACK
+//!   before it lets a client go, and a liveness probe restarts a listener that stops answering;
+//! - the TLS handshake runs inline in rumqttd's accept loop without a timeout: the guard
+//!   terminates TLS itself, in the connection's own task, with `broker.connection_timeout`;
+//! - packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP, AUTH, a second
+//!   CONNECT, reserved types) reach `unreachable!()` in rumqttd's decoders: the guard frames
+//!   every packet from a client and closes the connection on one of those;
+//! - client ids starting with `edgegate-` are the gateway's own (in-process links): refused;
+//! - rumqttd keeps state per client id and per topic/filter forever: the guard caps the number
+//!   of distinct ones (`broker.max_client_ids`, `broker.max_topics`) and their lengths;
+//! - a DISCONNECT followed at once by the socket closing makes rumqttd disconnect the session
+//!   twice: the router frees its connection slot on the DISCONNECT, and the connection task,
+//!   reading the close, reports a disconnect for that slot again. The router hands a freed slot
+//!   to the next connection (a sensor, or one of the gateway's links), which that second report
+//!   then ends; a sensor on a clean session loses whatever it had not been PUBACKed. So after a
+//!   client's DISCONNECT (and the probe's own) the guard keeps the internal connection open
+//!   until rumqttd has closed it, which it does without a second report;
+//! - rumqttd refuses keep alive 0, refuses an MQTT 5 empty client id with clean start 0, keeps
+//!   MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry Interval), ignores the
+//!   client's Maximum Packet Size and Receive Maximum, and closes a link on an acknowledgement
+//!   out of order: the guard supplies each (see `Flow` and `session`), so that what a client
+//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take.
+//!
+//! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
+//! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
+//! connection before rumqttd sees it, so the sensor has no PUBACK for it.
+//!
+//! Files: this one holds the [`Policy`], the shared [`Guard`] state and the accept loop;
+//! `connect.rs` a client's CONNECT, `relay.rs` the two pumps of an admitted connection,
+//! `flow.rs` what the guard enforces towards the client (keep alive, MQTT 5 flow control),
+//! `limits.rs` the budgets and name checks, `probe.rs` the liveness probe. The framing is
+//! [`crate::broker::frame`], the reasons for a refusal [`crate::broker::refusal`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::broker::fanout::Fanout;
+use crate::broker::handoff::Handoff;
+use crate::broker::refusal::{Refusal, Refused};
+use crate::broker::retained::{RetainedBook, RetainedLimits};
+use crate::config::acl::Acl;
+use crate::config::auth::Passwords;
+use crate::core::budget::Budget;
+use crate::core::metrics::Metrics;
+
+mod connect;
+mod flow;
+mod limits;
+mod probe;
+mod relay;
+#[cfg(test)]
+mod tests;
+
+use connect::{session, Turn};
+
+pub use limits::{check_client_id, check_topic_name, reserved_topic};
+pub use probe::{probe, ProbeError};
+
+/// Client ids with this prefix belong to the gateway itself.
+pub const RESERVED_PREFIX: &str = "edgegate-";
+
+/// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
+/// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
+/// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
+pub const INTERNAL_KEEP_ALIVE: u16 = 60;
+
+/// Concurrent argon2 verifications (each ~20 MiB and tens of ms): a password-guessing flood
+/// cannot take every core.
+const AUTH_SLOTS: usize = 2;
+
+/// What the guard enforces.
+pub struct Policy {
+    pub allow_anonymous: bool,
+    pub passwords: Option<Arc<Passwords>>,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub max_packet: usize,
+    /// `broker.max_buffered_bytes`: large packets being read from clients and what clients
+    /// have not taken yet, all connections together.
+    pub buffered: Arc<Budget>,
+    /// rumqttd's segment size and count, and `broker.max_fanout_bytes` ([`Fanout`]).
+    pub fanout: (usize, usize, usize),
+    pub max_client_id_length: usize,
+    pub max_topic_length: usize,
+    pub max_topics: usize,
+    pub max_client_ids: usize,
+    pub max_publish_rate: u32,
+    pub acl: Option<Arc<Acl>>,
+    /// Retained messages rumqttd may hold (see [`crate::broker::retained`]).
+    pub retained: RetainedLimits,
+    /// Open connections from one source address.
+    pub max_connections_per_address: usize,
+    /// Filters one connection may hold subscribed at once.
+    pub max_subscriptions_per_client: usize,
+    /// Distinct subscription filters rumqttd will ever hold (it never frees one; each new topic
+    /// is matched against all of them, each new filter against every topic seen).
+    pub max_filters: usize,
+    /// Refuse client ids with the gateway's own prefix (off for a broker without links of its
+    /// own, like the demo's cloud, where the gateway itself connects as `edgegate-{id}`).
+    pub reserve_own_prefix: bool,
+}
+
+/// State shared by every listener of one broker.
+pub struct Guard {
+    pub policy: Policy,
+    /// Credential of the guard towards rumqttd's internal listeners (and of the probe).
+    secret: String,
+    /// Prefix of the probe's client ids (reserved, so no sensor can take one). Each probe
+    /// connects with an id of its own: rumqttd 0.20 panics, poisoning the listener, when a
+    /// client id reconnects while its previous connection is still being torn down, and a probe
+    /// retried 100 ms after a failure (or one that timed out half-way) did exactly that. With a
+    /// clean session rumqttd keeps nothing per id once the connection has ended.
+    pub probe_id: String,
+    probes: AtomicU64,
+    active: AtomicUsize,
+    /// Set when the gateway stops: every session ends at once, relaying nothing more.
+    closing: watch::Sender<bool>,
+    auth_slots: Semaphore,
+    hasher: ahash::RandomState,
+    topics: Mutex<HashSet<u64>>,
+    client_ids: Mutex<HashSet<u64>>,
+    /// Distinct subscription filters relayed to rumqttd.
+    filters: Mutex<HashSet<u64>>,
+    /// rumqttd's filter logs, mirrored (their memory bound).
+    fanout: Fanout,
+    /// A client subscribed to something since the start. Until then no one can receive a
+    /// publish from rumqttd, and readings are not relayed to it at all (only retained ones).
+    subscribed: std::sync::atomic::AtomicBool,
+    retained: Mutex<RetainedBook>,
+    /// Open connections per source address.
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// One live session per client id at rumqttd (see [`Turn`]).
+    turns: Mutex<HashMap<String, Arc<Turn>>>,
+    pub metrics: Arc<Metrics>,
+    /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
+    /// rumqttd acknowledges publishes itself). Taken away at shutdown.
+    handoff: Mutex<Option<Handoff>>,
+    /// Keep alive given to rumqttd ([`INTERNAL_KEEP_ALIVE`]; shorter only in tests).
+    internal_keep_alive: AtomicU16,
+}
+
+/// Any stream the guard can relay (TCP, TLS over TCP).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Accept loop of one public listener. Never blocks on a client: each connection (TLS
+/// handshake, CONNECT, relay) runs in its own task.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    v5: bool,
+    target: watch::Receiver<SocketAddr>,
+    guard: Arc<Guard>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a moment rather than spin.
+                tracing::warn!(error = %e, "broker accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let admitted = match guard.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(Refused(reason, detail)) => {
+                guard.reject(reason, peer, &detail);
+                if tls.is_none() {
+                    tokio::spawn(async move {
+                        let mut s = stream;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            s.write_all(&reason.connack(v5)),
+                        )
+                        .await;
+                    });
+                }
+                continue;
+            }
+        };
+        let guard = guard.clone();
+        let tls = tls.clone();
+        let targets = target.clone();
+        let mut closing = guard.closing.subscribe();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let work = async move {
+                match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            guard.policy.connect_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => session(s, peer, v5, targets, guard).await,
+                            Ok(Err(e)) => guard.reject(Refusal::TlsHandshake, peer, &e),
+                            Err(_) => guard.reject(
+                                Refusal::TlsHandshakeTimeout,
+                                peer,
+                                &"no TLS handshake within broker.connection_timeout",
+                            ),
+                        }
+                    }
+                    None => session(stream, peer, v5, targets, guard).await,
+                }
+            };
+            // Stopping: the session is dropped wherever it is. A packet cut off in the middle
+            // of its write to rumqttd is incomplete there and never PUBACKed; the sensor sends
+            // it again after it reconnects.
+            tokio::select! {
+                _ = work => {}
+                _ = closing.wait_for(|c| *c) => {}
+            }
+        });
+    }
+}
+
+impl Guard {
+    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
+        let (segment_size, segment_count, fanout_bytes) = policy.fanout;
+        Arc::new(Guard {
+            policy,
+            secret: uuid::Uuid::new_v4().simple().to_string(),
+            probe_id: format!("{RESERVED_PREFIX}probe-{}", uuid::Uuid::new_v4().simple()),
+            probes: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
+            auth_slots: Semaphore::new(AUTH_SLOTS),
+            hasher: ahash::RandomState::new(),
+            topics: Mutex::new(HashSet::new()),
+            client_ids: Mutex::new(HashSet::new()),
+            filters: Mutex::new(HashSet::new()),
+            fanout: Fanout::new(segment_size, segment_count, fanout_bytes),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
+            retained: Mutex::new(RetainedBook::default()),
+            per_address: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
+            metrics,
+            handoff: Mutex::new(None),
+            internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
+        })
+    }
+
+    /// For tests that show the guard keeps rumqttd's side of a connection alive: a shorter
+    /// keep alive towards rumqttd for connections made from now on. Not part of the API.
+    #[doc(hidden)]
+    pub fn set_internal_keep_alive_for_tests(&self, secs: u16) {
+        self.internal_keep_alive
+            .store(secs.max(1), Ordering::Relaxed);
+    }
+
+    /// The credential rumqttd's internal listeners require (constant-time comparison).
+    pub fn internal_password_ok(&self, password: &str) -> bool {
+        ct_eq(password.as_bytes(), self.secret.as_bytes())
+    }
+
+    /// For tests that attack rumqttd's internal listener directly (to show what the guard
+    /// prevents). Not part of the API.
+    #[doc(hidden)]
+    pub fn secret_for_tests(&self) -> &str {
+        &self.secret
+    }
+
+    /// Hand readings to the pipeline from now on (connections made after this call).
+    pub fn set_handoff(&self, handoff: Handoff) {
+        *self.handoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(handoff);
+    }
+
+    /// Let go of the pipeline (shutdown, after the sessions ended): its channel closes once
+    /// the last session's copy is gone.
+    pub fn end_handoff(&self) {
+        self.handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn handoff(&self) -> Option<Handoff> {
+        self.handoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stop relaying: every open session ends (sensor and broker sides closed) without passing
+    /// on anything more. Readings handed on before stay in the pipeline; those not yet
+    /// acknowledged are sent again by their sensors after they reconnect.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Connections admitted and not yet ended.
+    pub fn open_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn reject(&self, reason: Refusal, peer: SocketAddr, detail: &dyn std::fmt::Display) {
+        self.metrics.broker_reject(reason.label(), &peer, detail);
+    }
+}

@@ -1,0 +1,134 @@
+//! Reading the queue: leases for the forwarder's tail (alerts first), pages for an export,
+//! and the stats.
+//!
+//! Invariants:
+//! - Reads never change the file nor the counters.
+//! - A lease returns events after the cursor only, alerts before telemetry, each class in
+//!   queue-position order; a page-at-a-time walk ([`Store::each`]) holds at most [`PAGE`] rows
+//!   in memory, however long the queue.
+
+use rusqlite::params;
+
+use super::{row_to_event, Cursor, Stats, Store, StoreError, StoredEvent};
+
+/// Rows read per statement when paging through a table.
+pub(super) const PAGE: usize = 1000;
+
+const SELECT_EVENT: &str = "SELECT pos, seq, class, time_us, subject, topic, body FROM events";
+
+impl Store {
+    /// Up to `limit` events after `cursor`: alerts first, then telemetry, each in queue order.
+    pub fn lease(&self, cursor: Cursor, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let alerts = format!("{SELECT_EVENT} WHERE class = 0 AND pos > ?1 ORDER BY pos LIMIT ?2");
+        let telemetry =
+            format!("{SELECT_EVENT} WHERE pos > ?1 AND class = 1 ORDER BY pos LIMIT ?2");
+        if self.alerts > 0 {
+            self.select_into(
+                &alerts,
+                params![cursor.alert as i64, limit as i64],
+                &mut out,
+            )?;
+        }
+        if out.len() < limit {
+            let rest = limit - out.len();
+            self.select_into(
+                &telemetry,
+                params![cursor.telemetry as i64, rest as i64],
+                &mut out,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn select_into(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        out: &mut Vec<StoredEvent>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(p, row_to_event).map_err(|e| self.err(e))?;
+        for row in rows {
+            out.push(row.map_err(|e| self.err(e))?);
+        }
+        Ok(())
+    }
+
+    /// Oldest first, optionally only events whose subject matches `filter`; up to `limit`.
+    pub fn peek(&self, limit: usize, filter: Option<&str>) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        self.each(filter, |e| {
+            out.push(e);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Every queued event matching `filter`, oldest first, handed to `f` one at a time (read a
+    /// page at a time: constant memory), until `f` returns false.
+    pub fn each(
+        &self,
+        filter: Option<&str>,
+        mut f: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = 0;
+        loop {
+            let page = self.page(after, PAGE)?;
+            let full = page.len() == PAGE;
+            for e in page {
+                after = e.pos;
+                if filter.is_none_or(|flt| crate::core::topic::matches(flt, &e.subject)) && !f(e) {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Up to `limit` queued events after position `after`, in position order (one page of an
+    /// export: constant memory however long the queue).
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(PAGE));
+        self.select_into(
+            &format!("{SELECT_EVENT} WHERE pos > ?1 ORDER BY pos LIMIT ?2"),
+            params![after as i64, limit as i64],
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let oldest: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MIN(t) FROM (SELECT time_us AS t FROM (SELECT time_us FROM events WHERE class = 1 ORDER BY pos LIMIT 1)
+                 UNION ALL SELECT time_us FROM (SELECT time_us FROM events WHERE class = 0 ORDER BY pos LIMIT 1))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        let kept: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM acked", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let parked: i64 = if self.has_parked {
+            self.conn
+                .query_row("SELECT COUNT(*) FROM parked", [], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+        } else {
+            0
+        };
+        Ok(Stats {
+            depth: self.depth,
+            bytes: self.bytes,
+            alerts: self.alerts,
+            oldest_us: oldest,
+            next_sequence: self.next_seq,
+            kept: kept as u64,
+            parked: parked as u64,
+        })
+    }
+}
