@@ -13,8 +13,15 @@
 //! runs the same segment arithmetic per filter ([`Fanout::admit`]). A publish whose relay
 //! would take the total past the bound is not relayed: the reading still goes upstream (the
 //! hand-off comes first), only local subscribers miss it, counted as
-//! `edgegate_broker_rejected_total{reason="fanout_limit"}`. A log that is full only rotates,
-//! so filters that already hold their share keep being served.
+//! `edgegate_broker_rejected_total{reason="fanout_limit"}`.
+//!
+//! Only a log that is still growing is held to the bound. A log that has all its segments
+//! ("mature") only rotates: it is always served, so a dashboard on `sensors/#` keeps getting
+//! readings however many other filters an attacker fills. Its size then moves by at most one
+//! segment and one message, and it got there holding at least `segment_count - 1` segments
+//! within the bound, so the logs hold at most about `max_bytes × (1 + (segment_size +
+//! message) / ((segment_count - 1) × segment_size))`: 1.4 × with the defaults (8 segments of
+//! 128 KiB, 256 KiB messages).
 //!
 //! Invariants:
 //! - The mirrored total is at least what rumqttd holds for relayed publishes: a publish that
@@ -107,10 +114,14 @@ impl Fanout {
         // First the change the append would make, then (if admitted) the append.
         let mut grow = 0usize;
         let mut shrink = 0usize;
+        let mut growing = 0usize;
         let mut any = false;
         for log in inner.logs.iter().filter(|l| matches(&l.filter, topic)) {
             any = true;
             grow += size;
+            if !self.mature(log) {
+                growing += size;
+            }
             if self.rotates(log) {
                 shrink += log.segments.front().copied().unwrap_or(0);
             }
@@ -119,7 +130,7 @@ impl Fanout {
             return true;
         }
         let after = (inner.total + grow).saturating_sub(shrink);
-        if after > self.max_bytes && after > inner.total {
+        if growing > 0 && after > self.max_bytes && after > inner.total {
             return false;
         }
         let (seg_size, seg_count) = (self.segment_size, self.segment_count);
@@ -136,6 +147,11 @@ impl Fanout {
         }
         inner.total = after;
         true
+    }
+
+    /// `log` has all its segments: from now on it only rotates.
+    fn mature(&self, log: &Log) -> bool {
+        self.segment_count >= 2 && log.segments.len() >= self.segment_count
     }
 
     /// The next append to `log` drops its oldest segment (rumqttd's retention).
@@ -173,6 +189,27 @@ mod tests {
         assert!(f.admit(b"s/t", 900));
         assert!(f.admit(b"s/t", 900));
         assert_eq!(f.held(), 3 * 2 * m);
+    }
+
+    #[test]
+    fn a_log_with_all_its_segments_is_served_past_the_bound() {
+        let m = 4 + 3 + 600 + MESSAGE_OVERHEAD;
+        // Two segments of 1000: a/1 fills [2m, m] (mature) within the bound, not a/2 too.
+        let f = Fanout::new(1000, 2, 3 * m + 100);
+        f.add_filter(b"a/1");
+        f.add_filter(b"a/2");
+        for _ in 0..3 {
+            assert!(f.admit(b"a/1", 600));
+        }
+        assert!(!f.admit(b"a/2", 600), "a growing log is held to the bound");
+        let mut most = 0;
+        for _ in 0..10 {
+            assert!(f.admit(b"a/1", 600), "a mature log only rotates: served");
+            most = most.max(f.held());
+        }
+        assert!(most > 3 * m + 100, "past the bound by its active segment");
+        assert!(most <= 4 * m, "by a segment at most: {most}");
+        assert!(!f.admit(b"a/2", 600), "still no room for a growing one");
     }
 
     #[test]

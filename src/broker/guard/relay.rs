@@ -75,6 +75,11 @@ impl ToBroker<'_> {
         if !self.out.is_empty() {
             self.w.write_all(&self.out).await?;
             self.out.clear();
+            if self.out.capacity() > 2 * COALESCE {
+                // A large publish passed: do not keep its buffer for the connection's life
+                // (1,000 idle connections that each sent one would hold max_payload_size each).
+                self.out = BytesMut::new();
+            }
             self.last_write = tokio::time::Instant::now();
         }
         Ok(())
