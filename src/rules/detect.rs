@@ -13,17 +13,27 @@
 //! Real series differ wildly (noiseless cycles, square waves, counts with bursts, heavy tails,
 //! steps that become the new normal), so no fixed z-score fits them all. The detector asks
 //! instead "is this reading more surprising, by a clear factor, than anything this sensor did
-//! recently?": two surprise features are compared with their own decayed maxima (an
+//! recently?": each surprise feature is compared with its own recent maximum (an
 //! extreme-value baseline that learns each series' normal bursts, cycles and tails), and
 //! separately with a noise floor in robust sigmas. An ensemble: the reading's score is the
-//! largest of four such feature scores (jump, shift, drift, time of day).
+//! largest of five such feature scores (jump, shift, drift, time of day, seasonal drift).
+//!
+//! ## Memory: weekly patterns (see [`HeldMax`])
+//! The maxima of the shift, drift and seasonal features are held, not decayed: a value is
+//! remembered for one to two `memory`s (7 days by default), so a weekly pattern's excursions
+//! are no news when they come back. The jump's maximum decays (a spike that comes back after
+//! some days alerts again), and the largest jump of each weekday of earlier weeks is kept too:
+//! a level that steps down every Saturday alerts on the first Saturday only.
 //!
 //! ## Time of day (seasonal, `seasonal = true`)
 //! A sensor's deviation from its long baseline is profiled per hour of the (UTC) day: 24 slots
 //! of a time-weighted mean and mean absolute deviation over the last few days, scoring once a
 //! slot has been seen on 3 days. A pump running at 3 a.m. when it never did, or not stopping at
-//! its usual hour, is out of season though every reading is one it has shown before. Bounded:
-//! 220 bytes on the heap per outlier detector, allocated with its first reading.
+//! its usual hour, is out of season though every reading is one it has shown before. The mean
+//! of the last ~20 residuals from that profile (the seasonal drift) catches a small shift that
+//! lasts (2 sigma) under a daily cycle, where every reading is within the usual range. Bounded:
+//! 276 bytes on the heap per outlier detector (with the weekday jumps), allocated with its
+//! first reading.
 //!
 //! ## Flatline: stuck relative to the sensor's own habits
 //! A value that stays put is "stuck" only if the sensor used to move: it must have changed at
@@ -155,20 +165,26 @@ fn squash(q: f64) -> f64 {
     }
 }
 
-/// Outlier detector state (168 bytes, and the 220-byte [`Season`] profile on the heap).
+/// Outlier detector state (248 bytes, and the 276-byte [`Season`] profile on the heap).
 ///
 /// Features of reading `x` at time `t` (levels before the reading is taken in):
 /// - jump `j = |x - fast|`, `fast` an EWMA (0.3) of the readings: spikes, steps, noise bursts;
 /// - shift `h = |short' - slow|`, `short'` the short EWMA (0.2) including `x`, `slow` an EWMA
 ///   (0.02): level shifts, drifts, drops that last a few readings;
-/// - drift `g = |medium' - long|`, EWMAs 0.05 and 0.005 (running means at first): smaller
-///   shifts that last; novelty ratio `1 + 0.3 (ratio - 1)`, noise floor 1 sigma;
+/// - drift `g = |medium' - long|`, EWMAs 0.05 and 0.005 (running means at first) of the
+///   readings clipped to 8 sigma around `fast`: smaller shifts that last; novelty ratio
+///   `1 + 0.7 (ratio - 1)`, noise floor 1 sigma;
 /// - season `e = |d - mean_h| / max(σ_h, σ, 0.1 · mean |d|)`, `d` the reading's deviation from a
 ///   long baseline (never re-anchored), `mean_h`, `σ_h` its profile in the reading's hour
-///   (see [`Season`]); noise floor `threshold`; not scored while the value stays put.
+///   (see [`Season`]); noise floor `threshold`; not scored while the value stays put;
+/// - seasonal drift `s = |EWMA_0.05(d - mean_h)|` (residuals clipped to 8 `σ_h`): a small shift
+///   that lasts under a daily cycle; novelty ratio `1 + 0.1 (ratio - 1)`, noise floor `σ_h`;
+///   scored once the profile has scored for 2 days.
 ///
-/// Each feature `f` has a decayed maximum `M` (half-life `memory`, in time) of its values up to
-/// the reading before. Score of a
+/// Each feature `f` has a maximum `M` of its earlier values: the jump's decays (half-life
+/// `memory`, in time) and is at least the largest jump of the same weekday of earlier weeks;
+/// the others are held for one to two `memory`s ([`HeldMax`]), the drift features' taking
+/// values in by blocks of 32 readings. Score of a
 /// feature: `min(squash(f / (ratio · M)), squash(f / (threshold · σ)))`, with `σ` the robust
 /// spread of the jump feature; the reading's score is the larger of the two, and 0.5 or more
 /// starts an alert. Then `M` takes in `f` (softly, see `RISE`), so an event does not keep
@@ -195,7 +211,7 @@ pub struct Outlier {
     long: f64,
     drift_max: HeldMax,
     /// Seasonal feature: mean absolute deviation from the slow baseline, maximum, previous
-    /// value, and the hourly profile (allocated with the first reading, 220 bytes).
+    /// value, and the hourly profile (allocated with the first reading, 276 bytes).
     dev: f64,
     /// Long baseline of the seasonal feature, never re-anchored (a pump's start after a night
     /// off is what the profile must see).
@@ -465,11 +481,14 @@ impl Outlier {
         // Take the reading in. A feature's maximum takes in the previous reading's value (one
         // reading late: a shift that builds up over a few readings is still compared with the
         // maximum from before it).
-        if m_jump > 0.0 {
-            self.max_jump = m_jump.max(m_jump + RISE * (self.prev_jump - m_jump));
+        // (The jump's own maximum, without the weekday's: last week's spike on this weekday
+        // must not be carried into the coming days.)
+        let own = self.max_jump * decay;
+        self.max_jump = if own > 0.0 {
+            own.max(own + RISE * (self.prev_jump - own))
         } else {
-            self.max_jump = self.prev_jump;
-        }
+            self.prev_jump
+        };
         self.prev_jump = jump;
         self.shift_max.take(SHIFT_INTAKE, self.n, shift, m_shift);
         self.season_max

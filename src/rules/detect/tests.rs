@@ -315,3 +315,33 @@ fn a_held_maximum_remembers_for_one_to_two_buckets_and_takes_blocks() {
     m.roll();
     assert_eq!(m.get(), 1.0);
 }
+
+#[test]
+fn a_spike_that_comes_back_on_another_weekday_days_later_alerts_again() {
+    // 5-minute readings from a Monday: a 3-reading spike (x6) on Monday of week 2, a smaller
+    // one (x4) on Friday of week 3. The weekday memory holds the first on Mondays only (it must
+    // not leak into the jump's own maximum on the next Monday); the jump's own maximum has
+    // decayed for 11 days.
+    let monday = 1_704_067_200.0;
+    let mut x = 17u64;
+    let spikes = [2200, 5400];
+    let v: Vec<f64> = (0..6300)
+        .map(|i| {
+            let spike = spikes.iter().position(|&s| (s..s + 3).contains(&i));
+            (0.8 + 0.3 * (std::f64::consts::TAU * i as f64 / 288.0).sin())
+                * (1.0 + 0.15 * gauss(&mut x)).max(0.1)
+                * match spike {
+                    Some(0) => 6.0,
+                    Some(_) => 4.0,
+                    None => 1.0,
+                }
+        })
+        .collect();
+    let a = outlier_alerts(&OutlierSettings::default(), &v, monday, 300.0);
+    for s in spikes {
+        assert!(
+            a.iter().any(|&i| (s..s + 3).contains(&i)),
+            "alerts at {a:?}"
+        );
+    }
+}
