@@ -18,7 +18,7 @@
 //! separately with a noise floor in robust sigmas. An ensemble: the reading's score is the
 //! largest of five such feature scores (jump, shift, drift, time of day, seasonal drift).
 //!
-//! ## Memory: weekly patterns (see [`HeldMax`])
+//! ## Memory: weekly patterns (see `HeldMax`)
 //! The maxima of the shift, drift and seasonal features are held, not decayed: a value is
 //! remembered for one to two `memory`s (7 days by default), so a weekly pattern's excursions
 //! are no news when they come back. The jump's maximum decays (a spike that comes back after
@@ -183,7 +183,7 @@ fn squash(q: f64) -> f64 {
 ///
 /// Each feature `f` has a maximum `M` of its earlier values: the jump's decays (half-life
 /// `memory`, in time) and is at least the largest jump of the same weekday of earlier weeks;
-/// the others are held for one to two `memory`s ([`HeldMax`]), the drift features' taking
+/// the others are held for one to two `memory`s (`HeldMax`), the drift features' taking
 /// values in by blocks of 32 readings. Score of a
 /// feature: `min(squash(f / (ratio · M)), squash(f / (threshold · σ)))`, with `σ` the robust
 /// spread of the jump feature; the reading's score is the larger of the two, and 0.5 or more
