@@ -13,17 +13,27 @@
 //! Real series differ wildly (noiseless cycles, square waves, counts with bursts, heavy tails,
 //! steps that become the new normal), so no fixed z-score fits them all. The detector asks
 //! instead "is this reading more surprising, by a clear factor, than anything this sensor did
-//! recently?": two surprise features are compared with their own decayed maxima (an
+//! recently?": each surprise feature is compared with its own recent maximum (an
 //! extreme-value baseline that learns each series' normal bursts, cycles and tails), and
 //! separately with a noise floor in robust sigmas. An ensemble: the reading's score is the
-//! largest of four such feature scores (jump, shift, drift, time of day).
+//! largest of five such feature scores (jump, shift, drift, time of day, seasonal drift).
+//!
+//! ## Memory: weekly patterns (see `HeldMax`)
+//! The maxima of the shift, drift and seasonal features are held, not decayed: a value is
+//! remembered for one to two `memory`s (7 days by default), so a weekly pattern's excursions
+//! are no news when they come back. The jump's maximum decays (a spike that comes back after
+//! some days alerts again), and the largest jump of each weekday of earlier weeks is kept too:
+//! a level that steps down every Saturday alerts on the first Saturday only.
 //!
 //! ## Time of day (seasonal, `seasonal = true`)
 //! A sensor's deviation from its long baseline is profiled per hour of the (UTC) day: 24 slots
 //! of a time-weighted mean and mean absolute deviation over the last few days, scoring once a
 //! slot has been seen on 3 days. A pump running at 3 a.m. when it never did, or not stopping at
-//! its usual hour, is out of season though every reading is one it has shown before. Bounded:
-//! 220 bytes on the heap per outlier detector, allocated with its first reading.
+//! its usual hour, is out of season though every reading is one it has shown before. The mean
+//! of the last ~20 residuals from that profile (the seasonal drift) catches a small shift that
+//! lasts (2 sigma) under a daily cycle, where every reading is within the usual range. Bounded:
+//! 276 bytes on the heap per outlier detector (with the weekday jumps), allocated with its
+//! first reading.
 //!
 //! ## Flatline: stuck relative to the sensor's own habits
 //! A value that stays put is "stuck" only if the sensor used to move: it must have changed at
@@ -69,7 +79,22 @@ const LONG: f64 = 0.005;
 /// The drift feature's novelty ratio is `1 + DRIFT_RATIO_SHARE · (ratio - 1)` (1.3 by default).
 /// (Development set: 2 caught no SKAB valve incident more; 1.4, 1.3, 1.2 caught 12, 14, 16 of
 /// 23 with 15, 19, 30 false alerts, 8, 9, 11 on the generated set.)
-const DRIFT_RATIO_SHARE: f64 = 0.3;
+const DRIFT_RATIO_SHARE: f64 = 0.7;
+/// The seasonal drift feature's novelty ratio is `1 + SDRIFT_RATIO_SHARE · (ratio - 1)`.
+const SDRIFT_RATIO_SHARE: f64 = 0.1;
+/// Seconds the seasonal drift feature learns its maximum before it scores.
+const SDRIFT_MATURE: f64 = 2.0 * 86_400.0;
+/// A weekday's largest jump fades to this share each week (see `Season::weekday_jump`).
+const WEEK_FADE: f32 = 0.7;
+/// Clipping of the drift features' inputs, in robust sigmas.
+const CLIP: f64 = 8.0;
+/// The drift feature's maximum takes in every reading up to this many.
+const SETTLE: u32 = 300;
+/// Readings per block of the shift and season features' maxima (see `HeldMax::take`): a
+/// reading's value joins them at the end of its pair of readings.
+const SHIFT_INTAKE: u32 = 2;
+/// Readings per block of the drift features' maxima (see `Outlier::update`).
+const BLOCK: u32 = 32;
 /// Mean absolute deviation of a normal distribution is 0.7979 sigma.
 const MAD_TO_SIGMA: f64 = 1.2533;
 /// The episode clears after this many readings below a quarter of the alert level.
@@ -103,20 +128,26 @@ fn squash(q: f64) -> f64 {
     }
 }
 
-/// Outlier detector state (168 bytes, and the 220-byte [`Season`] profile on the heap).
+/// Outlier detector state (248 bytes, and the 276-byte [`Season`] profile on the heap).
 ///
 /// Features of reading `x` at time `t` (levels before the reading is taken in):
 /// - jump `j = |x - fast|`, `fast` an EWMA (0.3) of the readings: spikes, steps, noise bursts;
 /// - shift `h = |short' - slow|`, `short'` the short EWMA (0.2) including `x`, `slow` an EWMA
 ///   (0.02): level shifts, drifts, drops that last a few readings;
-/// - drift `g = |medium' - long|`, EWMAs 0.05 and 0.005 (running means at first): smaller
-///   shifts that last; novelty ratio `1 + 0.3 (ratio - 1)`, noise floor 1 sigma;
+/// - drift `g = |medium' - long|`, EWMAs 0.05 and 0.005 (running means at first) of the
+///   readings clipped to 8 sigma around `fast`: smaller shifts that last; novelty ratio
+///   `1 + 0.7 (ratio - 1)`, noise floor 1 sigma;
 /// - season `e = |d - mean_h| / max(σ_h, σ, 0.1 · mean |d|)`, `d` the reading's deviation from a
 ///   long baseline (never re-anchored), `mean_h`, `σ_h` its profile in the reading's hour
-///   (see [`Season`]); noise floor `threshold`; not scored while the value stays put.
+///   (see [`Season`]); noise floor `threshold`; not scored while the value stays put;
+/// - seasonal drift `s = |EWMA_0.05(d - mean_h)|` (residuals clipped to 8 `σ_h`): a small shift
+///   that lasts under a daily cycle; novelty ratio `1 + 0.1 (ratio - 1)`, noise floor `σ_h`;
+///   scored once the profile has scored for 2 days.
 ///
-/// Each feature `f` has a decayed maximum `M` (half-life `memory`, in time) of its values up to
-/// the reading before. Score of a
+/// Each feature `f` has a maximum `M` of its earlier values: the jump's decays (half-life
+/// `memory`, in time) and is at least the largest jump of the same weekday of earlier weeks;
+/// the others are held for one to two `memory`s (`HeldMax`), the drift features' taking
+/// values in by blocks of 32 readings. Score of a
 /// feature: `min(squash(f / (ratio · M)), squash(f / (threshold · σ)))`, with `σ` the robust
 /// spread of the jump feature; the reading's score is the larger of the two, and 0.5 or more
 /// starts an alert. Then `M` takes in `f` (softly, see `RISE`), so an event does not keep
@@ -133,26 +164,70 @@ pub struct Outlier {
     slow: f64,
     spread: f64,
     max_jump: f64,
-    max_shift: f64,
+    shift_max: HeldMax,
     prev_jump: f64,
-    prev_shift: f64,
     /// Identical readings in a row, and the last reading.
     same: u32,
     last: f64,
     /// Drift feature: medium mean and long baseline, maximum, previous value.
     medium: f64,
     long: f64,
-    max_drift: f64,
-    prev_drift: f64,
+    drift_max: HeldMax,
     /// Seasonal feature: mean absolute deviation from the slow baseline, maximum, previous
-    /// value, and the hourly profile (allocated with the first reading, 220 bytes).
+    /// value, and the hourly profile (allocated with the first reading, 276 bytes).
     dev: f64,
     /// Long baseline of the seasonal feature, never re-anchored (a pump's start after a night
     /// off is what the profile must see).
     base: f64,
-    max_season: f64,
-    prev_season: f64,
+    season_max: HeldMax,
+    /// Seasonal drift: medium mean of the profile's residuals, maximum, previous value.
+    sdrift: f64,
+    sdrift_max: HeldMax,
+    /// When the profile first scored (the seasonal drift's maximum learns before it scores).
+    sdrift_since: Option<f64>,
+    /// When the drift features' current maxima started (see [`HeldMax`]).
+    bucket_start: f64,
     season: Option<Box<Season>>,
+}
+
+/// The recent maximum of a drift feature: the largest value of the current bucket of time
+/// (`memory` long) and of the one before, so a value is remembered between one and two
+/// `memory`s. Values are taken in by blocks of `BLOCK` readings (a feature that builds up over
+/// a few dozen readings is compared with the maximum from before it), a larger one softly (see
+/// `RISE`). Invariant: all fields `>= 0`.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeldMax {
+    cur: f64,
+    held: f64,
+    /// Largest value of the current block.
+    pend: f64,
+}
+
+impl HeldMax {
+    fn get(&self) -> f64 {
+        self.cur.max(self.held)
+    }
+
+    fn roll(&mut self) {
+        self.held = self.cur;
+        self.cur = 0.0;
+    }
+
+    /// Take in `f`, the value of reading `n`. The largest value of each block of `block`
+    /// readings joins the maximum at the block's end (reading `n` of a block of 1 joins before
+    /// reading `n + 1` is scored), softly if it is above the current maximum `m`.
+    fn take(&mut self, block: u32, n: u32, f: f64, m: f64) {
+        self.pend = self.pend.max(f);
+        if n.is_multiple_of(block.max(1)) {
+            let v = if self.pend > m && m > 0.0 {
+                m + RISE * (self.pend - m)
+            } else {
+                self.pend
+            };
+            self.cur = self.cur.max(v);
+            self.pend = 0.0;
+        }
+    }
 }
 
 /// Time-of-day profile of a sensor's deviation from its slow baseline: per hourly slot, a
@@ -166,12 +241,33 @@ pub(crate) struct Season {
     visits: [u8; SLOTS],
     /// Slot of the previous reading.
     slot: u8,
+    /// Largest jump of each day of the (UTC) week, Monday first: of the earlier weeks (fading
+    /// by `WEEK_FADE` each week) and of this week; and the weekday of the previous reading.
+    weekday_jump: [f32; 7],
+    weekday_now: [f32; 7],
+    weekday: u8,
 }
 
 impl Season {
-    /// The residual of deviation `d` at time `t` (`dt` after the previous reading) in robust
-    /// sigmas of its slot (floored by `floor`), `None` while the slot is new; then learns `d`.
-    fn observe(&mut self, t: f64, dt: f64, d: f64, floor: f64) -> Option<f64> {
+    /// The largest jump of earlier weeks on the weekday of time `t` (a level that steps down
+    /// every Saturday is no news on the next Saturday), then takes in `jump`. This week's
+    /// jumps count from the next week on: today's are the other maxima's business.
+    fn weekday_jump(&mut self, t: f64, jump: f64) -> f64 {
+        // 1970-01-01 was a Thursday.
+        let day = ((t / 86_400.0).floor() as i64 + 3).rem_euclid(7) as usize;
+        if day != usize::from(self.weekday) {
+            self.weekday = day as u8;
+            self.weekday_jump[day] = self.weekday_now[day].max(WEEK_FADE * self.weekday_jump[day]);
+            self.weekday_now[day] = 0.0;
+        }
+        self.weekday_now[day] = self.weekday_now[day].max(jump as f32);
+        f64::from(self.weekday_jump[day])
+    }
+
+    /// The residual of deviation `d` at time `t` (`dt` after the previous reading) and the
+    /// robust sigma of its slot (floored by `floor`), `None` while the slot is new; then learns
+    /// `d`.
+    fn observe(&mut self, t: f64, dt: f64, d: f64, floor: f64) -> Option<(f64, f64)> {
         let h = (t.rem_euclid(86_400.0) / SLOT_SECS) as usize % SLOTS;
         if h != usize::from(self.slot) || self.visits[h] == 0 {
             self.visits[h] = self.visits[h].saturating_add(1);
@@ -183,15 +279,7 @@ impl Season {
         let (m, s) = (f64::from(self.mean[h]), f64::from(self.mad[h]));
         let resid = d - m;
         let spread = (s * MAD_TO_SIGMA).max(floor);
-        let out = (self.visits[h] >= SEASON_DAYS).then(|| {
-            if spread > 0.0 {
-                (resid.abs() / spread).min(1e9)
-            } else if resid == 0.0 {
-                0.0
-            } else {
-                1e9
-            }
-        });
+        let out = (self.visits[h] >= SEASON_DAYS).then_some((resid, spread));
         // Time-weighted: a slot takes in about one hour per visit whatever the sampling rate.
         let w = (dt.min(SLOT_SECS / 4.0) / SLOT_SECS) / f64::from(self.visits[h].min(SEASON_SPAN));
         self.mean[h] += (w * resid) as f32;
@@ -219,7 +307,15 @@ impl Outlier {
         if self.n == 1 || after_flat {
             (self.fast, self.short, self.slow, self.last_t) = (x, x, x, t);
             (self.medium, self.long) = (x, x);
-            (self.prev_jump, self.prev_shift, self.prev_drift) = (0.0, 0.0, 0.0);
+            self.prev_jump = 0.0;
+            for m in [
+                &mut self.shift_max,
+                &mut self.season_max,
+                &mut self.drift_max,
+                &mut self.sdrift_max,
+            ] {
+                m.pend = 0.0;
+            }
             return Verdict {
                 active: self.active,
                 ..Verdict::default()
@@ -236,7 +332,29 @@ impl Outlier {
         let jump = (x - pred).abs();
         let short = self.short + SHORT * (x - self.short);
         let shift = (short - self.slow).abs();
-        let (m_jump, m_shift) = (self.max_jump * decay, self.max_shift * decay);
+        // All maxima but the jump's are held a whole `memory` (a weekly pattern's excursions
+        // are remembered when they come back), then forgotten; the jump's decays (a spike
+        // alerts again when it comes back after some days).
+        if t - self.bucket_start >= s.memory || self.n == 2 {
+            self.bucket_start = t;
+            for m in [
+                &mut self.shift_max,
+                &mut self.season_max,
+                &mut self.drift_max,
+                &mut self.sdrift_max,
+            ] {
+                m.roll();
+            }
+        }
+        // The jump's maximum also remembers the same weekday of earlier weeks (see `Season`).
+        let weekly = if s.seasonal {
+            self.season
+                .get_or_insert_with(Box::default)
+                .weekday_jump(t, jump)
+        } else {
+            0.0
+        };
+        let (m_jump, m_shift) = ((self.max_jump * decay).max(weekly), self.shift_max.get());
         let sigma = self.spread * MAD_TO_SIGMA;
         let warming = self.n <= s.warmup;
         let feature = |f: f64, m: f64| {
@@ -252,9 +370,16 @@ impl Outlier {
         // smaller, and its noise floor is one sigma.
         // The slower means start as running means (no transient from the first reading).
         let running = |a: f64| a.max(1.0 / f64::from(self.n));
-        let medium = self.medium + running(MEDIUM) * (x - self.medium);
+        // Means of values clipped to 4 sigma around the prediction: one spike moves them little
+        // (it is the jump feature's), a shift passes once the fast level follows it.
+        let xc = if sigma > 0.0 {
+            x.clamp(pred - CLIP * sigma, pred + CLIP * sigma)
+        } else {
+            x
+        };
+        let medium = self.medium + running(MEDIUM) * (xc - self.medium);
         let drift = (medium - self.long).abs();
-        let m_drift = self.max_drift * decay;
+        let m_drift = self.drift_max.get();
         let drift_ratio = 1.0 + DRIFT_RATIO_SHARE * (s.ratio - 1.0);
         let score_drift = if warming || m_drift <= 0.0 || sigma <= 0.0 {
             0.0
@@ -264,7 +389,7 @@ impl Outlier {
         // Season: the deviation from the long baseline against this hour's usual one (not
         // while the value stays put: the flatline detector owns a stuck sensor).
         let d = x - self.base;
-        let m_season = self.max_season * decay;
+        let m_season = self.season_max.get();
         let season = if s.seasonal {
             let floor = sigma.max(SEASON_FLOOR * self.dev);
             self.season
@@ -273,28 +398,72 @@ impl Outlier {
         } else {
             None
         };
+        let sigmas = |(r, spread): (f64, f64)| {
+            if spread > 0.0 {
+                (r.abs() / spread).min(1e9)
+            } else if r == 0.0 {
+                0.0
+            } else {
+                1e9
+            }
+        };
+        let scoring = !warming && self.same < FLAT_RESET;
         let score_season = match season {
-            Some(f) if !warming && m_season > 0.0 && self.same < FLAT_RESET => {
+            Some(rs) if scoring && m_season > 0.0 => {
+                let f = sigmas(rs);
                 squash(f / (s.ratio * m_season)).min(squash(f / s.threshold))
+            }
+            _ => 0.0,
+        };
+        // Seasonal drift: the medium mean of the residuals from the time-of-day profile (a small
+        // shift that lasts, once the daily cycle is taken out), in raw units.
+        // Its maximum learns for `SDRIFT_MATURE` before it scores.
+        let sdrift_ratio = 1.0 + SDRIFT_RATIO_SHARE * (s.ratio - 1.0);
+        if season.is_some() && self.sdrift_since.is_none() {
+            self.sdrift_since = Some(t);
+        }
+        let sdrift_mature = self
+            .sdrift_since
+            .is_some_and(|since| t - since >= SDRIFT_MATURE);
+        let resid = season.map_or(0.0, |(r, spread)| r.clamp(-CLIP * spread, CLIP * spread));
+        let sdrift = self.sdrift + MEDIUM * (resid - self.sdrift);
+        let m_sdrift = self.sdrift_max.get();
+        let score_sdrift = match season {
+            Some((_, spread)) if scoring && sdrift_mature && m_sdrift > 0.0 => {
+                let f = sdrift.abs();
+                squash(f / (sdrift_ratio * m_sdrift)).min(squash(f / spread.max(f64::MIN_POSITIVE)))
             }
             _ => 0.0,
         };
         let score = score_jump
             .max(score_shift)
             .max(score_drift)
-            .max(score_season);
+            .max(score_season)
+            .max(score_sdrift);
         let alerting = score >= 0.5;
         // Take the reading in. A feature's maximum takes in the previous reading's value (one
         // reading late: a shift that builds up over a few readings is still compared with the
         // maximum from before it).
-        let rise = |f: f64, m: f64| if m > 0.0 { m + RISE * (f - m) } else { f };
-        self.max_jump = m_jump.max(rise(self.prev_jump, m_jump));
-        self.max_shift = m_shift.max(rise(self.prev_shift, m_shift));
-        (self.prev_jump, self.prev_shift) = (jump, shift);
-        self.max_drift = m_drift.max(rise(self.prev_drift, m_drift));
-        self.prev_drift = drift;
-        self.max_season = m_season.max(rise(self.prev_season, m_season));
-        self.prev_season = season.unwrap_or(0.0);
+        // (The jump's own maximum, without the weekday's: last week's spike on this weekday
+        // must not be carried into the coming days.)
+        let own = self.max_jump * decay;
+        self.max_jump = if own > 0.0 {
+            own.max(own + RISE * (self.prev_jump - own))
+        } else {
+            self.prev_jump
+        };
+        self.prev_jump = jump;
+        self.shift_max.take(SHIFT_INTAKE, self.n, shift, m_shift);
+        self.season_max
+            .take(SHIFT_INTAKE, self.n, season.map_or(0.0, sigmas), m_season);
+        // The drift features build up over a few dozen readings: their maxima take them in by
+        // blocks of `BLOCK` readings, so a shift that builds up is compared with the maximum
+        // from before it, not with its own rise.
+        // (Every reading while the series is young: its first cycle keeps setting records.)
+        let block = if self.n <= SETTLE { 1 } else { BLOCK };
+        self.drift_max.take(block, self.n, drift, m_drift);
+        self.sdrift_max.take(BLOCK, self.n, sdrift.abs(), m_sdrift);
+        self.sdrift = sdrift;
         // The noise floor learns from clipped jumps (an outlier moves it by at most 4 sigma).
         let clipped = if sigma > 0.0 {
             jump.min(4.0 * sigma)
@@ -311,7 +480,7 @@ impl Outlier {
         self.short = short;
         self.slow += SLOW * (x - self.slow);
         self.medium = medium;
-        self.long += running(LONG) * (x - self.long);
+        self.long += running(LONG) * (xc - self.long);
         self.base += running(LONG) * (x - self.base);
         self.dev += rate.max(SPREAD) * (d.abs() - self.dev);
         let mut transition = None;
