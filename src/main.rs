@@ -312,6 +312,7 @@ fn run(path: Option<PathBuf>) -> i32 {
         Err(code) => return code,
     };
     edgegate::app::logging::init(&config.gateway.log_level);
+    edgegate::app::allocator::tune();
     edgegate::init_crypto();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,8 +7,10 @@
 //! - [`reload`]: SIGHUP re-reads the configuration and reloads the rules;
 //! - [`http`], [`web`]: `/metrics`, `/healthz`, the status page and its API;
 //! - [`logging`], [`systemd`]: journald/stderr and sd_notify;
-//! - [`fleet`]: rules documents from the cloud broker, combined with the local rules.
+//! - [`fleet`]: rules documents from the cloud broker, combined with the local rules;
+//! - [`allocator`]: the allocator setting that keeps large payloads from growing the RSS.
 
+pub mod allocator;
 pub mod fleet;
 pub mod gateway;
 pub mod http;

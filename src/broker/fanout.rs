@@ -52,6 +52,17 @@ struct Inner {
     total: usize,
 }
 
+/// What [`Fanout::admit`] decided about a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// It matches some filter and fits: counted in each matching log; relay it.
+    Counted,
+    /// No filter matches: no local subscriber can get it (relay it only to keep it retained).
+    Unmatched,
+    /// It would take the logs past the bound: do not relay it.
+    Refused,
+}
+
 /// The mirror of rumqttd's filter logs; one per broker.
 pub struct Fanout {
     segment_size: usize,
@@ -101,15 +112,16 @@ impl Fanout {
 
     /// May a publish of `payload_len` bytes to `topic` be relayed? If so, it is counted in the
     /// log of every filter it matches; if its relay would take the total past the bound (and
-    /// grow it), nothing changes and the answer is no.
-    pub fn admit(&self, topic: &[u8], payload_len: usize) -> bool {
+    /// grow a log still filling), nothing changes and the answer is no.
+    pub fn admit(&self, topic: &[u8], payload_len: usize) -> Admit {
         let Ok(topic) = std::str::from_utf8(topic) else {
-            return true;
+            // The guard refuses such topics before; rumqttd would match nothing with it.
+            return Admit::Unmatched;
         };
         let size = 4 + topic.len() + payload_len + MESSAGE_OVERHEAD;
         let mut inner = self.inner();
         if inner.logs.is_empty() {
-            return true;
+            return Admit::Unmatched;
         }
         // First the change the append would make, then (if admitted) the append.
         let mut grow = 0usize;
@@ -127,11 +139,11 @@ impl Fanout {
             }
         }
         if !any {
-            return true;
+            return Admit::Unmatched;
         }
         let after = (inner.total + grow).saturating_sub(shrink);
         if growing > 0 && after > self.max_bytes && after > inner.total {
-            return false;
+            return Admit::Refused;
         }
         let (seg_size, seg_count) = (self.segment_size, self.segment_count);
         for log in inner.logs.iter_mut().filter(|l| matches(&l.filter, topic)) {
@@ -146,7 +158,7 @@ impl Fanout {
             }
         }
         inner.total = after;
-        true
+        Admit::Counted
     }
 
     /// `log` has all its segments: from now on it only rotates.
@@ -168,9 +180,9 @@ mod tests {
     #[test]
     fn a_publish_nobody_subscribed_to_costs_nothing() {
         let f = Fanout::new(1024, 2, 10_000);
-        assert!(f.admit(b"a/b", 5000));
+        assert_eq!(f.admit(b"a/b", 5000), Admit::Unmatched);
         f.add_filter(b"x/#");
-        assert!(f.admit(b"a/b", 5000));
+        assert_eq!(f.admit(b"a/b", 5000), Admit::Unmatched);
         assert_eq!(f.held(), 0);
     }
 
@@ -181,13 +193,13 @@ mod tests {
         f.add_filter(b"s/+");
         f.add_filter(b"$share/g/s/t");
         let m = 4 + 3 + 900 + MESSAGE_OVERHEAD;
-        assert!(f.admit(b"s/t", 900));
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
         assert_eq!(f.held(), 3 * m);
         // Each log: [m] -> full segment, next opens a second: [m, m]; the third drops the
         // oldest: still two segments each.
-        assert!(f.admit(b"s/t", 900));
-        assert!(f.admit(b"s/t", 900));
-        assert!(f.admit(b"s/t", 900));
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
         assert_eq!(f.held(), 3 * 2 * m);
     }
 
@@ -199,17 +211,29 @@ mod tests {
         f.add_filter(b"a/1");
         f.add_filter(b"a/2");
         for _ in 0..3 {
-            assert!(f.admit(b"a/1", 600));
+            assert_eq!(f.admit(b"a/1", 600), Admit::Counted);
         }
-        assert!(!f.admit(b"a/2", 600), "a growing log is held to the bound");
+        assert_eq!(
+            f.admit(b"a/2", 600),
+            Admit::Refused,
+            "a growing log is held to the bound"
+        );
         let mut most = 0;
         for _ in 0..10 {
-            assert!(f.admit(b"a/1", 600), "a mature log only rotates: served");
+            assert_eq!(
+                f.admit(b"a/1", 600),
+                Admit::Counted,
+                "a mature log only rotates: served"
+            );
             most = most.max(f.held());
         }
         assert!(most > 3 * m + 100, "past the bound by its active segment");
         assert!(most <= 4 * m, "by a segment at most: {most}");
-        assert!(!f.admit(b"a/2", 600), "still no room for a growing one");
+        assert_eq!(
+            f.admit(b"a/2", 600),
+            Admit::Refused,
+            "still no room for a growing one"
+        );
     }
 
     #[test]
@@ -221,13 +245,21 @@ mod tests {
             f.add_filter(t);
         }
         for _ in 0..2 {
-            assert!(f.admit(b"a/1", 1000));
-            assert!(f.admit(b"a/2", 1000));
+            assert_eq!(f.admit(b"a/1", 1000), Admit::Counted);
+            assert_eq!(f.admit(b"a/2", 1000), Admit::Counted);
         }
         assert_eq!(f.held(), 4 * m);
-        assert!(!f.admit(b"a/3", 1000), "a third log would pass the bound");
+        assert_eq!(
+            f.admit(b"a/3", 1000),
+            Admit::Refused,
+            "a third log would pass the bound"
+        );
         assert_eq!(f.held(), 4 * m, "a refused publish changes nothing");
-        assert!(f.admit(b"a/1", 1000), "a full log rotates: no growth");
+        assert_eq!(
+            f.admit(b"a/1", 1000),
+            Admit::Counted,
+            "a full log rotates: no growth"
+        );
         assert_eq!(f.held(), 4 * m);
     }
 }

@@ -210,7 +210,14 @@ pub async fn read_frame_of<R: AsyncRead + Unpin>(
                 return Err(FrameError::Oversize(rl));
             }
             if buf.len() >= hl + rl {
-                return Ok(Some(buf.split_to(hl + rl)));
+                let frame = buf.split_to(hl + rl);
+                if hl + rl > BUFFERED_FREE {
+                    // The buffer shares the large packet's allocation and would take it back
+                    // for good once the packet is dropped: a connection that sent one large
+                    // publish would keep that much for its life. Start a small one instead.
+                    *buf = BytesMut::from(&buf[..]);
+                }
+                return Ok(Some(frame));
             }
             if let (Some(b), None) = (budget, &charge) {
                 if hl + rl > BUFFERED_FREE {

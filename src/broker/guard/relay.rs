@@ -19,6 +19,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::broker::fanout::Admit;
 use crate::broker::frame::{
     complete_frames, disconnect_expiry, frame_of, parse_header, publish_meta, qos0_frame,
     read_frame, read_frame_within, suback_refusal, subscribe_filters, unsubscribe_filters,
@@ -371,9 +372,14 @@ pub(super) async fn relay<S: Io>(
                     }
                     // rumqttd only fans out to local subscribers (and keeps retained messages):
                     // before anyone subscribed, the relay would be work for nothing.
-                    let relay = keep_retain || guard.subscribed.load(Ordering::SeqCst);
-                    if relay && !guard.fanout.admit(topic, meta.payload_len) {
-                        guard.reject(
+                    // Only what some filter matches (the fan-out mirror knows every filter),
+                    // or what rumqttd keeps as retained: anything else would be read, parsed
+                    // and dropped by rumqttd, and a large one would leave its read buffer that
+                    // size for the connection's life.
+                    let admit = (keep_retain || guard.subscribed.load(Ordering::SeqCst))
+                        .then(|| guard.fanout.admit(topic, meta.payload_len));
+                    match admit {
+                        Some(Admit::Refused) => guard.reject(
                             Refusal::FanoutLimit,
                             peer,
                             &format_args!(
@@ -381,15 +387,14 @@ pub(super) async fn relay<S: Io>(
                                 p.fanout.2,
                                 String::from_utf8_lossy(topic)
                             ),
-                        );
-                    } else if relay {
-                        qos0_frame(
-                            &frame,
-                            header_len,
-                            meta.topic.len(),
-                            keep_retain,
-                            &mut iw.out,
-                        );
+                        ),
+                        Some(Admit::Counted) => {
+                            qos0_frame(&frame, header_len, meta.topic.len(), keep_retain, &mut iw.out)
+                        }
+                        Some(Admit::Unmatched) if keep_retain => {
+                            qos0_frame(&frame, header_len, meta.topic.len(), true, &mut iw.out)
+                        }
+                        _ => {}
                     }
                     continue;
                 }
