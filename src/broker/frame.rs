@@ -173,23 +173,27 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Option<BytesMut>, FrameError> {
-    read_frame_of(r, buf, max, None, None).await
+    read_held(r, buf, max, None, None)
+        .await
+        .map(|f| f.map(|(f, _)| f))
 }
 
 /// As [`read_frame`], a packet over [`BUFFERED_FREE`] waiting for its size in `budget` before
 /// its body is read (a client that sends most of a large packet and stops holds only that).
+/// The charge comes back with the packet: hold it as long as the packet is held (a publish
+/// waiting for room in the pipeline keeps its share).
 pub async fn read_frame_within<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     max: usize,
     budget: &Arc<Budget>,
-) -> Result<Option<BytesMut>, FrameError> {
-    read_frame_of(r, buf, max, None, Some(budget)).await
+) -> Result<Option<(BytesMut, Option<Charge>)>, FrameError> {
+    read_held(r, buf, max, None, Some(budget)).await
 }
 
 /// As [`read_frame`]; with `expect`, fails as soon as the first byte shows another packet type
 /// (garbage is refused before its "length" is even read); with `budget`, as
-/// [`read_frame_within`].
+/// [`read_frame_within`] (its charge given back once the packet is read).
 pub async fn read_frame_of<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
@@ -197,6 +201,18 @@ pub async fn read_frame_of<R: AsyncRead + Unpin>(
     expect: Option<PacketType>,
     budget: Option<&Arc<Budget>>,
 ) -> Result<Option<BytesMut>, FrameError> {
+    read_held(r, buf, max, expect, budget)
+        .await
+        .map(|f| f.map(|(f, _)| f))
+}
+
+async fn read_held<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    expect: Option<PacketType>,
+    budget: Option<&Arc<Budget>>,
+) -> Result<Option<(BytesMut, Option<Charge>)>, FrameError> {
     // Held while the body is read; given back when the packet is returned (or the read ends).
     let mut charge: Option<Charge> = None;
     loop {
@@ -217,7 +233,7 @@ pub async fn read_frame_of<R: AsyncRead + Unpin>(
                     // publish would keep that much for its life. Start a small one instead.
                     *buf = BytesMut::from(&buf[..]);
                 }
-                return Ok(Some(frame));
+                return Ok(Some((frame, charge)));
             }
             if let (Some(b), None) = (budget, &charge) {
                 if hl + rl > BUFFERED_FREE {

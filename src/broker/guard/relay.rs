@@ -211,7 +211,9 @@ pub(super) async fn relay<S: Io>(
                 );
             };
             heard = tokio::time::Instant::now();
-            let mut frame = match read {
+            // `_held`: the packet's share of broker.max_buffered_bytes, kept while it is
+            // (a publish waiting for room in the pipeline holds its bytes).
+            let (mut frame, _held) = match read {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => {
                     break 'frames None
