@@ -11,7 +11,7 @@
 //! [`crate::core::topic::covers`] is the one matcher). Checked at config load; the guard only
 //! asks [`Perms`].
 
-use crate::core::topic::{covers, matches, validate_filter};
+use crate::core::topic::{covers, matches, validate_filter, FilterError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AclRule {
@@ -33,15 +33,24 @@ pub struct Perms {
     subscribe: Vec<String>,
 }
 
+/// Why an ACL pattern is refused; each message quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("{pattern:?}: only {{username}} and {{client_id}} can be substituted")]
+    Placeholder { pattern: String },
+    /// The pattern, placeholders standing for one level, is not a valid filter (the message
+    /// quotes that filter).
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+}
+
 /// Check a pattern as a filter, placeholders standing for one level.
-pub fn validate_pattern(p: &str) -> Result<(), String> {
+pub fn validate_pattern(p: &str) -> Result<(), PatternError> {
     let probe = p.replace("{username}", "u").replace("{client_id}", "c");
     if probe.contains(['{', '}']) {
-        return Err(format!(
-            "{p:?}: only {{username}} and {{client_id}} can be substituted"
-        ));
+        return Err(PatternError::Placeholder { pattern: p.into() });
     }
-    validate_filter(&probe)
+    Ok(validate_filter(&probe)?)
 }
 
 /// A value substituted into a pattern must be one plain level.
@@ -186,5 +195,15 @@ mod tests {
         assert!(validate_pattern("a/{username}/#").is_ok());
         assert!(validate_pattern("a/{user}/#").is_err());
         assert!(validate_pattern("a/#/b").is_err());
+        let msg = |p: &str| validate_pattern(p).unwrap_err().to_string();
+        assert_eq!(
+            msg("a/{user}/#"),
+            r#""a/{user}/#": only {username} and {client_id} can be substituted"#
+        );
+        // A filter error quotes the pattern with its placeholders replaced, as before.
+        assert_eq!(
+            msg("{client_id}/#/b"),
+            r#""c/#/b": '#' must be a whole level and the last one"#
+        );
     }
 }

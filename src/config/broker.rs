@@ -128,7 +128,7 @@ fn acl(b: &mut Table<'_, '_>, broker: &mut BrokerConfig) {
             for (k, list) in [("publish", &publish), ("subscribe", &subscribe)] {
                 for p in list {
                     if let Err(m) = validate_pattern(p) {
-                        e.error(k, &m);
+                        e.error(k, &m.to_string());
                     }
                 }
             }

@@ -340,7 +340,7 @@ impl Config {
     pub fn from_layers(texts: &[&str], source: Option<PathBuf>) -> Result<Config, ConfigErrors> {
         let texts: Vec<Toml<'_>> = texts.iter().map(|t| Toml::Text(t)).collect();
         let root =
-            source::read(&texts, false).map_err(|message| ConfigErrors::one("toml", message))?;
+            source::read(&texts, false).map_err(|e| ConfigErrors::one("toml", e.to_string()))?;
         compile(&root, source)
     }
 
@@ -357,9 +357,9 @@ impl Config {
             Some(p) => Toml::File(p),
             None => Toml::Text(DEFAULT_TOML),
         };
-        let root = source::read(&[file], true).map_err(|message| {
+        let root = source::read(&[file], true).map_err(|e| {
             let key = path.map_or_else(|| "environment".into(), |p| p.display().to_string());
-            ConfigErrors::one(&key, message)
+            ConfigErrors::one(&key, e.to_string())
         })?;
         compile(&root, path.map(Path::to_path_buf))
     }

@@ -751,7 +751,7 @@ fn load_rules_dir(
         let value = match super::source::read(&[Toml::File(&path)], false) {
             Ok(v) => v,
             Err(e) => {
-                top.error_at(&path.display().to_string(), &e);
+                top.error_at(&path.display().to_string(), &e.to_string());
                 continue;
             }
         };
@@ -789,7 +789,7 @@ pub fn compile_document(
 ) -> Result<Vec<RuleConfig>, crate::config::ConfigErrors> {
     use crate::config::{ConfigError, ConfigErrors};
     let value = super::source::read(&[Toml::Text(text)], false)
-        .map_err(|message| ConfigErrors::one("toml", message))?;
+        .map_err(|e| ConfigErrors::one("toml", e.to_string()))?;
     let (rules, mut errors) = compile_rules_file(&value, settings);
     let mut seen = std::collections::HashSet::new();
     for (i, r) in rules.iter().enumerate() {
@@ -811,7 +811,7 @@ pub fn compile_document(
 pub fn from_toml(text: &str) -> Result<Vec<RuleConfig>, crate::config::ConfigErrors> {
     use crate::config::ConfigErrors;
     let root = super::source::read(&[Toml::Text(text)], false)
-        .map_err(|message| ConfigErrors::one("toml", message))?;
+        .map_err(|e| ConfigErrors::one("toml", e.to_string()))?;
     let mut errors = Vec::new();
     let mut top = Table::root(&root, &mut errors);
     let rules = compile(&mut top);

@@ -11,9 +11,16 @@ pub(crate) enum Toml<'a> {
     File(&'a Path),
 }
 
+/// Why the sources could not be read into a tree: a file unreadable, a TOML syntax error, an
+/// environment override that does not fit. Its message is the `config` crate's, unchanged
+/// (`check-config` prints it under the source's key).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct SourceError(#[from] config::ConfigError);
+
 /// Read `sources` (each layered over the ones before it) and, with `env`, the `EDGEGATE__*`
-/// environment overrides over them, into one raw tree. The error is the parser's message.
-pub(crate) fn read(sources: &[Toml<'_>], env: bool) -> Result<config::Value, String> {
+/// environment overrides over them, into one raw tree.
+pub(crate) fn read(sources: &[Toml<'_>], env: bool) -> Result<config::Value, SourceError> {
     let mut builder = config::Config::builder();
     for s in sources {
         builder = match *s {
@@ -35,5 +42,5 @@ pub(crate) fn read(sources: &[Toml<'_>], env: bool) -> Result<config::Value, Str
     builder
         .build()
         .and_then(|tree| tree.try_deserialize::<config::Value>())
-        .map_err(|e| e.to_string())
+        .map_err(SourceError)
 }

@@ -35,8 +35,8 @@ pub enum TemplateError {
     #[error("{text:?}: a {{name}} must be a whole level, as '+' is")]
     PartLevel { text: String },
     /// The filter the pattern stands for is not a valid MQTT filter.
-    #[error("{0}")]
-    Filter(String),
+    #[error(transparent)]
+    Filter(#[from] topic::FilterError),
     #[error("topic template must not be empty")]
     Empty,
     #[error("{text:?}: a topic must not contain '+' or '#'")]

@@ -5,20 +5,33 @@
 //! name) or [`covers`] (a filter under another filter), and [`matches()`] is [`covers`] of a
 //! topic name, so a topic an ACL lets a client subscribe to is matched the same way.
 
+/// Why a topic filter is refused; each message quotes the filter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("topic filter must not be empty")]
+    Empty,
+    #[error("{filter:?}: '#' must be a whole level and the last one")]
+    MultiLevel { filter: String },
+    #[error("{filter:?}: '+' must be a whole level")]
+    SingleLevel { filter: String },
+}
+
 /// Check a subscription-style filter: `#` only as the whole last level, `+` only as a whole level.
-pub fn validate_filter(filter: &str) -> Result<(), String> {
+pub fn validate_filter(filter: &str) -> Result<(), FilterError> {
     if filter.is_empty() {
-        return Err("topic filter must not be empty".into());
+        return Err(FilterError::Empty);
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
         if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
-            return Err(format!(
-                "{filter:?}: '#' must be a whole level and the last one"
-            ));
+            return Err(FilterError::MultiLevel {
+                filter: filter.into(),
+            });
         }
         if level.contains('+') && *level != "+" {
-            return Err(format!("{filter:?}: '+' must be a whole level"));
+            return Err(FilterError::SingleLevel {
+                filter: filter.into(),
+            });
         }
     }
     Ok(())
@@ -85,5 +98,17 @@ mod tests {
         assert!(validate_filter("a/b#").is_err());
         assert!(validate_filter("a/b+").is_err());
         assert!(validate_filter("").is_err());
+    }
+
+    /// The messages `check-config`, `--topic` and the rule patterns print.
+    #[test]
+    fn messages() {
+        let msg = |f: &str| validate_filter(f).unwrap_err().to_string();
+        assert_eq!(msg(""), "topic filter must not be empty");
+        assert_eq!(
+            msg("a/#/b"),
+            r#""a/#/b": '#' must be a whole level and the last one"#
+        );
+        assert_eq!(msg("a/b+"), r#""a/b+": '+' must be a whole level"#);
     }
 }

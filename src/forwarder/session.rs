@@ -82,7 +82,7 @@ impl Connector for Rumqttc {
 
 impl UpstreamSession for Session {
     fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SessionError> {
-        (self.publish)(topic, payload).map_err(SessionError::Refused)
+        (self.publish)(topic, payload)
     }
 
     fn disconnect(&self) {
@@ -108,7 +108,7 @@ macro_rules! session_over {
             publish: Box::new(move |topic, payload| {
                 client
                     .try_publish(topic, $qos, false, payload)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| SessionError::Refused(e.to_string()))
             }),
             disconnect: Box::new(move || {
                 let _ = c.try_disconnect();
@@ -119,7 +119,10 @@ macro_rules! session_over {
     }};
 }
 
-type PublishFn = Box<dyn Fn(String, Vec<u8>) -> Result<(), String> + Send + Sync>;
+/// Returns [`SessionError::Refused`] with the client's message: the two versions' `ClientError`s
+/// have no common type, and each holds the whole refused request (its payload), which a
+/// [`SessionError`] (cloned, compared, also made by the test session) should not keep.
+type PublishFn = Box<dyn Fn(String, Vec<u8>) -> Result<(), SessionError> + Send + Sync>;
 
 /// A rumqttc session. `publish` queues a QoS 1 publish (never waits; the request channel holds
 /// what one lease can turn into).

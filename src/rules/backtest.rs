@@ -169,7 +169,10 @@ impl<R: BufRead> Reader<R> {
                 }
                 return json(text, &self.topic)
                     .map(Some)
-                    .map_err(|msg| BacktestError::Input { line: *line, msg });
+                    .map_err(|e| BacktestError::Input {
+                        line: *line,
+                        msg: e.to_string(),
+                    });
             },
             Source::Csv(reader, row) => loop {
                 let more = reader.read_record(row).map_err(|e| {
@@ -272,18 +275,28 @@ fn header(row: &csv::StringRecord, topic: &str) -> Columns {
     }
 }
 
-fn json(text: &str, default_topic: &str) -> Result<Record, String> {
-    let mut obj: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| e.to_string())?;
+/// Why a JSON line is not a record (reported as [`BacktestError::Input`] with its line).
+#[derive(Debug, thiserror::Error)]
+enum JsonLineError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("no timestamp field")]
+    NoTimestamp,
+    #[error("{0:?} is not a timestamp")]
+    BadTimestamp(String),
+}
+
+fn json(text: &str, default_topic: &str) -> Result<Record, JsonLineError> {
+    let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)?;
     let ts = ["timestamp", "time", "ts"]
         .iter()
         .find_map(|k| obj.remove(*k))
-        .ok_or("no timestamp field")?;
+        .ok_or(JsonLineError::NoTimestamp)?;
     let stamp = match &ts {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let time = parse_time(&stamp).ok_or(format!("{stamp:?} is not a timestamp"))?;
+    let time = parse_time(&stamp).ok_or_else(|| JsonLineError::BadTimestamp(stamp.clone()))?;
     let topic = match obj.remove("topic") {
         Some(serde_json::Value::String(s)) => s,
         _ => default_topic.to_string(),
@@ -296,7 +309,7 @@ fn json(text: &str, default_topic: &str) -> Result<Record, String> {
         serde_json::Value::Object(m) => m.get("value").map(|v| v.to_string()).unwrap_or_default(),
         other => other.to_string(),
     };
-    let bytes = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec(&payload)?;
     Ok(Record {
         stamp,
         time,
@@ -499,5 +512,29 @@ mod time_tests {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
         assert!(parse_time("2026-12-01 10:00:00").is_some());
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    /// The messages `backtest` prints after `line N: ` for a JSON line that is no record.
+    #[test]
+    fn refused_lines_say_why() {
+        let msg = |text: &str| json(text, "t").err().map(|e| e.to_string());
+        assert_eq!(
+            msg(r#"{"value": 1}"#).as_deref(),
+            Some("no timestamp field")
+        );
+        assert_eq!(
+            msg(r#"{"ts": "soon", "value": 1}"#).as_deref(),
+            Some(r#""soon" is not a timestamp"#)
+        );
+        assert_eq!(
+            msg("{").as_deref(),
+            Some("EOF while parsing an object at line 1 column 1")
+        );
+        assert!(msg(r#"{"ts": 1, "value": 1}"#).is_none());
     }
 }

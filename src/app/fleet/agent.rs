@@ -71,39 +71,60 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
+/// A request the client refused (its event loop gone or its request channel full); the message
+/// is the client's. Boxed: the client's error holds the whole request (over 200 bytes).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    V4(Box<rumqttc::ClientError>),
+    #[error(transparent)]
+    V5(Box<rumqttc::v5::ClientError>),
+}
+
+impl From<rumqttc::ClientError> for RequestError {
+    fn from(e: rumqttc::ClientError) -> Self {
+        RequestError::V4(Box::new(e))
+    }
+}
+
+impl From<rumqttc::v5::ClientError> for RequestError {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        RequestError::V5(Box::new(e))
+    }
+}
+
 impl Client {
-    fn subscribe(&self, topic: &str) -> Result<(), String> {
+    fn subscribe(&self, topic: &str) -> Result<(), RequestError> {
         match self {
-            Client::V4(c) => c
-                .try_subscribe(topic, rumqttc::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce)?,
+            Client::V5(c) => c.try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)?,
         }
+        Ok(())
     }
 
-    fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+    fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), RequestError> {
         match self {
-            Client::V4(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
-                .map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)?,
+            Client::V5(c) => c.try_publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                payload,
+            )?,
         }
+        Ok(())
     }
 
+    /// Ask for a DISCONNECT; nothing to do if the client refuses (the connection is going).
     fn disconnect(&self) {
-        let _ = match self {
-            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
-        };
+        match self {
+            Client::V4(c) => {
+                let _ = c.try_disconnect();
+            }
+            Client::V5(c) => {
+                let _ = c.try_disconnect();
+            }
+        }
     }
 }
 
