@@ -414,19 +414,29 @@ async fn local_fan_out_memory_is_bounded() {
     let got = delivered(&mut sub, Duration::from_secs(2)).await;
     assert_eq!(got.get("loc/1"), Some(&1), "{got:?}");
     // Upstream, nothing is missing.
-    let r = cloud.received.clone();
     assert!(
-        eventually(Duration::from_secs(10), || {
-            r.lock()
-                .unwrap()
-                .iter()
-                .filter(|(t, _)| t.starts_with("edge/gw1/loc/"))
-                .count()
-                >= 19
-        })
-        .await,
+        cloud_gets(&cloud, 19, |t| t.starts_with("edge/gw1/loc/")).await,
         "every reading reaches the cloud"
     );
+}
+
+/// Does the cloud get `n` messages on topics `pred` accepts within 10 s?
+async fn cloud_gets(cloud: &Cloud, n: usize, pred: impl Fn(&str) -> bool) -> bool {
+    let r = cloud.received.clone();
+    eventually(Duration::from_secs(10), || {
+        r.lock().unwrap().iter().filter(|(t, _)| pred(t)).count() >= n
+    })
+    .await
+}
+
+/// Read until the PUBACK of `pkid` (true) or the end of the connection (false).
+async fn puback(s: &mut TcpStream, pkid: u16) -> bool {
+    while let Some((b1, body)) = read_packet(s).await {
+        if b1 == 0x40 && body[..] == pkid.to_be_bytes() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Issue 12, memory under any client behaviour: clients that send most of a large publish and
@@ -449,16 +459,7 @@ async fn half_sent_large_packets_share_one_buffer_budget() {
     let mut waiter = connected(addr, false, "half-b", None).await;
     let p = publish_raw(false, b"sensors/half/b", 7, false, &[], &big);
     waiter.write_all(&p).await.unwrap();
-    let puback = |b1: u8, body: &[u8]| b1 == 0x40 && body == [0, 7];
-    let early = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some((b1, body)) = read_packet(&mut waiter).await {
-            if puback(b1, &body) {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let early = tokio::time::timeout(Duration::from_secs(1), puback(&mut waiter, 7)).await;
     assert!(
         early.is_err(),
         "the second large packet waits for the budget"
@@ -468,15 +469,7 @@ async fn half_sent_large_packets_share_one_buffer_budget() {
     small.publish("sensors/half/c", "1").await;
     small.wait_acked(1).await;
     drop(holder);
-    let later = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some((b1, body)) = read_packet(&mut waiter).await {
-            if puback(b1, &body) {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
+    let later = tokio::time::timeout(Duration::from_secs(5), puback(&mut waiter, 7)).await;
     assert_eq!(
         later,
         Ok(true),
@@ -537,17 +530,8 @@ async fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
         Some(&(count as usize)),
         "the reader gets all"
     );
-    let r = cloud.received.clone();
     assert!(
-        eventually(Duration::from_secs(10), || {
-            r.lock()
-                .unwrap()
-                .iter()
-                .filter(|(t, _)| t == "edge/gw1/slow/t")
-                .count() as u64
-                >= count
-        })
-        .await,
+        cloud_gets(&cloud, count as usize, |t| t == "edge/gw1/slow/t").await,
         "every reading reaches the cloud"
     );
 }

@@ -694,26 +694,31 @@ async fn sleep_or_end(soak: &Soak, d: Duration) {
 /// Two clients publishing QoS 0 60 KB messages to `edgegate/x/...` at `rate` each; a client
 /// whose connection is closed reconnects after a second.
 async fn flood(soak: Arc<Soak>, rate: u64) {
-    let payload = Arc::new(vec![b'x'; 60 * 1024]);
-    let clients: Vec<_> = (0..2)
+    two_floods(soak, 12, "flood", 60 * 1024, rate, |k, i| {
+        format!("edgegate/x/{k}/{}", i % 1000)
+    })
+    .await
+}
+
+/// Two clients (`soak-{name}-{k}`, from 127.0.0.`from`) publishing QoS 0 messages of `size`
+/// bytes to `topic(k, i)` at `rate` each.
+async fn two_floods(
+    soak: Arc<Soak>,
+    from: u8,
+    name: &'static str,
+    size: usize,
+    rate: u64,
+    topic: fn(u64, u64) -> String,
+) {
+    let payload = Arc::new(vec![b'x'; size]);
+    let clients: Vec<_> = (0..2u64)
         .map(|k| {
             let (soak, payload) = (soak.clone(), payload.clone());
             tokio::spawn(async move {
-                publisher_loop(
-                    &soak,
-                    src(12),
-                    &format!("soak-flood-{k}"),
-                    rate,
-                    "flood",
-                    |i| {
-                        (
-                            format!("edgegate/x/{k}/{}", i % 1000),
-                            payload.clone(),
-                            false,
-                            false,
-                        )
-                    },
-                )
+                let id = format!("soak-{name}-{k}");
+                publisher_loop(&soak, src(from), &id, rate, name, |i| {
+                    (topic(k, i), payload.clone(), false, false)
+                })
                 .await;
             })
         })
@@ -807,33 +812,10 @@ async fn publisher_loop(
 /// Two clients publishing QoS 0 250 KB readings to `sensors/big/...` at `rate` each: readings
 /// of the largest size, which the pipeline holds until committed.
 async fn big_flood(soak: Arc<Soak>, rate: u64) {
-    let payload = Arc::new(vec![b'b'; 250 * 1024]);
-    let clients: Vec<_> = (0..2)
-        .map(|k| {
-            let (soak, payload) = (soak.clone(), payload.clone());
-            tokio::spawn(async move {
-                publisher_loop(
-                    &soak,
-                    src(19),
-                    &format!("soak-big-{k}"),
-                    rate,
-                    "bigflood",
-                    |i| {
-                        (
-                            format!("sensors/big/{k}/{}", i % 10),
-                            payload.clone(),
-                            false,
-                            false,
-                        )
-                    },
-                )
-                .await;
-            })
-        })
-        .collect();
-    for c in clients {
-        let _ = c.await;
-    }
+    two_floods(soak, 19, "bigflood", 250 * 1024, rate, |k, i| {
+        format!("sensors/big/{k}/{}", i % 10)
+    })
+    .await
 }
 
 /// `count` connections, each sending 90% of a 250 KB publish and then nothing; one whose
