@@ -10,7 +10,7 @@
 //! Files: this one holds the typed configuration and the loaders; `compile.rs` the walk
 //! (one error collector, sections in a fixed order) and the small sections; `broker.rs`,
 //! `upstream.rs` and `fleet.rs` their sections; `fields.rs` the typed key readers; the rules
-//! engine's section is `rules::config`.
+//! engine's section is `rules.rs`.
 
 pub mod acl;
 pub mod auth;
@@ -172,7 +172,7 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     pub when_full: WhenFull,
     /// Bytes of payload in the pipeline at most, from the broker's hand-off until committed
-    /// (see [`crate::budget`]); when reached, `when_full` decides.
+    /// (see [`crate::core::budget`]); when reached, `when_full` decides.
     pub max_bytes: usize,
 }
 
