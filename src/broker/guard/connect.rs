@@ -467,7 +467,35 @@ pub(super) async fn session<S: Io>(
         internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
         read_frame(&mut internal, &mut ibuf, 1 << 16).await
     };
-    let buf_down = match tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await {
+    let answer = tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await;
+    if answer.is_err() {
+        // rumqttd is slow (a busy router), not refusing: it will still write its CONNACK. Were
+        // the guard to close now, that write would fail after rumqttd registered the client
+        // id's will handler, leaving it with a dead receiver, and the next CONNECT with the id
+        // would panic while holding the handler mutex: the listener poisoned (failure mode 1;
+        // seen in the 10-minute soak as `broker_refused` followed by PoisonError). So the guard
+        // lets rumqttd finish in the background: it waits for the CONNACK, leaves with a
+        // DISCONNECT, and keeps the client id's turn until rumqttd has closed.
+        let settle_turn = my_turn.take();
+        let g = guard.clone();
+        let id = client_id.clone();
+        tokio::spawn(async move {
+            let _turn = settle_turn;
+            g.settle_late_connack(internal, ibuf, &id).await;
+        });
+        let reply = refuse(
+            &mut client,
+            v5,
+            &guard,
+            Refusal::BrokerRefused,
+            peer,
+            &format_args!(
+                "rumqttd did not answer client {client_id:?} within {INTERNAL_CONNACK:?}"
+            ),
+        );
+        return reply.await;
+    }
+    let buf_down = match answer {
         Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
             // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
             will_charge.charge = None;

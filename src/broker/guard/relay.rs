@@ -39,6 +39,10 @@ use super::{Guard, Io};
 /// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
 pub(super) const DISCONNECT_SETTLE: Duration = Duration::from_secs(2);
 
+/// Longest wait for a CONNACK the client no longer waits for (see
+/// [`Guard::settle_late_connack`]).
+pub(super) const LATE_CONNACK: Duration = Duration::from_secs(60);
+
 /// Bytes a client may leave untaken (on their way to it) without a charge on
 /// `broker.max_buffered_bytes` (1,000 connections: 32 MiB).
 pub const PENDING_FREE: usize = 32 * 1024;
@@ -694,6 +698,32 @@ impl Guard {
     /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
     /// it, since closing first would make it end a session twice (module docs). Counted and
     /// logged when rumqttd has not closed it within [`DISCONNECT_SETTLE`].
+    /// The rest of a connection whose CONNACK came too late for the client (see `session`):
+    /// wait up to [`LATE_CONNACK`] for it, then DISCONNECT and wait for rumqttd to close.
+    /// Without a CONNACK by then, close anyway (counted in
+    /// `edgegate_broker_disconnect_unsettled_total`).
+    pub(super) async fn settle_late_connack(
+        &self,
+        mut internal: TcpStream,
+        mut ibuf: BytesMut,
+        who: &(dyn std::fmt::Display + Sync),
+    ) {
+        let connack =
+            tokio::time::timeout(LATE_CONNACK, read_frame(&mut internal, &mut ibuf, 1 << 16)).await;
+        match connack {
+            Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
+                if internal.write_all(&[0xe0, 0x00]).await.is_ok() {
+                    self.await_close_after_disconnect(&mut internal, who).await;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                self.metrics.broker_disconnect_unsettled.inc();
+                tracing::warn!(client = %who, "rumqttd did not answer a CONNECT within {LATE_CONNACK:?}; closed it");
+            }
+        }
+    }
+
     pub(super) async fn await_close_after_disconnect<R: AsyncRead + Unpin>(
         &self,
         conn: &mut R,

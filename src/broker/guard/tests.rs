@@ -207,3 +207,69 @@ fn a_refused_subscribe_uses_none_of_the_filter_budget() {
         Some(&b"w"[..])
     );
 }
+
+/// A CONNACK that rumqttd writes after the guard gave up on it must find the connection open:
+/// when it found it closed, rumqttd 0.20 kept the client id's will handler with a dead
+/// receiver, and the next CONNECT with that id panicked holding the handler mutex (the
+/// listener poisoned; the 10-minute soak hit it about 90 times as `broker_refused`). The
+/// client is refused at once; the guard keeps the internal connection, takes the late
+/// CONNACK, leaves with a DISCONNECT and waits for the broker to close first.
+#[tokio::test]
+async fn a_late_connack_is_taken_and_the_session_left_cleanly() {
+    let guard = anonymous_guard();
+    let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_target_tx, target) = watch::channel(internal.local_addr().unwrap());
+    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public_addr = public.local_addr().unwrap();
+    tokio::spawn(accept_loop(public, None, false, target, guard.clone()));
+
+    let mut client = TcpStream::connect(public_addr).await.unwrap();
+    let connect = encode(
+        false,
+        Packet::Connect(
+            rumqttd::protocol::Connect {
+                keep_alive: 30,
+                client_id: "late".into(),
+                clean_session: true,
+            },
+            None,
+            None,
+            None,
+            None,
+        ),
+    )
+    .unwrap();
+    client.write_all(&connect).await.unwrap();
+    let (mut broker, _) = internal.accept().await.unwrap();
+    let mut buf = BytesMut::new();
+    let f = read_frame(&mut broker, &mut buf, 1 << 16)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f[0] >> 4, 1, "CONNECT relayed");
+    // The broker is slow: the client is refused ("server unavailable") after the guard's wait.
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(
+        connect::INTERNAL_CONNACK + Duration::from_secs(2),
+        client.read_exact(&mut connack),
+    )
+    .await
+    .expect("the client is answered")
+    .unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x03]);
+    // The broker's CONNACK comes late: the connection is still open, and the guard leaves.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+    let f = tokio::time::timeout(
+        Duration::from_secs(2),
+        read_frame(&mut broker, &mut buf, 1 << 16),
+    )
+    .await
+    .expect("the guard answers the late CONNACK")
+    .unwrap()
+    .unwrap();
+    assert_eq!(&f[..], &[0xe0, 0x00], "DISCONNECT after the late CONNACK");
+    let mut rest = [0u8; 16];
+    let early = tokio::time::timeout(Duration::from_millis(300), broker.read(&mut rest)).await;
+    assert!(early.is_err(), "the broker closes first: {early:?}");
+}
