@@ -535,3 +535,106 @@ async fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
         "every reading reaches the cloud"
     );
 }
+
+/// Found by the soak: rumqttd 0.20 panics writing a publish that carries MQTT 5 properties to
+/// an MQTT 3.1.1 connection (`unreachable!` in its v4 encoder). A 3.1.1 subscriber to
+/// `sensors/#` was disconnected by the first MQTT 5 reading with a user property, and its
+/// reconnect then poisoned the listener. The guard now passes such a publish on without its
+/// properties when a 3.1.1 client subscribed to a matching filter (or it is retained), and
+/// counts it; an MQTT 5 subscriber alone still gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_never_reach_a_311_subscriber() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.listen_v5 = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let v5_addr = gw.broker_addr_v5.expect("MQTT 5 listener");
+    let mut old = connected(gw.broker_addr, false, "v311-sub", None).await;
+    old.write_all(&subscribe_packet(false, 1, &[("mixed/#", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut old, false).await, Some(vec![0]));
+    let mut new = connected(v5_addr, true, "v5-sub", None).await;
+    new.write_all(&subscribe_packet(true, 1, &[("only5/#", 0)]))
+        .await
+        .unwrap();
+    assert_eq!(suback(&mut new, true).await, Some(vec![0]));
+    let mut p = connected(v5_addr, true, "v5-pub", None).await;
+    // User property k=v.
+    let props = [0x26, 0, 1, b'k', 0, 1, b'v'];
+    for (i, topic) in ["mixed/a", "mixed/b", "only5/a"].iter().enumerate() {
+        let pkid = i as u16 + 1;
+        p.write_all(&publish_raw(
+            true,
+            topic.as_bytes(),
+            pkid,
+            false,
+            &props,
+            b"1",
+        ))
+        .await
+        .unwrap();
+        assert!(puback(&mut p, pkid).await, "PUBACK for {topic}");
+    }
+    let got = delivered(&mut old, Duration::from_secs(2)).await;
+    assert_eq!(got.get("mixed/a"), Some(&1), "{got:?}");
+    assert_eq!(
+        got.get("mixed/b"),
+        Some(&1),
+        "the 3.1.1 subscriber is still connected"
+    );
+    // The MQTT 5 subscriber alone on its filter gets the property.
+    let mut saw_property = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some((b1, body))) = tokio::time::timeout_at(deadline, read_packet(&mut new)).await
+    {
+        if b1 >> 4 == 3 {
+            saw_property = body.windows(props.len()).any(|w| w == props);
+            break;
+        }
+    }
+    assert!(
+        saw_property,
+        "an MQTT 5 subscriber alone keeps the properties"
+    );
+    assert!(gw
+        .metrics()
+        .render()
+        .contains("edgegate_broker_properties_dropped_total 2"));
+    assert!(cloud_gets(&cloud, 3, |t| t.starts_with("edge/gw1/")).await);
+
+    // The sibling: a will with properties (rumqttd turns them into publish properties). An
+    // MQTT 5 client (rumqttc) with such a will vanishes; the 3.1.1 subscriber gets the will.
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+    let mut opts = rumqttc::v5::MqttOptions::new("v5-will", "127.0.0.1", v5_addr.port());
+    let will_props = LastWillProperties {
+        delay_interval: None,
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: Some("text/plain".into()),
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![("k".into(), "v".into())],
+    };
+    opts.set_last_will(LastWill::new(
+        "mixed/will",
+        "gone",
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        false,
+        Some(will_props),
+    ));
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let task = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Gone without DISCONNECT: the task and its socket are dropped.
+    task.abort();
+    let _ = task.await;
+    let got = delivered(&mut old, Duration::from_secs(3)).await;
+    assert_eq!(got.get("mixed/will"), Some(&1), "{got:?}");
+}

@@ -44,6 +44,8 @@ pub const MESSAGE_OVERHEAD: usize = 96;
 struct Log {
     filter: Box<str>,
     segments: VecDeque<usize>,
+    /// An MQTT 3.1.1 client subscribed to it at some time (its session may still hold it).
+    v3: bool,
 }
 
 struct Inner {
@@ -55,8 +57,9 @@ struct Inner {
 /// What [`Fanout::admit`] decided about a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// It matches some filter and fits: counted in each matching log; relay it.
-    Counted,
+    /// It matches some filter and fits: counted in each matching log; relay it. `v3`: one of
+    /// those filters was subscribed by an MQTT 3.1.1 client (see [`Fanout::add_filter`]).
+    Counted { v3: bool },
     /// No filter matches: no local subscriber can get it (relay it only to keep it retained).
     Unmatched,
     /// It would take the logs past the bound: do not relay it.
@@ -89,8 +92,12 @@ impl Fanout {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A filter rumqttd is given (again or for the first time).
-    pub fn add_filter(&self, filter: &[u8]) {
+    /// A filter rumqttd is given (again or for the first time), by an MQTT 3.1.1 client when
+    /// `v3`. That stays known for good: rumqttd 0.20 panics writing a publish that carries
+    /// MQTT 5 properties to a 3.1.1 connection (the subscriber's connection dies, and the
+    /// listener is poisoned when its client id comes back), so such publishes must reach those
+    /// filters without their properties.
+    pub fn add_filter(&self, filter: &[u8], v3: bool) {
         let f = String::from_utf8_lossy(filter);
         let f = match f.strip_prefix("$share/") {
             Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
@@ -101,7 +108,12 @@ impl Fanout {
             inner.logs.push(Log {
                 filter: f.into(),
                 segments: VecDeque::from([0]),
+                v3,
             });
+        } else if v3 {
+            if let Some(log) = inner.logs.iter_mut().find(|l| &*l.filter == f) {
+                log.v3 = true;
+            }
         }
     }
 
@@ -128,8 +140,10 @@ impl Fanout {
         let mut shrink = 0usize;
         let mut growing = 0usize;
         let mut any = false;
+        let mut v3 = false;
         for log in inner.logs.iter().filter(|l| matches(&l.filter, topic)) {
             any = true;
+            v3 |= log.v3;
             grow += size;
             if !self.mature(log) {
                 growing += size;
@@ -158,7 +172,7 @@ impl Fanout {
             }
         }
         inner.total = after;
-        Admit::Counted
+        Admit::Counted { v3 }
     }
 
     /// `log` has all its segments: from now on it only rotates.
@@ -178,10 +192,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_filter_a_311_client_subscribed_to_is_remembered() {
+        let f = Fanout::new(1 << 16, 4, 1 << 24);
+        f.add_filter(b"s/#", false);
+        assert_eq!(f.admit(b"s/t", 10), Admit::Counted { v3: false });
+        f.add_filter(b"$share/g/s/#", true);
+        f.add_filter(b"s/#", false);
+        assert_eq!(f.admit(b"s/t", 10), Admit::Counted { v3: true }, "sticky");
+        f.add_filter(b"x/+", false);
+        assert_eq!(f.admit(b"x/y", 10), Admit::Counted { v3: false });
+    }
+
+    #[test]
     fn a_publish_nobody_subscribed_to_costs_nothing() {
         let f = Fanout::new(1024, 2, 10_000);
         assert_eq!(f.admit(b"a/b", 5000), Admit::Unmatched);
-        f.add_filter(b"x/#");
+        f.add_filter(b"x/#", false);
         assert_eq!(f.admit(b"a/b", 5000), Admit::Unmatched);
         assert_eq!(f.held(), 0);
     }
@@ -189,17 +215,17 @@ mod tests {
     #[test]
     fn each_matching_log_is_counted_and_rotates_like_rumqttd() {
         let f = Fanout::new(1000, 2, 1 << 20);
-        f.add_filter(b"s/#");
-        f.add_filter(b"s/+");
-        f.add_filter(b"$share/g/s/t");
+        f.add_filter(b"s/#", false);
+        f.add_filter(b"s/+", false);
+        f.add_filter(b"$share/g/s/t", false);
         let m = 4 + 3 + 900 + MESSAGE_OVERHEAD;
-        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted { v3: false });
         assert_eq!(f.held(), 3 * m);
         // Each log: [m] -> full segment, next opens a second: [m, m]; the third drops the
         // oldest: still two segments each.
-        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
-        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
-        assert_eq!(f.admit(b"s/t", 900), Admit::Counted);
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted { v3: false });
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted { v3: false });
+        assert_eq!(f.admit(b"s/t", 900), Admit::Counted { v3: false });
         assert_eq!(f.held(), 3 * 2 * m);
     }
 
@@ -208,10 +234,10 @@ mod tests {
         let m = 4 + 3 + 600 + MESSAGE_OVERHEAD;
         // Two segments of 1000: a/1 fills [2m, m] (mature) within the bound, not a/2 too.
         let f = Fanout::new(1000, 2, 3 * m + 100);
-        f.add_filter(b"a/1");
-        f.add_filter(b"a/2");
+        f.add_filter(b"a/1", false);
+        f.add_filter(b"a/2", false);
         for _ in 0..3 {
-            assert_eq!(f.admit(b"a/1", 600), Admit::Counted);
+            assert_eq!(f.admit(b"a/1", 600), Admit::Counted { v3: false });
         }
         assert_eq!(
             f.admit(b"a/2", 600),
@@ -222,7 +248,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(
                 f.admit(b"a/1", 600),
-                Admit::Counted,
+                Admit::Counted { v3: false },
                 "a mature log only rotates: served"
             );
             most = most.max(f.held());
@@ -242,11 +268,11 @@ mod tests {
         // Room for two logs of two segments each, not three.
         let f = Fanout::new(1000, 2, 4 * m + 10);
         for t in [&b"a/1"[..], b"a/2", b"a/3"] {
-            f.add_filter(t);
+            f.add_filter(t, false);
         }
         for _ in 0..2 {
-            assert_eq!(f.admit(b"a/1", 1000), Admit::Counted);
-            assert_eq!(f.admit(b"a/2", 1000), Admit::Counted);
+            assert_eq!(f.admit(b"a/1", 1000), Admit::Counted { v3: false });
+            assert_eq!(f.admit(b"a/2", 1000), Admit::Counted { v3: false });
         }
         assert_eq!(f.held(), 4 * m);
         assert_eq!(
@@ -257,7 +283,7 @@ mod tests {
         assert_eq!(f.held(), 4 * m, "a refused publish changes nothing");
         assert_eq!(
             f.admit(b"a/1", 1000),
-            Admit::Counted,
+            Admit::Counted { v3: false },
             "a full log rotates: no growth"
         );
         assert_eq!(f.held(), 4 * m);

@@ -519,9 +519,52 @@ pub fn qos0_frame(
     out.extend_from_slice(rest);
 }
 
+/// Does the MQTT 5 PUBLISH `frame` carry properties (a property length over 0)?
+/// `topic_len`: the length of its topic name field.
+pub fn has_properties(frame: &[u8], header_len: usize, topic_len: usize) -> bool {
+    let qos = frame.first().map_or(0, |b| (b >> 1) & 3);
+    let at = header_len + 2 + topic_len + if qos > 0 { 2 } else { 0 };
+    matches!(frame.get(at..).map(var_int), Some(Ok(Some((_, n)))) if n > 0)
+}
+
+/// Append a QoS 0 PUBLISH of `payload` to `topic` with no properties (MQTT 5: an empty
+/// property list) and the retain flag `retain`.
+pub fn bare_qos0_frame(v5: bool, topic: &[u8], payload: &[u8], retain: bool, out: &mut BytesMut) {
+    out.extend_from_slice(&[0x30 | u8::from(retain)]);
+    put_var_int(out, 2 + topic.len() + usize::from(v5) + payload.len());
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic);
+    if v5 {
+        out.extend_from_slice(&[0]);
+    }
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_are_seen_and_left_out() {
+        // MQTT 5 QoS 1 PUBLISH "a/b", pkid 7, a user property k=v, payload "x".
+        let props = [0x26, 0, 1, b'k', 0, 1, b'v'];
+        let mut body = vec![0, 3, b'a', b'/', b'b', 0, 7, props.len() as u8];
+        body.extend_from_slice(&props);
+        body.push(b'x');
+        let mut f = vec![0x32, body.len() as u8];
+        f.extend_from_slice(&body);
+        assert!(has_properties(&f, 2, 3));
+        let mut none = vec![0x30, 7, 0, 3, b'a', b'/', b'b', 0, b'x'];
+        assert!(!has_properties(&none, 2, 3));
+        none.truncate(7);
+        assert!(!has_properties(&none, 2, 3), "truncated: none seen");
+        let mut out = BytesMut::new();
+        bare_qos0_frame(true, b"a/b", b"x", true, &mut out);
+        assert_eq!(&out[..], &[0x31, 7, 0, 3, b'a', b'/', b'b', 0, b'x']);
+        out.clear();
+        bare_qos0_frame(false, b"a/b", b"x", false, &mut out);
+        assert_eq!(&out[..], &[0x30, 6, 0, 3, b'a', b'/', b'b', b'x']);
+    }
 
     #[test]
     fn headers() {

@@ -145,6 +145,9 @@ pub struct Metrics {
     pub broker_connections: Gauge,
     /// Times a client was slowed down by `broker.max_publish_rate` (nothing is dropped).
     pub broker_throttled: Counter,
+    /// MQTT 5 publishes passed to local subscribers without their properties, because an
+    /// MQTT 3.1.1 client subscribed to a matching filter (or the message is kept retained).
+    pub broker_properties_dropped: Counter,
     /// Times the guard stopped reading from a sensor that owed it too many acknowledgements
     /// (it publishes without reading them; nothing is dropped).
     pub broker_paused: Counter,
@@ -201,6 +204,7 @@ impl Metrics {
             broker_reject_log: Mutex::new(HashMap::new()),
             broker_connections: Gauge::default(),
             broker_throttled: Counter::default(),
+            broker_properties_dropped: Counter::default(),
             broker_paused: Counter::default(),
             broker_probe_failures: Counter::default(),
             broker_disconnect_unsettled: Counter::default(),
@@ -292,6 +296,11 @@ impl Metrics {
             "broker_throttled",
             "Times a sensor was slowed down by broker.max_publish_rate",
             m.broker_throttled.clone(),
+        );
+        registry.register(
+            "broker_properties_dropped",
+            "MQTT 5 publishes passed to local subscribers without their properties (an MQTT 3.1.1 client subscribed to a matching filter, or the message is retained)",
+            m.broker_properties_dropped.clone(),
         );
         registry.register(
             "broker_paused",

@@ -441,6 +441,15 @@ pub(super) async fn session<S: Io>(
     let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
     let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
     connect.keep_alive = internal_keep_alive;
+    // rumqttd 0.20 turns will properties into publish properties and panics writing those to
+    // an MQTT 3.1.1 subscriber (its connection dies; see `Fanout::add_filter`). A will fires
+    // later, to whoever has subscribed by then, so its properties (and the Will Delay
+    // Interval, which only they carry) never go to rumqttd: local subscribers get the will
+    // at once and without them. The guard's own copy of the will (the reading) is unchanged.
+    if will_props.is_some() {
+        guard.metrics.broker_properties_dropped.inc();
+    }
+    let will_props = None;
     let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
         return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be re-encoded");
     };

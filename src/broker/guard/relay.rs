@@ -21,9 +21,9 @@ use tokio::net::TcpStream;
 
 use crate::broker::fanout::Admit;
 use crate::broker::frame::{
-    complete_frames, disconnect_expiry, frame_of, parse_header, publish_meta, qos0_frame,
-    read_frame, read_frame_within, suback_refusal, subscribe_filters, unsubscribe_filters,
-    FrameError, PacketType, PINGREQ,
+    bare_qos0_frame, complete_frames, disconnect_expiry, frame_of, has_properties, parse_header,
+    publish_meta, qos0_frame, read_frame, read_frame_within, suback_refusal, subscribe_filters,
+    unsubscribe_filters, FrameError, PacketType, PINGREQ,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
 use crate::broker::refusal::{Refusal, Refused};
@@ -394,11 +394,28 @@ pub(super) async fn relay<S: Io>(
                                 String::from_utf8_lossy(topic)
                             ),
                         ),
-                        Some(Admit::Counted) => {
-                            qos0_frame(&frame, header_len, meta.topic.len(), keep_retain, &mut iw.out)
+                        Some(Admit::Counted { v3 }) => {
+                            // Properties must not reach a 3.1.1 subscriber (rumqttd panics
+                            // writing them; `Fanout::add_filter`), nor a retained message a
+                            // 3.1.1 client may subscribe to later.
+                            if v5
+                                && (v3 || keep_retain)
+                                && has_properties(&frame, header_len, meta.topic.len())
+                            {
+                                guard.metrics.broker_properties_dropped.inc();
+                                let payload = &frame[payload_at..];
+                                bare_qos0_frame(v5, topic, payload, keep_retain, &mut iw.out);
+                            } else {
+                                qos0_frame(&frame, header_len, meta.topic.len(), keep_retain, &mut iw.out)
+                            }
                         }
                         Some(Admit::Unmatched) if keep_retain => {
-                            qos0_frame(&frame, header_len, meta.topic.len(), true, &mut iw.out)
+                            if v5 && has_properties(&frame, header_len, meta.topic.len()) {
+                                guard.metrics.broker_properties_dropped.inc();
+                                bare_qos0_frame(v5, topic, &frame[payload_at..], true, &mut iw.out);
+                            } else {
+                                qos0_frame(&frame, header_len, meta.topic.len(), true, &mut iw.out)
+                            }
                         }
                         _ => {}
                     }
@@ -502,7 +519,7 @@ pub(super) async fn relay<S: Io>(
                 }
                 for (f, _) in &filters {
                     conn.subscriptions.insert(f.to_vec());
-                    guard.fanout.add_filter(f);
+                    guard.fanout.add_filter(f, !v5);
                 }
                 // Before the SUBSCRIBE goes on: publishes read this flag after it.
                 guard.subscribed.store(true, Ordering::SeqCst);
