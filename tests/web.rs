@@ -402,6 +402,16 @@ async fn page_shows_sensors_as_they_publish_without_reloading() {
     assert_eq!(v["uplink"], "none configured");
 
     let s = Sensor::connect(gw.broker_addr, "page-s1").await;
+    // Readings per minute is the larger of this and the last minute's count: two readings on
+    // either side of a minute boundary show 1 (seen once in CI).
+    let minute = |margin: f64| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        ((t + margin) / 60.0).floor() as u64
+    };
+    let first_minute = minute(-0.5);
     s.publish("site/boiler-1/temp", r#"{"t": 61.5, "unit": "C"}"#)
         .await;
     let v = b
@@ -414,6 +424,7 @@ async fn page_shows_sensors_as_they_publish_without_reloading() {
 
     s.publish("site/pump-2/pressure", "2.5").await;
     s.publish("site/boiler-1/temp", r#"{"t": 62}"#).await;
+    let same_minute = minute(0.5) == first_minute;
     let v = b
         .until("the second sensor and the new value", |v| {
             topics(v) == ["site/boiler-1/temp", "site/pump-2/pressure"]
@@ -421,7 +432,12 @@ async fn page_shows_sensors_as_they_publish_without_reloading() {
         })
         .await;
     assert_eq!(v["marker"], "same page", "the page was reloaded: {v:#}");
-    assert_eq!(v["sensors"][0]["cells"][4], "2");
+    let per_minute = &v["sensors"][0]["cells"][4];
+    if same_minute {
+        assert_eq!(per_minute, "2");
+    } else {
+        assert!(per_minute == "1" || per_minute == "2", "{per_minute}");
+    }
 
     // Filtering by topic (typed into the box, as a user would).
     b.eval(
