@@ -46,6 +46,9 @@ def publish(topic, payload, qos=0, pid=1):
 def hwm(pid):
     for l in open(f"/proc/{pid}/status"):
         if l.startswith(("VmHWM","VmRSS")): print(l.strip(), flush=True)
+def subscribe(s, flt):
+    t=flt.encode(); body=struct.pack(">H",1)+struct.pack(">H",len(t))+t+b"\x00"
+    s.sendall(b"\x82"+rl(len(body))+body)
 mode=sys.argv[1]; gpid=int(sys.argv[2])
 if mode=="bigflood":
     size=int(sys.argv[3]); secs=float(sys.argv[4]); n=int(sys.argv[5])
@@ -73,30 +76,19 @@ if mode=="deafsub":
     subs=[]
     for i in range(n):
         s=connect(f"deaf{i}", f"127.0.2.{1+i//90}")
-        t=b"big/#"; body=struct.pack(">H",1)+struct.pack(">H",len(t))+t+b"\x00"
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.sendall(b"\x82"+rl(len(body))+body); subs.append(s)
+        subscribe(s, "big/#"); subs.append(s)
     time.sleep(1)
     p=connect("deafpub","127.0.3.1"); pay=b"q"*size
     for k in range(count):
         p.sendall(publish(f"big/{k%10}", pay))
         if k%20==0: time.sleep(0.05)
     time.sleep(5); hwm(gpid)
-if mode=="bigidle":
+if mode in ("bigidle", "bigidlesub"):
+    # One subscriber (reading everything) on other/# (nothing matches) or on sensors/#.
     n=int(sys.argv[3]); size=int(sys.argv[4])
-    sub=connect("idle-sub","127.0.4.1"); t=b"other/#"; body=struct.pack(">H",1)+struct.pack(">H",len(t))+t+b"\x00"
-    sub.sendall(b"\x82"+rl(len(body))+body); time.sleep(0.5)
-    socks=[]; pay=b"i"*size
-    for i in range(n):
-        try:
-            s=connect(f"idle{i}", f"127.0.5.{1+i//90}"); s.sendall(publish(f"sensors/idle/{i}", pay)); socks.append(s)
-        except Exception as e: print("conn",i,e); break
-    print("holding",len(socks)); time.sleep(8); hwm(gpid)
-if mode=="bigidlesub":
-    n=int(sys.argv[3]); size=int(sys.argv[4])
-    sub=connect("idle-sub2","127.0.4.2"); t=b"sensors/#"; body=struct.pack(">H",1)+struct.pack(">H",len(t))+t+b"\x00"
-    sub.sendall(b"\x82"+rl(len(body))+body); time.sleep(0.5)
-    import threading
+    sub=connect("idle-sub","127.0.4.1"); subscribe(sub, "sensors/#" if mode=="bigidlesub" else "other/#")
+    time.sleep(0.5)
     def drain():
         while True:
             try:
@@ -115,8 +107,7 @@ if mode=="fastsubs":
     sel=selectors.DefaultSelector(); subs=[]
     for i in range(n):
         s=connect(f"fast{i}", f"127.0.6.{1+i//90}")
-        t=b"big/#"; body=struct.pack(">H",1)+struct.pack(">H",len(t))+t+b"\x00"
-        s.sendall(b"\x82"+rl(len(body))+body); s.setblocking(False); sel.register(s, selectors.EVENT_READ); subs.append(s)
+        subscribe(s, "big/#"); s.setblocking(False); sel.register(s, selectors.EVENT_READ); subs.append(s)
     got=[0]; stop=[False]
     def drain():
         while not stop[0]:

@@ -394,10 +394,14 @@ pub(super) async fn relay<S: Io>(
                                 String::from_utf8_lossy(topic)
                             ),
                         ),
-                        Some(Admit::Counted { v3 }) => {
+                        // Unmatched: relayed only to be kept as the retained message.
+                        Some(admit @ (Admit::Counted { .. } | Admit::Unmatched))
+                            if keep_retain || admit != Admit::Unmatched =>
+                        {
                             // Properties must not reach a 3.1.1 subscriber (rumqttd panics
                             // writing them; `Fanout::add_filter`), nor a retained message a
                             // 3.1.1 client may subscribe to later.
+                            let v3 = matches!(admit, Admit::Counted { v3: true });
                             if v5
                                 && (v3 || keep_retain)
                                 && has_properties(&frame, header_len, meta.topic.len())
@@ -407,14 +411,6 @@ pub(super) async fn relay<S: Io>(
                                 bare_qos0_frame(v5, topic, payload, keep_retain, &mut iw.out);
                             } else {
                                 qos0_frame(&frame, header_len, meta.topic.len(), keep_retain, &mut iw.out)
-                            }
-                        }
-                        Some(Admit::Unmatched) if keep_retain => {
-                            if v5 && has_properties(&frame, header_len, meta.topic.len()) {
-                                guard.metrics.broker_properties_dropped.inc();
-                                bare_qos0_frame(v5, topic, &frame[payload_at..], true, &mut iw.out);
-                            } else {
-                                qos0_frame(&frame, header_len, meta.topic.len(), true, &mut iw.out)
                             }
                         }
                         _ => {}

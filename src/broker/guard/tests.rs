@@ -43,15 +43,15 @@ fn anonymous_guard() -> Arc<Guard> {
     )
 }
 
-/// rumqttd's side of the race (module docs) is timing inside its connection task, so it is
-/// played here by a plain socket standing in for the internal listener: after a client's
-/// DISCONNECT, the guard must leave the internal connection open until that side closes it,
-/// however quickly the client itself goes.
-#[tokio::test]
-async fn after_disconnect_the_broker_closes_first() {
+/// A guard with a plain socket standing in for rumqttd's internal listener, and a client whose
+/// CONNECT (clean session, id `client_id`) the guard has relayed to it: (guard, client, the
+/// internal connection, its read buffer).
+async fn relayed_connect(client_id: &str) -> (Arc<Guard>, TcpStream, TcpStream, BytesMut) {
     let guard = anonymous_guard();
     let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (_target_tx, target) = watch::channel(internal.local_addr().unwrap());
+    let (target_tx, target) = watch::channel(internal.local_addr().unwrap());
+    // Kept for the test's life, as a running broker keeps it (a listener restart sends on it).
+    std::mem::forget(target_tx);
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let public_addr = public.local_addr().unwrap();
     tokio::spawn(accept_loop(public, None, false, target, guard.clone()));
@@ -62,7 +62,7 @@ async fn after_disconnect_the_broker_closes_first() {
         Packet::Connect(
             rumqttd::protocol::Connect {
                 keep_alive: 30,
-                client_id: "leaver".into(),
+                client_id: client_id.into(),
                 clean_session: true,
             },
             None,
@@ -80,6 +80,16 @@ async fn after_disconnect_the_broker_closes_first() {
         .unwrap()
         .unwrap();
     assert_eq!(f[0] >> 4, 1, "CONNECT relayed");
+    (guard, client, broker, buf)
+}
+
+/// rumqttd's side of the race (module docs) is timing inside its connection task, so it is
+/// played here by a plain socket standing in for the internal listener: after a client's
+/// DISCONNECT, the guard must leave the internal connection open until that side closes it,
+/// however quickly the client itself goes.
+#[tokio::test]
+async fn after_disconnect_the_broker_closes_first() {
+    let (guard, mut client, mut broker, mut buf) = relayed_connect("leaver").await;
     broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
     let mut connack = [0u8; 4];
     client.read_exact(&mut connack).await.unwrap();
@@ -216,37 +226,7 @@ fn a_refused_subscribe_uses_none_of_the_filter_budget() {
 /// CONNACK, leaves with a DISCONNECT and waits for the broker to close first.
 #[tokio::test]
 async fn a_late_connack_is_taken_and_the_session_left_cleanly() {
-    let guard = anonymous_guard();
-    let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (_target_tx, target) = watch::channel(internal.local_addr().unwrap());
-    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let public_addr = public.local_addr().unwrap();
-    tokio::spawn(accept_loop(public, None, false, target, guard.clone()));
-
-    let mut client = TcpStream::connect(public_addr).await.unwrap();
-    let connect = encode(
-        false,
-        Packet::Connect(
-            rumqttd::protocol::Connect {
-                keep_alive: 30,
-                client_id: "late".into(),
-                clean_session: true,
-            },
-            None,
-            None,
-            None,
-            None,
-        ),
-    )
-    .unwrap();
-    client.write_all(&connect).await.unwrap();
-    let (mut broker, _) = internal.accept().await.unwrap();
-    let mut buf = BytesMut::new();
-    let f = read_frame(&mut broker, &mut buf, 1 << 16)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f[0] >> 4, 1, "CONNECT relayed");
+    let (_guard, mut client, mut broker, mut buf) = relayed_connect("late").await;
     // The broker is slow: the client is refused ("server unavailable") after the guard's wait.
     let mut connack = [0u8; 4];
     tokio::time::timeout(
