@@ -6,7 +6,7 @@
 //! app        gateway, supervisor, reload, http, web, fleet, ...   3
 //! stages     broker, rules, queue, forwarder                      2
 //! config     raw TOML -> validated Config                         1
-//! core       event, decode, ack, topic, reserved, metrics, ...    0
+//! core       event, decode, ack, topic, reserved, stamp, ...      0
 //! ```
 //!
 //! Rules the test enforces, reading every `.rs` file under `src/` (comment lines skipped):

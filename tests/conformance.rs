@@ -17,29 +17,7 @@ use crate::util::{start_gateway, test_config};
 
 /// Cases known to fail on edgegate today, as (suite, protocol, case), where suite `*` stands for
 /// every suite that runs the case. Each with the reason; remove an entry when its case passes.
-const EXPECTED_FAILURES: &[(&str, &str, &str)] = &[
-    // No QoS downgrade: rumqttd delivers at the subscription's QoS, not min(publish, granted)
-    // (§3.8.4), so the three combinations with publish QoS < subscription QoS fail. The guard
-    // cannot repair it: a forwarded PUBLISH does not carry the QoS it was published with.
-    ("*", "3.1.1", "qos_pub0_sub1"),
-    ("*", "3.1.1", "qos_pub0_sub2"),
-    ("*", "3.1.1", "qos_pub1_sub2"),
-    ("*", "5", "qos_pub0_sub1"),
-    ("*", "5", "qos_pub0_sub2"),
-    ("*", "5", "qos_pub1_sub2"),
-    // `$` topics cannot be used at all: rumqttd's router refuses a subscription to a filter
-    // starting with `$` (InvalidFilterPrefix: the connection is closed, no SUBACK) and its
-    // `matches()` never matches a `$` topic, even exactly.
-    ("*", "3.1.1", "dollar_topics_not_matched"),
-    ("*", "5", "dollar_topics_not_matched"),
-    // A 3.1 client (`MQIsdp`, level 3) gets CONNACK 0x01 (mosquitto_sub and MQTT.js pass), but
-    // paho 2.2 reports return code 1 as its MQTT 5 reason "unsupported protocol version" (0x84),
-    // which the case does not take for 0x01.
-    ("paho", "3.1.1", "mqtt31_connack"),
-    // No Local is ignored: the client's own publish is echoed back. rumqttd does not say who
-    // published a message it forwards, so the guard cannot tell the client's own ones apart.
-    ("*", "5", "no_local"),
-];
+const EXPECTED_FAILURES: &[(&str, &str, &str)] = &[];
 
 fn expected_failure(suite: &str, proto: &str, case: &str) -> bool {
     EXPECTED_FAILURES

@@ -1,6 +1,7 @@
 //! MQTT behaviour the broker guard supplies where rumqttd 0.20 falls short (issue 13): keep
 //! alive 0 and the client's own keep alive, assigned client ids for MQTT 5 persistent sessions,
-//! the client's Maximum Packet Size and Receive Maximum. Real gateway, raw sockets (so the test
+//! the client's Maximum Packet Size and Receive Maximum, delivery at the publish QoS, `$`
+//! topics and No Local (also across a kept session). Real gateway, raw sockets (so the test
 //! controls every byte and every acknowledgement).
 
 use std::net::SocketAddr;
@@ -271,13 +272,19 @@ async fn an_empty_client_id_with_clean_start_0_gets_an_assigned_id() {
 /// Receive a subscriber's publishes for `wait`, acknowledging each (PUBACK; PUBREC, then
 /// PUBCOMP for the PUBREL): the payloads in order.
 async fn receive_acking(s: &mut TcpStream, v5: bool, wait: Duration) -> Vec<Vec<u8>> {
+    let got = receive_acking_qos(s, v5, wait).await;
+    got.into_iter().map(|(_, p)| p).collect()
+}
+
+/// [`receive_acking`], with the QoS each came with.
+async fn receive_acking_qos(s: &mut TcpStream, v5: bool, wait: Duration) -> Vec<(u8, Vec<u8>)> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut got = Vec::new();
     while let Ok(Some((b1, body))) = tokio::time::timeout_at(deadline, read_packet(s)).await {
         match b1 >> 4 {
             3 => {
                 let (qos, pkid, payload) = parse_publish(b1, &body, v5);
-                got.push(payload);
+                got.push((qos, payload));
                 match qos {
                     1 => s
                         .write_all(&frame(0x40, &pkid.to_be_bytes()))
@@ -580,5 +587,184 @@ async fn mqtt5_session_expiry_on_rumqttds_sessions() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
     assert_eq!(rest, vec![0xe0, 0x01, 0x82], "DISCONNECT protocol error");
+    gw.shutdown().await;
+}
+
+/// MQTT §3.8.4: a message is delivered at the lower of its publish QoS and the subscription's
+/// (rumqttd delivers at the subscription's). A QoS 2 subscriber gets 150 QoS 1 messages (more
+/// than rumqttd's window of 100 unfinished deliveries: the guard turns each PUBACK into the
+/// PUBREC rumqttd waits for, or the window would stop) as QoS 1, then QoS 0 ones as QoS 0, all
+/// in order, with payloads unchanged: one that looks like the guard's stamp and an empty one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arrive_at_the_lower_of_publish_and_subscription_qos() {
+    let (gw, _d) = gateway().await;
+    let lookalike = [0xe6, 0, 1, 2, 3, 4, 5, 6, 7, 8, b'x'].to_vec();
+    for v5 in [false, true] {
+        let addr = if v5 {
+            gw.broker_addr_v5.expect("v5")
+        } else {
+            gw.broker_addr
+        };
+        let (mut s, _) = accepted(
+            addr,
+            &connect_with(v5, &format!("down-{v5}"), 0x02, 30, &[]),
+        )
+        .await;
+        let topic = format!("down/{v5}");
+        subscribed(&mut s, v5, &topic, 2).await;
+        let mut q1: Vec<Vec<u8>> = (0..150).map(|i| format!("q1-{i}").into_bytes()).collect();
+        q1.push(lookalike.clone());
+        let q0 = vec![b"q0-a".to_vec(), Vec::new(), lookalike.clone()];
+        let publisher = async {
+            publish_all(gw.broker_addr, &format!("down-pub1-{v5}"), &topic, 1, &q1).await;
+            publish_all(gw.broker_addr, &format!("down-pub0-{v5}"), &topic, 0, &q0).await;
+        };
+        let (_, got) = tokio::join!(
+            publisher,
+            receive_acking_qos(&mut s, v5, Duration::from_secs(6))
+        );
+        let want: Vec<(u8, Vec<u8>)> = q1
+            .iter()
+            .map(|p| (1, p.clone()))
+            .chain(q0.iter().map(|p| (0, p.clone())))
+            .collect();
+        assert_eq!(got.len(), want.len(), "v5 {v5}: every message");
+        let wrong: Vec<_> = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g != w)
+            .take(3)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "v5 {v5}: each at the publish QoS, in order, unchanged: (got, want) {wrong:?}"
+        );
+    }
+    gw.shutdown().await;
+}
+
+/// Subscribe to `filter` with the MQTT 5 subscription `options` byte (QoS, No Local 0x04).
+async fn subscribed_with(s: &mut TcpStream, pkid: u16, filter: &str, options: u8) {
+    s.write_all(&subscribe(true, pkid, filter, options))
+        .await
+        .unwrap();
+    loop {
+        let (b1, body) = read_packet(s).await.expect("SUBACK");
+        if b1 == 0x90 {
+            assert_eq!(body.last(), Some(&(options & 3)), "granted");
+            return;
+        }
+    }
+}
+
+/// `$` topics (MQTT §4.7.2: a client may use them; `#` and `+` do not match them at the first
+/// level) and No Local (MQTT 5 §3.8.3.1), which rumqttd knows neither of, hold for a session
+/// rumqttd keeps across connections: what the guard knows of the session's subscriptions
+/// outlives the connection that made them. The gateway's own namespace (`edgegate/#`, where the
+/// guard keeps `$` topics inside rumqttd) shows none of them, and no client may publish there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_and_no_local_hold_across_a_kept_session() {
+    let (gw, _d) = gateway().await;
+    let addr = gw.broker_addr_v5.expect("v5 listener");
+    let (mut s, present) = session(addr, "dl-keep", true, 300).await;
+    assert!(!present);
+    subscribed_with(&mut s, 1, "$app/#", 1).await;
+    subscribed_with(&mut s, 2, "nl/#", 0x05).await;
+    leave(&gw, s, &[]).await;
+    // Onlookers: every wildcard, and the gateway's own namespace.
+    let (mut wild, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "dl-wild", 0x02, 30, &[]),
+    )
+    .await;
+    subscribed(&mut wild, false, "#", 1).await;
+    subscribed(&mut wild, false, "edgegate/#", 1).await;
+    subscribed(&mut wild, false, "+/x", 1).await;
+
+    publish_all(gw.broker_addr, "dl-pub", "$app/x", 1, &[b"d1".to_vec()]).await;
+    let (mut s, present) = session(addr, "dl-keep", false, 300).await;
+    assert!(present, "the session was kept");
+    assert_eq!(
+        receive_acking(&mut s, true, Duration::from_secs(2)).await,
+        vec![b"d1".to_vec()],
+        "the $ message queued for the kept session"
+    );
+    // Its own publish on a No Local filter is not echoed; another client's is delivered.
+    let mut b = Vec::new();
+    mqtt_str(&mut b, b"nl/a");
+    b.extend_from_slice(&[0, 9, 0]);
+    b.extend_from_slice(b"own");
+    s.write_all(&frame(0x32, &b)).await.unwrap();
+    publish_all(gw.broker_addr, "dl-other", "nl/a", 1, &[b"other".to_vec()]).await;
+    let got = receive_acking(&mut s, true, Duration::from_secs(2)).await;
+    assert_eq!(
+        got,
+        vec![b"other".to_vec()],
+        "No Local: only the other client's"
+    );
+
+    let seen = receive_acking(&mut wild, false, Duration::from_millis(500)).await;
+    assert!(
+        seen.iter().all(|p| p != b"d1"),
+        "no wildcard or edgegate/# subscriber got the $ topic: {seen:?}"
+    );
+    assert!(
+        seen.contains(&b"own".to_vec()),
+        "the wildcard subscriber gets readings: {seen:?}"
+    );
+    // The guard's place for `$` topics inside rumqttd is nobody's to publish to.
+    let (mut p, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "dl-forge", 0x02, 30, &[]),
+    )
+    .await;
+    let mut b = Vec::new();
+    mqtt_str(&mut b, b"edgegate/$app/x");
+    b.extend_from_slice(&[0, 1]);
+    b.extend_from_slice(b"forged");
+    p.write_all(&frame(0x32, &b)).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), p.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "closed without a PUBACK: {rest:02x?}");
+    assert!(gw.metrics().broker_rejected("reserved_topic") >= 1);
+    gw.shutdown().await;
+}
+
+/// A publish as large as `broker.max_payload_size` allows still reaches subscribers after the
+/// guard made it larger on its way into rumqttd (its stamp; a `$` topic's prefix): rumqttd's own
+/// limit leaves room for that, or it would close the relay on the largest publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_allowed_publish_still_reaches_subscribers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config(dir.path(), None);
+    cfg.broker.allow_anonymous = true;
+    cfg.broker.max_payload_size = 4096;
+    let gw = start_gateway(cfg).await;
+    let (mut s, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "big-sub", 0x02, 30, &[]),
+    )
+    .await;
+    subscribed(&mut s, false, "big/x", 1).await;
+    s.write_all(&subscribe(false, 2, "$big/x", 1))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await.map(|p| p.0), Some(0x90), "SUBACK");
+    let mut want = Vec::new();
+    for (i, topic) in ["big/x", "$big/x"].into_iter().enumerate() {
+        // Remaining length exactly the limit: topic field, packet id, payload.
+        let payload = vec![b'p'; 4096 - 2 - topic.len() - 2];
+        publish_all(
+            gw.broker_addr,
+            &format!("big-pub-{i}"),
+            topic,
+            1,
+            std::slice::from_ref(&payload),
+        )
+        .await;
+        want.push(payload);
+    }
+    let got = receive_acking(&mut s, false, Duration::from_secs(3)).await;
+    assert!(got == want, "both delivered: {} of 2", got.len());
     gw.shutdown().await;
 }

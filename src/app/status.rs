@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rumqttd::local::LinkTx;
 
+use crate::core::stamp::{self, Stamp};
+
 /// Where the gateway publishes its status (retained) on the local broker.
 pub const STATUS_TOPIC: &str = "edgegate/status";
 
@@ -99,7 +101,12 @@ impl StatusPublisher {
         };
         let publish = rumqttd::protocol::Publish::new(
             STATUS_TOPIC.as_bytes().to_vec(),
-            doc.to_string().into_bytes(),
+            // Stamped like every message in the local broker (`core::stamp`).
+            Stamp {
+                qos: stamp::GATEWAY_QOS,
+                origin: stamp::GATEWAY,
+            }
+            .prepend(doc.to_string().as_bytes(), false),
             false,
         );
         if let Err(e) = link

@@ -359,6 +359,36 @@ fn filter_list(
     Some(out)
 }
 
+/// The SUBSCRIBE or UNSUBSCRIBE `frame` (`options`: SUBSCRIBE, each filter followed by its
+/// options byte) with each filter `map` returns `Some` for replaced by it; packet id and MQTT 5
+/// properties unchanged. `None` when the frame does not parse or a filter would be too long.
+pub fn map_filters(
+    frame: &[u8],
+    header_len: usize,
+    v5: bool,
+    options: bool,
+    map: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let list = filter_list(frame, header_len, v5, options)?;
+    // Packet id and properties: everything before the first filter.
+    let mut head_len = 2;
+    if v5 {
+        let (n, plen) = var_int(frame.get(header_len + 2..)?).ok()??;
+        head_len += n + plen;
+    }
+    let mut body = frame.get(header_len..header_len + head_len)?.to_vec();
+    for (f, o) in list {
+        let mapped = map(f);
+        let f = mapped.as_deref().unwrap_or(f);
+        body.extend_from_slice(&u16::try_from(f.len()).ok()?.to_be_bytes());
+        body.extend_from_slice(f);
+        if options {
+            body.push(o);
+        }
+    }
+    Some(frame_of(*frame.first()?, &body))
+}
+
 /// The parts of a PUBLISH frame the guard checks.
 pub struct PublishMeta<'a> {
     pub topic: &'a [u8],
@@ -493,30 +523,100 @@ pub fn publish_pkid(frame: &[u8], header_len: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
 }
 
+/// How [`rewrite_publish`] changes a PUBLISH.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Edit<'a> {
+    /// The QoS it gets (the packet id is kept when both old and new QoS are above 0, dropped
+    /// for QoS 0; DUP is kept only with a packet id).
+    pub qos: u8,
+    pub retain: bool,
+    /// A topic name in place of the frame's own (`None`: the frame's, possibly empty with an
+    /// MQTT 5 alias).
+    pub topic: Option<&'a [u8]>,
+    /// Bytes put in front of the payload (a [`crate::core::stamp`]).
+    pub prefix: &'a [u8],
+    /// Bytes taken off the front of the payload (a stamp being removed).
+    pub skip: usize,
+}
+
+/// Append to `out` the PUBLISH `frame` (fixed header of `header_len` bytes) changed as `edit`
+/// says, MQTT 5 properties (`v5`) unchanged. `None`, with nothing appended, when the frame is
+/// not a PUBLISH that parses, has no packet id to keep, or is shorter than `edit.skip`.
+pub fn rewrite_publish(
+    frame: &[u8],
+    header_len: usize,
+    v5: bool,
+    edit: &Edit<'_>,
+    out: &mut BytesMut,
+) -> Option<()> {
+    let byte1 = *frame.first()?;
+    let qos = (byte1 >> 1) & 3;
+    if qos == 3 || edit.qos > 2 || (edit.qos > 0 && qos == 0) {
+        return None;
+    }
+    let topic_field =
+        frame.get(header_len..header_len + 2 + publish_topic(frame, header_len)?.len())?;
+    let mut at = header_len + topic_field.len();
+    let pkid = if qos > 0 {
+        at += 2;
+        Some(frame.get(at - 2..at)?)
+    } else {
+        None
+    };
+    let props = if v5 {
+        let (n, plen) = var_int(frame.get(at..)?).ok()??;
+        let p = frame.get(at..at + n + plen)?;
+        at += n + plen;
+        p
+    } else {
+        &[]
+    };
+    let payload = frame.get(at..)?.get(edit.skip..)?;
+    let topic_len = edit.topic.map_or(topic_field.len(), |t| 2 + t.len());
+    if topic_len - 2 > u16::MAX as usize {
+        return None;
+    }
+    let pkid = if edit.qos > 0 { pkid } else { None };
+    let dup = if pkid.is_some() { byte1 & 0x08 } else { 0 };
+    out.extend_from_slice(&[0x30 | dup | (edit.qos << 1) | u8::from(edit.retain)]);
+    put_var_int(
+        out,
+        topic_len + pkid.map_or(0, <[u8]>::len) + props.len() + edit.prefix.len() + payload.len(),
+    );
+    match edit.topic {
+        Some(t) => {
+            out.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            out.extend_from_slice(t);
+        }
+        None => out.extend_from_slice(topic_field),
+    }
+    if let Some(id) = pkid {
+        out.extend_from_slice(id);
+    }
+    out.extend_from_slice(props);
+    out.extend_from_slice(edit.prefix);
+    out.extend_from_slice(payload);
+    Some(())
+}
+
 /// Append to `out` the PUBLISH `frame` as QoS 0 (no packet id, no DUP), with the retain flag
-/// `retain`: how rumqttd gets a reading the guard acknowledges itself. `topic_len`: the length
-/// of the frame's topic name field (0 for an MQTT 5 alias without one).
+/// `retain` and `prefix` (the stamp) before its payload: how rumqttd gets a reading the guard
+/// acknowledges itself. Appends nothing for a frame that does not parse.
 pub fn qos0_frame(
     frame: &[u8],
     header_len: usize,
-    topic_len: usize,
+    v5: bool,
     retain: bool,
+    prefix: &[u8],
     out: &mut BytesMut,
 ) {
-    let Some(&byte1) = frame.first() else {
-        return;
+    let edit = Edit {
+        qos: 0,
+        retain,
+        prefix,
+        ..Edit::default()
     };
-    let qos = (byte1 >> 1) & 3;
-    let topic_end = header_len + 2 + topic_len;
-    let rest_at = if qos > 0 { topic_end + 2 } else { topic_end };
-    let (Some(topic_field), Some(rest)) = (frame.get(header_len..topic_end), frame.get(rest_at..))
-    else {
-        return;
-    };
-    out.extend_from_slice(&[(byte1 & 0xf0) | u8::from(retain)]);
-    put_var_int(out, topic_field.len() + rest.len());
-    out.extend_from_slice(topic_field);
-    out.extend_from_slice(rest);
+    let _ = rewrite_publish(frame, header_len, v5, &edit, out);
 }
 
 /// Does the MQTT 5 PUBLISH `frame` carry properties (a property length over 0)?
@@ -529,14 +629,25 @@ pub fn has_properties(frame: &[u8], header_len: usize, topic_len: usize) -> bool
 
 /// Append a QoS 0 PUBLISH of `payload` to `topic` with no properties (MQTT 5: an empty
 /// property list) and the retain flag `retain`.
-pub fn bare_qos0_frame(v5: bool, topic: &[u8], payload: &[u8], retain: bool, out: &mut BytesMut) {
+pub fn bare_qos0_frame(
+    v5: bool,
+    topic: &[u8],
+    prefix: &[u8],
+    payload: &[u8],
+    retain: bool,
+    out: &mut BytesMut,
+) {
     out.extend_from_slice(&[0x30 | u8::from(retain)]);
-    put_var_int(out, 2 + topic.len() + usize::from(v5) + payload.len());
+    put_var_int(
+        out,
+        2 + topic.len() + usize::from(v5) + prefix.len() + payload.len(),
+    );
     out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     out.extend_from_slice(topic);
     if v5 {
         out.extend_from_slice(&[0]);
     }
+    out.extend_from_slice(prefix);
     out.extend_from_slice(payload);
 }
 
@@ -559,11 +670,11 @@ mod tests {
         none.truncate(7);
         assert!(!has_properties(&none, 2, 3), "truncated: none seen");
         let mut out = BytesMut::new();
-        bare_qos0_frame(true, b"a/b", b"x", true, &mut out);
+        bare_qos0_frame(true, b"a/b", b"", b"x", true, &mut out);
         assert_eq!(&out[..], &[0x31, 7, 0, 3, b'a', b'/', b'b', 0, b'x']);
         out.clear();
-        bare_qos0_frame(false, b"a/b", b"x", false, &mut out);
-        assert_eq!(&out[..], &[0x30, 6, 0, 3, b'a', b'/', b'b', b'x']);
+        bare_qos0_frame(false, b"a/b", b"s", b"x", false, &mut out);
+        assert_eq!(&out[..], &[0x30, 7, 0, 3, b'a', b'/', b'b', b's', b'x']);
     }
 
     #[test]
@@ -746,7 +857,15 @@ mod tests {
                 let _ = unsubscribe_filters(&b, hl, v5);
                 let _ = suback_refusal(&b, hl, v5, 0x80, rng.below(4));
                 let mut out = BytesMut::new();
-                qos0_frame(&b, hl, rng.below(8), v5, &mut out);
+                qos0_frame(&b, hl, v5, rng.below(2) == 0, b"stamp", &mut out);
+                let edit = Edit {
+                    qos: rng.below(3) as u8,
+                    skip: rng.below(12),
+                    topic: Some(b"t/x"),
+                    ..Edit::default()
+                };
+                let _ = rewrite_publish(&b, hl, v5, &edit, &mut out);
+                let _ = map_filters(&b, hl, v5, rng.below(2) == 0, |f| Some(f.to_vec()));
             }
         }
     }
@@ -880,7 +999,7 @@ mod tests {
                 assert_eq!(publish_pkid(&f, hl), Some(pkid));
             }
             let mut out = BytesMut::new();
-            qos0_frame(&f, hl, topic.len(), !retain, &mut out);
+            qos0_frame(&f, hl, v5, !retain, b"", &mut out);
             let (_, hl0, _) = parse_header(&out).unwrap().unwrap();
             let m0 = publish_meta(&out, hl0, v5).unwrap();
             assert_eq!(
@@ -888,6 +1007,51 @@ mod tests {
                 (&topic[..], 0, None, !retain, payload.len())
             );
             assert!(out.ends_with(&payload));
+            // Any edit (a QoS at most the frame's, another topic, a prefix added and taken off
+            // again) parses back as asked, with the properties (the alias) unchanged.
+            let new_qos = rng.below(usize::from(qos) + 1) as u8;
+            let other = rng.topic(20);
+            let new_topic = (rng.below(2) == 0).then_some(&other[..]);
+            let prefix = rng.topic(12);
+            let mut stamped = BytesMut::new();
+            let edit = Edit {
+                qos: new_qos,
+                retain,
+                topic: new_topic,
+                prefix: &prefix,
+                skip: 0,
+            };
+            rewrite_publish(&f, hl, v5, &edit, &mut stamped).unwrap();
+            let (_, hls, _) = parse_header(&stamped).unwrap().unwrap();
+            let unstamp = Edit {
+                qos: new_qos,
+                retain,
+                skip: prefix.len(),
+                ..Edit::default()
+            };
+            let mut back = BytesMut::new();
+            rewrite_publish(&stamped, hls, v5, &unstamp, &mut back).unwrap();
+            let (_, hlb, _) = parse_header(&back).unwrap().unwrap();
+            let mb = publish_meta(&back, hlb, v5).unwrap();
+            assert_eq!(
+                (
+                    mb.topic,
+                    mb.qos,
+                    mb.pkid,
+                    mb.retain,
+                    mb.alias,
+                    mb.payload_len
+                ),
+                (
+                    new_topic.unwrap_or(&topic[..]),
+                    new_qos,
+                    (new_qos > 0).then_some(pkid),
+                    retain,
+                    alias,
+                    payload.len()
+                )
+            );
+            assert!(back.ends_with(&payload));
 
             let filters: Vec<(Vec<u8>, u8)> = (0..1 + rng.below(4))
                 .map(|_| (rng.topic(12), rng.below(3) as u8))
@@ -917,6 +1081,25 @@ mod tests {
             assert_eq!(PacketType::of(b), Some(PacketType::Suback));
             assert_eq!(&refusal[hr..hr + 2], &pkid.to_be_bytes());
             assert_eq!(rl, 2 + usize::from(v5) + filters.len());
+            // Filters mapped (every other one prefixed) keep their order, options, packet id.
+            let map = |f: &[u8]| f.len().is_multiple_of(2).then(|| [b"p/", f].concat());
+            let mapped: Vec<Vec<u8>> = filters
+                .iter()
+                .map(|(t, _)| map(t).unwrap_or(t.clone()))
+                .collect();
+            let ms = map_filters(&s, hs, v5, true, map).unwrap();
+            let (_, hms, _) = parse_header(&ms).unwrap().unwrap();
+            let want: Vec<(&[u8], u8)> = mapped
+                .iter()
+                .zip(&filters)
+                .map(|(t, (_, o))| (&t[..], *o))
+                .collect();
+            assert_eq!(subscribe_filters(&ms, hms, v5).unwrap(), want);
+            assert_eq!(&ms[hms..hms + 2], &pkid.to_be_bytes());
+            let mu = map_filters(&u, hu, v5, false, map).unwrap();
+            let (_, hmu, _) = parse_header(&mu).unwrap().unwrap();
+            let want: Vec<&[u8]> = mapped.iter().map(|t| &t[..]).collect();
+            assert_eq!(unsubscribe_filters(&mu, hmu, v5).unwrap(), want);
         }
     }
 

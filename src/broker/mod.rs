@@ -119,7 +119,8 @@ pub fn rumqttd_settings(cfg: &BrokerConfig) -> (RouterConfig, ConnectionSettings
         // The guard already enforced broker.connection_timeout; the CONNECT it relays
         // arrives at once.
         connection_timeout_ms: cfg.connection_timeout.as_millis().min(u16::MAX as u128) as u16,
-        max_payload_size: cfg.max_payload_size,
+        // What the guard adds on the way in (stamp, `$` prefix) must fit too.
+        max_payload_size: cfg.max_payload_size + guard::RELAY_GROWTH,
         // rumqttd reads at most this many packets per batch from one connection.
         max_inflight_count: 100,
         auth: None,

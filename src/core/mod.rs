@@ -9,7 +9,8 @@
 //! - [`metrics`]: the metric registry and the drop reasons every stage counts by;
 //! - [`outlet`]: the one `pipeline.when_full` send-or-drop between stages;
 //! - [`bucket`]: the one token bucket (rate limits of the guard and the forwarder);
-//! - [`budget`]: byte budgets that bound what clients can make the gateway hold in memory.
+//! - [`budget`]: byte budgets that bound what clients can make the gateway hold in memory;
+//! - [`stamp`]: the publish QoS and origin every message in the embedded broker carries.
 
 pub mod ack;
 pub mod bucket;
@@ -19,4 +20,5 @@ pub mod event;
 pub mod metrics;
 pub mod outlet;
 pub mod reserved;
+pub mod stamp;
 pub mod topic;

@@ -30,7 +30,9 @@ use crate::broker::handoff::Publish;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::config::acl::Perms;
+use crate::core::stamp::Stamp;
 
+use super::delivery::{self, SharedSubscriptions};
 use super::flow::Flow;
 use super::limits::{check_client_id, check_topic_name, reserved_allowed, reserved_topic};
 use super::probe::{visit, ProbeError};
@@ -157,7 +159,7 @@ pub(super) async fn session<S: Io>(
             &"CONNECT with the reserved flag set",
         );
     }
-    let Some(Packet::Connect(mut connect, props, mut will, will_props, login)) =
+    let Some(Packet::Connect(mut connect, mut props, mut will, will_props, login)) =
         decode(v5, &mut frame, p.max_packet)
     else {
         return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be decoded");
@@ -420,6 +422,7 @@ pub(super) async fn session<S: Io>(
     // when it was made with clean session 0, so it gets 0 whenever the MQTT 5 session is to be
     // resumed or kept, and the guard ends it where MQTT 5 says: before the connect (clean start
     // 1 with an expiry), at the end of the connection (expiry 0), after the expiry (a timer).
+    let clean_start = connect.clean_session;
     if v5 && !(connect.clean_session && expiry == 0) {
         if connect.clean_session && assigned_id.is_none() {
             if let Err(e) = guard.end_session(target, v5, &client_id).await {
@@ -439,8 +442,34 @@ pub(super) async fn session<S: Io>(
         conn.expiry = Some(expiry);
     }
     let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
-    let flow = Flow::new(connect.keep_alive, props.as_ref(), internal_keep_alive);
+    let subscriptions =
+        guard.session_subscriptions(&client_id, clean_start, !connect.clean_session);
+    let flow = Flow::new(
+        connect.keep_alive,
+        props.as_ref(),
+        internal_keep_alive,
+        v5,
+        owner.max(1),
+        subscriptions,
+    );
     connect.keep_alive = internal_keep_alive;
+    // No topic aliases from rumqttd: the guard reads (and may change) the topic of every
+    // publish it forwards (`delivery`), which an alias would hide.
+    if let Some(p) = props.as_mut() {
+        p.topic_alias_max = None;
+    }
+    // The will is published by rumqttd: stamped and (a `$` topic) under the guard's prefix
+    // like every other publish.
+    if let Some(w) = will.as_mut() {
+        let stamp = Stamp {
+            qos: w.qos as u8,
+            origin: owner.max(1),
+        };
+        w.message = stamp.prepend(&w.message, w.retain).into();
+        if delivery::is_dollar(&w.topic) {
+            w.topic = delivery::to_router(&w.topic).into();
+        }
+    }
     // rumqttd 0.20 turns will properties into publish properties and panics writing those to
     // an MQTT 3.1.1 subscriber (its connection dies; see `Fanout::add_filter`). A will fires
     // later, to whoever has subscribed by then, so its properties (and the Will Delay
@@ -651,6 +680,26 @@ pub(super) struct Conn {
 }
 
 impl Guard {
+    /// The subscriptions of `client_id`'s session as the guard knows them (`delivery`): a
+    /// session rumqttd keeps after the connection (`kept`) shares them with its next
+    /// connection, unless that one starts clean; any other starts (and ends) with none.
+    pub(super) fn session_subscriptions(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        kept: bool,
+    ) -> SharedSubscriptions {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if client_id.is_empty() || !kept {
+            sessions.remove(client_id);
+            return SharedSubscriptions::default();
+        }
+        if clean_start {
+            sessions.remove(client_id);
+        }
+        sessions.entry(client_id.to_string()).or_default().clone()
+    }
+
     /// Forget a client id's turn once its gap has passed and no session holds or waits for it
     /// (the entry keeps the end time for the gap).
     pub(super) fn release_turn(self: &Arc<Guard>, client_id: String, turn: Option<Arc<Turn>>) {
@@ -677,6 +726,10 @@ impl Guard {
         client_id: &str,
     ) -> Result<(), ProbeError> {
         let who = format!("ending the session of {client_id:?}");
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id);
         visit(
             target,
             v5,

@@ -1,5 +1,7 @@
 //! [`Flow`]: keep alive, MQTT 5 Maximum Packet Size and Receive Maximum, enforced by the guard
-//! between the client and rumqttd (rumqttd ignores them). The invariants are on [`Flow`].
+//! between the client and rumqttd (rumqttd ignores them), and every forwarded message made what
+//! MQTT says the client gets (`delivery`: stamp removed, QoS lowered to the publish QoS, `$`
+//! topics, No Local). The invariants are on [`Flow`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,9 +10,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::broker::frame::{parse_header, publish_pkid, PacketType};
+use crate::broker::frame::{parse_header, publish_meta, rewrite_publish, Edit, PacketType};
 use crate::core::metrics::DropReason;
+use crate::core::stamp;
 
+use super::delivery::{self, SharedSubscriptions};
 use super::Guard;
 
 /// rumqttd 0.20's outgoing window: unacknowledged QoS 1/2 publishes it sends one connection
@@ -32,14 +36,21 @@ pub(super) const HELD_BYTES: usize = 256 * 1024;
 ///   in `subscriber_max_packet_size`) and acknowledged to rumqttd on the client's behalf (QoS 1:
 ///   PUBACK; QoS 2: PUBREC, then PUBCOMP for rumqttd's PUBREL), as if delivered (§3.1.2.11.4);
 /// - MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes beyond the client's quota wait here, in order,
-///   until it completes earlier ones (§4.9).
+///   until it completes earlier ones (§4.9);
+/// - every PUBLISH loses its stamp and gets the lower of its publish QoS and rumqttd's (the
+///   subscription's); the guard answers rumqttd for a delivery the client gets at QoS 0 (as for
+///   one withheld), and for one it gets at QoS 1 where rumqttd sent QoS 2 it turns the client's
+///   PUBACK into the PUBREC rumqttd waits for and answers rumqttd's PUBREL itself; a `$` topic
+///   or the client's own message (No Local) that the client's subscriptions do not take is
+///   withheld and answered by the guard (`delivery`).
 ///
 /// rumqttd takes acknowledgements only in the order it sent the publishes (one out of order
 /// closes the connection: `register_ack`/`register_pubcomp` in its `router/iobufs.rs`), so the
 /// guard keeps rumqttd's two queues of unfinished deliveries, `acks` (PUBACK/PUBREC due) and
 /// `comps` (PUBCOMP due), and sends its own acknowledgement only when every earlier one has been
-/// sent. Invariants: a packet the client gets is a whole packet rumqttd sent, unchanged and in
-/// rumqttd's order (QoS 0 may pass held ones, as MQTT allows); what is held or queued is
+/// sent. Invariants: a packet the client gets is a whole packet rumqttd sent, in rumqttd's
+/// order (QoS 0 may pass held ones, as MQTT allows), a PUBLISH changed only as `delivery`
+/// says; what is held or queued is
 /// bounded by rumqttd's outgoing window (100 unacknowledged publishes per connection); `state`
 /// is never locked across an await.
 pub(super) struct Flow {
@@ -56,6 +67,12 @@ pub(super) struct Flow {
     pub(super) state: Mutex<FlowState>,
     /// The client completed a publish while others were held.
     pub(super) released: tokio::sync::Notify,
+    /// MQTT 5 connection (PUBLISH properties).
+    pub(super) v5: bool,
+    /// This client in the stamps of its own publishes.
+    pub(super) origin: u64,
+    /// The client's subscriptions (its session's).
+    pub(super) subscriptions: SharedSubscriptions,
 }
 
 /// Who answers a delivery rumqttd is waiting on.
@@ -72,8 +89,8 @@ pub(super) enum Owner {
 #[derive(Default)]
 pub(super) struct FlowState {
     /// QoS 1/2 publishes rumqttd sent, whose PUBACK (QoS 1) / PUBREC (QoS 2) is due, in its
-    /// order: (packet id, QoS, who answers).
-    pub(super) acks: std::collections::VecDeque<(u16, u8, Owner)>,
+    /// order: (packet id, QoS, who answers, the QoS the client got it with).
+    pub(super) acks: std::collections::VecDeque<(u16, u8, Owner, u8)>,
     /// QoS 2 deliveries whose PUBCOMP is due, in rumqttd's order: (packet id, who answers, its
     /// PUBREL has come).
     pub(super) comps: std::collections::VecDeque<(u16, Owner, bool)>,
@@ -94,7 +111,7 @@ impl FlowState {
             let _ = ctl.send([byte1, 0x02, hi, lo]);
         };
         loop {
-            if let Some(&(id, qos, Owner::Guard)) = self.acks.front() {
+            if let Some(&(id, qos, Owner::Guard, _)) = self.acks.front() {
                 self.acks.pop_front();
                 if qos == 1 {
                     send(PacketType::Puback.byte1(), id);
@@ -119,6 +136,9 @@ impl Flow {
         keep_alive: u16,
         props: Option<&rumqttd::protocol::ConnectProperties>,
         internal_keep_alive: u16,
+        v5: bool,
+        origin: u64,
+        subscriptions: SharedSubscriptions,
     ) -> Flow {
         Flow {
             keep_alive,
@@ -133,12 +153,10 @@ impl Flow {
                 .filter(|&m| m < RUMQTTD_OUTGOING_WINDOW),
             state: Mutex::new(FlowState::default()),
             released: tokio::sync::Notify::new(),
+            v5,
+            origin,
+            subscriptions,
         }
-    }
-
-    /// Does the guard follow this connection's deliveries?
-    pub(super) fn tracks(&self) -> bool {
-        self.max_packet != usize::MAX || self.receive_max.is_some()
     }
 
     pub(super) fn holds(&self) -> bool {
@@ -163,9 +181,6 @@ impl Flow {
         guard: &Guard,
         peer: SocketAddr,
     ) -> BytesMut {
-        if self.own_pings.load(Ordering::SeqCst) == 0 && !self.tracks() {
-            return chunk;
-        }
         let mut st = self.state();
         let mut out = BytesMut::with_capacity(chunk.len());
         let mut at = 0;
@@ -187,29 +202,66 @@ impl Flow {
                         continue;
                     }
                 }
-                Some(PacketType::Publish) if self.tracks() => {
-                    let qos = (byte1 >> 1) & 3;
-                    let pkid = (qos > 0).then(|| publish_pkid(f, hl)).flatten();
-                    let too_large = f.len() > self.max_packet;
+                Some(PacketType::Publish) => {
+                    let Some(meta) = publish_meta(f, hl, self.v5) else {
+                        // Not one the guard can read: as rumqttd sent it.
+                        out.extend_from_slice(f);
+                        continue;
+                    };
+                    let qos = meta.qos;
+                    let payload = &f[f.len() - meta.payload_len..];
+                    let (stamp, skip) = match stamp::split(payload) {
+                        Some((s, _)) => (s, stamp::LEN),
+                        None => (
+                            stamp::Stamp {
+                                qos,
+                                origin: stamp::GATEWAY,
+                            },
+                            0,
+                        ),
+                    };
+                    let dollar = delivery::from_router(meta.topic);
+                    let own = stamp.origin == self.origin && stamp.origin != stamp::GATEWAY;
+                    let wanted = self
+                        .subscriptions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .wants(dollar.unwrap_or(meta.topic), own);
+                    let client_qos = stamp.qos.min(qos);
+                    // Written straight into `out` (no copy per message), taken back out when
+                    // it is withheld or held.
+                    let start = out.len();
+                    let edit = Edit {
+                        qos: client_qos,
+                        retain: meta.retain,
+                        topic: dollar,
+                        prefix: b"",
+                        skip,
+                    };
+                    if rewrite_publish(f, hl, self.v5, &edit, &mut out).is_none() {
+                        out.extend_from_slice(f);
+                    }
+                    let len = out.len() - start;
+                    let too_large = wanted && len > self.max_packet;
                     if too_large {
                         guard.metrics.drop_events(
                             DropReason::SubscriberMaxPacket,
                             1,
                             &format_args!(
-                                "a {} byte QoS {qos} message for {peer}, whose MQTT 5 Maximum Packet Size is {}",
-                                f.len(),
+                                "a {len} byte QoS {client_qos} message for {peer}, whose MQTT 5 Maximum Packet Size is {}",
                                 self.max_packet
                             ),
                         );
                     }
-                    let Some(id) = pkid else {
-                        if too_large {
-                            continue;
-                        }
-                        out.extend_from_slice(f);
+                    let withheld = !wanted || too_large;
+                    if withheld {
+                        out.truncate(start);
+                    }
+                    let Some(id) = meta.pkid else {
                         continue;
                     };
-                    let owner = if too_large {
+                    let owner = if withheld || client_qos == 0 {
+                        // Not the client's to answer (withheld, or delivered at QoS 0).
                         Owner::Guard
                     } else if self
                         .receive_max
@@ -219,21 +271,19 @@ impl Flow {
                     } else {
                         Owner::Client
                     };
-                    st.acks.push_back((id, qos, owner));
+                    st.acks.push_back((id, qos, owner, client_qos));
                     match owner {
                         Owner::Guard => st.settle(ctl),
                         Owner::Held => {
-                            st.held_bytes += f.len();
-                            st.held.push_back(BytesMut::from(f));
+                            let g = out.split_off(start);
+                            st.held_bytes += g.len();
+                            st.held.push_back(g);
                         }
-                        Owner::Client => {
-                            st.in_flight += 1;
-                            out.extend_from_slice(f);
-                        }
+                        Owner::Client => st.in_flight += 1,
                     }
                     continue;
                 }
-                Some(PacketType::Pubrel) if self.tracks() => {
+                Some(PacketType::Pubrel) => {
                     let id = f.get(hl..hl + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
                     let mine = id.and_then(|id| st.comps.iter().position(|c| c.0 == id));
                     match mine.map(|i| (i, st.comps[i].1)) {
@@ -280,23 +330,20 @@ impl Flow {
     }
 
     /// The client sent PUBACK (4), PUBREC (5) or PUBCOMP (7) with this `body` (after the fixed
-    /// header), which the relay passes on: the guard's own acknowledgements next in line follow
-    /// it (through `ctl`, written after it), and a completed delivery frees a place of the
-    /// client's Receive Maximum.
+    /// header), which the relay passes on, or what it returns in its place (the PUBREC rumqttd
+    /// waits for, where the client got at QoS 1 what rumqttd sent at QoS 2): the guard's own
+    /// acknowledgements next in line follow it (through `ctl`, written after it), and a
+    /// completed delivery frees a place of the client's Receive Maximum.
     pub(super) fn client_acked(
         &self,
         kind: PacketType,
         body: &[u8],
         ctl: &tokio::sync::mpsc::UnboundedSender<[u8; 4]>,
-    ) {
-        if !self.tracks() {
-            return;
-        }
-        let Some(id) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-            return;
-        };
+    ) -> Option<[u8; 4]> {
+        let id = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]))?;
         let mut st = self.state();
         let before = st.in_flight;
+        let mut instead = None;
         if kind == PacketType::Pubcomp {
             if let Some(i) = st
                 .comps
@@ -311,9 +358,16 @@ impl Flow {
             .iter()
             .position(|a| a.0 == id && a.2 == Owner::Client)
         {
-            let qos = st.acks[i].1;
+            let (_, qos, _, client_qos) = st.acks[i];
             st.acks.remove(i);
-            if kind == PacketType::Pubrec && qos == 2 {
+            if kind == PacketType::Puback && qos == 2 && client_qos == 1 {
+                // Delivered as QoS 1: its PUBACK completes it for the client, and rumqttd gets
+                // the PUBREC it waits for; its PUBREL the guard answers.
+                let [hi, lo] = id.to_be_bytes();
+                instead = Some([PacketType::Pubrec.byte1(), 0x02, hi, lo]);
+                st.comps.push_back((id, Owner::Guard, false));
+                st.in_flight = st.in_flight.saturating_sub(1);
+            } else if kind == PacketType::Pubrec && qos == 2 {
                 // rumqttd answers any PUBREC with a PUBREL and waits for the PUBCOMP.
                 st.comps.push_back((id, Owner::Client, false));
             } else {
@@ -326,5 +380,6 @@ impl Flow {
         if freed {
             self.released.notify_one();
         }
+        instead
     }
 }

@@ -18,7 +18,7 @@ use crate::broker::refusal::{Refusal, Refused};
 use crate::config::acl::Perms;
 use crate::core::reserved::OWN_PREFIX;
 
-use super::Guard;
+use super::{delivery, Guard};
 
 /// The gateway's own links and probe use these; a sensor that takes one would kick a link off.
 /// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)
@@ -101,15 +101,18 @@ pub fn check_topic_name(topic: &[u8]) -> Result<(), Refused> {
 }
 
 /// Topics sensors may not publish to unless an ACL pattern names them explicitly: the gateway's
-/// own namespace (its alerts and status live there; not readings) and
-/// `$` topics (reserved by MQTT for the server; they reach no reader of ours).
+/// own namespace (its alerts and status live there; not readings) and the broker's `$SYS`.
+/// Other `$` topics are open to clients like any topic (MQTT reserves them for server-specific
+/// use; they are never readings and never match `#` or `+` at the first level: `delivery`).
 pub fn reserved_topic(topic: &[u8]) -> bool {
-    topic.starts_with(OWN_PREFIX.as_bytes()) || topic.first() == Some(&b'$')
+    topic.starts_with(OWN_PREFIX.as_bytes()) || delivery::broker_topic(topic)
 }
 
-/// May a client with `perms` (no ACL: `None`) publish to the reserved `topic`?
+/// May a client with `perms` (no ACL: `None`) publish to the reserved `topic`? Never to where
+/// the guard keeps `$` topics inside rumqttd (`delivery::DOLLAR_PREFIX`).
 pub(super) fn reserved_allowed(perms: Option<&Perms>, topic: &[u8]) -> bool {
-    perms.is_some_and(|p| p.names_explicitly(&String::from_utf8_lossy(topic)))
+    delivery::from_router(topic).is_none()
+        && perms.is_some_and(|p| p.names_explicitly(&String::from_utf8_lossy(topic)))
 }
 
 /// Is `filter` a valid MQTT topic filter? (`#` only as the last whole level, `+` only as a

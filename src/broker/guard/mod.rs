@@ -29,7 +29,12 @@
 //!   MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry Interval), ignores the
 //!   client's Maximum Packet Size and Receive Maximum, and closes a link on an acknowledgement
 //!   out of order: the guard supplies each (see `Flow` and `session`), so that what a client
-//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take.
+//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take;
+//! - rumqttd delivers at the subscription's QoS whatever the publish QoS, cannot route `$`
+//!   topics at all and ignores No Local: every message the guard (or the gateway) puts into
+//!   rumqttd carries a [`crate::core::stamp`] (publish QoS, publishing client), `$` topics and
+//!   filters go in under a prefix, and the guard makes each forwarded message what MQTT says the
+//!   client gets (`delivery`).
 //!
 //! Everything refused is counted in `edgegate_broker_rejected_total{reason}` and logged
 //! (rate-limited). Nothing a client sent is dropped silently: a refused publish closes the
@@ -38,6 +43,7 @@
 //! Files: this one holds the [`Policy`], the shared [`Guard`] state and the accept loop;
 //! `connect.rs` a client's CONNECT, `relay.rs` the two pumps of an admitted connection,
 //! `flow.rs` what the guard enforces towards the client (keep alive, MQTT 5 flow control),
+//! `delivery.rs` which forwarded messages a client gets and how (QoS, `$` topics, No Local),
 //! `limits.rs` the budgets and name checks, `probe.rs` the liveness probe. The framing is
 //! [`crate::broker::frame`], the reasons for a refusal [`crate::broker::refusal`].
 
@@ -61,6 +67,7 @@ use crate::core::budget::Budget;
 use crate::core::metrics::Metrics;
 
 mod connect;
+mod delivery;
 mod flow;
 mod limits;
 mod probe;
@@ -72,6 +79,11 @@ use connect::{session, Turn};
 
 pub use limits::{check_client_id, check_topic_name, reserved_topic};
 pub use probe::{probe, ProbeError};
+
+/// Bytes the guard may add to a publish on its way into rumqttd (its stamp; a `$` topic's
+/// prefix): rumqttd's own packet limit is `broker.max_payload_size` plus this, or it would close
+/// the relay on the largest publishes a client may send.
+pub const RELAY_GROWTH: usize = crate::core::stamp::LEN + delivery::DOLLAR_PREFIX.len();
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
@@ -148,6 +160,10 @@ pub struct Guard {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     /// One live session per client id at rumqttd (see [`Turn`]).
     turns: Mutex<HashMap<String, Arc<Turn>>>,
+    /// The subscriptions of each session rumqttd keeps beyond its connection (clean session
+    /// 0), by client id (at most `broker.max_client_ids`): `delivery` needs them on every
+    /// connection of the session.
+    sessions: Mutex<HashMap<String, delivery::SharedSubscriptions>>,
     pub metrics: Arc<Metrics>,
     /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
     /// rumqttd acknowledges publishes itself). Taken away at shutdown.
@@ -260,6 +276,7 @@ impl Guard {
             retained: Mutex::new(RetainedBook::default()),
             per_address: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
             metrics,
             handoff: Mutex::new(None),
             internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),

@@ -21,17 +21,19 @@ use tokio::net::TcpStream;
 
 use crate::broker::fanout::Admit;
 use crate::broker::frame::{
-    bare_qos0_frame, complete_frames, disconnect_expiry, frame_of, has_properties, parse_header,
-    publish_meta, qos0_frame, read_frame, read_frame_within, suback_refusal, subscribe_filters,
-    unsubscribe_filters, FrameError, PacketType, PINGREQ,
+    bare_qos0_frame, complete_frames, disconnect_expiry, frame_of, has_properties, map_filters,
+    parse_header, publish_meta, qos0_frame, read_frame, read_frame_within, rewrite_publish,
+    suback_refusal, subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::core::bucket::TokenBucket;
 use crate::core::budget::Charge;
+use crate::core::stamp::Stamp;
 
 use super::connect::Conn;
+use super::delivery;
 use super::flow::Flow;
 use super::limits::{check_topic_name, reserved_allowed, reserved_topic, valid_filter};
 use super::{Guard, Io};
@@ -217,7 +219,7 @@ pub(super) async fn relay<S: Io>(
             heard = tokio::time::Instant::now();
             // `_held`: the packet's share of broker.max_buffered_bytes, kept while it is
             // (a publish waiting for room in the pipeline holds its bytes).
-            let (mut frame, _held) = match read {
+            let (frame, _held) = match read {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(FrameError::Io) | Err(FrameError::Unexpected(_)) => {
                     break 'frames None
@@ -279,7 +281,7 @@ pub(super) async fn relay<S: Io>(
                         break 'frames refuse(
                             Refusal::ReservedTopic,
                             &format_args!(
-                                "publish to {:?}: reserved for the gateway (edgegate/) or the broker ($); no broker.acl pattern names it",
+                                "publish to {:?}: reserved for the gateway (edgegate/) or the broker ($SYS); no broker.acl pattern names it",
                                 String::from_utf8_lossy(meta.topic)
                             ),
                         );
@@ -309,8 +311,9 @@ pub(super) async fn relay<S: Io>(
                 };
                 let bytes = topic.len() + meta.payload_len;
                 let mut keep_retain = meta.retain;
-                if meta.payload_len == 0 {
-                    // rumqttd drops a topic's retained message on any empty publish to it.
+                if meta.payload_len == 0 && meta.retain {
+                    // MQTT's way to clear a retained message (and rumqttd's: it clears on an
+                    // empty payload, which only such a publish is once stamped).
                     guard
                         .retained
                         .lock()
@@ -402,24 +405,57 @@ pub(super) async fn relay<S: Io>(
                             // writing them; `Fanout::add_filter`), nor a retained message a
                             // 3.1.1 client may subscribe to later.
                             let v3 = matches!(admit, Admit::Counted { v3: true });
+                            let stamp = Stamp { qos, origin: flow.origin }.prefix(meta.payload_len, keep_retain);
                             if v5
                                 && (v3 || keep_retain)
                                 && has_properties(&frame, header_len, meta.topic.len())
                             {
                                 guard.metrics.broker_properties_dropped.inc();
                                 let payload = &frame[payload_at..];
-                                bare_qos0_frame(v5, topic, payload, keep_retain, &mut iw.out);
+                                bare_qos0_frame(v5, topic, &stamp, payload, keep_retain, &mut iw.out);
                             } else {
-                                qos0_frame(&frame, header_len, meta.topic.len(), keep_retain, &mut iw.out)
+                                qos0_frame(&frame, header_len, v5, keep_retain, &stamp, &mut iw.out)
                             }
                         }
                         _ => {}
                     }
                     continue;
                 }
-                if !keep_retain {
-                    frame[0] &= !1;
+                // Not a reading (a `$` topic, or a broker without a pipeline): rumqttd gets it
+                // at its QoS and acknowledges it; stamped, a `$` topic under the guard's prefix.
+                let inside = delivery::is_dollar(topic).then(|| delivery::to_router(topic));
+                let admit = (keep_retain || guard.subscribed.load(Ordering::SeqCst)).then(|| {
+                    guard
+                        .fanout
+                        .admit(inside.as_deref().unwrap_or(topic), meta.payload_len)
+                });
+                if admit == Some(Admit::Refused) {
+                    // rumqttd would hold it for local subscribers beyond the budget, and
+                    // nothing else keeps it: not taken (no acknowledgement), like any refusal.
+                    break 'frames refuse(
+                        Refusal::FanoutLimit,
+                        &format_args!(
+                            "rumqttd's filter logs hold broker.max_fanout_bytes ({} bytes): publish to {:?} refused",
+                            p.fanout.2,
+                            String::from_utf8_lossy(topic)
+                        ),
+                    );
                 }
+                let edit = Edit {
+                    qos,
+                    retain: keep_retain,
+                    topic: inside.as_deref(),
+                    prefix: &Stamp {
+                        qos,
+                        origin: flow.origin,
+                    }
+                    .prefix(meta.payload_len, keep_retain),
+                    skip: 0,
+                };
+                if rewrite_publish(&frame, header_len, v5, &edit, &mut iw.out).is_none() {
+                    break 'frames refuse(Refusal::TopicInvalid, &"PUBLISH could not be relayed");
+                }
+                continue;
             } else if kind == PacketType::Subscribe {
                 if frame[0] & 0x0f != 0x02 {
                     break 'frames refuse(
@@ -513,12 +549,26 @@ pub(super) async fn relay<S: Io>(
                     }
                     continue;
                 }
-                for (f, _) in &filters {
-                    conn.subscriptions.insert(f.to_vec());
-                    guard.fanout.add_filter(f, !v5);
+                {
+                    let mut subs = flow.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+                    for (f, o) in &filters {
+                        conn.subscriptions.insert(f.to_vec());
+                        // MQTT 5 option bit 2: No Local.
+                        subs.subscribe(f, v5 && o & 0x04 != 0);
+                        match delivery::is_dollar(f) {
+                            true => guard.fanout.add_filter(&delivery::to_router(f), !v5),
+                            false => guard.fanout.add_filter(f, !v5),
+                        }
+                    }
                 }
                 // Before the SUBSCRIBE goes on: publishes read this flag after it.
                 guard.subscribed.store(true, Ordering::SeqCst);
+                let dollar = filters.iter().any(|(f, _)| delivery::is_dollar(f));
+                if dollar && !relay_filters_inside(&frame, header_len, v5, true, &mut iw.out) {
+                    break 'frames refuse(Refusal::Malformed, &"SUBSCRIBE could not be relayed");
+                } else if dollar {
+                    continue;
+                }
             } else if kind == PacketType::Pubrel {
                 // PUBREL of a QoS 2 reading the guard acknowledged itself: PUBCOMP from here
                 // (rumqttd never saw it as QoS 2).
@@ -543,11 +593,26 @@ pub(super) async fn relay<S: Io>(
                 PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp
             ) {
                 // The client's PUBACK / PUBREC / PUBCOMP: its Receive Maximum quota.
-                flow.client_acked(kind, &frame[header_len..], &ctl_tx);
+                if let Some(instead) = flow.client_acked(kind, &frame[header_len..], &ctl_tx) {
+                    iw.out.extend_from_slice(&instead);
+                    continue;
+                }
             } else if kind == PacketType::Unsubscribe {
                 if let Some(filters) = unsubscribe_filters(&frame, header_len, v5) {
-                    for f in filters {
-                        conn.subscriptions.remove(f);
+                    let mut subs = flow.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+                    for f in &filters {
+                        conn.subscriptions.remove(*f);
+                        subs.unsubscribe(f);
+                    }
+                    drop(subs);
+                    let dollar = filters.iter().any(|f| delivery::is_dollar(f));
+                    if dollar && !relay_filters_inside(&frame, header_len, v5, false, &mut iw.out) {
+                        break 'frames refuse(
+                            Refusal::Malformed,
+                            &"UNSUBSCRIBE could not be relayed",
+                        );
+                    } else if dollar {
+                        continue;
                     }
                 }
             } else if kind == PacketType::Disconnect {
@@ -705,6 +770,25 @@ pub(super) async fn relay<S: Io>(
     guard.will_fires(conn).await;
     let _ = to_broker.w.shutdown().await;
     let _ = cw.shutdown().await;
+}
+
+/// Append to `out` the SUBSCRIBE (`options`) or UNSUBSCRIBE `frame` as rumqttd gets it: its
+/// `$` filters under the guard's prefix (`delivery`). False when it does not parse.
+fn relay_filters_inside(
+    frame: &[u8],
+    header_len: usize,
+    v5: bool,
+    options: bool,
+    out: &mut BytesMut,
+) -> bool {
+    let inside = |f: &[u8]| delivery::is_dollar(f).then(|| delivery::to_router(f));
+    match map_filters(frame, header_len, v5, options, inside) {
+        Some(mapped) => {
+            out.extend_from_slice(&mapped);
+            true
+        }
+        None => false,
+    }
 }
 
 impl Guard {

@@ -139,6 +139,10 @@ fn topic_names_and_filters() {
         );
     }
     assert!(reserved_topic(b"edgegate/x") && reserved_topic(b"$SYS/x"));
+    assert!(
+        !reserved_topic(b"$app/x"),
+        "other $ topics are open to clients"
+    );
     assert!(!reserved_topic(b"edgegatex/y"));
     for good in [&b"a/+/b"[..], b"#", b"+", b"a/#", b"$share/g/a/+"] {
         assert!(valid_filter(good), "{good:?}");
