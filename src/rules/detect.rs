@@ -16,7 +16,8 @@
 //! recently?": each surprise feature is compared with its own recent maximum (an
 //! extreme-value baseline that learns each series' normal bursts, cycles and tails), and
 //! separately with a noise floor in robust sigmas. An ensemble: the reading's score is the
-//! largest of five such feature scores (jump, shift, drift, time of day, seasonal drift).
+//! largest of six such feature scores (jump, shift, drift, slow drift, time of day, seasonal
+//! drift).
 //!
 //! ## Memory: weekly patterns (see `HeldMax`)
 //! The maxima of the shift, drift and seasonal features are held, not decayed: a value is
@@ -31,9 +32,13 @@
 //! slot has been seen on 3 days. A pump running at 3 a.m. when it never did, or not stopping at
 //! its usual hour, is out of season though every reading is one it has shown before. The mean
 //! of the last ~20 residuals from that profile (the seasonal drift) catches a small shift that
-//! lasts (2 sigma) under a daily cycle, where every reading is within the usual range. Bounded:
-//! 276 bytes on the heap per outlier detector (with the weekday jumps), allocated with its
-//! first reading.
+//! lasts (2 sigma) under a daily cycle, where every reading is within the usual range; it
+//! learns its maximum from 2 days after the profile first scores (the profile's first days are
+//! transients) and scores from 4 days. Both time-of-day features score only while the profile
+//! explains some of the sensor's deviation (the mean absolute residual from the profile is
+//! below the mean absolute deviation from the baseline): on a series without a daily cycle (a
+//! random walk, bursts at random hours) a profile fits noise. Bounded: 280 bytes on the heap per
+//! outlier detector (with the weekday jumps), allocated with its first reading.
 //!
 //! ## Flatline: stuck relative to the sensor's own habits
 //! A value that stays put is "stuck" only if the sensor used to move: it must have changed at
@@ -82,8 +87,19 @@ const LONG: f64 = 0.005;
 const DRIFT_RATIO_SHARE: f64 = 0.7;
 /// The seasonal drift feature's novelty ratio is `1 + SDRIFT_RATIO_SHARE · (ratio - 1)`.
 const SDRIFT_RATIO_SHARE: f64 = 0.1;
-/// Seconds the seasonal drift feature learns its maximum before it scores.
-const SDRIFT_MATURE: f64 = 2.0 * 86_400.0;
+/// Seconds after the profile first scores when the seasonal drift feature's maximum starts to
+/// learn, and when the feature scores. The profile's first days are transients (each slot
+/// averages its visits, the first ones from a baseline still settling): a maximum learnt then
+/// hid a 3-sigma shift for two weeks. (Generated sets: learning from 0, 1, 2, 3 days and
+/// scoring from 2, 3, 4, 5 summed 896, 897, 906, 891 over 11 development sets.)
+const SDRIFT_LEARN: f64 = 2.0 * 86_400.0;
+const SDRIFT_MATURE: f64 = 4.0 * 86_400.0;
+/// Smoothing of the slow drift feature's medium mean and long baseline.
+const SLOW_MEDIUM: f64 = 0.03;
+const SLOW_LONG: f64 = 0.003;
+/// Noise floor of the slow drift feature, in robust sigmas. (Development sets: 0.5, 0.7, 1.0
+/// summed 897, 896, 880; means over 50/500 and 100/1000 readings 885, 880.)
+const SLOW_FLOOR: f64 = 0.7;
 /// A weekday's largest jump fades to this share each week (see `Season::weekday_jump`).
 const WEEK_FADE: f32 = 0.7;
 /// Clipping of the drift features' inputs, in robust sigmas.
@@ -128,7 +144,7 @@ fn squash(q: f64) -> f64 {
     }
 }
 
-/// Outlier detector state (248 bytes, and the 276-byte [`Season`] profile on the heap).
+/// Outlier detector state (232 bytes, and the 280-byte [`Season`] profile on the heap).
 ///
 /// Features of reading `x` at time `t` (levels before the reading is taken in):
 /// - jump `j = |x - fast|`, `fast` an EWMA (0.3) of the readings: spikes, steps, noise bursts;
@@ -137,17 +153,21 @@ fn squash(q: f64) -> f64 {
 /// - drift `g = |medium' - long|`, EWMAs 0.05 and 0.005 (running means at first) of the
 ///   readings clipped to 8 sigma around `fast`: smaller shifts that last; novelty ratio
 ///   `1 + 0.7 (ratio - 1)`, noise floor 1 sigma;
+/// - slow drift `l = |medium_slow' - long_slow|`, EWMAs 0.03 and 0.003 of the same clipped
+///   readings: shifts of 1 to 2 sigma that last; same novelty ratio, noise floor 0.7 sigma;
 /// - season `e = |d - mean_h| / max(σ_h, σ, 0.1 · mean |d|)`, `d` the reading's deviation from a
 ///   long baseline (never re-anchored), `mean_h`, `σ_h` its profile in the reading's hour
 ///   (see [`Season`]); noise floor `threshold`; not scored while the value stays put;
 /// - seasonal drift `s = |EWMA_0.05(d - mean_h)|` (residuals clipped to 8 `σ_h`): a small shift
 ///   that lasts under a daily cycle; novelty ratio `1 + 0.1 (ratio - 1)`, noise floor `σ_h`;
-///   scored once the profile has scored for 2 days.
+///   its maximum learns once the profile has scored for 2 days, and it scores after 4;
+/// - the two time-of-day features score only while the profile's mean absolute residual is
+///   below `dev`, the mean absolute deviation from the long baseline (a daily cycle).
 ///
 /// Each feature `f` has a maximum `M` of its earlier values: the jump's decays (half-life
 /// `memory`, in time) and is at least the largest jump of the same weekday of earlier weeks;
-/// the others are held for one to two `memory`s (`HeldMax`), the drift features' taking
-/// values in by blocks of 32 readings. Score of a
+/// the others are held for one to two `memory`s (`HeldMax`, in `f32`), the drift features'
+/// taking values in by blocks of 32 readings. Score of a
 /// feature: `min(squash(f / (ratio · M)), squash(f / (threshold · σ)))`, with `σ` the robust
 /// spread of the jump feature; the reading's score is the larger of the two, and 0.5 or more
 /// starts an alert. Then `M` takes in `f` (softly, see `RISE`), so an event does not keep
@@ -173,8 +193,12 @@ pub struct Outlier {
     medium: f64,
     long: f64,
     drift_max: HeldMax,
+    /// Slow drift feature: slower medium mean and long baseline, maximum.
+    lmed: f64,
+    llong: f64,
+    ldrift_max: HeldMax,
     /// Seasonal feature: mean absolute deviation from the slow baseline, maximum, previous
-    /// value, and the hourly profile (allocated with the first reading, 276 bytes).
+    /// value, and the hourly profile (allocated with the first reading, 280 bytes).
     dev: f64,
     /// Long baseline of the seasonal feature, never re-anchored (a pump's start after a night
     /// off is what the profile must see).
@@ -197,15 +221,15 @@ pub struct Outlier {
 /// `RISE`). Invariant: all fields `>= 0`.
 #[derive(Debug, Clone, Copy, Default)]
 struct HeldMax {
-    cur: f64,
-    held: f64,
+    cur: f32,
+    held: f32,
     /// Largest value of the current block.
-    pend: f64,
+    pend: f32,
 }
 
 impl HeldMax {
     fn get(&self) -> f64 {
-        self.cur.max(self.held)
+        f64::from(self.cur.max(self.held))
     }
 
     fn roll(&mut self) {
@@ -217,14 +241,15 @@ impl HeldMax {
     /// readings joins the maximum at the block's end (reading `n` of a block of 1 joins before
     /// reading `n + 1` is scored), softly if it is above the current maximum `m`.
     fn take(&mut self, block: u32, n: u32, f: f64, m: f64) {
-        self.pend = self.pend.max(f);
+        self.pend = self.pend.max(f as f32);
         if n.is_multiple_of(block.max(1)) {
-            let v = if self.pend > m && m > 0.0 {
-                m + RISE * (self.pend - m)
+            let pend = f64::from(self.pend);
+            let v = if pend > m && m > 0.0 {
+                m + RISE * (pend - m)
             } else {
-                self.pend
+                pend
             };
-            self.cur = self.cur.max(v);
+            self.cur = self.cur.max(v as f32);
             self.pend = 0.0;
         }
     }
@@ -241,6 +266,9 @@ pub(crate) struct Season {
     visits: [u8; SLOTS],
     /// Slot of the previous reading.
     slot: u8,
+    /// Mean absolute residual of the scoring slots (EWMA, `SPREAD`): below the mean absolute
+    /// deviation from the baseline when the profile explains some of it.
+    resid_dev: f32,
     /// Largest jump of each day of the (UTC) week, Monday first: of the earlier weeks (fading
     /// by `WEEK_FADE` each week) and of this week; and the weekday of the previous reading.
     weekday_jump: [f32; 7],
@@ -280,6 +308,14 @@ impl Season {
         let resid = d - m;
         let spread = (s * MAD_TO_SIGMA).max(floor);
         let out = (self.visits[h] >= SEASON_DAYS).then_some((resid, spread));
+        if out.is_some() {
+            let r = resid.abs() as f32;
+            self.resid_dev += if self.resid_dev == 0.0 {
+                r
+            } else {
+                SPREAD as f32 * (r - self.resid_dev)
+            };
+        }
         // Time-weighted: a slot takes in about one hour per visit whatever the sampling rate.
         let w = (dt.min(SLOT_SECS / 4.0) / SLOT_SECS) / f64::from(self.visits[h].min(SEASON_SPAN));
         self.mean[h] += (w * resid) as f32;
@@ -307,11 +343,13 @@ impl Outlier {
         if self.n == 1 || after_flat {
             (self.fast, self.short, self.slow, self.last_t) = (x, x, x, t);
             (self.medium, self.long) = (x, x);
+            (self.lmed, self.llong) = (x, x);
             self.prev_jump = 0.0;
             for m in [
                 &mut self.shift_max,
                 &mut self.season_max,
                 &mut self.drift_max,
+                &mut self.ldrift_max,
                 &mut self.sdrift_max,
             ] {
                 m.pend = 0.0;
@@ -341,6 +379,7 @@ impl Outlier {
                 &mut self.shift_max,
                 &mut self.season_max,
                 &mut self.drift_max,
+                &mut self.ldrift_max,
                 &mut self.sdrift_max,
             ] {
                 m.roll();
@@ -386,10 +425,28 @@ impl Outlier {
         } else {
             squash(drift / (drift_ratio * m_drift)).min(squash(drift / sigma))
         };
+        // Slow drift: the same over longer means (~33 against ~330 readings) for a shift of 1 to
+        // 2 sigma that lasts: a longer mean has less noise, so a lower noise floor (0.7 sigma).
+        // Its peak comes later, but a 1.5-sigma shift passes the floor within a few dozen
+        // readings, where the drift's 20-reading mean barely reaches its own.
+        let lmed = self.lmed + running(SLOW_MEDIUM) * (xc - self.lmed);
+        let ldrift = (lmed - self.llong).abs();
+        let m_ldrift = self.ldrift_max.get();
+        let score_ldrift = if warming || m_ldrift <= 0.0 || sigma <= 0.0 {
+            0.0
+        } else {
+            squash(ldrift / (drift_ratio * m_ldrift)).min(squash(ldrift / (SLOW_FLOOR * sigma)))
+        };
         // Season: the deviation from the long baseline against this hour's usual one (not
         // while the value stays put: the flatline detector owns a stuck sensor).
         let d = x - self.base;
         let m_season = self.season_max.get();
+        // The time-of-day features score only where the profile explains some of the
+        // deviation (a daily cycle): on a random walk or bursts without one, it fits noise.
+        let cyclic = self
+            .season
+            .as_ref()
+            .is_some_and(|z| f64::from(z.resid_dev) < self.dev);
         let season = if s.seasonal {
             let floor = sigma.max(SEASON_FLOOR * self.dev);
             self.season
@@ -409,7 +466,7 @@ impl Outlier {
         };
         let scoring = !warming && self.same < FLAT_RESET;
         let score_season = match season {
-            Some(rs) if scoring && m_season > 0.0 => {
+            Some(rs) if scoring && m_season > 0.0 && cyclic => {
                 let f = sigmas(rs);
                 squash(f / (s.ratio * m_season)).min(squash(f / s.threshold))
             }
@@ -425,11 +482,14 @@ impl Outlier {
         let sdrift_mature = self
             .sdrift_since
             .is_some_and(|since| t - since >= SDRIFT_MATURE);
+        let sdrift_learn = self
+            .sdrift_since
+            .is_some_and(|since| t - since >= SDRIFT_LEARN);
         let resid = season.map_or(0.0, |(r, spread)| r.clamp(-CLIP * spread, CLIP * spread));
         let sdrift = self.sdrift + MEDIUM * (resid - self.sdrift);
         let m_sdrift = self.sdrift_max.get();
         let score_sdrift = match season {
-            Some((_, spread)) if scoring && sdrift_mature && m_sdrift > 0.0 => {
+            Some((_, spread)) if scoring && sdrift_mature && m_sdrift > 0.0 && cyclic => {
                 let f = sdrift.abs();
                 squash(f / (sdrift_ratio * m_sdrift)).min(squash(f / spread.max(f64::MIN_POSITIVE)))
             }
@@ -438,6 +498,7 @@ impl Outlier {
         let score = score_jump
             .max(score_shift)
             .max(score_drift)
+            .max(score_ldrift)
             .max(score_season)
             .max(score_sdrift);
         let alerting = score >= 0.5;
@@ -462,7 +523,12 @@ impl Outlier {
         // (Every reading while the series is young: its first cycle keeps setting records.)
         let block = if self.n <= SETTLE { 1 } else { BLOCK };
         self.drift_max.take(block, self.n, drift, m_drift);
-        self.sdrift_max.take(BLOCK, self.n, sdrift.abs(), m_sdrift);
+        self.ldrift_max.take(block, self.n, ldrift, m_ldrift);
+        self.lmed = lmed;
+        self.llong += running(SLOW_LONG) * (xc - self.llong);
+        if sdrift_learn {
+            self.sdrift_max.take(BLOCK, self.n, sdrift.abs(), m_sdrift);
+        }
         self.sdrift = sdrift;
         // The noise floor learns from clipped jumps (an outlier moves it by at most 4 sigma).
         let clipped = if sigma > 0.0 {
