@@ -24,6 +24,9 @@ defaults and no reachable upstream:
     bench/memory-probe.py bigidle    $PID 900 250000     # 900 connections send one 250 KB publish, then idle
     bench/memory-probe.py bigidlesub $PID 900 250000     # the same with a subscriber to sensors/#
     bench/memory-probe.py fastsubs   $PID 40 250000 400  # 40 subscribers that read a burst of 400 x 250 KB
+    PORT=23885 bench/memory-probe.py aliases $PID 200 4096 500  # 200 MQTT 5 clients, 4,096 topic aliases of 500 B each
+
+(`aliases` needs `listen_v5 = "127.0.0.1:23885"` under [broker] and `max_topic_length = 1024`.)
 
 Restart the gateway between behaviours (VmHWM is the process's peak).
 """
@@ -120,3 +123,24 @@ if mode=="fastsubs":
     p=connect("fastpub","127.0.3.2"); pay=b"q"*size
     for k in range(count): p.sendall(publish(f"big/{k%10}", pay))
     time.sleep(10); print("received MB", got[0]>>20); hwm(gpid)
+if mode=="aliases":
+    # MQTT 5 clients that each set `k` topic aliases (QoS 0 publishes, empty payload) on
+    # topics of `length` bytes (the same topics for every client), then stay connected.
+    n=int(sys.argv[3]); k=int(sys.argv[4]); length=int(sys.argv[5])
+    def connect5(cid, addr):
+        s=socket.socket(); s.bind((addr,0)); s.connect(("127.0.0.1",PORT))
+        vh=b"\x00\x04MQTT\x05\x02\x00\x3c\x00"; p=struct.pack(">H",len(cid))+cid.encode()
+        s.sendall(b"\x10"+rl(len(vh)+len(p))+vh+p); s.recv(64); return s
+    topics=[(f"sensors/alias/{j}/".encode()+b"a"*length)[:length] for j in range(k)]
+    socks=[]
+    for i in range(n):
+        try:
+            s=connect5(f"alias{i}", f"127.0.7.{1+i//90}")
+            batch=b""
+            for j,t in enumerate(topics):
+                body=struct.pack(">H",len(t))+t+b"\x03\x23"+struct.pack(">H",j+1)+b"v"
+                batch+=b"\x30"+rl(len(body))+body
+                if len(batch)>1<<16: s.sendall(batch); batch=b""
+            s.sendall(batch); socks.append(s)
+        except Exception as e: print("conn",i,e); break
+    print("holding",len(socks)); time.sleep(8); hwm(gpid)

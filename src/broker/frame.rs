@@ -296,10 +296,31 @@ pub fn frame_of(byte1: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// rumqttd's MQTT 5 CONNACK `frame`, when it accepted the connection, with an Assigned Client
-/// Identifier property (0x12) `id` added (rumqttd's own decoder cannot read a CONNACK: it
-/// panics, failure mode 3, so the guard edits the bytes).
-pub fn connack_assigning(frame: &[u8], id: &str) -> Option<Vec<u8>> {
+/// Length of the value of the MQTT 5 property `id` at the start of `rest` (after its id byte);
+/// `None` for an unknown id or a truncated value.
+fn property_len(id: u8, rest: &[u8]) -> Option<usize> {
+    let string = |r: &[u8]| prop_string_len(r);
+    Some(match id {
+        0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+        0x13 | 0x21 | 0x22 | 0x23 => 2,
+        0x02 | 0x11 | 0x18 | 0x27 => 4,
+        0x0b => var_int(rest).ok()??.0,
+        0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a | 0x1c | 0x1f => string(rest)?,
+        0x26 => {
+            let k = string(rest)?;
+            k + string(rest.get(k..)?)?
+        }
+        _ => return None,
+    })
+    .filter(|&n| n <= rest.len())
+}
+
+/// rumqttd's MQTT 5 CONNACK `frame`, when it accepted the connection, as the client gets it:
+/// Topic Alias Maximum `alias_max` (0: none; rumqttd says 4096) and, for an id the guard
+/// assigned, an Assigned Client Identifier (rumqttd's own decoder cannot read a CONNACK: it
+/// panics, failure mode 3, so the guard edits the bytes). `None` for a refusal or a CONNACK
+/// that does not parse.
+pub fn connack_edited(frame: &[u8], assigned: Option<&str>, alias_max: u16) -> Option<Vec<u8>> {
     let (_, hl, rl) = parse_header(frame).ok()??;
     let body = frame.get(hl..hl + rl)?;
     let (flags, code) = (*body.first()?, *body.get(1)?);
@@ -307,10 +328,24 @@ pub fn connack_assigning(frame: &[u8], id: &str) -> Option<Vec<u8>> {
         return None;
     }
     let (n, plen) = var_int(body.get(2..)?).ok()??;
-    let mut props = body.get(2 + n..2 + n + plen)?.to_vec();
-    props.push(0x12);
-    props.extend_from_slice(&u16::try_from(id.len()).ok()?.to_be_bytes());
-    props.extend_from_slice(id.as_bytes());
+    let mut rest = body.get(2 + n..2 + n + plen)?;
+    let mut props = Vec::with_capacity(plen + 8);
+    while let Some((&id, value)) = rest.split_first() {
+        let len = property_len(id, value)?;
+        if id != 0x22 {
+            props.extend_from_slice(&rest[..1 + len]);
+        }
+        rest = &value[len..];
+    }
+    if alias_max > 0 {
+        props.push(0x22);
+        props.extend_from_slice(&alias_max.to_be_bytes());
+    }
+    if let Some(id) = assigned {
+        props.push(0x12);
+        props.extend_from_slice(&u16::try_from(id.len()).ok()?.to_be_bytes());
+        props.extend_from_slice(id.as_bytes());
+    }
     let mut out = vec![flags, code];
     put_var_int(&mut out, props.len());
     out.extend_from_slice(&props);
@@ -741,14 +776,24 @@ mod tests {
         assert_eq!(disconnect_expiry(&[0x00, 5, 0x11, 0, 0]), None);
         assert_eq!(disconnect_expiry(&[0x00, 2, 0x23, 0]), None);
 
-        // rumqttd's CONNACK with Topic Alias Maximum 4096: the assigned id goes after it.
+        // rumqttd's CONNACK with Topic Alias Maximum 4096: the guard's maximum in its place,
+        // and the assigned id after it; other properties kept.
         let c = [0x20, 6, 0x00, 0x00, 3, 0x22, 0x10, 0x00];
         assert_eq!(
-            connack_assigning(&c, "ab").unwrap(),
-            vec![0x20, 11, 0x00, 0x00, 8, 0x22, 0x10, 0x00, 0x12, 0, 2, b'a', b'b']
+            connack_edited(&c, Some("ab"), 64).unwrap(),
+            vec![0x20, 11, 0x00, 0x00, 8, 0x22, 0x00, 0x40, 0x12, 0, 2, b'a', b'b']
         );
-        // A refusal is left alone.
-        assert!(connack_assigning(&[0x20, 3, 0x00, 0x85, 0], "ab").is_none());
+        let c = [
+            0x20, 10, 0x01, 0x00, 7, 0x24, 0x01, 0x22, 0x10, 0x00, 0x2a, 0x00,
+        ];
+        assert_eq!(
+            connack_edited(&c, None, 0).unwrap(),
+            vec![0x20, 7, 0x01, 0x00, 4, 0x24, 0x01, 0x2a, 0x00],
+            "no aliases: the property left out (0 is its default)"
+        );
+        // A refusal is left alone; an unknown property is not guessed at.
+        assert!(connack_edited(&[0x20, 3, 0x00, 0x85, 0], Some("ab"), 64).is_none());
+        assert!(connack_edited(&[0x20, 5, 0x00, 0x00, 2, 0x7f, 0], None, 64).is_none());
     }
 
     #[test]
@@ -841,7 +886,7 @@ mod tests {
             let _ = var_int(&b);
             let _ = complete_frames(&b, 1 << 16, 1 << 16);
             let _ = disconnect_expiry(&b);
-            let _ = connack_assigning(&b, "id");
+            let _ = connack_edited(&b, Some("id"), 64);
             let hl = match parse_header(&b) {
                 Ok(Some((byte1, hl, _))) => {
                     let _ = PacketType::of(byte1).map(|t| (t.from_client(), t.byte1()));

@@ -150,6 +150,7 @@ impl Broker {
                 fanout: (cfg.segment_size, cfg.segment_count, cfg.max_fanout_bytes),
                 max_client_id_length: cfg.max_client_id_length,
                 max_topic_length: cfg.max_topic_length,
+                max_topic_aliases: cfg.max_topic_aliases,
                 max_topics: cfg.max_topics,
                 max_client_ids: cfg.max_client_ids,
                 max_publish_rate: cfg.max_publish_rate,

@@ -56,6 +56,7 @@ fn limits(b: &mut Table<'_, '_>) -> BrokerConfig {
         allow_anonymous: true,
         max_client_id_length: b.usize_in("max_client_id_length", 128, 1, 65535),
         max_topic_length: b.usize_in("max_topic_length", 512, 1, 65535),
+        max_topic_aliases: b.usize_in("max_topic_aliases", 64, 0, 4096) as u16,
         max_topics: b.usize_in("max_topics", 100_000, 1, 100_000_000),
         max_client_ids: b.usize_in("max_client_ids", 100_000, 1, 100_000_000),
         max_publish_rate: b.usize_in("max_publish_rate", 0, 0, 10_000_000) as u32,

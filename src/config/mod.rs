@@ -144,6 +144,8 @@ pub struct BrokerConfig {
     pub allow_anonymous: bool,
     pub max_client_id_length: usize,
     pub max_topic_length: usize,
+    /// MQTT 5 topic aliases one client may set (its CONNACK's Topic Alias Maximum).
+    pub max_topic_aliases: u16,
     /// Distinct publish topics and subscription filters the broker will ever hold state for.
     pub max_topics: usize,
     /// Distinct client ids the broker will ever hold state for.

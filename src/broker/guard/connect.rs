@@ -23,8 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::broker::frame::{
-    connack_assigning, decode, encode, parse_header, read_frame, read_frame_of, FrameError,
-    PacketType,
+    connack_edited, decode, encode, parse_header, read_frame, read_frame_of, FrameError, PacketType,
 };
 use crate::broker::handoff::Publish;
 use crate::broker::refusal::{Refusal, Refused};
@@ -537,11 +536,13 @@ pub(super) async fn session<S: Io>(
         Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
             // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
             will_charge.charge = None;
-            let f = match &assigned_id {
-                Some(id) => match connack_assigning(&f, id) {
-                    Some(c) => BytesMut::from(&c[..]),
-                    None => f,
-                },
+            // MQTT 5: the guard's Topic Alias Maximum (`broker.max_topic_aliases`), and the id
+            // it assigned.
+            let f = match v5
+                .then(|| connack_edited(&f, assigned_id.as_deref(), p.max_topic_aliases))
+                .flatten()
+            {
+                Some(c) => BytesMut::from(&c[..]),
                 None => f,
             };
             if client.write_all(&f).await.is_err() {

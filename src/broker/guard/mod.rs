@@ -111,6 +111,8 @@ pub struct Policy {
     pub fanout: (usize, usize, usize),
     pub max_client_id_length: usize,
     pub max_topic_length: usize,
+    /// MQTT 5 topic aliases per connection (the CONNACK's Topic Alias Maximum).
+    pub max_topic_aliases: u16,
     pub max_topics: usize,
     pub max_client_ids: usize,
     pub max_publish_rate: u32,

@@ -58,9 +58,6 @@ pub const PENDING_MAX: usize = 1 << 20;
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 pub(super) const COALESCE: usize = 64 * 1024;
 
-/// rumqttd 0.20's largest topic alias (`TOPIC_ALIAS_MAX`, advertised in its CONNACK).
-pub(super) const TOPIC_ALIAS_MAX: u16 = 4096;
-
 /// The guard's side of the internal connection to rumqttd, for one client.
 pub(super) struct ToBroker<'a> {
     pub(super) w: tokio::net::tcp::OwnedWriteHalf,
@@ -298,10 +295,14 @@ pub(super) async fn relay<S: Io>(
                         }
                     }
                     if let Some(a) = meta.alias {
-                        if a == 0 || a > TOPIC_ALIAS_MAX {
+                        // The CONNACK said `broker.max_topic_aliases` (MQTT 5 §3.3.2.3.4).
+                        let max = p.max_topic_aliases;
+                        if a == 0 || a > max {
                             break 'frames refuse(
                                 Refusal::TopicAlias,
-                                &format_args!("topic alias {a} outside 1..={TOPIC_ALIAS_MAX}"),
+                                &format_args!(
+                                    "topic alias {a} outside 1..={max} (broker.max_topic_aliases)"
+                                ),
                             );
                         }
                         conn.aliases

@@ -24,6 +24,7 @@ fn anonymous_guard() -> Arc<Guard> {
             fanout: (1 << 16, 4, 1 << 24),
             max_client_id_length: 64,
             max_topic_length: 256,
+            max_topic_aliases: 64,
             max_topics: 100,
             max_client_ids: 100,
             max_publish_rate: 0,
