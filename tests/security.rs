@@ -557,6 +557,80 @@ async fn fm5_distinct_topics_and_client_ids_are_bounded() {
     still_serving(&gw, &cloud, "fm5", "sensors/fm5/t", 2).await;
 }
 
+/// The sibling of fm5 through empty client ids: rumqttd gave each connection with an empty id
+/// a fresh one, so 20 such connections (one after another, as a device without an id that
+/// reconnects does) used up `broker.max_client_ids` = 20 and every new sensor was refused. The
+/// guard lends such clients ids from a pool as large as the most connected at once: 60 of them
+/// (3.1.1 and 5) leave the budget with room, each one's reading arrives, MQTT 5 clients get
+/// their Assigned Client Identifier, and a new sensor still gets in. An empty id MQTT 3.1.1
+/// refuses (clean session 0) is refused by the guard without taking an id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_client_ids_do_not_use_up_the_client_id_budget() {
+    let (_m, cloud, gw, _d) = setup(|c| {
+        c.broker.max_client_ids = 20;
+        c.broker.listen_v5 = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let guard = gw.broker().guard().clone();
+    for i in 0..60 {
+        let v5 = i % 2 == 1;
+        let addr = if v5 {
+            gw.broker_addr_v5.expect("v5")
+        } else {
+            gw.broker_addr
+        };
+        let (got, mut s) =
+            exchange(addr, &connect_packet(v5, "", None), Duration::from_secs(3)).await;
+        let connack = got.expect("CONNACK");
+        assert_eq!(
+            connack.get(3),
+            Some(&0),
+            "connection {i} accepted: {connack:02x?}"
+        );
+        if v5 {
+            let at = connack.windows(14).position(|w| w == b"edgegate-anon-");
+            assert!(
+                at.is_some_and(|at| at >= 3 && connack[at - 3] == 0x12),
+                "MQTT 5: an Assigned Client Identifier: {connack:02x?}"
+            );
+        }
+        s.write_all(&publish_packet(v5, &format!("sensors/anon/{i}"), 1, b"1"))
+            .await
+            .unwrap();
+        let (b1, _) = read_packet(&mut s).await.expect("PUBACK");
+        assert_eq!(b1, 0x40, "PUBACK for connection {i}");
+        s.write_all(&[0xe0, 0x00]).await.unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    }
+    assert!(
+        guard.client_ids_noted() <= 3,
+        "empty ids take at most the pool's size: {} noted",
+        guard.client_ids_noted()
+    );
+    assert!(
+        eventually(WAIT, || (0..60)
+            .all(|i| arrived(&cloud, &format!("sensors/anon/{i}")) == 1))
+        .await
+    );
+    // An empty id with clean session 0 (3.1.1): refused with 0x02, as MQTT says, and without
+    // taking an id of the budget either.
+    for _ in 0..30 {
+        let connect = frame(0x10, &[0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 30, 0, 0]);
+        let (got, _s) = exchange(gw.broker_addr, &connect, Duration::from_secs(3)).await;
+        assert_eq!(got.as_deref(), Some(&[0x20, 2, 0, 2][..]), "CONNACK 0x02");
+    }
+    assert!(guard.client_ids_noted() <= 3);
+    assert_eq!(
+        connack_code(gw.broker_addr, false, "new-sensor", None).await,
+        Some(0)
+    );
+    // Nobody may take a lent id.
+    assert_eq!(
+        connack_code(gw.broker_addr, false, "edgegate-anon-0", None).await,
+        Some(2)
+    );
+}
+
 /// Garbage, a truncated CONNECT, a slowloris CONNECT, an oversized publish: each refused and
 /// counted; a sensor publishing meanwhile loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

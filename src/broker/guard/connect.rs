@@ -164,6 +164,8 @@ pub(super) async fn session<S: Io>(
         return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be decoded");
     };
     let mut assigned_id = None;
+    // Held until the session has ended (dropped with this function's frame).
+    let mut _anon_lease: Option<AnonLease> = None;
     // MQTT 5 Session Expiry Interval (0: the session ends with the connection).
     let expiry = match (&props, v5) {
         (Some(p), true) => p.session_expiry_interval.unwrap_or(0),
@@ -272,12 +274,31 @@ pub(super) async fn session<S: Io>(
             connect.client_id = format!("auto-{}", uuid::Uuid::new_v4().simple());
             assigned_id = Some(connect.client_id.clone());
         }
-        // Empty client ids get a fresh id (and session state) from rumqttd each time.
-        let key = if connect.client_id.is_empty() {
-            uuid::Uuid::new_v4().as_bytes().to_vec()
-        } else {
-            connect.client_id.as_bytes().to_vec()
-        };
+        // An empty client id with a clean session gets one the guard lends for the
+        // connection's life (`AnonIds`): rumqttd keeps state per client id forever, so a fresh
+        // id per connection (rumqttd's own choice) used up broker.max_client_ids.
+        if connect.client_id.is_empty() && !connect.clean_session {
+            // Only MQTT 3.1.1 gets here (MQTT 5 got an id above): §3.1.3.1, CONNACK 0x02.
+            let reply = refuse(
+                &mut client,
+                v5,
+                &guard,
+                Refusal::ClientId,
+                peer,
+                &"empty client id with clean session 0",
+            );
+            return reply.await;
+        }
+        if connect.client_id.is_empty() {
+            let lease = guard.lend_anon_id();
+            connect.client_id = lease.id();
+            if v5 {
+                // MQTT 5 §3.2.2.3.7: an empty id gets its Assigned Client Identifier.
+                assigned_id = Some(connect.client_id.clone());
+            }
+            _anon_lease = Some(lease);
+        }
+        let key = connect.client_id.as_bytes().to_vec();
         if !guard.note(&guard.client_ids, &key, p.max_client_ids) {
             let reply = refuse(
                 &mut client,
@@ -614,6 +635,57 @@ pub(super) async fn session<S: Io>(
     }
     // After a takeover the relay was dropped before it could count the will.
     guard.will_fires(&mut conn).await;
+}
+
+/// The client ids the guard lends clients that connect with an empty one and a clean session
+/// (`edgegate-anon-N`, the lowest free N): at most as many as are connected at once, so
+/// rumqttd's per-client-id state and `broker.max_client_ids` stop growing with each such
+/// connection. An id goes back only when its session has ended; the next client to get it
+/// passes through the id's turn like any reconnecting client.
+#[derive(Default)]
+pub(super) struct AnonIds {
+    free: std::collections::BTreeSet<u32>,
+    next: u32,
+}
+
+/// One lent id, given back when dropped.
+pub(super) struct AnonLease {
+    guard: Arc<Guard>,
+    n: u32,
+}
+
+impl AnonLease {
+    pub(super) fn id(&self) -> String {
+        format!("{}{}", super::limits::ANON_PREFIX, self.n)
+    }
+}
+
+impl Drop for AnonLease {
+    fn drop(&mut self) {
+        let mut ids = self
+            .guard
+            .anon_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        ids.free.insert(self.n);
+    }
+}
+
+impl Guard {
+    pub(super) fn lend_anon_id(self: &Arc<Guard>) -> AnonLease {
+        let mut ids = self.anon_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let n = match ids.free.pop_first() {
+            Some(n) => n,
+            None => {
+                ids.next += 1;
+                ids.next - 1
+            }
+        };
+        AnonLease {
+            guard: self.clone(),
+            n,
+        }
+    }
 }
 
 /// A retained will charged to the retained book at CONNECT, taken back when the session is

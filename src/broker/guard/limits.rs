@@ -20,10 +20,18 @@ use crate::core::reserved::OWN_PREFIX;
 
 use super::{delivery, Guard};
 
-/// The gateway's own links and probe use these; a sensor that takes one would kick a link off.
+/// The gateway's own links and probe use these, and the ids the guard lends clients that sent
+/// an empty one (`connect::AnonIds`); a sensor that takes one would kick a link or a client off.
 /// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)
-pub(super) const RESERVED_IDS: [&str; 3] =
-    ["edgegate-rules-", "edgegate-status-", "edgegate-probe-"];
+pub(super) const RESERVED_IDS: [&str; 4] = [
+    "edgegate-rules-",
+    "edgegate-status-",
+    "edgegate-probe-",
+    ANON_PREFIX,
+];
+
+/// Prefix of the client ids lent to clients that connect with an empty one.
+pub(super) const ANON_PREFIX: &str = "edgegate-anon-";
 
 /// Counts an admitted connection (in all and for its source address) until dropped.
 pub(super) struct Admitted(pub(super) Arc<Guard>, pub(super) IpAddr);

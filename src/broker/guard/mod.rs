@@ -166,6 +166,8 @@ pub struct Guard {
     /// 0), by client id (at most `broker.max_client_ids`): `delivery` needs them on every
     /// connection of the session.
     sessions: Mutex<HashMap<String, delivery::SharedSubscriptions>>,
+    /// Client ids lent to clients that connect with an empty one (`connect::AnonIds`).
+    anon_ids: Mutex<connect::AnonIds>,
     pub metrics: Arc<Metrics>,
     /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
     /// rumqttd acknowledges publishes itself). Taken away at shutdown.
@@ -279,6 +281,7 @@ impl Guard {
             per_address: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            anon_ids: Mutex::new(connect::AnonIds::default()),
             metrics,
             handoff: Mutex::new(None),
             internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
