@@ -267,18 +267,14 @@ pub(super) async fn session<S: Io>(
             }
             _ => {}
         }
-        // MQTT 5 lets a client with an empty id have a session (clean start 0, or an expiry);
-        // rumqttd refuses clean start 0 (0x85) and discards a clean session at the end, so the
-        // guard assigns the id (returned in the CONNACK). Otherwise rumqttd assigns one.
-        if v5 && connect.client_id.is_empty() && (!connect.clean_session || expiry > 0) {
+        // MQTT 5 lets a client with an empty id have a session that outlives the connection
+        // (an expiry): the guard assigns it an id of its own (returned in the CONNACK).
+        if v5 && connect.client_id.is_empty() && expiry > 0 {
             connect.client_id = format!("auto-{}", uuid::Uuid::new_v4().simple());
             assigned_id = Some(connect.client_id.clone());
         }
-        // An empty client id with a clean session gets one the guard lends for the
-        // connection's life (`AnonIds`): rumqttd keeps state per client id forever, so a fresh
-        // id per connection (rumqttd's own choice) used up broker.max_client_ids.
-        if connect.client_id.is_empty() && !connect.clean_session {
-            // Only MQTT 3.1.1 gets here (MQTT 5 got an id above): §3.1.3.1, CONNACK 0x02.
+        if connect.client_id.is_empty() && !connect.clean_session && !v5 {
+            // MQTT 3.1.1 §3.1.3.1: CONNACK 0x02.
             let reply = refuse(
                 &mut client,
                 v5,
@@ -289,11 +285,14 @@ pub(super) async fn session<S: Io>(
             );
             return reply.await;
         }
+        // Any other empty client id (its session ends with the connection) gets one the guard
+        // lends for the connection's life (`AnonIds`): rumqttd keeps state per client id
+        // forever, so a fresh id per connection (rumqttd's own choice) used up
+        // broker.max_client_ids. MQTT 5 §3.2.2.3.7: it is the Assigned Client Identifier.
         if connect.client_id.is_empty() {
             let lease = guard.lend_anon_id();
             connect.client_id = lease.id();
             if v5 {
-                // MQTT 5 §3.2.2.3.7: an empty id gets its Assigned Client Identifier.
                 assigned_id = Some(connect.client_id.clone());
             }
             _anon_lease = Some(lease);
@@ -637,8 +636,9 @@ pub(super) async fn session<S: Io>(
     guard.will_fires(&mut conn).await;
 }
 
-/// The client ids the guard lends clients that connect with an empty one and a clean session
-/// (`edgegate-anon-N`, the lowest free N): at most as many as are connected at once, so
+/// The client ids the guard lends clients that connect with an empty one whose session ends with
+/// the connection (`edgegate-anon-N`, the lowest free N): at most as many as there are such
+/// sessions connected or ending at once, so
 /// rumqttd's per-client-id state and `broker.max_client_ids` stop growing with each such
 /// connection. An id goes back only when its session has ended; the next client to get it
 /// passes through the id's turn like any reconnecting client.
