@@ -76,6 +76,11 @@ impl Reader {
         tail.take(&mut self.cursor, limit)
     }
 
+    /// Are rows read ahead waiting to be handed out?
+    pub fn has_ahead(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+
     /// Where a read of the file starts.
     pub fn cursor(&self) -> Cursor {
         self.cursor
