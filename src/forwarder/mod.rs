@@ -236,7 +236,7 @@ impl<C: Connector> Forwarder<C> {
             let fresh = !caught_up && self.held.len() < MAX_HELD_BACK;
             if may_lease && (due || fresh) {
                 let rows = if due {
-                    let Ok(rows) = self.due_rows(reader.cursor(), allowed).await else {
+                    let Ok(rows) = self.due_rows(reader.passed(), allowed).await else {
                         break End::Shutdown;
                     };
                     rows

@@ -15,6 +15,11 @@
 //!   the next position, so the forwarder goes back to the file.
 //! - The forwarder may take from the tail only when its cursor for both classes is at or past
 //!   `start - 1`: then the file holds nothing for it that the tail does not.
+//! - A read of the file asks for more than the forwarder wants ([`READ_AHEAD`] events, up to
+//!   [`READ_AHEAD_BYTES`]): behind a backlog, each read is a trip through the busy writer
+//!   thread (it answers after its current commit), so a read per few dozen events held the
+//!   forwarder to a fraction of its speed. The rest waits in the reader, in order, and is handed
+//!   out before anything else; an alert committed meanwhile waits behind at most that much.
 
 use std::collections::VecDeque;
 
@@ -33,10 +38,21 @@ pub struct Reader {
     /// Caught up with the file at least once: the tail may answer from now on. (Before that
     /// the file holds what an earlier connection left unacknowledged, which the tail never has.)
     synced: bool,
+    /// Rows read from the file beyond what was asked for, handed out first, in order.
+    ahead: VecDeque<StoredEvent>,
+    /// Where the rows handed out end (`cursor` is where the file reads end: past `ahead`).
+    handed: Cursor,
 }
 
+/// Events a read of the file asks for at least (see the module doc).
+pub const READ_AHEAD: usize = 1024;
+/// ...as long as their envelopes stay within this many bytes (what was asked for comes whatever
+/// its size).
+pub const READ_AHEAD_BYTES: usize = 256 << 10;
+
 impl Reader {
-    /// Up to `limit` events from the tail, when it may and can answer; advances.
+    /// Up to `limit` events read ahead earlier or from the tail, when it may and can answer;
+    /// advances. `None`: the file must answer.
     pub fn from_tail(&mut self, tail: &mut Tail, limit: usize) -> Option<Vec<StoredEvent>> {
         if self.epoch != tail.epoch {
             // The file was replaced: start over at its head.
@@ -46,10 +62,23 @@ impl Reader {
             };
             return None;
         }
+        if !self.ahead.is_empty() {
+            let n = limit.min(self.ahead.len());
+            let rows: Vec<StoredEvent> = self.ahead.drain(..n).collect();
+            for row in &rows {
+                self.handed.advance(row);
+            }
+            return Some(rows);
+        }
         if !self.synced {
             return None;
         }
         tail.take(&mut self.cursor, limit)
+    }
+
+    /// Are rows read ahead waiting to be handed out?
+    pub fn has_ahead(&self) -> bool {
+        !self.ahead.is_empty()
     }
 
     /// Where a read of the file starts.
@@ -57,19 +86,36 @@ impl Reader {
         self.cursor
     }
 
-    /// The file answered `leased` to a read of up to `limit` events: advance past them. Fewer
-    /// than asked for means nothing up to the last commit is left for us in the file, so the
-    /// tail may answer from here on.
-    pub fn from_file(&mut self, leased: Leased, limit: usize) -> Vec<StoredEvent> {
+    /// Where the events handed out so far end (before the ones read ahead).
+    pub fn passed(&self) -> Cursor {
+        if self.ahead.is_empty() {
+            self.cursor
+        } else {
+            self.handed
+        }
+    }
+
+    /// The file answered `leased` to a read of up to `asked` events: advance past them and hand
+    /// out the first `limit`, keeping the rest. A complete answer means nothing up to the last
+    /// commit is left for us in the file, so the tail may answer once the rest is handed out.
+    pub fn from_file(&mut self, leased: Leased, asked: usize, limit: usize) -> Vec<StoredEvent> {
+        self.handed = self.cursor;
         for row in &leased.rows {
             self.cursor.advance(row);
         }
-        if let (true, Some(upto)) = (leased.rows.len() < limit, leased.upto) {
+        if let (true, Some(upto)) = (leased.complete(asked), leased.upto) {
             self.cursor.alert = self.cursor.alert.max(upto);
             self.cursor.telemetry = self.cursor.telemetry.max(upto);
             self.synced = true;
         }
-        leased.rows
+        let mut rows = leased.rows;
+        if rows.len() > limit {
+            self.ahead.extend(rows.drain(limit..));
+        }
+        for row in &rows {
+            self.handed.advance(row);
+        }
+        rows
     }
 }
 
@@ -237,8 +283,9 @@ mod tests {
         let leased = Leased {
             rows: vec![ev(1, Class::Telemetry)],
             upto: Some(1),
+            cut: false,
         };
-        assert_eq!(positions(&r.from_file(leased, 10)), vec![1]);
+        assert_eq!(positions(&r.from_file(leased, 10, 10)), vec![1]);
         t.push(ev(2, Class::Telemetry));
         assert_eq!(positions(&r.from_tail(&mut t, 10).unwrap()), vec![2]);
         // The file is replaced: the reader starts over at its head (cursor 0, not synced).
@@ -250,6 +297,43 @@ mod tests {
             r.from_tail(&mut t, 10).is_none(),
             "must catch up with the file first"
         );
+    }
+
+    #[test]
+    fn what_was_read_ahead_is_handed_out_first_and_only_it_counts_as_passed() {
+        let mut t = Tail::new(1, 100, 1 << 20);
+        let mut r = Reader::default();
+        let file: Vec<StoredEvent> = (1..=5).map(|p| ev(p, Class::Telemetry)).collect();
+        for e in &file {
+            t.push(e.clone());
+        }
+        // Asked for 8 (reading ahead), wanted 2: five came, so the file is caught up with.
+        let leased = Leased {
+            rows: file.clone(),
+            upto: Some(5),
+            cut: false,
+        };
+        assert_eq!(positions(&r.from_file(leased, 8, 2)), vec![1, 2]);
+        assert_eq!(r.cursor().telemetry, 5, "the file is read up to 5");
+        assert_eq!(r.passed().telemetry, 2, "only 1 and 2 were handed out");
+        t.push(ev(6, Class::Telemetry));
+        // What was read ahead goes before the tail's newer events.
+        assert_eq!(positions(&r.from_tail(&mut t, 2).unwrap()), vec![3, 4]);
+        assert_eq!(r.passed().telemetry, 4);
+        assert_eq!(positions(&r.from_tail(&mut t, 2).unwrap()), vec![5]);
+        assert_eq!(r.passed().telemetry, 5);
+        assert_eq!(positions(&r.from_tail(&mut t, 2).unwrap()), vec![6]);
+        // A read stopped at its byte bound is not caught up, however few rows it brought.
+        let mut r = Reader::default();
+        let leased = Leased {
+            rows: file[..3].to_vec(),
+            upto: Some(5),
+            cut: true,
+        };
+        assert_eq!(positions(&r.from_file(leased, 8, 1)), vec![1]);
+        assert_eq!(positions(&r.from_tail(&mut t, 5).unwrap()), vec![2, 3]);
+        assert!(r.from_tail(&mut t, 5).is_none(), "4 and 5 are in the file");
+        assert_eq!(r.cursor().telemetry, 3);
     }
 
     #[test]
@@ -348,6 +432,8 @@ mod tests {
             fn tail_and_file_together_deliver_everything_once_in_order(
                 ops in proptest::collection::vec(op(), 1..80),
                 cap in 0usize..6,
+                ahead in 0usize..6,
+                cut_at in 1usize..12,
             ) {
                 let mut tail = Tail::new(1, cap, 1 << 20);
                 let mut file: Vec<StoredEvent> = Vec::new();
@@ -358,11 +444,19 @@ mod tests {
                     let rows = match reader.from_tail(tail, limit) {
                         Some(rows) => rows,
                         None => {
+                            // Reading ahead, and sometimes stopped by the byte bound (after
+                            // `cut_at` rows, never before `limit`).
+                            let asked = limit + ahead;
+                            let mut rows = file_lease(file, reader.cursor(), asked);
+                            let keep = cut_at.max(limit);
+                            let cut = rows.len() > keep;
+                            rows.truncate(keep);
                             let leased = Leased {
-                                rows: file_lease(file, reader.cursor(), limit),
+                                rows,
                                 upto: Some(file.last().map(|e| e.pos).unwrap_or(0)),
+                                cut,
                             };
-                            reader.from_file(leased, limit)
+                            reader.from_file(leased, asked, limit)
                         }
                     };
                     let n = rows.len();

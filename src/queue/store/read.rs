@@ -11,6 +11,14 @@ use rusqlite::params;
 
 use super::{row_to_event, Cursor, Stats, Store, StoreError, StoredEvent};
 
+/// How far a bounded read may go (see [`Store::lease_bounded`]).
+struct Budget {
+    want: usize,
+    max_bytes: usize,
+    bytes: usize,
+    cut: bool,
+}
+
 /// Rows read per statement when paging through a table.
 pub(super) const PAGE: usize = 1000;
 
@@ -19,26 +27,47 @@ const SELECT_EVENT: &str = "SELECT pos, seq, class, time_us, subject, topic, bod
 impl Store {
     /// Up to `limit` events after `cursor`: alerts first, then telemetry, each in queue order.
     pub fn lease(&self, cursor: Cursor, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self.lease_bounded(cursor, limit, limit, usize::MAX)?.0)
+    }
+
+    /// Like [`Store::lease`], but past the first `want` events only while their envelopes
+    /// stay within `max_bytes` (a read ahead of what is needed must not hold large events in
+    /// memory). The flag: the read stopped at that bound.
+    pub fn lease_bounded(
+        &self,
+        cursor: Cursor,
+        want: usize,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredEvent>, bool), StoreError> {
         let mut out = Vec::with_capacity(limit.min(4096));
+        let mut budget = Budget {
+            want,
+            max_bytes,
+            bytes: 0,
+            cut: false,
+        };
         let alerts = format!("{SELECT_EVENT} WHERE class = 0 AND pos > ?1 ORDER BY pos LIMIT ?2");
         let telemetry =
             format!("{SELECT_EVENT} WHERE pos > ?1 AND class = 1 ORDER BY pos LIMIT ?2");
         if self.alerts > 0 {
-            self.select_into(
+            self.select_bounded(
                 &alerts,
                 params![cursor.alert as i64, limit as i64],
                 &mut out,
+                &mut budget,
             )?;
         }
-        if out.len() < limit {
+        if out.len() < limit && !budget.cut {
             let rest = limit - out.len();
-            self.select_into(
+            self.select_bounded(
                 &telemetry,
                 params![cursor.telemetry as i64, rest as i64],
                 &mut out,
+                &mut budget,
             )?;
         }
-        Ok(out)
+        Ok((out, budget.cut))
     }
 
     fn select_into(
@@ -47,10 +76,32 @@ impl Store {
         p: impl rusqlite::Params,
         out: &mut Vec<StoredEvent>,
     ) -> Result<(), StoreError> {
+        let mut unbounded = Budget {
+            want: usize::MAX,
+            max_bytes: usize::MAX,
+            bytes: 0,
+            cut: false,
+        };
+        self.select_bounded(sql, p, out, &mut unbounded)
+    }
+
+    fn select_bounded(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        out: &mut Vec<StoredEvent>,
+        budget: &mut Budget,
+    ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt.query_map(p, row_to_event).map_err(|e| self.err(e))?;
         for row in rows {
-            out.push(row.map_err(|e| self.err(e))?);
+            if out.len() >= budget.want && budget.bytes >= budget.max_bytes {
+                budget.cut = true;
+                break;
+            }
+            let row = row.map_err(|e| self.err(e))?;
+            budget.bytes = budget.bytes.saturating_add(row.body.len());
+            out.push(row);
         }
         Ok(())
     }

@@ -192,6 +192,38 @@ fn lease_gives_alerts_first_then_telemetry_in_order() {
 }
 
 #[test]
+fn a_bounded_lease_stops_past_what_was_wanted_at_its_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path(), Limits::default());
+    let mut t = s.begin().unwrap();
+    for n in ["a1", "t1", "t2", "t3", "t4"] {
+        let class = if n.starts_with('a') {
+            Class::Alert
+        } else {
+            Class::Telemetry
+        };
+        t.append(&ev(class, n), "src").unwrap();
+    }
+    t.commit().unwrap();
+    let names = |rows: Vec<StoredEvent>| rows.into_iter().map(|e| e.subject).collect::<Vec<_>>();
+    let one = s.lease(Cursor::default(), 1).unwrap()[0].body.len();
+    // What was wanted comes whatever its size; beyond it, only within the bound.
+    let (rows, cut) = s.lease_bounded(Cursor::default(), 2, 10, 1).unwrap();
+    assert_eq!((names(rows), cut), (vec!["a1".into(), "t1".into()], true));
+    let (rows, cut) = s.lease_bounded(Cursor::default(), 1, 10, 3 * one).unwrap();
+    assert_eq!(
+        (names(rows), cut),
+        (vec!["a1".into(), "t1".into(), "t2".into()], true)
+    );
+    // The bound met exactly at the end of the queue: nothing was left, not cut.
+    let (rows, cut) = s.lease_bounded(Cursor::default(), 1, 10, 5 * one).unwrap();
+    assert_eq!((rows.len(), cut), (5, false));
+    // An alert at the bound keeps the telemetry out (it comes with the next read).
+    let (rows, cut) = s.lease_bounded(Cursor::default(), 1, 10, 1).unwrap();
+    assert_eq!((names(rows), cut), (vec!["a1".to_string()], true));
+}
+
+#[test]
 fn drop_oldest_evicts_telemetry_before_alerts() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(
