@@ -632,6 +632,11 @@ async fn empty_client_ids_do_not_use_up_the_client_id_budget() {
         let (got, mut s) = exchange(addr, &connect, Duration::from_secs(3)).await;
         let connack = got.expect("CONNACK");
         assert_eq!(connack.get(3), Some(&0), "accepted: {connack:02x?}");
+        assert_eq!(
+            connack.get(2),
+            Some(&0),
+            "never a session left by an earlier borrower"
+        );
         s.write_all(&[0xe0, 0x00]).await.unwrap();
         assert!(closed_within(&mut s, Duration::from_secs(3)).await);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -292,6 +292,10 @@ pub(super) async fn session<S: Io>(
         if connect.client_id.is_empty() {
             let lease = guard.lend_anon_id();
             connect.client_id = lease.id();
+            // Nothing can be resumed under an id the client did not have, and the session ends
+            // with the connection: a clean one at rumqttd, so that no later borrower of the id
+            // could ever find a session left behind.
+            connect.clean_session = true;
             if v5 {
                 assigned_id = Some(connect.client_id.clone());
             }
