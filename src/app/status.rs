@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rumqttd::local::LinkTx;
 
-use crate::core::stamp::{self, Stamp};
+use crate::core::stamp;
 
 /// Where the gateway publishes its status (retained) on the local broker.
 pub const STATUS_TOPIC: &str = "edgegate/status";
@@ -102,11 +102,7 @@ impl StatusPublisher {
         let publish = rumqttd::protocol::Publish::new(
             STATUS_TOPIC.as_bytes().to_vec(),
             // Stamped like every message in the local broker (`core::stamp`).
-            Stamp {
-                qos: stamp::GATEWAY_QOS,
-                origin: stamp::GATEWAY,
-            }
-            .prepend(doc.to_string().as_bytes(), false),
+            stamp::OWN.prepend(doc.to_string().as_bytes(), false),
             false,
         );
         if let Err(e) = link

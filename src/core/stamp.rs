@@ -29,6 +29,12 @@ pub const GATEWAY: u64 = 0;
 /// asked for (min(2, granted) = granted), as before stamps existed.
 pub const GATEWAY_QOS: u8 = 2;
 
+/// The stamp of the gateway's own publishes (rules' alerts and `publish` actions, status).
+pub const OWN: Stamp = Stamp {
+    qos: GATEWAY_QOS,
+    origin: GATEWAY,
+};
+
 /// What a stamp says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {

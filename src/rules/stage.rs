@@ -19,7 +19,7 @@ use crate::core::ack::{Inbound, Ticket};
 use crate::core::event::{Reading, TYPE_ALERT};
 use crate::core::metrics::{AlertLabel, DropReason, Metrics, RuleLabel};
 use crate::core::outlet::Offered;
-use crate::core::stamp::{self, Stamp};
+use crate::core::stamp;
 use crate::queue::QueueHandle;
 
 use super::{Action, Disposition, Engine};
@@ -306,13 +306,9 @@ impl RulesStage {
                     // Bytes: kept for the message without copying the topic per publish.
                     let topic = Bytes::from(topic);
                     // Stamped like every message in the local broker (`core::stamp`).
-                    let stamp = Stamp {
-                        qos: stamp::GATEWAY_QOS,
-                        origin: stamp::GATEWAY,
-                    };
                     let sent = match &mut self.local {
                         Some(link) => link
-                            .try_publish(topic.clone(), stamp.prepend(&payload, false))
+                            .try_publish(topic.clone(), stamp::OWN.prepend(&payload, false))
                             .map_err(|e| e.to_string()),
                         None => Err("no local link".to_string()),
                     };

@@ -489,8 +489,8 @@ pub(super) async fn session<S: Io>(
             origin: owner.max(1),
         };
         w.message = stamp.prepend(&w.message, w.retain).into();
-        if delivery::is_dollar(&w.topic) {
-            w.topic = delivery::to_router(&w.topic).into();
+        if let Some(inside) = delivery::inside(&w.topic) {
+            w.topic = inside.into();
         }
     }
     // rumqttd 0.20 turns will properties into publish properties and panics writing those to
@@ -767,14 +767,13 @@ impl Guard {
         kept: bool,
     ) -> SharedSubscriptions {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if client_id.is_empty() || !kept {
-            sessions.remove(client_id);
-            return SharedSubscriptions::default();
-        }
-        if clean_start {
+        if clean_start || !kept {
             sessions.remove(client_id);
         }
-        sessions.entry(client_id.to_string()).or_default().clone()
+        match kept {
+            true => sessions.entry(client_id.to_string()).or_default().clone(),
+            false => SharedSubscriptions::default(),
+        }
     }
 
     /// Forget a client id's turn once its gap has passed and no session holds or waits for it

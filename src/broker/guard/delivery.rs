@@ -34,6 +34,12 @@ pub fn is_dollar(name: &[u8]) -> bool {
     name.first() == Some(&b'$') && !name.starts_with(b"$share/")
 }
 
+/// A topic name or filter as rumqttd gets it, when that differs from the client's: a `$` one
+/// under [`DOLLAR_PREFIX`].
+pub fn inside(name: &[u8]) -> Option<Vec<u8>> {
+    is_dollar(name).then(|| to_router(name))
+}
+
 /// A `$` topic name or filter as rumqttd gets it.
 pub fn to_router(name: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(DOLLAR_PREFIX.len() + name.len());

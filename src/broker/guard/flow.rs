@@ -222,11 +222,14 @@ impl Flow {
                     };
                     let dollar = delivery::from_router(meta.topic);
                     let own = stamp.origin == self.origin && stamp.origin != stamp::GATEWAY;
-                    let wanted = self
-                        .subscriptions
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .wants(dollar.unwrap_or(meta.topic), own);
+                    // Only a `$` topic or the client's own message can be unwanted: no lock and
+                    // no filter scan for the rest.
+                    let wanted = (dollar.is_none() && !own)
+                        || self
+                            .subscriptions
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .wants(dollar.unwrap_or(meta.topic), own);
                     let client_qos = stamp.qos.min(qos);
                     // Written straight into `out` (no copy per message), taken back out when
                     // it is withheld or held.

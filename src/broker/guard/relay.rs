@@ -424,7 +424,7 @@ pub(super) async fn relay<S: Io>(
                 }
                 // Not a reading (a `$` topic, or a broker without a pipeline): rumqttd gets it
                 // at its QoS and acknowledges it; stamped, a `$` topic under the guard's prefix.
-                let inside = delivery::is_dollar(topic).then(|| delivery::to_router(topic));
+                let inside = delivery::inside(topic);
                 let admit = (keep_retain || guard.subscribed.load(Ordering::SeqCst)).then(|| {
                     guard
                         .fanout
@@ -556,10 +556,8 @@ pub(super) async fn relay<S: Io>(
                         conn.subscriptions.insert(f.to_vec());
                         // MQTT 5 option bit 2: No Local.
                         subs.subscribe(f, v5 && o & 0x04 != 0);
-                        match delivery::is_dollar(f) {
-                            true => guard.fanout.add_filter(&delivery::to_router(f), !v5),
-                            false => guard.fanout.add_filter(f, !v5),
-                        }
+                        let inside = delivery::inside(f);
+                        guard.fanout.add_filter(inside.as_deref().unwrap_or(f), !v5);
                     }
                 }
                 // Before the SUBSCRIBE goes on: publishes read this flag after it.
@@ -782,8 +780,7 @@ fn relay_filters_inside(
     options: bool,
     out: &mut BytesMut,
 ) -> bool {
-    let inside = |f: &[u8]| delivery::is_dollar(f).then(|| delivery::to_router(f));
-    match map_filters(frame, header_len, v5, options, inside) {
+    match map_filters(frame, header_len, v5, options, delivery::inside) {
         Some(mapped) => {
             out.extend_from_slice(&mapped);
             true
