@@ -768,3 +768,52 @@ async fn the_largest_allowed_publish_still_reaches_subscribers() {
     assert!(got == want, "both delivered: {} of 2", got.len());
     gw.shutdown().await;
 }
+
+/// Found by trying the `$` topics from outside: an MQTT 5 retained publish with a user property
+/// on a `$` topic, then an MQTT 3.1.1 subscriber to `#` and `$app/#`. The `$` path kept the
+/// properties (only readings lost them), rumqttd hit `unreachable!` writing them to the 3.1.1
+/// client and its listener was poisoned until the probe restarted it. Now the properties are
+/// left out (counted) and the 3.1.1 client gets the message, once, through its `$` filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_on_dollar_topics_never_reach_a_311_subscriber() {
+    let (gw, _d) = gateway().await;
+    let addr5 = gw.broker_addr_v5.expect("v5 listener");
+    let (mut p, _) = accepted(addr5, &connect_with(true, "dprops-pub", 0x02, 30, &[])).await;
+    let mut b = Vec::new();
+    mqtt_str(&mut b, b"$app/r");
+    b.extend_from_slice(&[0, 1]);
+    let prop = [0x26, 0, 1, b'k', 0, 1, b'v'];
+    b.push(prop.len() as u8);
+    b.extend_from_slice(&prop);
+    b.extend_from_slice(b"kept");
+    p.write_all(&frame(0x33, &b)).await.unwrap();
+    assert_eq!(read_packet(&mut p).await.map(|p| p.0), Some(0x40), "PUBACK");
+    let (mut s, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "dprops-sub", 0x02, 30, &[]),
+    )
+    .await;
+    subscribed(&mut s, false, "#", 1).await;
+    s.write_all(&subscribe(false, 2, "$app/#", 1))
+        .await
+        .unwrap();
+    let got = receive_acking(&mut s, false, Duration::from_secs(2)).await;
+    // (The gateway's own status may arrive on `#` too.)
+    let kept = got.iter().filter(|p| p.as_slice() == b"kept").count();
+    assert_eq!(
+        kept, 1,
+        "the retained $ message, once, through $app/#: {got:?}"
+    );
+    assert!(gw
+        .metrics()
+        .render()
+        .contains("edgegate_broker_properties_dropped_total 1"));
+    // The listener still serves a new 3.1.1 client.
+    let (mut t, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "dprops-next", 0x02, 30, &[]),
+    )
+    .await;
+    subscribed(&mut t, false, "$app/#", 1).await;
+    gw.shutdown().await;
+}

@@ -12,7 +12,7 @@
 //! - [`read_frame`] returns whole packets only, each at most `max` bytes of remaining length,
 //!   and buffers at most one packet beyond what it returns; a remaining length is refused as
 //!   soon as its header is read, before its body is.
-//! - What is written ([`frame_of`], [`put_var_int`], [`qos0_frame`]) parses back to the same
+//! - What is written ([`frame_of`], [`put_var_int`], [`rewrite_publish`]) parses back to the same
 //!   header and body.
 //! - A packet is never re-encoded except where a function says so: the guard passes the bytes
 //!   it read on unchanged.
@@ -572,10 +572,13 @@ pub struct Edit<'a> {
     pub prefix: &'a [u8],
     /// Bytes taken off the front of the payload (a stamp being removed).
     pub skip: usize,
+    /// MQTT 5: leave every property out (an empty property list).
+    pub drop_properties: bool,
 }
 
 /// Append to `out` the PUBLISH `frame` (fixed header of `header_len` bytes) changed as `edit`
-/// says, MQTT 5 properties (`v5`) unchanged. `None`, with nothing appended, when the frame is
+/// says, MQTT 5 properties (`v5`) unchanged unless it drops them. `None`, with nothing
+/// appended, when the frame is
 /// not a PUBLISH that parses, has no packet id to keep, or is shorter than `edit.skip`.
 pub fn rewrite_publish(
     frame: &[u8],
@@ -602,7 +605,11 @@ pub fn rewrite_publish(
         let (n, plen) = var_int(frame.get(at..)?).ok()??;
         let p = frame.get(at..at + n + plen)?;
         at += n + plen;
-        p
+        if edit.drop_properties {
+            &[0][..]
+        } else {
+            p
+        }
     } else {
         &[]
     };
@@ -634,56 +641,12 @@ pub fn rewrite_publish(
     Some(())
 }
 
-/// Append to `out` the PUBLISH `frame` as QoS 0 (no packet id, no DUP), with the retain flag
-/// `retain` and `prefix` (the stamp) before its payload: how rumqttd gets a reading the guard
-/// acknowledges itself. Appends nothing for a frame that does not parse.
-pub fn qos0_frame(
-    frame: &[u8],
-    header_len: usize,
-    v5: bool,
-    retain: bool,
-    prefix: &[u8],
-    out: &mut BytesMut,
-) {
-    let edit = Edit {
-        qos: 0,
-        retain,
-        prefix,
-        ..Edit::default()
-    };
-    let _ = rewrite_publish(frame, header_len, v5, &edit, out);
-}
-
 /// Does the MQTT 5 PUBLISH `frame` carry properties (a property length over 0)?
 /// `topic_len`: the length of its topic name field.
 pub fn has_properties(frame: &[u8], header_len: usize, topic_len: usize) -> bool {
     let qos = frame.first().map_or(0, |b| (b >> 1) & 3);
     let at = header_len + 2 + topic_len + if qos > 0 { 2 } else { 0 };
     matches!(frame.get(at..).map(var_int), Some(Ok(Some((_, n)))) if n > 0)
-}
-
-/// Append a QoS 0 PUBLISH of `payload` to `topic` with no properties (MQTT 5: an empty
-/// property list) and the retain flag `retain`.
-pub fn bare_qos0_frame(
-    v5: bool,
-    topic: &[u8],
-    prefix: &[u8],
-    payload: &[u8],
-    retain: bool,
-    out: &mut BytesMut,
-) {
-    out.extend_from_slice(&[0x30 | u8::from(retain)]);
-    put_var_int(
-        out,
-        2 + topic.len() + usize::from(v5) + prefix.len() + payload.len(),
-    );
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic);
-    if v5 {
-        out.extend_from_slice(&[0]);
-    }
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]
@@ -704,11 +667,23 @@ mod tests {
         assert!(!has_properties(&none, 2, 3));
         none.truncate(7);
         assert!(!has_properties(&none, 2, 3), "truncated: none seen");
+        // Left out: QoS 0, an empty property list; a prefix before the payload.
         let mut out = BytesMut::new();
-        bare_qos0_frame(true, b"a/b", b"", b"x", true, &mut out);
+        let edit = Edit {
+            retain: true,
+            drop_properties: true,
+            ..Edit::default()
+        };
+        rewrite_publish(&f, 2, true, &edit, &mut out).unwrap();
         assert_eq!(&out[..], &[0x31, 7, 0, 3, b'a', b'/', b'b', 0, b'x']);
         out.clear();
-        bare_qos0_frame(false, b"a/b", b"s", b"x", false, &mut out);
+        let edit = Edit {
+            prefix: b"s",
+            ..Edit::default()
+        };
+        let plain = [0x30, 6, 0, 3, b'a', b'/', b'b', b'x'];
+        out.clear();
+        rewrite_publish(&plain, 2, false, &edit, &mut out).unwrap();
         assert_eq!(&out[..], &[0x30, 7, 0, 3, b'a', b'/', b'b', b's', b'x']);
     }
 
@@ -902,7 +877,6 @@ mod tests {
                 let _ = unsubscribe_filters(&b, hl, v5);
                 let _ = suback_refusal(&b, hl, v5, 0x80, rng.below(4));
                 let mut out = BytesMut::new();
-                qos0_frame(&b, hl, v5, rng.below(2) == 0, b"stamp", &mut out);
                 let edit = Edit {
                     qos: rng.below(3) as u8,
                     skip: rng.below(12),
@@ -1044,7 +1018,11 @@ mod tests {
                 assert_eq!(publish_pkid(&f, hl), Some(pkid));
             }
             let mut out = BytesMut::new();
-            qos0_frame(&f, hl, v5, !retain, b"", &mut out);
+            let edit = Edit {
+                retain: !retain,
+                ..Edit::default()
+            };
+            rewrite_publish(&f, hl, v5, &edit, &mut out).unwrap();
             let (_, hl0, _) = parse_header(&out).unwrap().unwrap();
             let m0 = publish_meta(&out, hl0, v5).unwrap();
             assert_eq!(
@@ -1064,7 +1042,7 @@ mod tests {
                 retain,
                 topic: new_topic,
                 prefix: &prefix,
-                skip: 0,
+                ..Edit::default()
             };
             rewrite_publish(&f, hl, v5, &edit, &mut stamped).unwrap();
             let (_, hls, _) = parse_header(&stamped).unwrap().unwrap();

@@ -238,8 +238,8 @@ impl Flow {
                         qos: client_qos,
                         retain: meta.retain,
                         topic: dollar,
-                        prefix: b"",
                         skip,
+                        ..Edit::default()
                     };
                     if rewrite_publish(f, hl, self.v5, &edit, &mut out).is_none() {
                         out.extend_from_slice(f);

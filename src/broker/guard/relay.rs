@@ -21,9 +21,9 @@ use tokio::net::TcpStream;
 
 use crate::broker::fanout::Admit;
 use crate::broker::frame::{
-    bare_qos0_frame, complete_frames, disconnect_expiry, frame_of, has_properties, map_filters,
-    parse_header, publish_meta, qos0_frame, read_frame, read_frame_within, rewrite_publish,
-    suback_refusal, subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
+    complete_frames, disconnect_expiry, frame_of, has_properties, map_filters, parse_header,
+    publish_meta, read_frame, read_frame_within, rewrite_publish, suback_refusal,
+    subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
 use crate::broker::refusal::{Refusal, Refused};
@@ -402,21 +402,17 @@ pub(super) async fn relay<S: Io>(
                         Some(admit @ (Admit::Counted { .. } | Admit::Unmatched))
                             if keep_retain || admit != Admit::Unmatched =>
                         {
-                            // Properties must not reach a 3.1.1 subscriber (rumqttd panics
-                            // writing them; `Fanout::add_filter`), nor a retained message a
-                            // 3.1.1 client may subscribe to later.
-                            let v3 = matches!(admit, Admit::Counted { v3: true });
-                            let stamp = Stamp { qos, origin: flow.origin }.prefix(meta.payload_len, keep_retain);
-                            if v5
-                                && (v3 || keep_retain)
-                                && has_properties(&frame, header_len, meta.topic.len())
-                            {
-                                guard.metrics.broker_properties_dropped.inc();
-                                let payload = &frame[payload_at..];
-                                bare_qos0_frame(v5, topic, &stamp, payload, keep_retain, &mut iw.out);
-                            } else {
-                                qos0_frame(&frame, header_len, v5, keep_retain, &stamp, &mut iw.out)
-                            }
+                            let drop = guard.drops_properties(v5, Some(admit), keep_retain, &frame, header_len, meta.topic.len());
+                            let edit = Edit {
+                                qos: 0,
+                                retain: keep_retain,
+                                // Without its properties an alias is gone: the full topic.
+                                topic: drop.then_some(topic),
+                                prefix: &Stamp { qos, origin: flow.origin }.prefix(meta.payload_len, keep_retain),
+                                skip: 0,
+                                drop_properties: drop,
+                            };
+                            let _ = rewrite_publish(&frame, header_len, v5, &edit, &mut iw.out);
                         }
                         _ => {}
                     }
@@ -442,16 +438,25 @@ pub(super) async fn relay<S: Io>(
                         ),
                     );
                 }
+                let drop = guard.drops_properties(
+                    v5,
+                    admit,
+                    keep_retain,
+                    &frame,
+                    header_len,
+                    meta.topic.len(),
+                );
                 let edit = Edit {
                     qos,
                     retain: keep_retain,
-                    topic: inside.as_deref(),
+                    topic: inside.as_deref().or(drop.then_some(topic)),
                     prefix: &Stamp {
                         qos,
                         origin: flow.origin,
                     }
                     .prefix(meta.payload_len, keep_retain),
                     skip: 0,
+                    drop_properties: drop,
                 };
                 if rewrite_publish(&frame, header_len, v5, &edit, &mut iw.out).is_none() {
                     break 'frames refuse(Refusal::TopicInvalid, &"PUBLISH could not be relayed");
@@ -790,6 +795,27 @@ fn relay_filters_inside(
 }
 
 impl Guard {
+    /// Must this MQTT 5 publish lose its properties on its way into rumqttd? It must not reach
+    /// a 3.1.1 subscriber with them (rumqttd panics writing them and poisons the listener;
+    /// `Fanout::add_filter`), nor be kept as a retained message a 3.1.1 client may subscribe
+    /// to later. `admit`: what the fan-out mirror said of it. Counted when so.
+    fn drops_properties(
+        &self,
+        v5: bool,
+        admit: Option<Admit>,
+        retain: bool,
+        frame: &[u8],
+        header_len: usize,
+        topic_len: usize,
+    ) -> bool {
+        let v3 = matches!(admit, Some(Admit::Counted { v3: true }));
+        let drop = v5 && (v3 || retain) && has_properties(frame, header_len, topic_len);
+        if drop {
+            self.metrics.broker_properties_dropped.inc();
+        }
+        drop
+    }
+
     /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
     /// it, since closing first would make it end a session twice (module docs). Counted and
     /// logged when rumqttd has not closed it within [`DISCONNECT_SETTLE`].
