@@ -131,7 +131,7 @@ fn queue(top: &mut Table<'_, '_>) -> QueueConfig {
         ),
         commit_delay: q.duration_in(
             "commit_delay",
-            "50ms",
+            "80ms",
             Duration::ZERO,
             Duration::from_secs(1),
         ),

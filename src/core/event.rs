@@ -85,6 +85,15 @@ pub enum Data {
     Binary(Bytes),
 }
 
+impl Data {
+    pub fn as_ref(&self) -> DataRef<'_> {
+        match self {
+            Data::Json(b) => DataRef::Json(b),
+            Data::Binary(b) => DataRef::Binary(b),
+        }
+    }
+}
+
 impl From<&Payload> for Data {
     /// The event data for a payload: its JSON text as is, or its bytes.
     fn from(p: &Payload) -> Data {
@@ -126,9 +135,51 @@ pub fn format_sequence(seq: u64) -> String {
 impl Event {
     /// The CloudEvents 1.0 structured-mode JSON of this event with its committed sequence.
     pub fn envelope(&self, source: &str, sequence: u64) -> Vec<u8> {
+        self.parts(source, sequence).envelope()
+    }
+
+    /// This event's envelope parts, borrowed.
+    pub fn parts<'a>(&'a self, source: &'a str, sequence: u64) -> Parts<'a> {
+        Parts {
+            id: &self.id,
+            source,
+            kind: self.kind,
+            subject: &self.subject,
+            time: self.time,
+            sequence,
+            data: self.data.as_ref(),
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
+}
+
+/// Event data, borrowed (see [`Data`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DataRef<'a> {
+    Json(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// Everything an envelope is made of. The envelope is a pure function of these: the queue
+/// stores them (`queue::store::row`) and builds the same bytes again when it reads the row.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts<'a> {
+    pub id: &'a str,
+    pub source: &'a str,
+    pub kind: &'a str,
+    pub subject: &'a str,
+    pub time: SystemTime,
+    pub sequence: u64,
+    pub data: DataRef<'a>,
+    pub traceparent: Option<&'a str>,
+}
+
+impl Parts<'_> {
+    /// The CloudEvents 1.0 structured-mode JSON.
+    pub fn envelope(&self) -> Vec<u8> {
         let time = humantime::format_rfc3339_micros(self.time).to_string();
-        let (datacontenttype, data, data_base64) = match &self.data {
-            Data::Json(bytes) => {
+        let (datacontenttype, data, data_base64) = match self.data {
+            DataRef::Json(bytes) => {
                 // Json data is valid JSON by construction (see decode); if not, fall back to
                 // base64 rather than emit a broken envelope.
                 match std::str::from_utf8(bytes)
@@ -143,7 +194,7 @@ impl Event {
                     ),
                 }
             }
-            Data::Binary(bytes) => (
+            DataRef::Binary(bytes) => (
                 "application/octet-stream",
                 None,
                 Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
@@ -151,14 +202,14 @@ impl Event {
         };
         let env = Envelope {
             specversion: "1.0",
-            id: &self.id,
-            source,
+            id: self.id,
+            source: self.source,
             kind: self.kind,
-            subject: &self.subject,
+            subject: self.subject,
             time,
-            sequence: format_sequence(sequence),
+            sequence: format_sequence(self.sequence),
             datacontenttype,
-            traceparent: self.traceparent.as_deref(),
+            traceparent: self.traceparent,
             data,
             data_base64,
         };

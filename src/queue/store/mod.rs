@@ -3,7 +3,8 @@
 //! Tables:
 //! - `events`: one row per queued event. `pos` is the queue position (commit order, what the
 //!   forwarder leases and acknowledges by); `seq` is the event's CloudEvents `sequence`; `body`
-//!   is the frozen envelope, so a resend is byte-for-byte the first send.
+//!   holds the parts the envelope is made of (`row.rs`), from which a read builds the same
+//!   envelope again, so a resend is byte-for-byte the first send.
 //! - `acked`: with `queue.keep_acked`, acknowledged rows are moved here for replay.
 //! - `parked`: events the upstream can never accept as they are (a wildcard or empty topic, too
 //!   large for `upstream.max_packet_size`, refused for good by the broker), set aside by the
@@ -28,6 +29,7 @@
 //!   the counters loaded from it, checkpoint and free pages;
 //! - `write.rs`: the writer's transaction ([`Txn`]): append, ack, expiry, eviction, space cap;
 //! - `read.rs`: leases for the tail, pages for an export, stats;
+//! - `row.rs`: the stored form of an event (the `body` column) and its envelope;
 //! - `parked.rs`: events set aside and queued again;
 //! - `admin.rs`: the CLI's side: opening beside the daemon, purge, requests (replay, retry).
 
@@ -42,6 +44,7 @@ use crate::core::event::Class;
 mod admin;
 mod parked;
 mod read;
+pub mod row;
 mod schema;
 mod write;
 
@@ -214,14 +217,18 @@ pub(crate) fn micros(t: SystemTime) -> i64 {
 }
 
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let seq = r.get::<_, i64>(1)? as u64;
+    let time_us = r.get(3)?;
+    let subject: String = r.get(4)?;
+    let body = row::envelope(r.get(6)?, seq, time_us, &subject);
     Ok(StoredEvent {
         pos: r.get::<_, i64>(0)? as u64,
-        seq: r.get::<_, i64>(1)? as u64,
+        seq,
         class: Class::from_i64(r.get(2)?),
-        time_us: r.get(3)?,
-        subject: r.get(4)?,
+        time_us,
+        subject,
         topic: r.get(5)?,
-        body: r.get(6)?,
+        body,
     })
 }
 

@@ -426,6 +426,60 @@ fn the_cli_reads_a_queue_written_before_parking_existed() {
     assert_eq!(s.peek(10, None).unwrap().len(), 1);
 }
 
+/// A queue file from before rows held the envelope's parts: its envelopes are read as they
+/// are, beside new rows, whose envelope comes back byte for byte; a row is less than half its
+/// envelope on disk.
+#[test]
+fn rows_stored_as_envelopes_before_and_as_parts_now_read_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), Limits::default());
+    let old = ev(Class::Telemetry, "sensors/old");
+    let old_envelope = old.envelope("src", 1);
+    s.conn
+        .execute(
+            "INSERT INTO events (pos, seq, class, time_us, subject, topic, body) VALUES (1, 1, 1, ?1, ?2, ?3, ?4)",
+            params![micros(old.time), old.subject, old.upstream_topic, old_envelope],
+        )
+        .unwrap();
+    drop(s);
+    let mut s = open(dir.path(), Limits::default());
+    let mut new = ev(Class::Telemetry, "sensors/new");
+    new.data = Data::Json(Bytes::from_static(
+        b"{\"sensor\":\"s1\",\"seq\":1234,\"value\":21.53,\"sent_us\":1733100000000000}",
+    ));
+    new.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    let mut t = s.begin().unwrap();
+    let Appended::Queued { seq, .. } = t.append(&new, "src").unwrap() else {
+        panic!("not queued");
+    };
+    t.commit().unwrap();
+    assert_eq!(seq, 2, "numbering goes on after the old row");
+    let leased = s.lease(Cursor::default(), 10).unwrap();
+    assert_eq!(leased.len(), 2);
+    assert_eq!(leased[0].body, old_envelope);
+    assert_eq!(
+        String::from_utf8_lossy(&leased[1].body),
+        String::from_utf8_lossy(&new.envelope("src", 2))
+    );
+    let stored: i64 = s
+        .conn
+        .query_row("SELECT LENGTH(body) FROM events WHERE pos = 2", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(
+        (stored as usize) * 2 < leased[1].body.len(),
+        "{stored} bytes stored for a {}-byte envelope",
+        leased[1].body.len()
+    );
+    // The CLI reads both the same way.
+    drop(s);
+    let s = Store::open_cli(&dir.path().join("q.db"), false).unwrap();
+    let peeked = s.peek(10, None).unwrap();
+    assert_eq!(peeked[0].body, old_envelope);
+    assert_eq!(peeked[1].body, leased[1].body);
+}
+
 #[test]
 fn parked_events_are_bounded_by_bytes_too() {
     let dir = tempfile::tempdir().unwrap();

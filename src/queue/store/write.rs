@@ -15,6 +15,7 @@ use std::path::Path;
 
 use rusqlite::params;
 
+use super::row;
 use super::{
     micros, row_bytes, Committed, Limits, Removed, Store, StoreError, StoredEvent, ROW_OVERHEAD,
 };
@@ -71,8 +72,8 @@ pub(super) fn runs(positions: &[u64]) -> Vec<(u64, u64)> {
 /// What became of an appended event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Written (visible once the transaction commits); `body` is the frozen envelope.
-    Queued { seq: u64, pos: u64, body: Vec<u8> },
+    /// Written (visible once the transaction commits) with this sequence at this position.
+    Queued { seq: u64, pos: u64 },
     /// The queue is full and `when_full = "drop_newest"`.
     Rejected,
 }
@@ -106,8 +107,12 @@ impl Txn<'_> {
     /// rejecting it when a limit would be passed.
     pub fn append(&mut self, event: &Event, source: &str) -> Result<Appended, StoreError> {
         let seq = *self.next_seq + self.new_seq;
-        let body = event.envelope(source, seq);
-        let size = row_bytes(body.len(), event.upstream_topic.len(), event.subject.len());
+        let stored = row::encode(event, source);
+        let size = row_bytes(
+            stored.len(),
+            event.upstream_topic.len(),
+            event.subject.len(),
+        );
         if self.over(1, size) {
             let telemetry_left = self.depth_now() > self.alerts_now();
             match (self.limits.when_full, event.class) {
@@ -141,7 +146,7 @@ impl Txn<'_> {
             micros(event.time),
             event.subject,
             event.upstream_topic,
-            body
+            stored
         ])
         .map_err(|e| StoreError::Sqlite {
             path: self.path.to_path_buf(),
@@ -160,7 +165,7 @@ impl Txn<'_> {
         if event.class == Class::Alert {
             self.d_alerts += 1;
         }
-        Ok(Appended::Queued { seq, pos, body })
+        Ok(Appended::Queued { seq, pos })
     }
 
     /// Evict oldest events until `events`/`bytes` more fit: telemetry first; alerts only when no
