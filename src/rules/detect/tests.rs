@@ -129,17 +129,20 @@ fn a_constant_series_is_not_stuck() {
 fn per_sensor_state_is_small() {
     // Stated in the module docs and ARCHITECTURE.md.
     println!(
-        "Outlier {} B, Flatline {} B, DetectorState {} B, Season {} B",
+        "Outlier {} B, Flatline {} B, DetectorState {} B, Season {} B, Week {} B",
         std::mem::size_of::<Outlier>(),
         std::mem::size_of::<Flatline>(),
         std::mem::size_of::<DetectorState>(),
-        std::mem::size_of::<Season>()
+        std::mem::size_of::<Season>(),
+        std::mem::size_of::<Week>()
     );
-    assert!(std::mem::size_of::<Outlier>() <= 232);
+    assert!(std::mem::size_of::<Outlier>() <= 240);
     assert!(std::mem::size_of::<Flatline>() <= 48);
-    assert!(std::mem::size_of::<DetectorState>() <= 232);
-    // The time-of-day profile, allocated with an outlier detector's first reading.
-    assert!(std::mem::size_of::<Season>() <= 280);
+    assert!(std::mem::size_of::<DetectorState>() <= 240);
+    // The time-of-day and hour-of-week profiles, allocated with an outlier detector's first
+    // reading.
+    assert!(std::mem::size_of::<Season>() <= 288);
+    assert!(std::mem::size_of::<Week>() <= 896);
 }
 
 /// Alert onsets of one outlier detector over `values` read every `step` seconds from `t0`.
@@ -427,4 +430,70 @@ fn bursts_without_a_daily_cycle_get_no_time_of_day_alerts() {
         &v,
     );
     assert!(with.len() <= without.len(), "{with:?} vs {without:?}");
+}
+
+/// Server requests from a Monday (2024-01-01), 5-minute readings: a daily cycle of +-30%,
+/// level 100 on weekdays and 40 on weekends, noise; `incident(i)` overrides the level of
+/// reading `i`.
+fn weekly_steps(seed: u64, incident: impl Fn(usize) -> Option<f64>) -> Vec<f64> {
+    let mut x = seed;
+    (0..35 * 288)
+        .map(|i| {
+            let usual = if (i / 288) % 7 < 5 { 100.0 } else { 40.0 };
+            let level = incident(i).unwrap_or(usual);
+            level * (1.0 + 0.3 * (std::f64::consts::TAU * i as f64 / 288.0).sin())
+                + 4.0 * gauss(&mut x)
+        })
+        .collect()
+}
+
+#[test]
+fn a_weekday_that_looks_like_a_weekend_is_flagged_by_the_hour_of_week_profile() {
+    // Tuesday of week 4 (a holiday, or a service down since the night) stays at the weekend's
+    // level from 02:00 for 18 hours. Every reading is one the sensor shows every weekend, and
+    // the daily profile averages weekdays and weekends; only the hour of the week is new.
+    let onset = 22 * 288 + 24;
+    let a = outlier_alerts(
+        &OutlierSettings::default(),
+        &weekly_steps(9, |i| (onset..onset + 216).contains(&i).then_some(40.0)),
+        1_704_067_200.0,
+        300.0,
+    );
+    assert!(
+        a.iter().any(|&i| (onset..onset + 36).contains(&i)),
+        "alerts at {a:?}, onset {onset}"
+    );
+    // The weekends stay quiet once learnt.
+    assert!(
+        a.iter()
+            .all(|&i| i < 15 * 288 || (onset..onset + 240).contains(&i)),
+        "alerts at {a:?}"
+    );
+}
+
+#[test]
+fn the_likelihood_gate_passes_a_rare_raw_score_and_holds_back_a_usual_one() {
+    // Raw scores near 0 for 2,000 readings: a raw 0.6 stands out.
+    let mut quiet = Outlier {
+        n: 100,
+        ..Outlier::default()
+    };
+    for _ in 0..2000 {
+        quiet.n += 1;
+        quiet.likelihood(0.02, 50);
+    }
+    quiet.n += 1;
+    assert!(quiet.likelihood(0.6, 50) > 0.5);
+    // Raw scores spread over [0, 0.6) (a random walk's drift features): a raw 0.6 is usual.
+    let mut noisy = Outlier {
+        n: 100,
+        ..Outlier::default()
+    };
+    let mut x = 5u64;
+    for _ in 0..2000 {
+        noisy.n += 1;
+        noisy.likelihood(0.6 * (noise(&mut x) + 0.5), 50);
+    }
+    noisy.n += 1;
+    assert!(noisy.likelihood(0.6, 50) < 0.5);
 }
