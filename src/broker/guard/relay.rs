@@ -8,16 +8,16 @@
 //!   says so (a reading's QoS, a retain flag over the limits); a refused packet ends the
 //!   connection before rumqttd sees it (MQTT 5: after a DISCONNECT with the refusal's code),
 //!   so the sensor has no PUBACK for it. A refused SUBSCRIBE is answered with a SUBACK instead.
-//! - After the client's DISCONNECT the internal connection stays open until rumqttd closes it
-//!   (module doc of the guard).
+//! - When the relay ends (the client's DISCONNECT, a close, a refusal) it waits until the link's
+//!   adapter has ended the link at the router (the stream closes), so that the next session
+//!   with the client id finds this one gone (one session per client id at the router).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::broker::fanout::Admit;
 use crate::broker::frame::{
@@ -26,6 +26,7 @@ use crate::broker::frame::{
     subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
+use crate::broker::link::Internal;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::core::bucket::TokenBucket;
@@ -38,12 +39,8 @@ use super::flow::Flow;
 use super::limits::{check_topic_name, reserved_allowed, reserved_topic, valid_filter};
 use super::{Guard, Io};
 
-/// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
-pub(super) const DISCONNECT_SETTLE: Duration = Duration::from_secs(2);
-
-/// Longest wait for a CONNACK the client no longer waits for (see
-/// [`Guard::settle_late_connack`]).
-pub(super) const LATE_CONNACK: Duration = Duration::from_secs(60);
+/// Longest wait, at the end of a relay, for the link to end at the router (module docs).
+pub(super) const LINK_END: Duration = Duration::from_secs(2);
 
 /// Bytes a client may leave untaken (on their way to it) without a charge on
 /// `broker.max_buffered_bytes` (1,000 connections: 32 MiB).
@@ -60,7 +57,7 @@ pub(super) const COALESCE: usize = 64 * 1024;
 
 /// The guard's side of the internal connection to rumqttd, for one client.
 pub(super) struct ToBroker<'a> {
-    pub(super) w: tokio::net::tcp::OwnedWriteHalf,
+    pub(super) w: WriteHalf<Internal>,
     /// Checked packets not yet written: passed on together while more are already buffered.
     pub(super) out: BytesMut,
     /// Acknowledgements the guard sends on the client's behalf (see [`Flow`]).
@@ -124,7 +121,7 @@ impl ToBroker<'_> {
 pub(super) async fn relay<S: Io>(
     client: S,
     mut buf: BytesMut,
-    internal: TcpStream,
+    internal: Internal,
     mut ibuf: BytesMut,
     peer: SocketAddr,
     v5: bool,
@@ -142,7 +139,7 @@ pub(super) async fn relay<S: Io>(
     // on the relay towards rumqttd (which may be waiting on rumqttd, which may be waiting for
     // us to read): bounded by rumqttd's outgoing window of 100 unacknowledged publishes.
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<[u8; 4]>();
-    let (mut ir, iw) = internal.into_split();
+    let (mut ir, iw) = tokio::io::split(internal);
     let mut to_broker = ToBroker {
         w: iw,
         out: BytesMut::new(),
@@ -761,19 +758,17 @@ pub(super) async fn relay<S: Io>(
             }
         }
     };
-    let disconnected = tokio::select! {
-        d = up => d,
-        _ = down => false,
+    tokio::select! {
+        _ = up => {},
+        _ = down => {},
     };
     // From here on a newer connection with the client id is no takeover of this one.
     conn.ended = true;
-    if disconnected {
-        guard.await_close_after_disconnect(&mut ir, &peer).await;
-    }
-    // The will fires (rumqttd publishes it when the internal connection closes): the reading.
-    guard.will_fires(conn).await;
-    let _ = to_broker.w.shutdown().await;
     let _ = cw.shutdown().await;
+    // The link ends at the router (by the DISCONNECT passed on, or the adapter's own once the
+    // stream is shut): wait for it, so the client id's next session finds this one gone.
+    let _ = to_broker.w.shutdown().await;
+    guard.await_link_end(&mut ir, &peer).await;
 }
 
 /// Append to `out` the SUBSCRIBE (`options`) or UNSUBSCRIBE `frame` as rumqttd gets it: its
@@ -816,42 +811,16 @@ impl Guard {
         drop
     }
 
-    /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
-    /// it, since closing first would make it end a session twice (module docs). Counted and
-    /// logged when rumqttd has not closed it within [`DISCONNECT_SETTLE`].
-    /// The rest of a connection whose CONNACK came too late for the client (see `session`):
-    /// wait up to [`LATE_CONNACK`] for it, then DISCONNECT and wait for rumqttd to close.
-    /// Without a CONNACK by then, close anyway (counted in
-    /// `edgegate_broker_disconnect_unsettled_total`).
-    pub(super) async fn settle_late_connack(
-        &self,
-        mut internal: TcpStream,
-        mut ibuf: BytesMut,
-        who: &(dyn std::fmt::Display + Sync),
-    ) {
-        let connack =
-            tokio::time::timeout(LATE_CONNACK, read_frame(&mut internal, &mut ibuf, 1 << 16)).await;
-        match connack {
-            Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
-                if internal.write_all(&[0xe0, 0x00]).await.is_ok() {
-                    self.await_close_after_disconnect(&mut internal, who).await;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => {
-                self.metrics.broker_disconnect_unsettled.inc();
-                tracing::warn!(client = %who, "rumqttd did not answer a CONNECT within {LATE_CONNACK:?}; closed it");
-            }
-        }
-    }
-
-    pub(super) async fn await_close_after_disconnect<R: AsyncRead + Unpin>(
+    /// The guard's end of a link is shut: read (and discard) until the adapter closes it
+    /// (the router has ended the link). Counted and logged when that takes longer than
+    /// [`LINK_END`] (a router stalled by its work).
+    pub(super) async fn await_link_end<R: AsyncRead + Unpin>(
         &self,
         conn: &mut R,
         who: &(dyn std::fmt::Display + Sync),
     ) {
         let mut scratch = [0u8; 256];
-        let closed = tokio::time::timeout(DISCONNECT_SETTLE, async {
+        let closed = tokio::time::timeout(LINK_END, async {
             while let Ok(n) = conn.read(&mut scratch).await {
                 if n == 0 {
                     break;
@@ -861,7 +830,7 @@ impl Guard {
         .await;
         if closed.is_err() {
             self.metrics.broker_disconnect_unsettled.inc();
-            tracing::warn!(client = %who, "rumqttd did not close a session within {DISCONNECT_SETTLE:?} of its DISCONNECT; closed it");
+            tracing::warn!(client = %who, "rumqttd's router did not end a link within {LINK_END:?}; left it");
         }
     }
 }
