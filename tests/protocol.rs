@@ -134,14 +134,13 @@ async fn packets_within(s: &mut TcpStream, wait: Duration) -> Vec<(u8, Vec<u8>)>
 }
 
 /// Keep alive 0 turns keep alive off (MQTT 3.1.1 and 5 §3.1.2.10) and must be accepted;
-/// rumqttd refuses it (the guard answered CONNACK 3 / 0x89). The guard gives rumqttd a keep alive
-/// of its own and pings it: with that set to 1 s here, an idle client stays connected for 3 s
-/// (rumqttd alone closes after 1.5 s of silence), sees none of the guard's pings, and still gets
-/// what is published to it.
+/// rumqttd's network layer refused it (the guard answered CONNACK 3 / 0x89) and closed a
+/// connection silent for 1.5 x its keep alive. The router the guard's links reach has no keep
+/// alive: an idle client stays connected (3 s here), gets nothing it did not ask for, and still
+/// gets what is published to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_0_is_accepted_and_the_guard_keeps_rumqttd_out_of_it() {
     let (gw, _d) = gateway().await;
-    gw.broker().guard().set_internal_keep_alive_for_tests(1);
     for (v5, addr) in [
         (false, gw.broker_addr),
         (true, gw.broker_addr_v5.expect("v5 listener")),
@@ -169,13 +168,11 @@ async fn keep_alive_0_is_accepted_and_the_guard_keeps_rumqttd_out_of_it() {
 }
 
 /// With the guard in front, the client's keep alive is the guard's to enforce: a client that
-/// pings gets exactly one PINGRESP per PINGREQ (never one answering the guard's own pings to
-/// rumqttd, which run every 0.5 s here), and one that falls silent is closed after 1.5 x its keep
+/// pings gets exactly one PINGRESP per PINGREQ, and one that falls silent is closed after 1.5 x its keep
 /// alive (MQTT 5: DISCONNECT 0x8D first), counted as `keep_alive_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_keep_alive_is_enforced_and_only_its_pings_answered() {
     let (gw, _d) = gateway().await;
-    gw.broker().guard().set_internal_keep_alive_for_tests(1);
     for (v5, addr) in [
         (false, gw.broker_addr),
         (true, gw.broker_addr_v5.expect("v5 listener")),

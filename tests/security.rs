@@ -442,7 +442,7 @@ async fn fm4_reserved_client_ids_cannot_kick_the_internal_links() {
         "edgegate-rules-",
         "edgegate-rules-00000000000000000000000000000000",
         "edgegate-status-0",
-        "edgegate-probe-0",
+        "edgegate-wills-0",
     ] {
         assert_eq!(
             connack_code(gw.broker_addr, false, id, None).await,

@@ -77,9 +77,8 @@ pub enum LinkFailure {
     Refused(String),
 }
 
-type Build = dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), String>
-    + Send
-    + Sync;
+type Build =
+    dyn Fn(&str, bool, u16) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync;
 
 /// rumqttd's router, as the gateway talks to it. Its event type is private in rumqttd 0.20,
 /// so its sender lives only inside these closures.

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +23,8 @@ use tokio::sync::watch;
 use crate::broker::frame::{
     connack_edited, decode, encode, parse_header, read_frame, read_frame_of, FrameError, PacketType,
 };
-use crate::broker::link::LinkFailure;
 use crate::broker::handoff::Publish;
+use crate::broker::link::LinkFailure;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::config::acl::Perms;
@@ -63,12 +62,7 @@ pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
 pub(super) const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// One client: CONNECT checked, handed to rumqttd with the internal credential, then relayed.
-pub(super) async fn session<S: Io>(
-    mut client: S,
-    peer: SocketAddr,
-    v5: bool,
-    guard: Arc<Guard>,
-) {
+pub(super) async fn session<S: Io>(mut client: S, peer: SocketAddr, v5: bool, guard: Arc<Guard>) {
     let p = &guard.policy;
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
@@ -464,18 +458,15 @@ pub(super) async fn session<S: Io>(
         connect.clean_session = false;
         conn.expiry = Some(expiry);
     }
-    let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
     let subscriptions =
         guard.session_subscriptions(&client_id, clean_start, !connect.clean_session);
     let flow = Flow::new(
         connect.keep_alive,
         props.as_ref(),
-        internal_keep_alive,
         v5,
         owner.max(1),
         subscriptions,
     );
-    connect.keep_alive = internal_keep_alive;
     // No topic aliases from rumqttd: the guard reads (and may change) the topic of every
     // publish it forwards (`delivery`), which an alias would hide.
     if let Some(p) = props.as_mut() {

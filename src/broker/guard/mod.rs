@@ -38,7 +38,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,11 +76,6 @@ pub const RELAY_GROWTH: usize = crate::core::stamp::LEN + delivery::DOLLAR_PREFI
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
-
-/// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
-/// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
-/// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
-pub const INTERNAL_KEEP_ALIVE: u16 = 60;
 
 /// Concurrent argon2 verifications (each ~20 MiB and tens of ms): a password-guessing flood
 /// cannot take every core.
@@ -154,8 +149,6 @@ pub struct Guard {
     /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
     /// rumqttd acknowledges publishes itself). Taken away at shutdown.
     handoff: Mutex<Option<Handoff>>,
-    /// Keep alive given to rumqttd ([`INTERNAL_KEEP_ALIVE`]; shorter only in tests).
-    internal_keep_alive: AtomicU16,
 }
 
 /// Any stream the guard can relay (TCP, TLS over TCP).
@@ -258,16 +251,7 @@ impl Guard {
             anon_ids: Mutex::new(connect::AnonIds::default()),
             metrics,
             handoff: Mutex::new(None),
-            internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
         })
-    }
-
-    /// For tests that show the guard keeps rumqttd's side of a connection alive: a shorter
-    /// keep alive towards rumqttd for connections made from now on. Not part of the API.
-    #[doc(hidden)]
-    pub fn set_internal_keep_alive_for_tests(&self, secs: u16) {
-        self.internal_keep_alive
-            .store(secs.max(1), Ordering::Relaxed);
     }
 
     /// rumqttd's router, as the guard and the gateway reach it.

@@ -13,7 +13,7 @@
 //!   with the client id finds this one gone (one session per client id at the router).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -23,7 +23,7 @@ use crate::broker::fanout::Admit;
 use crate::broker::frame::{
     complete_frames, disconnect_expiry, frame_of, has_properties, map_filters, parse_header,
     publish_meta, read_frame, read_frame_within, rewrite_publish, suback_refusal,
-    subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
+    subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
 use crate::broker::link::Internal;
@@ -56,21 +56,15 @@ pub const PENDING_MAX: usize = 1 << 20;
 pub(super) const COALESCE: usize = 64 * 1024;
 
 /// The guard's side of the internal connection to rumqttd, for one client.
-pub(super) struct ToBroker<'a> {
+pub(super) struct ToBroker {
     pub(super) w: WriteHalf<Internal>,
     /// Checked packets not yet written: passed on together while more are already buffered.
     pub(super) out: BytesMut,
     /// Acknowledgements the guard sends on the client's behalf (see [`Flow`]).
     pub(super) ctl: tokio::sync::mpsc::UnboundedReceiver<[u8; 4]>,
-    pub(super) last_write: tokio::time::Instant,
-    pub(super) ping_after: Duration,
-    /// Fires at the earliest when a ping may be due; re-armed only when it fires (one timer
-    /// operation per `ping_after`, not one per packet).
-    pub(super) ping: std::pin::Pin<Box<tokio::time::Sleep>>,
-    pub(super) own_pings: &'a AtomicU32,
 }
 
-impl ToBroker<'_> {
+impl ToBroker {
     /// Write what `out` holds (if anything) and empty it.
     pub(super) async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
@@ -81,15 +75,12 @@ impl ToBroker<'_> {
                 // (1,000 idle connections that each sent one would hold max_payload_size each).
                 self.out = BytesMut::new();
             }
-            self.last_write = tokio::time::Instant::now();
         }
         Ok(())
     }
 
     /// Run `work` (a read from the client, a pause) while writing what the guard sends rumqttd
-    /// itself: acknowledgements (after the client's packets before them, for rumqttd's order)
-    /// and, after `ping_after` without any write, a PINGREQ (rumqttd closes a connection silent
-    /// for 1.5 x its keep alive).
+    /// itself: acknowledgements (after the client's packets before them, for rumqttd's order).
     pub(super) async fn wait<F: std::future::Future>(
         &mut self,
         work: F,
@@ -101,15 +92,6 @@ impl ToBroker<'_> {
                 Some(ack) = self.ctl.recv() => {
                     self.out.extend_from_slice(&ack);
                     self.flush().await?;
-                }
-                _ = &mut self.ping => {
-                    if tokio::time::Instant::now() >= self.last_write + self.ping_after {
-                        self.own_pings.fetch_add(1, Ordering::SeqCst);
-                        self.out.extend_from_slice(&PINGREQ);
-                        self.flush().await?;
-                    }
-                    let next = self.last_write + self.ping_after;
-                    self.ping.as_mut().reset(next);
                 }
                 r = &mut work => return Ok(r),
             }
@@ -144,10 +126,6 @@ pub(super) async fn relay<S: Io>(
         w: iw,
         out: BytesMut::new(),
         ctl: ctl_rx,
-        last_write: tokio::time::Instant::now(),
-        ping_after: flow.ping_after,
-        ping: Box::pin(tokio::time::sleep(flow.ping_after)),
-        own_pings: &flow.own_pings,
     };
     let p = &guard.policy;
     // Readings go to the pipeline and are acknowledged from here (see `handoff`); without a
