@@ -54,6 +54,10 @@ pub(super) struct Turn {
     pub(super) generation: watch::Sender<u64>,
 }
 
+/// How long a connection taken over by a newer one with its client id may still be read (what
+/// it sent before the newer one connected, such as its DISCONNECT).
+pub(super) const TAKEOVER_GRACE: Duration = Duration::from_millis(100);
+
 /// Pause between the end of a session and the next one with the same client id.
 pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
 
@@ -539,22 +543,35 @@ pub(super) async fn session<S: Io>(mut client: S, peer: SocketAddr, v5: bool, gu
         .map(|(t, mine)| (t.generation.subscribe(), mine.2));
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
-            let taken_over = tokio::select! {
-                // The relay first: what the client sent before the newer connection (its
-                // DISCONNECT, ending the session) is read before the takeover ends the relay.
-                biased;
-                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
-                // A newer session with this client id: the takeover.
-                _ = async {
-                    loop {
-                        if *generation.borrow_and_update() != gen {
-                            return;
+            let taken_over = {
+                let relayed = relay(
+                    client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow,
+                );
+                tokio::pin!(relayed);
+                let newer = tokio::select! {
+                    // The relay first: what the client sent before the newer connection (its
+                    // DISCONNECT, ending the session) is read before the takeover ends the relay.
+                    biased;
+                    _ = &mut relayed => false,
+                    // A newer session with this client id: the takeover.
+                    _ = async {
+                        loop {
+                            if *generation.borrow_and_update() != gen {
+                                return;
+                            }
+                            if generation.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
                         }
-                        if generation.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                } => true,
+                    } => true,
+                };
+                if newer {
+                    // The client's last packets may be in its socket without the runtime having
+                    // seen them yet (a loaded machine: 1 run in 3 with two busy cores): a
+                    // moment for the relay to read a DISCONNECT that came first.
+                    let _ = tokio::time::timeout(TAKEOVER_GRACE, &mut relayed).await;
+                }
+                newer
             };
             // An MQTT 5 session the guard keeps the lifetime of (after a takeover of a live
             // connection it is the new connection's).
