@@ -30,7 +30,8 @@
 //! - Bounded: at most [`MAX_QUEUED`] packets wait on one link for the router (beyond, the
 //!   adapter stops reading the guard's end: backpressure to the client), the stream holds
 //!   [`STREAM_BYTES`] each way, and the adapter's own buffers hold one burst (they are given
-//!   up after a large packet). Forwarded publishes wait in the router as `Bytes` shared with
+//!   up after a large packet); a packet queued for the router has an allocation of its own, so
+//!   nothing it keeps in its log holds on to a read buffer. Forwarded publishes wait in the router as `Bytes` shared with
 //!   its log (no copy) until the adapter encodes them. rumqttd's per-connection `BytesMut`
 //!   buffers, which grew to the largest burst and never shrank (issue 12), are not used.
 
@@ -40,11 +41,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish};
+use rumqttd::protocol::{
+    v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet, Protocol, Publish,
+};
 use rumqttd::Notification;
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
-use crate::broker::frame::{complete_frames, decode, encode, read_frame};
+use crate::broker::frame::{complete_frames, decode, encode, read_frame, BUFFERED_FREE};
 
 /// The guard's end of its connection to the router.
 pub type Internal = DuplexStream;
@@ -163,11 +166,12 @@ impl Router {
         let Some(last) = packets.pop() else {
             return true;
         };
-        loop {
-            if (self.room)() && tx.buffer().len() < MAX_QUEUED {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        // A router that does not keep up (minutes, with many filters: issue 12) is polled
+        // less and less often, not by every link every millisecond.
+        let mut pause = Duration::from_millis(1);
+        while !((self.room)() && tx.buffer().len() < MAX_QUEUED) {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
         tx.buffer().extend(packets);
         // `LinkTx::send` never awaits: it pushes and notifies the router (a blocking send,
@@ -323,7 +327,7 @@ async fn up(
         let mut end = None;
         loop {
             match read_frame(r, &mut buf, max).await {
-                Ok(Some(mut f)) => match decode(v5, &mut f, max) {
+                Ok(Some(f)) => match decode(v5, &mut own(f), max) {
                     Some(p @ Packet::Disconnect(..)) => {
                         burst.push(p);
                         end = Some(UpEnd::Disconnected);
@@ -337,16 +341,23 @@ async fn up(
                 break;
             }
         }
-        if buf.capacity() > 4 * STREAM_BYTES && buf.is_empty() {
-            // A large packet passed: not kept for the connection's life.
-            buf = BytesMut::with_capacity(256);
-        }
         if !router.send(&mut tx, burst).await {
             return (UpEnd::RouterGone, tx);
         }
         if let Some(end) = end {
             return (end, tx);
         }
+    }
+}
+
+/// A frame in an allocation of its own: the router's log keeps a publish's bytes, and a small
+/// frame is a slice of the read buffer, which it would keep whole. (A large one has its own
+/// already: `frame::read_frame` starts a fresh buffer after it.)
+fn own(frame: BytesMut) -> BytesMut {
+    if frame.len() > BUFFERED_FREE {
+        frame
+    } else {
+        BytesMut::from(&frame[..])
     }
 }
 
@@ -377,8 +388,16 @@ async fn down(w: &mut WriteHalf<DuplexStream>, mut rx: LinkRx, v5: bool) -> Down
                             Packet::Publish(publish, _) if !v5 => Packet::Publish(publish, None),
                             p => p,
                         };
-                        if let Some(bytes) = encode(v5, p) {
-                            out.extend_from_slice(&bytes);
+                        // One that does not encode is not sent (rumqttd's own writer fails the
+                        // same way); the bytes of a failed write are never left half in `out`.
+                        let at = out.len();
+                        let written = if v5 {
+                            V5.write(p, &mut out)
+                        } else {
+                            V4.write(p, &mut out)
+                        };
+                        if written.is_err() {
+                            out.truncate(at);
                         }
                     }
                 }
