@@ -1,6 +1,11 @@
 //! The guard's in-process connection to rumqttd's router: what stands where a loopback TCP
 //! connection to an internal rumqttd listener stood before (issue 15).
 //!
+//! Why bytes and not packets at this seam: the guard's checks and rewrites (stamps, `$` topics,
+//! QoS, No Local, acknowledgement order) work on MQTT frames, tested as such; keeping the seam
+//! where the TCP stream was left all of that unchanged, and costs one in-memory copy and one
+//! decode per packet (the TCP hop, its syscalls and rumqttd's network layer are gone).
+//!
 //! [`Router::open`] returns one end of an in-memory byte stream ([`Internal`]); the guard
 //! writes MQTT packets into it and reads MQTT packets from it exactly as it did on the TCP
 //! connection, so its frame-level checks and rewrites stay where they are. The other end is

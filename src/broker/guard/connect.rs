@@ -36,16 +36,15 @@ use super::limits::{check_client_id, check_topic_name, reserved_allowed, reserve
 use super::relay::relay;
 use super::{Guard, Io};
 
-/// Longest wait for rumqttd's CONNACK on the internal connection.
+/// Longest wait for the router's CONNACK on a new link.
 pub(super) const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
 
-/// rumqttd 0.20 loses track of its will handlers when connections with the same client id
-/// overlap or follow each other within moments (a takeover, a client reconnecting in a loop): a
-/// handler with a dead receiver stays behind and the next CONNECT with that id panics while the
-/// handler mutex is held (failure mode 1 again; seen under churn in tests/security.rs). So the
-/// guard hands rumqttd one session per client id at a time: a new CONNECT first ends the
-/// running session with that id (the MQTT takeover, done by the guard), waits until it is
-/// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
+/// One session per client id at rumqttd's router at a time: a new CONNECT first ends the
+/// running session with that id (the MQTT takeover, done by the guard: its will fires, its
+/// MQTT 5 session expiry is decided), waits until it is closed, and leaves [`TURN_GAP`]. The
+/// router would end an older link with the id by itself, but silently (it drops the link), with
+/// none of that. (Before the links, rumqttd's network layer also lost track of its will
+/// handlers when connections with one id overlapped, and poisoned its listener.)
 pub(super) struct Turn {
     /// Held for the whole life of a session (and while the guard ends a stored one); the time
     /// the last one ended.
@@ -65,7 +64,7 @@ pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
 /// 0xFFFFFFFF, "never") is kept as long as rumqttd runs.
 pub(super) const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// One client: CONNECT checked, handed to rumqttd with the internal credential, then relayed.
+/// One client: CONNECT checked, handed to rumqttd's router over a new link, then relayed.
 pub(super) async fn session<S: Io>(mut client: S, peer: SocketAddr, v5: bool, guard: Arc<Guard>) {
     let p = &guard.policy;
     let mut buf = BytesMut::with_capacity(1024);

@@ -55,7 +55,7 @@ pub const PENDING_MAX: usize = 1 << 20;
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 pub(super) const COALESCE: usize = 64 * 1024;
 
-/// The guard's side of the internal connection to rumqttd, for one client.
+/// The guard's side of the link to rumqttd's router, for one client.
 pub(super) struct ToBroker {
     pub(super) w: WriteHalf<Internal>,
     /// Checked packets not yet written: passed on together while more are already buffered.
@@ -769,8 +769,8 @@ fn relay_filters_inside(
 
 impl Guard {
     /// Must this MQTT 5 publish lose its properties on its way into rumqttd? It must not reach
-    /// a 3.1.1 subscriber with them (rumqttd panics writing them and poisons the listener;
-    /// `Fanout::add_filter`), nor be kept as a retained message a 3.1.1 client may subscribe
+    /// a 3.1.1 subscriber with them (rumqttd's 3.1.1 encoder panics on them; the link's
+    /// adapter also drops them for a 3.1.1 connection; `Fanout::add_filter`), nor be kept as a retained message a 3.1.1 client may subscribe
     /// to later. `admit`: what the fan-out mirror said of it. Counted when so.
     fn drops_properties(
         &self,
