@@ -134,14 +134,13 @@ async fn packets_within(s: &mut TcpStream, wait: Duration) -> Vec<(u8, Vec<u8>)>
 }
 
 /// Keep alive 0 turns keep alive off (MQTT 3.1.1 and 5 §3.1.2.10) and must be accepted;
-/// rumqttd refuses it (the guard answered CONNACK 3 / 0x89). The guard gives rumqttd a keep alive
-/// of its own and pings it: with that set to 1 s here, an idle client stays connected for 3 s
-/// (rumqttd alone closes after 1.5 s of silence), sees none of the guard's pings, and still gets
-/// what is published to it.
+/// rumqttd's network layer refused it (the guard answered CONNACK 3 / 0x89) and closed a
+/// connection silent for 1.5 x its keep alive. The router the guard's links reach has no keep
+/// alive: an idle client stays connected (3 s here), gets nothing it did not ask for, and still
+/// gets what is published to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_0_is_accepted_and_the_guard_keeps_rumqttd_out_of_it() {
     let (gw, _d) = gateway().await;
-    gw.broker().guard().set_internal_keep_alive_for_tests(1);
     for (v5, addr) in [
         (false, gw.broker_addr),
         (true, gw.broker_addr_v5.expect("v5 listener")),
@@ -169,13 +168,11 @@ async fn keep_alive_0_is_accepted_and_the_guard_keeps_rumqttd_out_of_it() {
 }
 
 /// With the guard in front, the client's keep alive is the guard's to enforce: a client that
-/// pings gets exactly one PINGRESP per PINGREQ (never one answering the guard's own pings to
-/// rumqttd, which run every 0.5 s here), and one that falls silent is closed after 1.5 x its keep
+/// pings gets exactly one PINGRESP per PINGREQ, and one that falls silent is closed after 1.5 x its keep
 /// alive (MQTT 5: DISCONNECT 0x8D first), counted as `keep_alive_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_keep_alive_is_enforced_and_only_its_pings_answered() {
     let (gw, _d) = gateway().await;
-    gw.broker().guard().set_internal_keep_alive_for_tests(1);
     for (v5, addr) in [
         (false, gw.broker_addr),
         (true, gw.broker_addr_v5.expect("v5 listener")),
@@ -815,5 +812,133 @@ async fn mqtt5_properties_on_dollar_topics_never_reach_a_311_subscriber() {
     )
     .await;
     subscribed(&mut t, false, "$app/#", 1).await;
+    gw.shutdown().await;
+}
+
+/// A CONNECT (clean start, keep alive 30) with a will on `topic` (QoS 1, `retain`); MQTT 5:
+/// Session Expiry Interval `expiry` and Will Delay Interval `delay` (seconds, when not 0).
+fn connect_will(
+    v5: bool,
+    id: &str,
+    topic: &str,
+    retain: bool,
+    expiry_secs: u32,
+    delay: u32,
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    mqtt_str(&mut b, b"MQTT");
+    b.push(if v5 { 5 } else { 4 });
+    b.push(0x02 | 0x04 | 0x08 | if retain { 0x20 } else { 0 });
+    b.extend_from_slice(&30u16.to_be_bytes());
+    if v5 {
+        let props = if expiry_secs > 0 {
+            expiry(expiry_secs)
+        } else {
+            Vec::new()
+        };
+        b.push(props.len() as u8);
+        b.extend_from_slice(&props);
+    }
+    mqtt_str(&mut b, id.as_bytes());
+    if v5 {
+        let mut will_props = Vec::new();
+        if delay > 0 {
+            will_props.push(0x18);
+            will_props.extend_from_slice(&delay.to_be_bytes());
+        }
+        b.push(will_props.len() as u8);
+        b.extend_from_slice(&will_props);
+    }
+    mqtt_str(&mut b, topic.as_bytes());
+    mqtt_str(&mut b, format!("gone-{id}").as_bytes());
+    frame(0x10, &b)
+}
+
+/// Wills are the guard's since rumqttd is reached through in-process links (its router has no
+/// wills; they lived in its network layer): on both listeners a will fires when the connection
+/// ends without a DISCONNECT, reaches a subscriber, and a retained one is kept for a later
+/// subscriber; a clean DISCONNECT cancels it. MQTT 5 Will Delay Interval (§3.1.3.2.2): the will
+/// waits that long, and a reconnect of the session within it cancels it (before, rumqttd never
+/// saw the delay, which only will properties carry, and the will went out at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_fire_on_an_abnormal_close_retained_and_delayed() {
+    let (gw, _d) = gateway().await;
+    let v5_addr = gw.broker_addr_v5.expect("v5 listener");
+    for v5 in [false, true] {
+        let addr = if v5 { v5_addr } else { gw.broker_addr };
+        let (mut live, _) = accepted(
+            gw.broker_addr,
+            &connect_with(false, &format!("wl-{v5}"), 0x02, 30, &[]),
+        )
+        .await;
+        subscribed(&mut live, false, &format!("will/{v5}/#"), 1).await;
+        // Abnormal close: the will fires, retained.
+        let (s, _) = accepted(
+            addr,
+            &connect_will(v5, &format!("wr-{v5}"), &format!("will/{v5}/r"), true, 0, 0),
+        )
+        .await;
+        drop(s);
+        // A clean DISCONNECT: no will.
+        let (mut s, _) = accepted(
+            addr,
+            &connect_will(v5, &format!("wc-{v5}"), &format!("will/{v5}/c"), true, 0, 0),
+        )
+        .await;
+        s.write_all(&frame(0xe0, if v5 { &[0x00, 0x00][..] } else { &[][..] }))
+            .await
+            .unwrap();
+        let got = receive_acking(&mut live, false, Duration::from_secs(2)).await;
+        assert_eq!(
+            got,
+            vec![format!("gone-wr-{v5}").into_bytes()],
+            "v5 {v5}: the live subscriber"
+        );
+        let (mut later, _) = accepted(
+            gw.broker_addr,
+            &connect_with(false, &format!("wlater-{v5}"), 0x02, 30, &[]),
+        )
+        .await;
+        subscribed(&mut later, false, &format!("will/{v5}/#"), 1).await;
+        let (b1, body) = tokio::time::timeout(Duration::from_secs(2), read_packet(&mut later))
+            .await
+            .expect("the retained will")
+            .expect("a packet");
+        assert_eq!(b1 & 0xf1, 0x31, "v5 {v5}: a retained PUBLISH ({b1:02x})");
+        assert_eq!(
+            parse_publish(b1, &body, false).2,
+            format!("gone-wr-{v5}").into_bytes()
+        );
+    }
+
+    // MQTT 5 Will Delay Interval 2 s (Session Expiry 10 s).
+    let (mut live, _) = accepted(
+        gw.broker_addr,
+        &connect_with(false, "wd-live", 0x02, 30, &[]),
+    )
+    .await;
+    subscribed(&mut live, false, "delayed/#", 1).await;
+    let (s, _) = accepted(
+        v5_addr,
+        &connect_will(true, "wd-1", "delayed/1", false, 10, 2),
+    )
+    .await;
+    drop(s);
+    let early = receive_acking(&mut live, false, Duration::from_millis(1200)).await;
+    assert!(early.is_empty(), "the will waits for its delay: {early:?}");
+    let late = receive_acking(&mut live, false, Duration::from_secs(3)).await;
+    assert_eq!(late, vec![b"gone-wd-1".to_vec()], "then it fires");
+    // Back within the delay: the will never fires.
+    let (s, _) = accepted(
+        v5_addr,
+        &connect_will(true, "wd-2", "delayed/2", false, 10, 2),
+    )
+    .await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, _) = session(v5_addr, "wd-2", false, 10).await;
+    let none = receive_acking(&mut live, false, Duration::from_secs(4)).await;
+    assert!(none.is_empty(), "cancelled by the reconnect: {none:?}");
+    drop(s);
     gw.shutdown().await;
 }

@@ -186,12 +186,11 @@ pub(crate) async fn setup(
     (mosq, cloud, gw, dir)
 }
 
-/// Failure mode 1, client ids: `+ # / $` ids that reconnect are refused by the guard, the
-/// listener never breaks. Then the same attack straight at rumqttd's internal listener (which
-/// only the guard can reach: it needs the guard's secret) shows the failure is real, and that
-/// the liveness probe detects it and replaces the listener.
+/// Failure mode 1, client ids: `+ # / $` ids that reconnect are refused by the guard (they
+/// used to poison rumqttd's listener; the router itself refuses them silently, so a link with
+/// one would never be answered), the broker keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fm1_bad_client_ids_cannot_poison_the_listener_and_the_probe_heals_one() {
+async fn fm1_bad_client_ids_are_refused_and_the_broker_keeps_serving() {
     let (_m, cloud, gw, _d) = setup(|_| {}).await;
     let before = Sensor::connect(gw.broker_addr, "before").await;
     for i in 0..5 {
@@ -212,38 +211,6 @@ async fn fm1_bad_client_ids_cannot_poison_the_listener_and_the_probe_heals_one()
     assert_eq!(m.broker_rejected("client_id"), 8);
     still_serving(&gw, &cloud, "a", "sensors/a/t", 5).await;
     assert!(gw.broker().check().await.is_empty());
-    assert_eq!(
-        m.broker_listener_restarts.get(),
-        0,
-        "the guard alone kept it healthy"
-    );
-
-    // Unguarded: the attack poisons rumqttd's will-handler mutex for real.
-    let internal = gw.broker().internal_addr(false).unwrap();
-    let secret = gw.broker().guard().secret_for_tests().to_string();
-    let login = Some(("", secret.as_str()));
-    for _ in 0..3 {
-        let _ = connack_code(internal, false, "bad/id", login).await;
-    }
-    assert_eq!(
-        connack_code(internal, false, "victim", login).await,
-        None,
-        "rumqttd 0.20: after a refused '/' client id reconnects, the listener answers no one"
-    );
-    // Through the guard a sensor now gets a clean refusal (server unavailable), counted.
-    assert_eq!(
-        connack_code(gw.broker_addr, false, "victim", None).await,
-        Some(3)
-    );
-    assert!(m.broker_rejected("broker_refused") >= 1);
-    // The probe finds it and replaces the internal listener (the supervisor does this every
-    // tick; called here directly to be deterministic).
-    let problems = gw.broker().check().await;
-    assert!(problems.is_empty(), "{problems:?}");
-    assert!(m.broker_probe_failures.get() >= 1);
-    assert!(m.broker_listener_restarts.get() >= 1);
-    assert_ne!(gw.broker().internal_addr(false).unwrap(), internal);
-    still_serving(&gw, &cloud, "b", "sensors/b/t", 5).await;
     assert!(
         eventually(WAIT, || arrived(&cloud, "sensors/before/t") == 5).await,
         "nothing accepted before was lost"
@@ -280,7 +247,6 @@ async fn fm1_connections_beyond_the_limit_are_refused_and_the_listener_survives(
     assert!(eventually(WAIT, || gw.metrics().broker_connections.get() == 0).await);
     drop(g);
     still_serving(&gw, &cloud, "after-limit", "sensors/limit/t", 5).await;
-    assert_eq!(gw.metrics().broker_listener_restarts.get(), 0);
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -464,7 +430,6 @@ async fn fm3_forbidden_packets_on_mqtt5_are_refused_and_the_listener_keeps_servi
         .unwrap();
     assert_eq!(buf[0], 0x40, "PUBACK: {:02x?}", &buf[..n]);
     assert!(eventually(WAIT, || arrived(&cloud, "sensors/v5/t") == 1).await);
-    assert_eq!(gw.metrics().broker_listener_restarts.get(), 0);
     still_serving(&gw, &cloud, "v5", "sensors/v4/t", 3).await;
 }
 
@@ -477,7 +442,7 @@ async fn fm4_reserved_client_ids_cannot_kick_the_internal_links() {
         "edgegate-rules-",
         "edgegate-rules-00000000000000000000000000000000",
         "edgegate-status-0",
-        "edgegate-probe-0",
+        "edgegate-wills-0",
     ] {
         assert_eq!(
             connack_code(gw.broker_addr, false, id, None).await,
@@ -1228,11 +1193,6 @@ async fn fm1_same_client_id_churn_does_not_poison_the_listener() {
         let _ = t.await;
     }
     assert!(gw.broker().check().await.is_empty());
-    assert_eq!(
-        gw.metrics().broker_probe_failures.get(),
-        0,
-        "rumqttd's listener never broke"
-    );
     still_serving(&gw, &cloud, "churn", "sensors/churn/t", 3).await;
 }
 

@@ -404,7 +404,7 @@ impl Gateway {
         self.rules_handle.clone()
     }
 
-    /// The embedded broker (guard counters, internal listener addresses for tests).
+    /// The embedded broker (guard counters, links).
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
     }

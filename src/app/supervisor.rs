@@ -3,8 +3,8 @@
 //! stops the pings and systemd restarts the service (`WatchdogSec=`).
 //!
 //! What counts as "making progress", each check using only what the stages already expose:
-//! - broker: every listener task runs and answers a real MQTT CONNECT with a CONNACK (an
-//!   internal listener that does not is replaced; only a failed replacement is a problem);
+//! - broker: every public listener task runs (the guard reaches rumqttd's router through
+//!   in-process links: there is no internal listener to probe);
 //! - ingest, rules, forwarder: their tasks have not ended (the forwarder ends at once, by design,
 //!   when no upstream is configured);
 //! - queue writer: answers a stats request within [`QUEUE_REPLY_LIMIT`] (the request waits

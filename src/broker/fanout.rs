@@ -94,9 +94,9 @@ impl Fanout {
 
     /// A filter rumqttd is given (again or for the first time), by an MQTT 3.1.1 client when
     /// `v3`. That stays known for good: rumqttd 0.20 panics writing a publish that carries
-    /// MQTT 5 properties to a 3.1.1 connection (the subscriber's connection dies, and the
-    /// listener is poisoned when its client id comes back), so such publishes must reach those
-    /// filters without their properties.
+    /// MQTT 5 properties to a 3.1.1 connection (before the links this killed the subscriber's
+    /// connection and poisoned the listener; the link's adapter now drops them for a 3.1.1
+    /// connection too), so such publishes reach those filters without their properties.
     pub fn add_filter(&self, filter: &[u8], v3: bool) {
         let f = String::from_utf8_lossy(filter);
         let f = match f.strip_prefix("$share/") {

@@ -548,9 +548,6 @@ pub fn disconnect_expiry(body: &[u8]) -> Option<Option<u32>> {
     Some(expiry)
 }
 
-/// PINGREQ, as the guard sends it to rumqttd on its own.
-pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
-
 /// Packet id of a PUBLISH frame of QoS 1 or 2.
 pub fn publish_pkid(frame: &[u8], header_len: usize) -> Option<u16> {
     let topic = publish_topic(frame, header_len)?;

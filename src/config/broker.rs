@@ -22,11 +22,8 @@ pub(super) fn broker(top: &mut Table<'_, '_>) -> BrokerConfig {
     tls(&mut b, &mut broker);
     access(&mut b, &mut broker);
     acl(&mut b, &mut broker);
-    if broker.max_connections < 2 {
-        b.error(
-            "max_connections",
-            "must be at least 2 (one is the gateway's own liveness probe)",
-        );
+    if broker.max_connections < 1 {
+        b.error("max_connections", "must be at least 1");
     }
     b.finish();
     broker

@@ -151,11 +151,8 @@ pub struct Metrics {
     /// Times the guard stopped reading from a sensor that owed it too many acknowledgements
     /// (it publishes without reading them; nothing is dropped).
     pub broker_paused: Counter,
-    /// Liveness probes of a broker listener that failed, and internal listeners restarted.
-    pub broker_probe_failures: Counter,
-    pub broker_listener_restarts: Counter,
-    /// Sessions rumqttd did not close within 2 s of the client's DISCONNECT (the guard closed
-    /// them itself; see broker/guard/mod.rs on why it waits).
+    /// Links rumqttd's router did not end within 2 s of the end of their connection (the guard
+    /// let go of them; see broker/guard/relay.rs on why it waits).
     pub broker_disconnect_unsettled: Counter,
     /// `traceparent` user properties that were not W3C trace context and were left out of the
     /// event (the reading itself is kept).
@@ -206,10 +203,8 @@ impl Metrics {
             broker_throttled: Counter::default(),
             broker_properties_dropped: Counter::default(),
             broker_paused: Counter::default(),
-            broker_probe_failures: Counter::default(),
             broker_disconnect_unsettled: Counter::default(),
             traceparent_invalid: Counter::default(),
-            broker_listener_restarts: Counter::default(),
             drop_totals: Mutex::new(HashMap::new()),
             drop_log: Mutex::new(HashMap::new()),
             last_sequence: AtomicU64::new(0),
@@ -308,24 +303,14 @@ impl Metrics {
             m.broker_paused.clone(),
         );
         registry.register(
-            "broker_probe_failures",
-            "Failed liveness probes (MQTT CONNECT/CONNACK) of a broker listener",
-            m.broker_probe_failures.clone(),
-        );
-        registry.register(
             "broker_disconnect_unsettled",
-            "Sessions the broker did not close within 2 s of the client's DISCONNECT",
+            "Links the broker's router did not end within 2 s of the end of their connection",
             m.broker_disconnect_unsettled.clone(),
         );
         registry.register(
             "traceparent_invalid",
             "traceparent user properties dropped from readings because they were not W3C trace context",
             m.traceparent_invalid.clone(),
-        );
-        registry.register(
-            "broker_listener_restarts",
-            "Internal broker listeners restarted after a failed probe",
-            m.broker_listener_restarts.clone(),
         );
         let r = &m.rules;
         registry.register(

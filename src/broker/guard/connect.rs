@@ -1,7 +1,7 @@
 //! One client's CONNECT: read within `broker.connection_timeout`, checked (protocol level,
-//! flags, client id, will, credentials, budgets, ACL), handed to rumqttd with the guard's
-//! internal credential once the client id's previous session has ended, and relayed after
-//! rumqttd's CONNACK.
+//! flags, client id, will, credentials, budgets, ACL), handed to rumqttd's router over an
+//! in-process link (without its will, which the guard publishes itself) once the client id's
+//! previous session has ended, and relayed after the router's CONNACK.
 //!
 //! Invariants:
 //! - Nothing reaches rumqttd before every check passed; a refused client gets the CONNACK of
@@ -12,20 +12,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rumqttd::protocol::{Login, Packet};
+use rumqttd::protocol::Packet;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::broker::frame::{
     connack_edited, decode, encode, parse_header, read_frame, read_frame_of, FrameError, PacketType,
 };
 use crate::broker::handoff::Publish;
+use crate::broker::link::LinkFailure;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::config::acl::Perms;
@@ -34,20 +33,18 @@ use crate::core::stamp::Stamp;
 use super::delivery::{self, SharedSubscriptions};
 use super::flow::Flow;
 use super::limits::{check_client_id, check_topic_name, reserved_allowed, reserved_topic};
-use super::probe::{visit, ProbeError};
 use super::relay::relay;
 use super::{Guard, Io};
 
-/// Longest wait for rumqttd's CONNACK on the internal connection.
+/// Longest wait for the router's CONNACK on a new link.
 pub(super) const INTERNAL_CONNACK: Duration = Duration::from_secs(5);
 
-/// rumqttd 0.20 loses track of its will handlers when connections with the same client id
-/// overlap or follow each other within moments (a takeover, a client reconnecting in a loop): a
-/// handler with a dead receiver stays behind and the next CONNECT with that id panics while the
-/// handler mutex is held (failure mode 1 again; seen under churn in tests/security.rs). So the
-/// guard hands rumqttd one session per client id at a time: a new CONNECT first ends the
-/// running session with that id (the MQTT takeover, done by the guard), waits until it is
-/// closed, and leaves rumqttd [`TURN_GAP`] to finish its bookkeeping.
+/// One session per client id at rumqttd's router at a time: a new CONNECT first ends the
+/// running session with that id (the MQTT takeover, done by the guard: its will fires, its
+/// MQTT 5 session expiry is decided), waits until it is closed, and leaves [`TURN_GAP`]. The
+/// router would end an older link with the id by itself, but silently (it drops the link), with
+/// none of that. (Before the links, rumqttd's network layer also lost track of its will
+/// handlers when connections with one id overlapped, and poisoned its listener.)
 pub(super) struct Turn {
     /// Held for the whole life of a session (and while the guard ends a stored one); the time
     /// the last one ended.
@@ -56,6 +53,10 @@ pub(super) struct Turn {
     pub(super) generation: watch::Sender<u64>,
 }
 
+/// How long a connection taken over by a newer one with its client id may still be read (what
+/// it sent before the newer one connected, such as its DISCONNECT).
+pub(super) const TAKEOVER_GRACE: Duration = Duration::from_millis(100);
+
 /// Pause between the end of a session and the next one with the same client id.
 pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
 
@@ -63,15 +64,8 @@ pub(super) const TURN_GAP: Duration = Duration::from_millis(50);
 /// 0xFFFFFFFF, "never") is kept as long as rumqttd runs.
 pub(super) const MAX_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// One client: CONNECT checked, handed to rumqttd with the internal credential, then relayed.
-pub(super) async fn session<S: Io>(
-    mut client: S,
-    peer: SocketAddr,
-    v5: bool,
-    targets: watch::Receiver<SocketAddr>,
-    guard: Arc<Guard>,
-) {
-    let target = *targets.borrow();
+/// One client: CONNECT checked, handed to rumqttd's router over a new link, then relayed.
+pub(super) async fn session<S: Io>(mut client: S, peer: SocketAddr, v5: bool, guard: Arc<Guard>) {
     let p = &guard.policy;
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
@@ -158,7 +152,7 @@ pub(super) async fn session<S: Io>(
             &"CONNECT with the reserved flag set",
         );
     }
-    let Some(Packet::Connect(mut connect, mut props, mut will, will_props, login)) =
+    let Some(Packet::Connect(mut connect, mut props, mut will, mut will_props, login)) =
         decode(v5, &mut frame, p.max_packet)
     else {
         return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be decoded");
@@ -381,6 +375,11 @@ pub(super) async fn session<S: Io>(
         subscriptions: HashSet::new(),
         retained_will,
         will: will_reading,
+        will_inside: None,
+        will_delay: will_props
+            .as_ref()
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0),
         will_cancelled: false,
         perms,
         expiry: None,
@@ -437,10 +436,8 @@ pub(super) async fn session<S: Io>(
         }
         my_turn = Some((taken, t.generation.subscribe(), gen));
     }
-    let login = Some(Login {
-        username: login.map(|l| l.username).unwrap_or_default(),
-        password: guard.secret.clone(),
-    });
+    // The router checks no credentials (the guard did).
+    let login = None;
     // MQTT 5 sessions on rumqttd's 3.1.1 ones (module docs): rumqttd keeps a session exactly
     // when it was made with clean session 0, so it gets 0 whenever the MQTT 5 session is to be
     // resumed or kept, and the guard ends it where MQTT 5 says: before the connect (clean start
@@ -448,7 +445,7 @@ pub(super) async fn session<S: Io>(
     let clean_start = connect.clean_session;
     if v5 && !(connect.clean_session && expiry == 0) {
         if connect.clean_session && assigned_id.is_none() {
-            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+            if let Err(e) = guard.end_session(&client_id).await {
                 let reply = refuse(
                     &mut client,
                     v5,
@@ -464,101 +461,52 @@ pub(super) async fn session<S: Io>(
         connect.clean_session = false;
         conn.expiry = Some(expiry);
     }
-    let internal_keep_alive = guard.internal_keep_alive.load(Ordering::Relaxed);
     let subscriptions =
         guard.session_subscriptions(&client_id, clean_start, !connect.clean_session);
     let flow = Flow::new(
         connect.keep_alive,
         props.as_ref(),
-        internal_keep_alive,
         v5,
         owner.max(1),
         subscriptions,
     );
-    connect.keep_alive = internal_keep_alive;
     // No topic aliases from rumqttd: the guard reads (and may change) the topic of every
     // publish it forwards (`delivery`), which an alias would hide.
     if let Some(p) = props.as_mut() {
         p.topic_alias_max = None;
     }
-    // The will is published by rumqttd: stamped and (a `$` topic) under the guard's prefix
-    // like every other publish.
-    if let Some(w) = will.as_mut() {
+    // The will is published by the guard when it fires (the router has no wills: they lived in
+    // rumqttd's network layer): stamped and (a `$` topic) under the guard's prefix like every
+    // other publish. Its properties (and the Will Delay Interval, which the guard honours
+    // itself) never go to rumqttd: a publish with properties reaching an MQTT 3.1.1
+    // subscriber used to kill its connection (rumqttd failure mode 13). The guard's own copy of
+    // the will (the reading) is unchanged.
+    if let Some(w) = will.take() {
         let stamp = Stamp {
             qos: w.qos as u8,
             origin: owner.max(1),
         };
-        w.message = stamp.prepend(&w.message, w.retain).into();
-        if let Some(inside) = delivery::inside(&w.topic) {
-            w.topic = inside.into();
-        }
+        let topic = delivery::inside(&w.topic).map_or_else(|| w.topic.clone(), Into::into);
+        conn.will_inside = Some((topic, stamp.prepend(&w.message, w.retain).into(), w.retain));
     }
-    // rumqttd 0.20 turns will properties into publish properties and panics writing those to
-    // an MQTT 3.1.1 subscriber (its connection dies; see `Fanout::add_filter`). A will fires
-    // later, to whoever has subscribed by then, so its properties (and the Will Delay
-    // Interval, which only they carry) never go to rumqttd: local subscribers get the will
-    // at once and without them. The guard's own copy of the will (the reading) is unchanged.
-    if will_props.is_some() {
+    if will_props.take().is_some() {
         guard.metrics.broker_properties_dropped.inc();
     }
-    let will_props = None;
     let Some(out) = encode(v5, Packet::Connect(connect, props, will, will_props, login)) else {
         return guard.reject(Refusal::Malformed, peer, &"CONNECT could not be re-encoded");
     };
-    let mut internal =
-        match tokio::time::timeout(INTERNAL_CONNACK, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                let reply = refuse(
-                    &mut client,
-                    v5,
-                    &guard,
-                    Refusal::BrokerUnavailable,
-                    peer,
-                    &format_args!("internal listener {target} not reachable"),
-                );
-                return reply.await;
-            }
-        };
-    let _ = internal.set_nodelay(true);
+    let mut internal = guard.router.open(v5);
     let mut ibuf = BytesMut::with_capacity(256);
-    // Wait for rumqttd's CONNACK before anything else can happen on this connection: a client
-    // that vanishes right after CONNECT must not make rumqttd fail half-way (see module docs).
     let connack_frame = async {
         internal.write_all(&out).await.map_err(|_| FrameError::Io)?;
         read_frame(&mut internal, &mut ibuf, 1 << 16).await
     };
+    // A link the router builds after this gave up is ended by the link's adapter.
     let answer = tokio::time::timeout(INTERNAL_CONNACK, connack_frame).await;
-    if answer.is_err() {
-        // rumqttd is slow (a busy router), not refusing: it will still write its CONNACK. Were
-        // the guard to close now, that write would fail after rumqttd registered the client
-        // id's will handler, leaving it with a dead receiver, and the next CONNECT with the id
-        // would panic while holding the handler mutex: the listener poisoned (failure mode 1;
-        // seen in the 10-minute soak as `broker_refused` followed by PoisonError). So the guard
-        // lets rumqttd finish in the background: it waits for the CONNACK, leaves with a
-        // DISCONNECT, and keeps the client id's turn until rumqttd has closed.
-        let settle_turn = my_turn.take();
-        let g = guard.clone();
-        let id = client_id.clone();
-        tokio::spawn(async move {
-            let _turn = settle_turn;
-            g.settle_late_connack(internal, ibuf, &id).await;
-        });
-        let reply = refuse(
-            &mut client,
-            v5,
-            &guard,
-            Refusal::BrokerRefused,
-            peer,
-            &format_args!(
-                "rumqttd did not answer client {client_id:?} within {INTERNAL_CONNACK:?}"
-            ),
-        );
-        return reply.await;
-    }
     let buf_down = match answer {
         Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
-            // rumqttd holds the will now: it fires (and is stored) unless a clean DISCONNECT.
+            // The session is at the router: its will fires (and is stored) unless a clean
+            // DISCONNECT.
             will_charge.charge = None;
             // MQTT 5: the guard's Topic Alias Maximum (`broker.max_topic_aliases`), and the id
             // it assigned.
@@ -587,24 +535,42 @@ pub(super) async fn session<S: Io>(
             return reply.await;
         }
     };
+    // The turn's generation of this session (a newer connection with the id bumps it).
+    let will_generation = turn
+        .as_ref()
+        .zip(my_turn.as_ref())
+        .map(|(t, mine)| (t.generation.subscribe(), mine.2));
     match my_turn {
         Some((mut taken, mut generation, gen)) => {
-            let taken_over = tokio::select! {
-                // The relay first: what the client sent before the newer connection (its
-                // DISCONNECT, ending the session) is read before the takeover ends the relay.
-                biased;
-                _ = relay(client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow) => false,
-                // A newer session with this client id: the takeover.
-                _ = async {
-                    loop {
-                        if *generation.borrow_and_update() != gen {
-                            return;
+            let taken_over = {
+                let relayed = relay(
+                    client, buf, internal, buf_down, peer, v5, &guard, &mut conn, &flow,
+                );
+                tokio::pin!(relayed);
+                let newer = tokio::select! {
+                    // The relay first: what the client sent before the newer connection (its
+                    // DISCONNECT, ending the session) is read before the takeover ends the relay.
+                    biased;
+                    _ = &mut relayed => false,
+                    // A newer session with this client id: the takeover.
+                    _ = async {
+                        loop {
+                            if *generation.borrow_and_update() != gen {
+                                return;
+                            }
+                            if generation.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
                         }
-                        if generation.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                } => true,
+                    } => true,
+                };
+                if newer {
+                    // The client's last packets may be in its socket without the runtime having
+                    // seen them yet (a loaded machine: 1 run in 3 with two busy cores): a
+                    // moment for the relay to read a DISCONNECT that came first.
+                    let _ = tokio::time::timeout(TAKEOVER_GRACE, &mut relayed).await;
+                }
+                newer
             };
             // An MQTT 5 session the guard keeps the lifetime of (after a takeover of a live
             // connection it is the new connection's).
@@ -613,7 +579,7 @@ pub(super) async fn session<S: Io>(
             match conn.expiry {
                 Some(0) if !taken_over => {
                     tokio::time::sleep(TURN_GAP).await;
-                    if let Err(e) = guard.end_session(target, v5, &client_id).await {
+                    if let Err(e) = guard.end_session(&client_id).await {
                         tracing::warn!(client = %client_id, error = %e, "an MQTT 5 session with expiry 0 could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
                     }
                 }
@@ -625,7 +591,7 @@ pub(super) async fn session<S: Io>(
             *taken = Some(Instant::now());
             drop(taken);
             if let (Some(after), Some(t)) = (expires, &turn) {
-                guard.expire_later(targets, v5, client_id.clone(), t.clone(), gen, after);
+                guard.expire_later(client_id.clone(), t.clone(), gen, after);
             }
             guard.release_turn(client_id, turn);
         }
@@ -636,8 +602,8 @@ pub(super) async fn session<S: Io>(
             .await
         }
     }
-    // After a takeover the relay was dropped before it could count the will.
-    guard.will_fires(&mut conn).await;
+    // The will, unless the client left cleanly (after a takeover too: MQTT says so).
+    guard.will_fires(&mut conn, will_generation);
 }
 
 /// The client ids the guard lends clients that connect with an empty one whose session ends with
@@ -740,9 +706,13 @@ pub(super) struct Conn {
     pub(super) subscriptions: HashSet<Vec<u8>>,
     /// A retained will charged to the retained book at CONNECT: (topic hash, bytes).
     pub(super) retained_will: Option<(u64, usize)>,
-    /// The will's topic and payload, published by rumqttd (and handed to the pipeline) unless
-    /// the client leaves cleanly.
+    /// The will's topic and payload, handed to the pipeline unless the client leaves cleanly.
     pub(super) will: Option<(bytes::Bytes, bytes::Bytes)>,
+    /// The will as rumqttd gets it (topic inside, stamped payload, retain), published by the
+    /// guard unless the client leaves cleanly.
+    pub(super) will_inside: Option<(bytes::Bytes, bytes::Bytes, bool)>,
+    /// MQTT 5 Will Delay Interval (seconds).
+    pub(super) will_delay: u32,
     /// A clean DISCONNECT (without MQTT 5's "with will" reason) was passed on.
     pub(super) will_cancelled: bool,
     pub(super) perms: Option<Perms>,
@@ -793,36 +763,20 @@ impl Guard {
         });
     }
 
-    /// End the session rumqttd stores for `client_id` (a clean connect discards it). The caller
+    /// End the session rumqttd stores for `client_id` (a clean link replaces it). The caller
     /// holds the client id's turn.
-    pub(super) async fn end_session(
-        &self,
-        target: SocketAddr,
-        v5: bool,
-        client_id: &str,
-    ) -> Result<(), ProbeError> {
-        let who = format!("ending the session of {client_id:?}");
+    pub(super) async fn end_session(&self, client_id: &str) -> Result<(), LinkFailure> {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(client_id);
-        visit(
-            target,
-            v5,
-            self,
-            client_id.to_string(),
-            INTERNAL_CONNACK,
-            &who,
-        )
-        .await
+        self.router.end_session(client_id).await
     }
 
     /// End `client_id`'s session `after` its connection (generation `gen` of its turn) ended,
     /// unless a newer connection took it up meanwhile (MQTT 5 Session Expiry Interval).
     pub(super) fn expire_later(
         self: &Arc<Guard>,
-        targets: watch::Receiver<SocketAddr>,
-        v5: bool,
         client_id: String,
         turn: Arc<Turn>,
         gen: u64,
@@ -852,8 +806,7 @@ impl Guard {
                     tokio::time::sleep(TURN_GAP - since).await;
                 }
             }
-            let target = *targets.borrow();
-            if let Err(e) = guard.end_session(target, v5, &client_id).await {
+            if let Err(e) = guard.end_session(&client_id).await {
                 tracing::warn!(client = %client_id, error = %e, "an expired MQTT 5 session could not be ended at rumqttd: it is kept until the client id connects with clean start 1");
             }
             *taken = Some(Instant::now());
@@ -862,20 +815,57 @@ impl Guard {
         });
     }
 
-    /// The session ends without a clean DISCONNECT: rumqttd publishes the will to local
-    /// subscribers, and it goes to the pipeline as a reading (once; nobody waits for it).
-    pub(super) async fn will_fires(&self, conn: &mut Conn) {
+    /// The session ends without a clean DISCONNECT (or with MQTT 5's "with will"): the guard
+    /// publishes the will to local subscribers (stamped, as rumqttd gets every publish) and
+    /// hands it to the pipeline as a reading (once; nobody waits for it). With an MQTT 5 Will
+    /// Delay Interval (at most the Session Expiry Interval) both wait that long, and a new
+    /// connection with the client id meanwhile (`generation`: its turn's, and this session's)
+    /// cancels them; so does the gateway stopping.
+    pub(super) fn will_fires(
+        self: &Arc<Guard>,
+        conn: &mut Conn,
+        generation: Option<(watch::Receiver<u64>, u64)>,
+    ) {
         if conn.will_cancelled {
             return;
         }
-        let (Some((topic, payload)), Some(handoff)) = (conn.will.take(), self.handoff()) else {
+        let (reading, inside) = (conn.will.take(), conn.will_inside.take());
+        if reading.is_none() && inside.is_none() {
             return;
-        };
-        let will = Publish {
-            topic: &topic,
-            payload: &payload,
-            traceparent: None,
-        };
-        let _ = handoff.offer(will, None, &self.metrics).await;
+        }
+        let delay = conn.will_delay.min(conn.expiry.unwrap_or(0));
+        let guard = self.clone();
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            if delay > 0 {
+                let after = Duration::from_secs(delay as u64);
+                let reconnected = async {
+                    match generation {
+                        Some((mut g, gen)) => {
+                            let _ = g.wait_for(|now| *now != gen).await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => {}
+                    _ = reconnected => return,
+                    _ = closing.wait_for(|c| *c) => return,
+                }
+            }
+            if let Some((topic, payload, retain)) = inside {
+                if !guard.router.publish(topic, payload, retain).await {
+                    tracing::warn!("a will could not be published to local subscribers: rumqttd's router did not take it");
+                }
+            }
+            if let (Some((topic, payload)), Some(handoff)) = (reading, guard.handoff()) {
+                let will = Publish {
+                    topic: &topic,
+                    payload: &payload,
+                    traceparent: None,
+                };
+                let _ = handoff.offer(will, None, &guard.metrics).await;
+            }
+        });
     }
 }

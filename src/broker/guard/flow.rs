@@ -4,9 +4,8 @@
 //! topics, No Local). The invariants are on [`Flow`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::Mutex;
-use std::time::Duration;
 
 use bytes::BytesMut;
 
@@ -28,10 +27,8 @@ pub(super) const RUMQTTD_OUTGOING_WINDOW: usize = 100;
 pub(super) const HELD_BYTES: usize = 256 * 1024;
 
 /// What the guard does on one connection for the client, between it and rumqttd:
-/// - keep alive: the client's own is enforced by the guard (rumqttd is given
-///   [`Guard::internal_keep_alive`] instead, so that keep alive 0, which rumqttd refuses, can be
-///   accepted), and the guard pings rumqttd when it has written nothing to it for `ping_after`;
-///   the PINGRESPs answering those pings are kept from the client;
+/// - keep alive: the client's own is enforced by the guard (rumqttd's router has no keep alive:
+///   it lived in its network layer, which refused keep alive 0);
 /// - MQTT 5 Maximum Packet Size: a PUBLISH larger than the client allows is withheld (counted
 ///   in `subscriber_max_packet_size`) and acknowledged to rumqttd on the client's behalf (QoS 1:
 ///   PUBACK; QoS 2: PUBREC, then PUBCOMP for rumqttd's PUBREL), as if delivered (§3.1.2.11.4);
@@ -56,9 +53,6 @@ pub(super) const HELD_BYTES: usize = 256 * 1024;
 pub(super) struct Flow {
     /// The client's keep alive (seconds; 0: off).
     pub(super) keep_alive: u16,
-    pub(super) ping_after: Duration,
-    /// PINGREQs the guard sent rumqttd whose PINGRESP has not come back yet.
-    pub(super) own_pings: AtomicU32,
     /// The client's Maximum Packet Size (`usize::MAX` when it declared none).
     pub(super) max_packet: usize,
     /// The client's Receive Maximum, when below rumqttd's window (else that window is the
@@ -135,15 +129,12 @@ impl Flow {
     pub(super) fn new(
         keep_alive: u16,
         props: Option<&rumqttd::protocol::ConnectProperties>,
-        internal_keep_alive: u16,
         v5: bool,
         origin: u64,
         subscriptions: SharedSubscriptions,
     ) -> Flow {
         Flow {
             keep_alive,
-            ping_after: Duration::from_secs(internal_keep_alive.max(1) as u64) / 2,
-            own_pings: AtomicU32::new(0),
             max_packet: props
                 .and_then(|p| p.max_packet_size)
                 .map_or(usize::MAX, |m| m as usize),
@@ -193,15 +184,6 @@ impl Flow {
             let f = &rest[..(hl + rl).min(rest.len())];
             at += f.len();
             match PacketType::of(byte1) {
-                Some(PacketType::Pingresp) => {
-                    let own = self
-                        .own_pings
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
-                    if own {
-                        continue;
-                    }
-                }
                 Some(PacketType::Publish) => {
                     let Some(meta) = publish_meta(f, hl, self.v5) else {
                         // Not one the guard can read: as rumqttd sent it.

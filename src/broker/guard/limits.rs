@@ -20,13 +20,13 @@ use crate::core::reserved::OWN_PREFIX;
 
 use super::{delivery, Guard};
 
-/// The gateway's own links and probe use these, and the ids the guard lends clients that sent
+/// The gateway's own links use these (the rules, the status page, the guard's wills link), and the ids the guard lends clients that sent
 /// an empty one (`connect::AnonIds`); a sensor that takes one would kick a link or a client off.
 /// (Only these: another edgegate connecting upstream as `edgegate-{id}` must be let in.)
 pub(super) const RESERVED_IDS: [&str; 4] = [
     "edgegate-rules-",
     "edgegate-status-",
-    "edgegate-probe-",
+    "edgegate-wills-",
     ANON_PREFIX,
 ];
 

@@ -1,35 +1,24 @@
 //! The broker guard: the only sockets sensors reach. It accepts connections itself, checks them,
-//! and relays what it lets through to rumqttd's listeners, which listen on 127.0.0.1 only and
-//! accept nothing without the guard's per-process secret.
+//! and passes what it lets through to rumqttd's router over an in-process link per connection
+//! ([`crate::broker::link`]): rumqttd has no listener at all.
 //!
-//! Why (rumqttd 0.20, read in its source and reproduced against the internal listener in
-//! tests/security.rs):
-//! - a CONNECT the router refuses (client id with `+ # / $`, more than `max_connections`) leaves a
-//!   will handler with a dead channel; the same client id connecting again panics while the
-//!   will-handler mutex is held, poisoning it: every later connection on that listener dies.
-//!   A connection task that dies after CONNECT (below) leaves the same trap. The guard refuses
-//!   such client ids and excess connections before rumqttd sees them, waits for rumqttd's CONNACK
-//!   before it lets a client go, and a liveness probe restarts a listener that stops answering;
-//! - the TLS handshake runs inline in rumqttd's accept loop without a timeout: the guard
-//!   terminates TLS itself, in the connection's own task, with `broker.connection_timeout`;
-//! - packets a client must never send (CONNACK, SUBACK, UNSUBACK, PINGRESP, AUTH, a second
-//!   CONNECT, reserved types) reach `unreachable!()` in rumqttd's decoders: the guard frames
-//!   every packet from a client and closes the connection on one of those;
+//! Why (rumqttd 0.20, read in its source):
+//! - rumqttd's network layer had hazards of its own (a refused CONNECT that poisons a listener's
+//!   will-handler mutex, the TLS handshake inline in its accept loop, `unreachable!()` on packets
+//!   a client must never send, a session ended twice after a DISCONNECT, per-connection buffers
+//!   that never shrink): it is not used. The guard terminates TLS itself, in the connection's
+//!   own task, with `broker.connection_timeout`, and frames every packet from a client (closing
+//!   the connection on a type a client must never send);
 //! - client ids starting with `edgegate-` are the gateway's own (in-process links): refused;
 //! - rumqttd keeps state per client id and per topic/filter forever: the guard caps the number
 //!   of distinct ones (`broker.max_client_ids`, `broker.max_topics`) and their lengths;
-//! - a DISCONNECT followed at once by the socket closing makes rumqttd disconnect the session
-//!   twice: the router frees its connection slot on the DISCONNECT, and the connection task,
-//!   reading the close, reports a disconnect for that slot again. The router hands a freed slot
-//!   to the next connection (a sensor, or one of the gateway's links), which that second report
-//!   then ends; a sensor on a clean session loses whatever it had not been PUBACKed. So after a
-//!   client's DISCONNECT (and the probe's own) the guard keeps the internal connection open
-//!   until rumqttd has closed it, which it does without a second report;
-//! - rumqttd refuses keep alive 0, refuses an MQTT 5 empty client id with clean start 0, keeps
-//!   MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry Interval), ignores the
-//!   client's Maximum Packet Size and Receive Maximum, and closes a link on an acknowledgement
-//!   out of order: the guard supplies each (see `Flow` and `session`), so that what a client
-//!   sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take;
+//! - rumqttd's router keeps MQTT 5 sessions by the 3.1.1 rules (ignoring the Session Expiry
+//!   Interval), ignores the client's Maximum Packet Size and Receive Maximum, and closes a link
+//!   on an acknowledgement out of order: the guard supplies each (see `Flow` and `session`),
+//!   so that what a client sees is MQTT 3.1.1/5 and what rumqttd sees is what it can take;
+//!   keep alive and wills are the guard's entirely (the router has neither: they lived in
+//!   rumqttd's network layer); a will fires when a connection ends without a clean DISCONNECT
+//!   and is published by the guard ([`crate::broker::link::Router::publish`]);
 //! - rumqttd delivers at the subscription's QoS whatever the publish QoS, cannot route `$`
 //!   topics at all and ignores No Local: every message the guard (or the gateway) puts into
 //!   rumqttd carries a [`crate::core::stamp`] (publish QoS, publishing client), `$` topics and
@@ -44,18 +33,20 @@
 //! `connect.rs` a client's CONNECT, `relay.rs` the two pumps of an admitted connection,
 //! `flow.rs` what the guard enforces towards the client (keep alive, MQTT 5 flow control),
 //! `delivery.rs` which forwarded messages a client gets and how (QoS, `$` topics, No Local),
-//! `limits.rs` the budgets and name checks, `probe.rs` the liveness probe. The framing is
-//! [`crate::broker::frame`], the reasons for a refusal [`crate::broker::refusal`].
+//! `limits.rs` the budgets and name checks. The framing is [`crate::broker::frame`], the
+//! reasons for a refusal [`crate::broker::refusal`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+
+use crate::broker::link::Router;
 
 use crate::broker::fanout::Fanout;
 use crate::broker::handoff::Handoff;
@@ -70,7 +61,6 @@ mod connect;
 mod delivery;
 mod flow;
 mod limits;
-mod probe;
 mod relay;
 #[cfg(test)]
 mod tests;
@@ -78,7 +68,6 @@ mod tests;
 use connect::{session, Turn};
 
 pub use limits::{check_client_id, check_topic_name, reserved_topic};
-pub use probe::{probe, ProbeError};
 
 /// Bytes the guard may add to a publish on its way into rumqttd (its stamp; a `$` topic's
 /// prefix): rumqttd's own packet limit is `broker.max_payload_size` plus this, or it would close
@@ -87,11 +76,6 @@ pub const RELAY_GROWTH: usize = crate::core::stamp::LEN + delivery::DOLLAR_PREFI
 
 /// Client ids with this prefix belong to the gateway itself.
 pub const RESERVED_PREFIX: &str = "edgegate-";
-
-/// Keep alive (seconds) the guard gives rumqttd for every connection it relays, whatever the
-/// client's own (which the guard enforces itself; see `Flow`): rumqttd refuses keep alive 0,
-/// which MQTT says turns keep alive off. The guard pings rumqttd after half of it without a write.
-pub const INTERNAL_KEEP_ALIVE: u16 = 60;
 
 /// Concurrent argon2 verifications (each ~20 MiB and tens of ms): a password-guessing flood
 /// cannot take every core.
@@ -134,15 +118,8 @@ pub struct Policy {
 /// State shared by every listener of one broker.
 pub struct Guard {
     pub policy: Policy,
-    /// Credential of the guard towards rumqttd's internal listeners (and of the probe).
-    secret: String,
-    /// Prefix of the probe's client ids (reserved, so no sensor can take one). Each probe
-    /// connects with an id of its own: rumqttd 0.20 panics, poisoning the listener, when a
-    /// client id reconnects while its previous connection is still being torn down, and a probe
-    /// retried 100 ms after a failure (or one that timed out half-way) did exactly that. With a
-    /// clean session rumqttd keeps nothing per id once the connection has ended.
-    pub probe_id: String,
-    probes: AtomicU64,
+    /// rumqttd's router: a link per connection, wills, ending stored sessions.
+    router: Arc<Router>,
     active: AtomicUsize,
     /// Set when the gateway stops: every session ends at once, relaying nothing more.
     closing: watch::Sender<bool>,
@@ -172,8 +149,6 @@ pub struct Guard {
     /// Where readings go (`None`: a broker without a pipeline, like the demo's cloud, where
     /// rumqttd acknowledges publishes itself). Taken away at shutdown.
     handoff: Mutex<Option<Handoff>>,
-    /// Keep alive given to rumqttd ([`INTERNAL_KEEP_ALIVE`]; shorter only in tests).
-    internal_keep_alive: AtomicU16,
 }
 
 /// Any stream the guard can relay (TCP, TLS over TCP).
@@ -181,17 +156,12 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Accept loop of one public listener. Never blocks on a client: each connection (TLS
 /// handshake, CONNECT, relay) runs in its own task.
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     v5: bool,
-    target: watch::Receiver<SocketAddr>,
     guard: Arc<Guard>,
 ) {
     loop {
@@ -224,7 +194,6 @@ pub async fn accept_loop(
         };
         let guard = guard.clone();
         let tls = tls.clone();
-        let targets = target.clone();
         let mut closing = guard.closing.subscribe();
         tokio::spawn(async move {
             let _admitted = admitted;
@@ -237,7 +206,7 @@ pub async fn accept_loop(
                         )
                         .await
                         {
-                            Ok(Ok(s)) => session(s, peer, v5, targets, guard).await,
+                            Ok(Ok(s)) => session(s, peer, v5, guard).await,
                             Ok(Err(e)) => guard.reject(Refusal::TlsHandshake, peer, &e),
                             Err(_) => guard.reject(
                                 Refusal::TlsHandshakeTimeout,
@@ -246,7 +215,7 @@ pub async fn accept_loop(
                             ),
                         }
                     }
-                    None => session(stream, peer, v5, targets, guard).await,
+                    None => session(stream, peer, v5, guard).await,
                 }
             };
             // Stopping: the session is dropped wherever it is. A packet cut off in the middle
@@ -261,13 +230,11 @@ pub async fn accept_loop(
 }
 
 impl Guard {
-    pub fn new(policy: Policy, metrics: Arc<Metrics>) -> Arc<Guard> {
+    pub fn new(policy: Policy, metrics: Arc<Metrics>, router: Arc<Router>) -> Arc<Guard> {
         let (segment_size, segment_count, fanout_bytes) = policy.fanout;
         Arc::new(Guard {
             policy,
-            secret: uuid::Uuid::new_v4().simple().to_string(),
-            probe_id: format!("{RESERVED_PREFIX}probe-{}", uuid::Uuid::new_v4().simple()),
-            probes: AtomicU64::new(0),
+            router,
             active: AtomicUsize::new(0),
             closing: watch::Sender::new(false),
             auth_slots: Semaphore::new(AUTH_SLOTS),
@@ -284,28 +251,12 @@ impl Guard {
             anon_ids: Mutex::new(connect::AnonIds::default()),
             metrics,
             handoff: Mutex::new(None),
-            internal_keep_alive: AtomicU16::new(INTERNAL_KEEP_ALIVE),
         })
     }
 
-    /// For tests that show the guard keeps rumqttd's side of a connection alive: a shorter
-    /// keep alive towards rumqttd for connections made from now on. Not part of the API.
-    #[doc(hidden)]
-    pub fn set_internal_keep_alive_for_tests(&self, secs: u16) {
-        self.internal_keep_alive
-            .store(secs.max(1), Ordering::Relaxed);
-    }
-
-    /// The credential rumqttd's internal listeners require (constant-time comparison).
-    pub fn internal_password_ok(&self, password: &str) -> bool {
-        ct_eq(password.as_bytes(), self.secret.as_bytes())
-    }
-
-    /// For tests that attack rumqttd's internal listener directly (to show what the guard
-    /// prevents). Not part of the API.
-    #[doc(hidden)]
-    pub fn secret_for_tests(&self) -> &str {
-        &self.secret
+    /// rumqttd's router, as the guard and the gateway reach it.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
     }
 
     /// Hand readings to the pipeline from now on (connections made after this call).

@@ -8,24 +8,25 @@
 //!   says so (a reading's QoS, a retain flag over the limits); a refused packet ends the
 //!   connection before rumqttd sees it (MQTT 5: after a DISCONNECT with the refusal's code),
 //!   so the sensor has no PUBACK for it. A refused SUBSCRIBE is answered with a SUBACK instead.
-//! - After the client's DISCONNECT the internal connection stays open until rumqttd closes it
-//!   (module doc of the guard).
+//! - When the relay ends (the client's DISCONNECT, a close, a refusal) it waits until the link's
+//!   adapter has ended the link at the router (the stream closes), so that the next session
+//!   with the client id finds this one gone (one session per client id at the router).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::broker::fanout::Admit;
 use crate::broker::frame::{
     complete_frames, disconnect_expiry, frame_of, has_properties, map_filters, parse_header,
     publish_meta, read_frame, read_frame_within, rewrite_publish, suback_refusal,
-    subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType, PINGREQ,
+    subscribe_filters, unsubscribe_filters, Edit, FrameError, PacketType,
 };
 use crate::broker::handoff::{Handed, Owed, Publish, OWED_MAX};
+use crate::broker::link::Internal;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::core::bucket::TokenBucket;
@@ -38,12 +39,8 @@ use super::flow::Flow;
 use super::limits::{check_topic_name, reserved_allowed, reserved_topic, valid_filter};
 use super::{Guard, Io};
 
-/// Longest wait, after a DISCONNECT, for rumqttd to close the internal connection (module docs).
-pub(super) const DISCONNECT_SETTLE: Duration = Duration::from_secs(2);
-
-/// Longest wait for a CONNACK the client no longer waits for (see
-/// [`Guard::settle_late_connack`]).
-pub(super) const LATE_CONNACK: Duration = Duration::from_secs(60);
+/// Longest wait, at the end of a relay, for the link to end at the router (module docs).
+pub(super) const LINK_END: Duration = Duration::from_secs(2);
 
 /// Bytes a client may leave untaken (on their way to it) without a charge on
 /// `broker.max_buffered_bytes` (1,000 connections: 32 MiB).
@@ -58,22 +55,16 @@ pub const PENDING_MAX: usize = 1 << 20;
 /// the broker's PUBACKs arrive in bursts, and one write per packet was the relay's main cost.
 pub(super) const COALESCE: usize = 64 * 1024;
 
-/// The guard's side of the internal connection to rumqttd, for one client.
-pub(super) struct ToBroker<'a> {
-    pub(super) w: tokio::net::tcp::OwnedWriteHalf,
+/// The guard's side of the link to rumqttd's router, for one client.
+pub(super) struct ToBroker {
+    pub(super) w: WriteHalf<Internal>,
     /// Checked packets not yet written: passed on together while more are already buffered.
     pub(super) out: BytesMut,
     /// Acknowledgements the guard sends on the client's behalf (see [`Flow`]).
     pub(super) ctl: tokio::sync::mpsc::UnboundedReceiver<[u8; 4]>,
-    pub(super) last_write: tokio::time::Instant,
-    pub(super) ping_after: Duration,
-    /// Fires at the earliest when a ping may be due; re-armed only when it fires (one timer
-    /// operation per `ping_after`, not one per packet).
-    pub(super) ping: std::pin::Pin<Box<tokio::time::Sleep>>,
-    pub(super) own_pings: &'a AtomicU32,
 }
 
-impl ToBroker<'_> {
+impl ToBroker {
     /// Write what `out` holds (if anything) and empty it.
     pub(super) async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
@@ -84,15 +75,12 @@ impl ToBroker<'_> {
                 // (1,000 idle connections that each sent one would hold max_payload_size each).
                 self.out = BytesMut::new();
             }
-            self.last_write = tokio::time::Instant::now();
         }
         Ok(())
     }
 
     /// Run `work` (a read from the client, a pause) while writing what the guard sends rumqttd
-    /// itself: acknowledgements (after the client's packets before them, for rumqttd's order)
-    /// and, after `ping_after` without any write, a PINGREQ (rumqttd closes a connection silent
-    /// for 1.5 x its keep alive).
+    /// itself: acknowledgements (after the client's packets before them, for rumqttd's order).
     pub(super) async fn wait<F: std::future::Future>(
         &mut self,
         work: F,
@@ -105,15 +93,6 @@ impl ToBroker<'_> {
                     self.out.extend_from_slice(&ack);
                     self.flush().await?;
                 }
-                _ = &mut self.ping => {
-                    if tokio::time::Instant::now() >= self.last_write + self.ping_after {
-                        self.own_pings.fetch_add(1, Ordering::SeqCst);
-                        self.out.extend_from_slice(&PINGREQ);
-                        self.flush().await?;
-                    }
-                    let next = self.last_write + self.ping_after;
-                    self.ping.as_mut().reset(next);
-                }
                 r = &mut work => return Ok(r),
             }
         }
@@ -124,7 +103,7 @@ impl ToBroker<'_> {
 pub(super) async fn relay<S: Io>(
     client: S,
     mut buf: BytesMut,
-    internal: TcpStream,
+    internal: Internal,
     mut ibuf: BytesMut,
     peer: SocketAddr,
     v5: bool,
@@ -142,15 +121,11 @@ pub(super) async fn relay<S: Io>(
     // on the relay towards rumqttd (which may be waiting on rumqttd, which may be waiting for
     // us to read): bounded by rumqttd's outgoing window of 100 unacknowledged publishes.
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<[u8; 4]>();
-    let (mut ir, iw) = internal.into_split();
+    let (mut ir, iw) = tokio::io::split(internal);
     let mut to_broker = ToBroker {
         w: iw,
         out: BytesMut::new(),
         ctl: ctl_rx,
-        last_write: tokio::time::Instant::now(),
-        ping_after: flow.ping_after,
-        ping: Box::pin(tokio::time::sleep(flow.ping_after)),
-        own_pings: &flow.own_pings,
     };
     let p = &guard.policy;
     // Readings go to the pipeline and are acknowledged from here (see `handoff`); without a
@@ -761,19 +736,17 @@ pub(super) async fn relay<S: Io>(
             }
         }
     };
-    let disconnected = tokio::select! {
-        d = up => d,
-        _ = down => false,
+    tokio::select! {
+        _ = up => {},
+        _ = down => {},
     };
     // From here on a newer connection with the client id is no takeover of this one.
     conn.ended = true;
-    if disconnected {
-        guard.await_close_after_disconnect(&mut ir, &peer).await;
-    }
-    // The will fires (rumqttd publishes it when the internal connection closes): the reading.
-    guard.will_fires(conn).await;
-    let _ = to_broker.w.shutdown().await;
     let _ = cw.shutdown().await;
+    // The link ends at the router (by the DISCONNECT passed on, or the adapter's own once the
+    // stream is shut): wait for it, so the client id's next session finds this one gone.
+    let _ = to_broker.w.shutdown().await;
+    guard.await_link_end(&mut ir, &peer).await;
 }
 
 /// Append to `out` the SUBSCRIBE (`options`) or UNSUBSCRIBE `frame` as rumqttd gets it: its
@@ -796,8 +769,8 @@ fn relay_filters_inside(
 
 impl Guard {
     /// Must this MQTT 5 publish lose its properties on its way into rumqttd? It must not reach
-    /// a 3.1.1 subscriber with them (rumqttd panics writing them and poisons the listener;
-    /// `Fanout::add_filter`), nor be kept as a retained message a 3.1.1 client may subscribe
+    /// a 3.1.1 subscriber with them (rumqttd's 3.1.1 encoder panics on them; the link's
+    /// adapter also drops them for a 3.1.1 connection; `Fanout::add_filter`), nor be kept as a retained message a 3.1.1 client may subscribe
     /// to later. `admit`: what the fan-out mirror said of it. Counted when so.
     fn drops_properties(
         &self,
@@ -816,42 +789,16 @@ impl Guard {
         drop
     }
 
-    /// A DISCONNECT was written to rumqttd on `conn`: read (and discard) until rumqttd closes
-    /// it, since closing first would make it end a session twice (module docs). Counted and
-    /// logged when rumqttd has not closed it within [`DISCONNECT_SETTLE`].
-    /// The rest of a connection whose CONNACK came too late for the client (see `session`):
-    /// wait up to [`LATE_CONNACK`] for it, then DISCONNECT and wait for rumqttd to close.
-    /// Without a CONNACK by then, close anyway (counted in
-    /// `edgegate_broker_disconnect_unsettled_total`).
-    pub(super) async fn settle_late_connack(
-        &self,
-        mut internal: TcpStream,
-        mut ibuf: BytesMut,
-        who: &(dyn std::fmt::Display + Sync),
-    ) {
-        let connack =
-            tokio::time::timeout(LATE_CONNACK, read_frame(&mut internal, &mut ibuf, 1 << 16)).await;
-        match connack {
-            Ok(Ok(Some(f))) if PacketType::of(f[0]) == Some(PacketType::Connack) => {
-                if internal.write_all(&[0xe0, 0x00]).await.is_ok() {
-                    self.await_close_after_disconnect(&mut internal, who).await;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => {
-                self.metrics.broker_disconnect_unsettled.inc();
-                tracing::warn!(client = %who, "rumqttd did not answer a CONNECT within {LATE_CONNACK:?}; closed it");
-            }
-        }
-    }
-
-    pub(super) async fn await_close_after_disconnect<R: AsyncRead + Unpin>(
+    /// The guard's end of a link is shut: read (and discard) until the adapter closes it
+    /// (the router has ended the link). Counted and logged when that takes longer than
+    /// [`LINK_END`] (a router stalled by its work).
+    pub(super) async fn await_link_end<R: AsyncRead + Unpin>(
         &self,
         conn: &mut R,
         who: &(dyn std::fmt::Display + Sync),
     ) {
         let mut scratch = [0u8; 256];
-        let closed = tokio::time::timeout(DISCONNECT_SETTLE, async {
+        let closed = tokio::time::timeout(LINK_END, async {
             while let Ok(n) = conn.read(&mut scratch).await {
                 if n == 0 {
                     break;
@@ -861,7 +808,7 @@ impl Guard {
         .await;
         if closed.is_err() {
             self.metrics.broker_disconnect_unsettled.inc();
-            tracing::warn!(client = %who, "rumqttd did not close a session within {DISCONNECT_SETTLE:?} of its DISCONNECT; closed it");
+            tracing::warn!(client = %who, "rumqttd's router did not end a link within {LINK_END:?}; left it");
         }
     }
 }

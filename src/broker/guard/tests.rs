@@ -1,16 +1,8 @@
 //! Unit tests of the guard.
 
-use std::time::Instant;
-
-use bytes::BytesMut;
-use rumqttd::protocol::Packet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use super::connect::WillCharge;
 use super::limits::valid_filter;
 use super::*;
-use crate::broker::frame::{encode, read_frame};
 
 fn anonymous_guard() -> Arc<Guard> {
     Guard::new(
@@ -41,85 +33,19 @@ fn anonymous_guard() -> Arc<Guard> {
             reserve_own_prefix: true,
         },
         Metrics::new(),
-    )
-}
-
-/// A guard with a plain socket standing in for rumqttd's internal listener, and a client whose
-/// CONNECT (clean session, id `client_id`) the guard has relayed to it: (guard, client, the
-/// internal connection, its read buffer).
-async fn relayed_connect(client_id: &str) -> (Arc<Guard>, TcpStream, TcpStream, BytesMut) {
-    let guard = anonymous_guard();
-    let internal = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (target_tx, target) = watch::channel(internal.local_addr().unwrap());
-    // Kept for the test's life, as a running broker keeps it (a listener restart sends on it).
-    std::mem::forget(target_tx);
-    let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let public_addr = public.local_addr().unwrap();
-    tokio::spawn(accept_loop(public, None, false, target, guard.clone()));
-
-    let mut client = TcpStream::connect(public_addr).await.unwrap();
-    let connect = encode(
-        false,
-        Packet::Connect(
-            rumqttd::protocol::Connect {
-                keep_alive: 30,
-                client_id: client_id.into(),
-                clean_session: true,
+        Arc::new(Router::spawn(
+            rumqttd::RouterConfig {
+                max_connections: 100,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 1 << 16,
+                max_segment_count: 4,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
             },
-            None,
-            None,
-            None,
-            None,
-        ),
+            1 << 16,
+        )),
     )
-    .unwrap();
-    client.write_all(&connect).await.unwrap();
-    let (mut broker, _) = internal.accept().await.unwrap();
-    let mut buf = BytesMut::new();
-    let f = read_frame(&mut broker, &mut buf, 1 << 16)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(f[0] >> 4, 1, "CONNECT relayed");
-    (guard, client, broker, buf)
-}
-
-/// rumqttd's side of the race (module docs) is timing inside its connection task, so it is
-/// played here by a plain socket standing in for the internal listener: after a client's
-/// DISCONNECT, the guard must leave the internal connection open until that side closes it,
-/// however quickly the client itself goes.
-#[tokio::test]
-async fn after_disconnect_the_broker_closes_first() {
-    let (guard, mut client, mut broker, mut buf) = relayed_connect("leaver").await;
-    broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
-    let mut connack = [0u8; 4];
-    client.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
-
-    // The client leaves the way most do: DISCONNECT and close, in one go.
-    client.write_all(&[0xe0, 0x00]).await.unwrap();
-    drop(client);
-    let f = read_frame(&mut broker, &mut buf, 1 << 16)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&f[..], &[0xe0, 0x00], "DISCONNECT relayed");
-    let mut rest = [0u8; 16];
-    let early = tokio::time::timeout(Duration::from_millis(300), broker.read(&mut rest)).await;
-    assert!(
-        early.is_err(),
-        "the guard closed the internal connection before the broker did: {early:?}"
-    );
-    // The broker ends the session and closes: the guard lets go at once.
-    let ended = Instant::now();
-    drop(broker);
-    while guard.open_connections() > 0 {
-        assert!(
-            ended.elapsed() < Duration::from_secs(1),
-            "session still open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[test]
@@ -221,40 +147,4 @@ fn a_refused_subscribe_uses_none_of_the_filter_budget() {
         g.note_all(&set, keys(&["w"]).into_iter(), 3),
         Some(&b"w"[..])
     );
-}
-
-/// A CONNACK that rumqttd writes after the guard gave up on it must find the connection open:
-/// when it found it closed, rumqttd 0.20 kept the client id's will handler with a dead
-/// receiver, and the next CONNECT with that id panicked holding the handler mutex (the
-/// listener poisoned; the 10-minute soak hit it about 90 times as `broker_refused`). The
-/// client is refused at once; the guard keeps the internal connection, takes the late
-/// CONNACK, leaves with a DISCONNECT and waits for the broker to close first.
-#[tokio::test]
-async fn a_late_connack_is_taken_and_the_session_left_cleanly() {
-    let (_guard, mut client, mut broker, mut buf) = relayed_connect("late").await;
-    // The broker is slow: the client is refused ("server unavailable") after the guard's wait.
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(
-        connect::INTERNAL_CONNACK + Duration::from_secs(2),
-        client.read_exact(&mut connack),
-    )
-    .await
-    .expect("the client is answered")
-    .unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x03]);
-    // The broker's CONNACK comes late: the connection is still open, and the guard leaves.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
-    let f = tokio::time::timeout(
-        Duration::from_secs(2),
-        read_frame(&mut broker, &mut buf, 1 << 16),
-    )
-    .await
-    .expect("the guard answers the late CONNACK")
-    .unwrap()
-    .unwrap();
-    assert_eq!(&f[..], &[0xe0, 0x00], "DISCONNECT after the late CONNACK");
-    let mut rest = [0u8; 16];
-    let early = tokio::time::timeout(Duration::from_millis(300), broker.read(&mut rest)).await;
-    assert!(early.is_err(), "the broker closes first: {early:?}");
 }
