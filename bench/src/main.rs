@@ -73,7 +73,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// upstream.inflight (events awaiting PUBACK).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 1024)]
         inflight: usize,
         #[arg(long)]
         json: Option<PathBuf>,

@@ -40,7 +40,7 @@ pub(super) fn upstream(top: &mut Table<'_, '_>, id: &str) -> UpstreamConfig {
             Duration::from_secs(5),
             Duration::from_secs(3600),
         ),
-        inflight: u.usize_in("inflight", 128, 1, 65_000),
+        inflight: u.usize_in("inflight", 1024, 1, 65_000),
         ack_timeout: u.duration_in(
             "ack_timeout",
             "15s",
