@@ -168,6 +168,15 @@ class Client:
                 return out
             out.append(m)
 
+    def stop_loop(self):
+        """Stop paho's network thread. paho 2.x races here: `loop_stop` checks `_thread`, and
+        the thread may clear it (the connection just closed after our DISCONNECT) before the
+        `join`, which then fails with AttributeError on None. The thread is gone either way."""
+        try:
+            self.c.loop_stop()
+        except AttributeError:
+            pass
+
     def disconnect(self, props=None):
         """A normal DISCONNECT."""
         try:
@@ -179,11 +188,11 @@ class Client:
             else:
                 self.c.disconnect()
         finally:
-            self.c.loop_stop()
+            self.stop_loop()
 
     def drop(self):
         """An abnormal disconnect: the socket closes without DISCONNECT."""
-        self.c.loop_stop()
+        self.stop_loop()
         s = self.c.socket()
         if s is not None:
             try:
