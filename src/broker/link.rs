@@ -62,6 +62,7 @@ use rumqttd::Notification;
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use crate::broker::frame::{complete_frames, decode, encode, read_frame, BUFFERED_FREE};
+use crate::core::metrics::{DropReason, Metrics};
 
 /// The guard's end of its connection to the router.
 pub type Internal = DuplexStream;
@@ -106,11 +107,12 @@ pub struct Router {
     /// The link wills are published on (built on first use).
     wills: tokio::sync::Mutex<Option<(LinkTx, LinkRx)>>,
     max_packet: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
     /// Spawn rumqttd's router thread. `max_packet`: the largest packet a link takes.
-    pub fn spawn(cfg: rumqttd::RouterConfig, max_packet: usize) -> Router {
+    pub fn spawn(cfg: rumqttd::RouterConfig, max_packet: usize, metrics: Arc<Metrics>) -> Router {
         let router_tx = rumqttd::Router::new(0, cfg).spawn();
         let tx = router_tx.clone();
         let build: Arc<Build> = Arc::new(move |client_id: &str, clean: bool, aliases: u16| {
@@ -131,6 +133,7 @@ impl Router {
             room,
             wills: tokio::sync::Mutex::new(None),
             max_packet,
+            metrics,
         }
     }
 
@@ -303,7 +306,7 @@ async fn adapter(router: Arc<Router>, v5: bool, stream: DuplexStream) {
         return;
     }
     let up = up(&router, &mut r, buf, tx, v5);
-    let down = down(&mut w, rx, v5);
+    let down = down(&mut w, rx, v5, &router.metrics);
     tokio::pin!(up, down);
     tokio::select! {
         (end, mut tx) = &mut up => {
@@ -382,7 +385,12 @@ enum DownEnd {
 }
 
 /// Notifications from the router to the guard, encoded a burst at a time.
-async fn down(w: &mut WriteHalf<DuplexStream>, mut rx: LinkRx, v5: bool) -> DownEnd {
+async fn down(
+    w: &mut WriteHalf<DuplexStream>,
+    mut rx: LinkRx,
+    v5: bool,
+    metrics: &Metrics,
+) -> DownEnd {
     let mut out = BytesMut::new();
     loop {
         let first = match rx.next().await {
@@ -403,15 +411,21 @@ async fn down(w: &mut WriteHalf<DuplexStream>, mut rx: LinkRx, v5: bool) -> Down
                             p => p,
                         };
                         // One that does not encode is not sent (rumqttd's own writer fails the
-                        // same way); the bytes of a failed write are never left half in `out`.
+                        // same way), counted; the bytes of a failed write are never left half
+                        // in `out`.
                         let at = out.len();
                         let written = if v5 {
                             V5.write(p, &mut out)
                         } else {
                             V4.write(p, &mut out)
                         };
-                        if written.is_err() {
+                        if let Err(e) = written {
                             out.truncate(at);
+                            metrics.drop_events(
+                                DropReason::SubscriberEncode,
+                                1,
+                                &format_args!("a message for a local subscriber: {e:?}"),
+                            );
                         }
                     }
                 }

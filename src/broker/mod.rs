@@ -116,6 +116,7 @@ impl Broker {
         let router = Arc::new(link::Router::spawn(
             router_cfg,
             cfg.max_payload_size + guard::RELAY_GROWTH,
+            metrics.clone(),
         ));
         let guard = Guard::new(
             guard::Policy {

@@ -53,6 +53,9 @@ pub enum DropReason {
     /// A message for a local MQTT 5 subscriber was larger than the Maximum Packet Size it
     /// declared: withheld by the broker guard, as MQTT 5 §3.1.2.11.4 requires.
     SubscriberMaxPacket,
+    /// A message for a local subscriber that rumqttd's MQTT codec could not encode for its
+    /// connection: not sent (that subscriber's copy only).
+    SubscriberEncode,
 }
 
 impl DropReason {
@@ -72,6 +75,7 @@ impl DropReason {
             DropReason::LocalPublishFailed => "local_publish_failed",
             DropReason::Quarantined => "quarantined",
             DropReason::SubscriberMaxPacket => "subscriber_max_packet_size",
+            DropReason::SubscriberEncode => "subscriber_encode",
         }
     }
 

@@ -28,6 +28,7 @@ use crate::broker::link::LinkFailure;
 use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::config::acl::Perms;
+use crate::core::metrics::DropReason;
 use crate::core::stamp::Stamp;
 
 use super::delivery::{self, SharedSubscriptions};
@@ -740,9 +741,10 @@ impl Guard {
         if clean_start || !kept {
             sessions.remove(client_id);
         }
-        match kept {
-            true => sessions.entry(client_id.to_string()).or_default().clone(),
-            false => SharedSubscriptions::default(),
+        if kept {
+            sessions.entry(client_id.to_string()).or_default().clone()
+        } else {
+            SharedSubscriptions::default()
         }
     }
 
@@ -849,13 +851,27 @@ impl Guard {
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(after) => {}
+                    // MQTT: a new connection of the session cancels a delayed will.
                     _ = reconnected => return,
-                    _ = closing.wait_for(|c| *c) => return,
+                    _ = closing.wait_for(|c| *c) => {
+                        if reading.is_some() {
+                            guard.metrics.drop_events(
+                                DropReason::Shutdown,
+                                1,
+                                &"a delayed will: the gateway stopped before its delay ran out",
+                            );
+                        }
+                        return;
+                    }
                 }
             }
             if let Some((topic, payload, retain)) = inside {
                 if !guard.router.publish(topic, payload, retain).await {
-                    tracing::warn!("a will could not be published to local subscribers: rumqttd's router did not take it");
+                    guard.metrics.drop_events(
+                        DropReason::LocalPublishFailed,
+                        1,
+                        &"a will for local subscribers: rumqttd's router did not take it",
+                    );
                 }
             }
             if let (Some((topic, payload)), Some(handoff)) = (reading, guard.handoff()) {

@@ -31,6 +31,7 @@ use crate::broker::refusal::{Refusal, Refused};
 use crate::broker::retained::topic_hash;
 use crate::core::bucket::TokenBucket;
 use crate::core::budget::Charge;
+use crate::core::metrics::DropReason;
 use crate::core::stamp::Stamp;
 
 use super::connect::Conn;
@@ -387,7 +388,15 @@ pub(super) async fn relay<S: Io>(
                                 skip: 0,
                                 drop_properties: drop,
                             };
-                            let _ = rewrite_publish(&frame, header_len, v5, &edit, &mut iw.out);
+                            if rewrite_publish(&frame, header_len, v5, &edit, &mut iw.out).is_none() {
+                                // The reading itself goes on; only the local subscribers' copy
+                                // is missing (a frame that parsed above always rewrites).
+                                guard.metrics.drop_events(
+                                    DropReason::LocalPublishFailed,
+                                    1,
+                                    &"a reading's copy for local subscribers could not be rewritten",
+                                );
+                            }
                         }
                         _ => {}
                     }

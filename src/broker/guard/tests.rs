@@ -44,6 +44,7 @@ fn anonymous_guard() -> Arc<Guard> {
                 shared_subscriptions_strategy: Default::default(),
             },
             1 << 16,
+            Metrics::new(),
         )),
     )
 }

@@ -39,9 +39,12 @@ pub fn encode(event: &Event, source: &str) -> Vec<u8> {
         DataRef::Json(b) => (b, 0),
         DataRef::Binary(b) => (b, BINARY),
     };
-    let uuid = uuid::Uuid::try_parse(&event.id)
-        .ok()
-        .filter(|u| u.hyphenated().to_string() == event.id);
+    // Stored as 16 bytes only when they give the same text back (lower-case, hyphenated);
+    // compared in a stack buffer: this runs for every event the queue takes.
+    let uuid = uuid::Uuid::try_parse(&event.id).ok().filter(|u| {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        u.hyphenated().encode_lower(&mut text).as_bytes() == event.id.as_bytes()
+    });
     if uuid.is_some() {
         flags |= UUID;
     }
