@@ -27,6 +27,8 @@
 //! The store is split by concern:
 //! - `schema.rs`: the file, its schema and pragmas, opening and quarantine of a damaged file,
 //!   the counters loaded from it, checkpoint and free pages;
+//! - `wal.rs`: the WAL's size as SQLite reports it after each commit, for the writer that
+//!   takes checkpoints over (`queue::checkpoint`);
 //! - `write.rs`: the writer's transaction ([`Txn`]): append, ack, expiry, eviction, space cap;
 //! - `read.rs`: leases for the tail, pages for an export, stats;
 //! - `row.rs`: the stored form of an event (the `body` column) and its envelope;
@@ -46,10 +48,12 @@ mod parked;
 mod read;
 pub mod row;
 mod schema;
+mod wal;
 mod write;
 
 pub use admin::Request;
 pub use parked::{PARKED_MAX, PARKED_MAX_BYTES};
+pub(crate) use schema::passive_checkpoint;
 pub use schema::{OpenReport, WAL_LIMIT};
 pub use write::{Appended, Txn, SPACE_CAP_FLOOR};
 
@@ -204,6 +208,10 @@ pub struct Store {
     /// The file has the `parked` table (a queue written only by an older version, opened by
     /// the CLI, has not).
     has_parked: bool,
+    /// With checkpoints taken over by the writer (`Store::manual_checkpoints`): the frames in
+    /// the WAL after the last commit, kept by SQLite's WAL hook. Declared after `conn`, so it
+    /// outlives the connection whose hook points at it.
+    wal_frames: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
 }
 
 pub fn now_us() -> i64 {

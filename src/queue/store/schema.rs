@@ -227,6 +227,7 @@ impl Store {
             data_version: 0,
             space_cap: 0,
             has_parked,
+            wal_frames: None,
         };
         store.load_counters()?;
         Ok(store)
@@ -334,10 +335,34 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Move the WAL content into the main file (at shutdown and when idle).
+    /// Move the WAL content into the main file and cut the WAL to nothing (at shutdown and
+    /// when idle).
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| self.err(e))
     }
+
+    /// Move what the WAL holds into the main file without waiting for anyone; the next commit
+    /// starts the WAL over when all of it was moved. Returns whether all of it was.
+    pub fn checkpoint_passive(&mut self) -> Result<bool, StoreError> {
+        passive_checkpoint(&self.conn).map_err(|e| self.err(e))
+    }
+
+    /// WAL frames after which a checkpoint is due (about 1 MiB, whatever the page size).
+    pub fn checkpoint_frames(&self) -> u32 {
+        let page_size: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap_or(i64::from(PAGE_SIZE));
+        (WAL_CHECKPOINT_BYTES / page_size.max(512)) as u32
+    }
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)` on `conn`: whether every frame of the WAL is in the file.
+pub(crate) fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let (busy, log, moved): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(busy == 0 && log == moved)
+    })
 }
