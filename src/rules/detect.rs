@@ -67,8 +67,11 @@
 
 use crate::config::rules::{DetectorConfig, OutlierSettings};
 
+mod histogram;
 #[cfg(test)]
 mod tests;
+
+use histogram::Histogram;
 
 /// Smoothing of the fast level (the prediction of the next reading).
 const FAST: f64 = 0.3;
@@ -263,6 +266,9 @@ pub struct Outlier {
     raw_mean: f32,
     raw_sq: f32,
     raw_short: f32,
+    /// Relative entropy of the recent value histogram (see [`histogram`]), framed after
+    /// `SETTLE` readings.
+    hist: Option<Box<Histogram>>,
 }
 
 /// The recent maximum of a drift feature: the largest value of the current bucket of time
@@ -554,6 +560,9 @@ impl Outlier {
                 w.max.roll();
                 w.dmax.roll();
             }
+            if let Some(h) = self.hist.as_mut() {
+                h.max.roll();
+            }
         }
         // The jump's maximum also remembers the same weekday of earlier weeks (see `Season`).
         let weekly = if s.seasonal {
@@ -705,7 +714,23 @@ impl Outlier {
             }
             _ => 0.0,
         };
-        let score = score_jump
+        // Relative entropy of the recent values' histogram against the remembered ones (a
+        // distribution that changes with its mean and spread kept).
+        let score_hist = if s.histogram {
+            // Bins framed on the long baseline and the mean absolute deviation from it.
+            if self.hist.is_none() && self.n >= SETTLE && self.dev > 0.0 {
+                self.hist = Some(Box::new(Histogram::new(self.base, self.dev)));
+            }
+            // Not while the value stays put (the flatline detector's), nor learnt from it.
+            match self.hist.as_mut() {
+                Some(h) if self.same < FLAT_RESET => h.update(x, scoring, s.ratio),
+                _ => 0.0,
+            }
+        } else {
+            0.0
+        };
+        let score = score_hist
+            .max(score_jump)
             .max(score_shift)
             .max(score_drift)
             .max(score_ldrift)
