@@ -13,9 +13,9 @@
 //! anomaly", gave thousands of false alerts: real windows are autocorrelated, and a series with
 //! a cycle or a trend shows a new distribution every few hours.)
 //!
-//! Invariants: `p` and `q` each sum to 1 (EWMAs of one-hot vectors, running means at first);
-//! the bins are fixed once framed (a shifting frame would make every window new). State: 84
-//! bytes on the heap, allocated when the bins are framed (after `SETTLE` readings).
+//! Invariants: `p` and `q` sum to `p_sum` and `q_sum` (EWMAs of one-hot vectors up to a scale,
+//! running means at first; normalized to 1 every `EVERY` readings); the bins are fixed once
+//! framed (a shifting frame would make every window new). State: 92 bytes on the heap, allocated when the bins are framed (after `SETTLE` readings).
 
 use super::{squash, HeldMax, BLOCK};
 
@@ -42,9 +42,12 @@ pub(crate) struct Histogram {
     /// Bin edges: `centre + width · (k - BINS / 2)` for `k` in `1..BINS`.
     centre: f32,
     width: f32,
-    /// Recent distribution over the bins, and the long one.
+    /// Recent distribution over the bins, and the long one, unnormalized: their sums are
+    /// `p_sum`, `q_sum` (a reading adds to one bin instead of decaying all, see `update`).
     p: [f32; BINS],
     q: [f32; BINS],
+    p_sum: f32,
+    q_sum: f32,
     /// Readings since framed.
     seen: u32,
     /// The score of the last evaluation (held until the next one).
@@ -62,6 +65,8 @@ impl Histogram {
             width: width as f32,
             p: [0.0; BINS],
             q: [0.0; BINS],
+            p_sum: 0.0,
+            q_sum: 0.0,
             seen: 0,
             last: 0.0,
             max: HeldMax::default(),
@@ -80,18 +85,38 @@ impl Histogram {
     pub(super) fn update(&mut self, x: f64, scoring: bool, ratio: f64) -> f64 {
         let k = self.bin(x);
         self.seen = self.seen.saturating_add(1);
-        // Running means at first (no transient from empty bins), then EWMAs.
+        // Running means at first (no transient from empty bins), then EWMAs: decaying every bin
+        // by `1 - a` and adding `a` to bin `k` is, up to the scale, adding `a / (1 - a)` of the
+        // sum to bin `k` (normalized every `EVERY` readings; a running mean's first reading
+        // is the whole).
+        let add = |h: &mut [f32; BINS], sum: &mut f32, a: f64| {
+            let inc = if *sum > 0.0 && a < 1.0 {
+                f64::from(*sum) * a / (1.0 - a)
+            } else {
+                *h = [0.0; BINS];
+                1.0
+            };
+            h[k] += inc as f32;
+            *sum += inc as f32;
+        };
         let run = 1.0 / f64::from(self.seen);
-        let (a, b) = (run.max(RATE) as f32, run.max(LONG) as f32);
-        for (p, q) in self.p.iter_mut().zip(&mut self.q) {
-            *p *= 1.0 - a;
-            *q *= 1.0 - b;
-        }
-        self.p[k] += a;
-        self.q[k] += b;
-        let window = 2.0 / RATE - 1.0;
-        if f64::from(self.seen) < window || !self.seen.is_multiple_of(EVERY) {
+        add(&mut self.p, &mut self.p_sum, run.max(RATE));
+        add(&mut self.q, &mut self.q_sum, run.max(LONG));
+        if !self.seen.is_multiple_of(EVERY) {
             return if scoring { f64::from(self.last) } else { 0.0 };
+        }
+        for (h, sum) in [
+            (&mut self.p, &mut self.p_sum),
+            (&mut self.q, &mut self.q_sum),
+        ] {
+            for v in h.iter_mut() {
+                *v /= *sum;
+            }
+            *sum = 1.0;
+        }
+        let window = 2.0 / RATE - 1.0;
+        if f64::from(self.seen) < window {
+            return 0.0;
         }
         // q smoothed by half a reading of the recent window per bin (no bin of probability 0).
         let eps = 0.5 / window;
