@@ -41,9 +41,9 @@ const EVERY: u32 = 4;
 /// The histogram feature's state (see the module doc).
 #[derive(Debug, Clone)]
 pub(crate) struct Histogram {
-    /// Bin edges: `centre + width · (k - 3.5)` for `k` in `1..BINS`.
+    /// Bin edges: `centre + (k - 3.5) / inv_width` for `k` in `1..BINS`.
     centre: f32,
-    width: f32,
+    inv_width: f32,
     /// Recent distribution over the bins, and the long one, unnormalized: their sums are
     /// `p_sum`, `q_sum` (a reading adds to one bin instead of decaying all, see `update`).
     p: [f32; BINS],
@@ -64,7 +64,7 @@ impl Histogram {
     pub(super) fn new(centre: f64, width: f64) -> Self {
         Histogram {
             centre: centre as f32,
-            width: width as f32,
+            inv_width: (1.0 / width) as f32,
             p: [0.0; BINS],
             q: [0.0; BINS],
             p_sum: 0.0,
@@ -76,7 +76,7 @@ impl Histogram {
     }
 
     fn bin(&self, x: f64) -> usize {
-        let k = (x - f64::from(self.centre)) / f64::from(self.width) + BINS as f64 / 2.0;
+        let k = (x - f64::from(self.centre)) * f64::from(self.inv_width) + BINS as f64 / 2.0;
         // The detector skips non-finite readings; `as` saturates.
         (k.max(0.0) as usize).min(BINS - 1)
     }
@@ -91,19 +91,22 @@ impl Histogram {
         // by `1 - a` and adding `a` to bin `k` is, up to the scale, adding `a / (1 - a)` of the
         // sum to bin `k` (normalized every `EVERY` readings; a running mean's first reading
         // is the whole).
-        let add = |h: &mut [f32; BINS], sum: &mut f32, a: f64| {
-            let inc = if *sum > 0.0 && a < 1.0 {
-                f64::from(*sum) * a / (1.0 - a)
-            } else {
+        // With `a = max(1 / seen, rate)`, `a / (1 - a)` is `1 / (seen - 1)` or a constant.
+        let seen = self.seen;
+        let add = |h: &mut [f32; BINS], sum: &mut f32, rate: f64| {
+            let inc = if seen <= 1 || *sum <= 0.0 {
                 *h = [0.0; BINS];
                 1.0
+            } else if f64::from(seen) * rate < 1.0 {
+                *sum / (seen - 1) as f32
+            } else {
+                *sum * (rate / (1.0 - rate)) as f32
             };
-            h[k] += inc as f32;
-            *sum += inc as f32;
+            h[k] += inc;
+            *sum += inc;
         };
-        let run = 1.0 / f64::from(self.seen);
-        add(&mut self.p, &mut self.p_sum, run.max(RATE));
-        add(&mut self.q, &mut self.q_sum, run.max(LONG));
+        add(&mut self.p, &mut self.p_sum, RATE);
+        add(&mut self.q, &mut self.q_sum, LONG);
         if !self.seen.is_multiple_of(EVERY) {
             return if scoring { f64::from(self.last) } else { 0.0 };
         }
@@ -111,8 +114,9 @@ impl Histogram {
             (&mut self.p, &mut self.p_sum),
             (&mut self.q, &mut self.q_sum),
         ] {
+            let r = 1.0 / *sum;
             for v in h.iter_mut() {
-                *v /= *sum;
+                *v *= r;
             }
             *sum = 1.0;
         }
