@@ -628,6 +628,29 @@ mod tests {
     }
 
     #[test]
+    fn the_outliers_histogram_feature_is_a_switch() {
+        let hist = |v: &str| {
+            from_toml(&format!(
+                "[[rules]]\nname = \"r\"\nmatch = \"s/#\"\nactions = [{{ type = \"detect\", detector = \"outlier\"{v} }}]"
+            ))
+            .map(|c| match &c.rules[0].actions[..] {
+                [rules::ActionConfig::Detect(d)] => match &d.detector {
+                    rules::DetectorConfig::Outlier(s) => s.histogram,
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            })
+        };
+        assert!(hist("").unwrap());
+        assert!(!hist(", histogram = false").unwrap());
+        let err = hist(", histogram = 3").unwrap_err();
+        assert!(
+            err.0.iter().any(|e| e.key.ends_with("histogram")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn queue_min_free_is_a_size_or_a_percentage() {
         let q = |v: &str| from_toml(&format!("[queue]\nmin_free = {v}")).map(|c| c.queue.min_free);
         assert_eq!(Config::defaults().queue.min_free, MinFree::Bytes(256 << 20));

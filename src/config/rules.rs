@@ -43,6 +43,8 @@ pub const OUTLIER_RATIO: f64 = 2.0;
 pub const OUTLIER_MEMORY_SECS: f64 = 7.0 * 86_400.0;
 /// Default readings before the outlier detector may alert.
 pub const OUTLIER_WARMUP: u32 = 50;
+/// Whether the outlier detector's value-histogram feature is on by default.
+pub const OUTLIER_HISTOGRAM: bool = true;
 
 /// Settings of the outlier detector.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,6 +58,9 @@ pub struct OutlierSettings {
     pub warmup: u32,
     /// Whether the time-of-day profile scores (see `rules::detect::Outlier`).
     pub seasonal: bool,
+    /// Whether the relative entropy of the recent value histogram scores (see
+    /// `rules::detect::histogram`).
+    pub histogram: bool,
 }
 
 impl Default for OutlierSettings {
@@ -66,6 +71,7 @@ impl Default for OutlierSettings {
             memory: OUTLIER_MEMORY_SECS,
             warmup: OUTLIER_WARMUP,
             seasonal: true,
+            histogram: OUTLIER_HISTOGRAM,
         }
     }
 }
@@ -509,6 +515,7 @@ fn read_action(a: &mut Table<'_, '_>, pattern: &Pattern) -> Option<ActionConfig>
                         memory: memory.as_secs_f64(),
                         warmup: a.usize_in("warmup", OUTLIER_WARMUP as usize, 5, 1_000_000) as u32,
                         seasonal: a.opt_bool("seasonal").unwrap_or(true),
+                        histogram: a.opt_bool("histogram").unwrap_or(OUTLIER_HISTOGRAM),
                     })
                 }
                 "flatline" => {

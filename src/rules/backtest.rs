@@ -12,7 +12,8 @@
 //!   machine: its score is the highest of its sensors', its alert says whether any of them
 //!   started an episode.
 //!
-//! Timestamps: RFC 3339, `YYYY-MM-DD HH:MM:SS[.fff]` (UTC), or Unix seconds.
+//! Timestamps: RFC 3339, `YYYY-MM-DD HH:MM:SS[.fff]` (UTC), or Unix seconds. A UTF-8 byte order
+//! mark at the start of the input is skipped.
 //!
 //! Output: the events the rules produce, one CloudEvents JSON per line (and local publishes as
 //! `{"publish": topic, "payload": ...}`); with `--scores`, one CSV line per row instead:
@@ -118,6 +119,9 @@ pub struct Reader<R: BufRead> {
     topic: String,
 }
 
+/// UTF-8 byte order mark.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// The delimiter of a CSV whose first line is `line`: the most frequent of `,` `;` and tab.
 fn sniff_delimiter(line: &[u8]) -> u8 {
     let count = |d: u8| line.iter().filter(|&&b| b == d).count();
@@ -129,6 +133,11 @@ fn sniff_delimiter(line: &[u8]) -> u8 {
 
 impl<R: BufRead> Reader<R> {
     pub fn new(mut input: R, default_topic: &str) -> Result<Self, BacktestError> {
+        // A byte order mark is no part of the first line (JSON lines after one were taken for
+        // CSV; the csv crate skips one itself).
+        if input.fill_buf()?.starts_with(BOM) {
+            input.consume(BOM.len());
+        }
         // Peek at the first meaningful line (within the buffer) to choose the format.
         let head = input.fill_buf()?;
         let first = head
@@ -536,5 +545,16 @@ mod json_tests {
             Some("EOF while parsing an object at line 1 column 1")
         );
         assert!(msg(r#"{"ts": 1, "value": 1}"#).is_none());
+    }
+
+    /// A byte order mark before JSON lines: the csv crate skips one before CSV, JSON lines
+    /// were taken for CSV and refused.
+    #[test]
+    fn json_lines_after_a_byte_order_mark_are_json() {
+        let text = "\u{feff}{\"ts\": 1, \"value\": 2.5}\n{\"ts\": 2, \"value\": 3}\n";
+        let mut r = Reader::new(text.as_bytes(), "t").expect("reader");
+        let first = r.next_record().expect("a record").expect("not the end");
+        assert_eq!(first.readings[0].0, "2.5");
+        assert!(r.next_record().expect("a record").is_some());
     }
 }

@@ -165,8 +165,10 @@ pub type Labels = BTreeMap<String, Vec<(SystemTime, SystemTime)>>;
 /// Read a labels file.
 pub fn read_labels(file: &Path) -> Result<Labels, LabelsError> {
     let text = std::fs::read_to_string(file).map_err(|e| LabelsError::Read(file.into(), e))?;
+    // A byte order mark (an editor on Windows writes one) is no JSON.
     let raw: BTreeMap<String, Vec<(String, String)>> =
-        serde_json::from_str(&text).map_err(|e| LabelsError::Json(file.into(), e))?;
+        serde_json::from_str(text.strip_prefix('\u{feff}').unwrap_or(&text))
+            .map_err(|e| LabelsError::Json(file.into(), e))?;
     let mut out = Labels::new();
     for (series, windows) in raw {
         let mut parsed = Vec::with_capacity(windows.len());

@@ -77,3 +77,61 @@ fn timestamp_windows_map_to_rows_and_overlaps_merge() {
     let w = row_windows(&times, &[(t(15), t(45)), (t(40), t(60)), (t(200), t(300))]);
     assert_eq!(w, vec![(2, 6)]);
 }
+
+/// NAB's formats as its repository ships them: data files `timestamp,value` with a header under
+/// subdirectories, CRLF line ends and a trailing newline, values in exponent notation, negative
+/// and integral; `combined_windows.json` with 6-digit fractions of seconds, `[]` for a series
+/// without incident, and (as an editor on Windows saves it) a byte order mark (refused before),
+/// as the data file without header may have one too (the csv crate skips it).
+#[test]
+fn nab_data_and_combined_windows_are_read_as_nab_writes_them() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let real = tmp.path().join("realKnownCause");
+    let art = tmp.path().join("artificialNoAnomaly");
+    std::fs::create_dir_all(&real).expect("mkdir");
+    std::fs::create_dir_all(&art).expect("mkdir");
+    let stamp = |i: usize| format!("2014-04-01 {:02}:{:02}:00", i / 60, i % 60);
+    // 300 readings around 1.0E-4 (exponent notation, a deterministic wobble), a spike of -0.5
+    // at row 220 inside the window rows 210..=230.
+    let mut data = String::from("timestamp,value\r\n");
+    for i in 0..300 {
+        let v = if i == 220 {
+            "-0.5".to_string()
+        } else {
+            format!(
+                "{:.2E}",
+                1.0e-4 * (1.0 + 0.1 * ((i * 7919 % 13) as f64 - 6.0) / 6.0)
+            )
+        };
+        data.push_str(&format!("{},{v}\r\n", stamp(i)));
+    }
+    std::fs::write(real.join("nyc_taxi.csv"), data).expect("write");
+    // Integers, no header, a byte order mark.
+    let mut flat = String::from("\u{feff}");
+    for i in 0..300 {
+        flat.push_str(&format!("{},{}\n", stamp(i), 10 + i % 3));
+    }
+    std::fs::write(art.join("art_flat.csv"), flat).expect("write");
+    let labels = tmp.path().join("combined_windows.json");
+    std::fs::write(
+        &labels,
+        "\u{feff}{\r\n    \"artificialNoAnomaly/art_flat.csv\": [],\r\n    \"realKnownCause/nyc_taxi.csv\": [\r\n        [\r\n            \"2014-04-01 03:30:00.000000\",\r\n            \"2014-04-01 03:50:00.000000\"\r\n        ]\r\n    ]\r\n}\r\n",
+    )
+    .expect("write");
+    let labels = read_labels(&labels).expect("NAB's labels file");
+    let r = evaluate(
+        &super::super::default_rules(),
+        tmp.path(),
+        &labels,
+        PROBATION,
+    )
+    .expect("NAB's data files");
+    assert_eq!((r.series, r.windows), (2, 1));
+    // Every row a reading: the header is no row, the byte order mark no header.
+    assert_eq!(r.readings, 600, "{r:?}");
+    let taxi = &r.per_series[1].s;
+    assert_eq!(taxi.series, "realKnownCause/nyc_taxi.csv");
+    // The spike, written as -0.5 among values like 1.04E-4, is detected where it is.
+    assert_eq!(taxi.detections, vec![(210, 220)], "{r:?}");
+    assert_eq!(r.false_alerts, 0, "{r:?}");
+}
