@@ -94,6 +94,8 @@ impl Drop for Background {
 /// The writer's side: when to ask the thread, when to finish a checkpoint itself.
 pub(super) struct Checkpoints {
     background: Option<Background>,
+    /// WAL frames after which a checkpoint is due (the file's page size is fixed).
+    due: u32,
     state: State,
 }
 
@@ -133,6 +135,7 @@ impl Checkpoints {
         };
         Checkpoints {
             background,
+            due: store.checkpoint_frames().max(1),
             state: State::default(),
         }
     }
@@ -142,7 +145,7 @@ impl Checkpoints {
         let Some(frames) = store.wal_frames() else {
             return;
         };
-        let due = store.checkpoint_frames().max(1);
+        let due = self.due;
         let state = &mut self.state;
         if let Some(at) = state.moved_at {
             if frames >= at && frames - at < due {
@@ -192,6 +195,7 @@ impl Checkpoints {
     /// A new store (the old file was corrupt): take its checkpoints over too.
     pub(super) fn restart(&mut self, store: &mut Store) {
         store.manual_checkpoints();
+        self.due = store.checkpoint_frames().max(1);
         self.state.asked = None;
         self.state.moved_at = None;
     }
