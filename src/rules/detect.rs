@@ -138,6 +138,17 @@ const SLOW_FLOOR: f64 = 0.7;
 const WEEK_FADE: f32 = 0.7;
 /// Clipping of the drift features' inputs, in robust sigmas.
 const CLIP: f64 = 8.0;
+/// Readings are taken in within ±this: no sensor measures more, and the state (some of it in
+/// `f32`, differences and multiples of the readings) stays finite. A reading of ±1e308 used to
+/// overflow the baselines to infinity and then NaN, and `clamp` with a NaN bound panicked: the
+/// rules task died on one reading (outsider try, `huge_readings_neither_panic_nor_score_outside_0_1`).
+const VALUE_LIMIT: f64 = 1e30;
+
+/// `x` within `[lo, hi]`, whatever the bounds: unlike `f64::clamp` it never panics (a NaN
+/// bound leaves `x` as it is on that side).
+fn clip(x: f64, lo: f64, hi: f64) -> f64 {
+    x.max(lo).min(hi)
+}
 /// The drift feature's maximum takes in every reading up to this many.
 const SETTLE: u32 = 300;
 /// Readings per block of the shift and season features' maxima (see `HeldMax::take`): a
@@ -512,6 +523,7 @@ impl Outlier {
         if !x.is_finite() {
             return Verdict::default();
         }
+        let x = x.clamp(-VALUE_LIMIT, VALUE_LIMIT);
         self.n = self.n.saturating_add(1);
         let after_flat = x != self.last && self.same >= FLAT_RESET;
         self.same = if x == self.last {
@@ -607,7 +619,7 @@ impl Outlier {
         // Means of values clipped to 4 sigma around the prediction: one spike moves them little
         // (it is the jump feature's), a shift passes once the fast level follows it.
         let xc = if sigma > 0.0 {
-            x.clamp(pred - CLIP * sigma, pred + CLIP * sigma)
+            clip(x, pred - CLIP * sigma, pred + CLIP * sigma)
         } else {
             x
         };
@@ -696,7 +708,7 @@ impl Outlier {
         };
         // Weekly drift: the medium mean of the hour-of-week profile's residuals (a weekday that
         // looks like a weekend lasts; one reading's residual from an hourly mean is noisy).
-        let wresid = week.map_or(0.0, |(r, spread, _)| r.clamp(-CLIP * spread, CLIP * spread));
+        let wresid = week.map_or(0.0, |(r, spread, _)| clip(r, -CLIP * spread, CLIP * spread));
         let wdrift = wdrift + MEDIUM * (wresid - wdrift);
         let score_wdrift = match week {
             Some((_, spread, true)) if scoring && m_wdrift > 0.0 => {
@@ -719,7 +731,7 @@ impl Outlier {
         let sdrift_learn = self
             .sdrift_since
             .is_some_and(|since| t - since >= SDRIFT_LEARN);
-        let resid = season.map_or(0.0, |(r, spread)| r.clamp(-CLIP * spread, CLIP * spread));
+        let resid = season.map_or(0.0, |(r, spread)| clip(r, -CLIP * spread, CLIP * spread));
         let sdrift = self.sdrift + MEDIUM * (resid - self.sdrift);
         let m_sdrift = self.sdrift_max.get();
         let score_sdrift = match season {

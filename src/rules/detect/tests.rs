@@ -578,3 +578,110 @@ fn noise_that_narrows_is_caught_by_the_histogram_only() {
         "alerts at {caught:?}, onset {onset}"
     );
 }
+
+/// Outsider try: readings of ±1e308 (finite, so not skipped) overflowed the baselines to
+/// infinity and NaN, and the drift clipping's `clamp` with a NaN bound panicked, killing the
+/// rules task on one sensor's reading. Now they are taken in as ±1e30: no panic, every score
+/// stays in [0, 1], and the first huge reading after a week of noise is an alert.
+#[test]
+fn huge_readings_neither_panic_nor_score_outside_0_1() {
+    let mut seed = 7u64;
+    let mut v: Vec<f64> = (0..7 * 288).map(|_| 20.0 + noise(&mut seed)).collect();
+    let onset = v.len();
+    // One huge reading, some more noise, then a run alternating between the two extremes.
+    v.push(1e308);
+    v.extend((0..288).map(|_| 20.0 + noise(&mut seed)));
+    v.extend((0..2_000).map(|i| if i % 2 == 0 { f64::MAX } else { -f64::MAX }));
+    v.extend((0..2_000).map(|_| 20.0 + noise(&mut seed)));
+    let r = run_defaults(&v, 300);
+    assert_eq!(r.len(), v.len());
+    assert!(
+        r.iter().all(|(s, _)| (0.0..=1.0).contains(s)),
+        "a score outside [0, 1]"
+    );
+    assert!(
+        r[onset].1,
+        "the first huge reading is not an alert: {:?}",
+        r[onset]
+    );
+}
+
+/// (score, alert) per reading of `(seconds since the first, value)` pairs, default rules.
+fn run_timed(points: &[(i64, f64)]) -> Vec<(f64, bool)> {
+    let mut csv = String::from("timestamp,value\n");
+    for (t, v) in points {
+        csv.push_str(&format!("{},{v:e}\n", 1_700_000_000 + t));
+    }
+    let mut out = Vec::new();
+    backtest::run(
+        &backtest::default_rules(),
+        "",
+        csv.as_bytes(),
+        "sensors/x",
+        true,
+        &mut out,
+    )
+    .expect("backtest runs");
+    String::from_utf8(out)
+        .expect("utf-8")
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[2].parse().expect("score"), f[3] == "1")
+        })
+        .collect()
+}
+
+/// The sibling of the ±1e308 finding, as an outsider would look for it: any mix of extreme
+/// values (the largest finite, the smallest normal and subnormal, ±0, huge steps) and odd
+/// timing (repeated and backwards timestamps, gaps of years) through the shipped rules
+/// never panics, and every score stays in [0, 1].
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            4 => -10.0..10.0f64,
+            1 => Just(f64::MAX),
+            1 => Just(-f64::MAX),
+            1 => Just(f64::MIN_POSITIVE),
+            1 => Just(5e-324),
+            1 => Just(0.0),
+            1 => Just(-0.0),
+            1 => -1e300..1e300f64,
+            1 => (-40.0..40.0f64).prop_map(|e| 10f64.powf(e)),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            6 => Just(300i64),
+            1 => Just(0i64),
+            1 => -100_000..0i64,
+            1 => 0..100_000_000i64,
+            1 => Just(1i64),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn extreme_values_and_odd_timing_never_panic(
+            head in proptest::collection::vec(-1.0..1.0f64, 300..600),
+            tail in proptest::collection::vec((step(), value()), 1..600),
+        ) {
+            // Some normal readings first, so the detectors have learnt a baseline to break.
+            let mut t = 0i64;
+            let mut points: Vec<(i64, f64)> = head.iter().map(|v| { t += 300; (t, 20.0 + v) }).collect();
+            for (dt, v) in tail {
+                t = (t + dt).max(0);
+                points.push((t, v));
+            }
+            let r = run_timed(&points);
+            prop_assert_eq!(r.len(), points.len());
+            prop_assert!(r.iter().all(|(s, _)| (0.0..=1.0).contains(s)));
+        }
+    }
+}
