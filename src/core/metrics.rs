@@ -56,6 +56,9 @@ pub enum DropReason {
     /// A message for a local subscriber that rumqttd's MQTT codec could not encode for its
     /// connection: not sent (that subscriber's copy only).
     SubscriberEncode,
+    /// The rules engine panicked on the reading (a bug of ours): that reading is dropped, the
+    /// rules task and every other reading go on.
+    RulesPanicked,
 }
 
 impl DropReason {
@@ -76,6 +79,7 @@ impl DropReason {
             DropReason::Quarantined => "quarantined",
             DropReason::SubscriberMaxPacket => "subscriber_max_packet_size",
             DropReason::SubscriberEncode => "subscriber_encode",
+            DropReason::RulesPanicked => "rules_panicked",
         }
     }
 

@@ -132,8 +132,18 @@ impl RulesStage {
                     let span = reading.traceparent.as_deref().map(|tp| {
                         tracing::info_span!("reading", topic = %reading.topic, traceparent = %tp).entered()
                     });
-                    let d = self.engine.process(&reading, &mut actions);
-                    self.count(d, &reading);
+                    match guarded(|| self.engine.process(&reading, &mut actions)) {
+                        Some(d) => self.count(d, &reading),
+                        None => {
+                            // What the engine did before it panicked is not acted on.
+                            actions.clear();
+                            self.metrics.drop_events(
+                                DropReason::RulesPanicked,
+                                1,
+                                &format_args!("the rules engine panicked on a reading of {} (a bug: please report it with this log)", reading.topic),
+                            );
+                        }
+                    }
                     drop(span);
                     if let Some(tap) = &mut self.tap {
                         tap.reading(&reading, self.engine.settings().max_sensors);
@@ -141,7 +151,10 @@ impl RulesStage {
                     self.perform(&mut actions, ticket).await;
                 }
                 _ = ticker.tick() => {
-                    self.engine.tick(SystemTime::now(), &mut actions);
+                    if guarded(|| self.engine.tick(SystemTime::now(), &mut actions)).is_none() {
+                        actions.clear();
+                        tracing::error!("the rules engine panicked on its timer tick (a bug: please report it with this log); the next tick tries again");
+                    }
                     self.perform(&mut actions, None).await;
                     self.report(&mut reported);
                 }
@@ -331,5 +344,37 @@ impl RulesStage {
             // sensor sends it again after it reconnects.
             let _ = self.queue.settle(t).await;
         }
+    }
+}
+
+/// Runs `f`; a panic inside it (a bug of ours in a rule or detector) is caught and reported as
+/// `None`, so it costs the reading (or tick) at hand, not the rules task: without this, one
+/// bad reading would end the task, and every sensor's readings would wait in the hand-off
+/// channel until the watchdog restarted the gateway (and again at the next such reading).
+/// Unwinding is the release profile's setting (Cargo.toml). The engine's state for that
+/// sensor may be left half updated; it is bounded like any other and is relearnt.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guarded;
+
+    /// The defence itself: a panic inside is caught and reported, a value passes through.
+    #[test]
+    fn a_panic_inside_is_caught_and_reported_as_none() {
+        assert_eq!(guarded(|| 7), Some(7));
+        let mut state = vec![1];
+        let r: Option<()> = guarded(|| {
+            state.push(2);
+            panic!("a detector bug");
+        });
+        assert_eq!(r, None);
+        assert_eq!(
+            state,
+            vec![1, 2],
+            "the caller keeps its (partly updated) state"
+        );
     }
 }
