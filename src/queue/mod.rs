@@ -1230,6 +1230,17 @@ mod tests {
         frames
     }
 
+    /// A store at `path` whose checkpoints are taken over, the thread working on `thread_path`.
+    fn store_with_checkpoints(
+        path: &std::path::Path,
+        thread_path: PathBuf,
+    ) -> (Store, checkpoint::Checkpoints) {
+        let cfg = Config::defaults().queue;
+        let (mut store, _) = Store::open(path, SyncMode::Normal, limits(&cfg)).unwrap();
+        let cp = checkpoint::Checkpoints::start(&mut store, thread_path);
+        (store, cp)
+    }
+
     /// `n` single-event commits with no pause, each followed by the writer's checkpoint step:
     /// how often the WAL started over, and the largest its file got.
     fn steady_commits(
@@ -1263,9 +1274,7 @@ mod tests {
     fn under_steady_commits_the_wal_starts_over_and_stays_within_its_limit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
-        let cfg = Config::defaults().queue;
-        let (mut store, _) = Store::open(&path, SyncMode::Normal, limits(&cfg)).unwrap();
-        let mut cp = checkpoint::Checkpoints::start(&mut store, path.clone());
+        let (mut store, mut cp) = store_with_checkpoints(&path, path.clone());
         const N: usize = 30_000;
         let (restarts, largest) =
             steady_commits(&mut store, &mut cp, &dir.path().join("queue.db-wal"), N);
@@ -1295,9 +1304,7 @@ mod tests {
     fn a_checkpoint_thread_that_fails_leaves_the_wal_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
-        let cfg = Config::defaults().queue;
-        let (mut store, _) = Store::open(&path, SyncMode::Normal, limits(&cfg)).unwrap();
-        let mut cp = checkpoint::Checkpoints::start(&mut store, dir.path().join("no/such.db"));
+        let (mut store, mut cp) = store_with_checkpoints(&path, dir.path().join("no/such.db"));
         let (restarts, largest) = steady_commits(
             &mut store,
             &mut cp,

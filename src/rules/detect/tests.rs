@@ -6,29 +6,12 @@ use crate::rules::backtest;
 
 /// (score, alert) per reading of `values` sampled every `step` seconds, default rules.
 fn run_defaults(values: &[f64], step: u64) -> Vec<(f64, bool)> {
-    let mut csv = String::from("timestamp,value\n");
-    for (i, v) in values.iter().enumerate() {
-        csv.push_str(&format!("{},{v}\n", 1_700_000_000 + i as u64 * step));
-    }
-    let mut out = Vec::new();
-    backtest::run(
-        &backtest::default_rules(),
-        "",
-        csv.as_bytes(),
-        "sensors/x",
-        true,
-        &mut out,
-    )
-    .expect("backtest runs");
-    String::from_utf8(out)
-        .expect("utf-8")
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f[2].parse().expect("score"), f[3] == "1")
-        })
-        .collect()
+    let points: Vec<(i64, f64)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((i as u64 * step) as i64, *v))
+        .collect();
+    run_timed(&points)
 }
 
 fn alerts(r: &[(f64, bool)]) -> Vec<usize> {
