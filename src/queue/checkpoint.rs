@@ -154,6 +154,9 @@ impl Checkpoints {
             state.moved_at = None;
         }
         if frames < due {
+            // The WAL started over (the thread moved all of it, a commit followed): a run
+            // asked for before is done with, whether or not the thread has said so yet.
+            state.asked = None;
             return;
         }
         let Some(bg) = &self.background else {

@@ -1297,6 +1297,46 @@ mod tests {
         assert_eq!(events, N as i64);
     }
 
+    /// At a low rate (a pause after each request, long enough for the thread's run) the thread
+    /// does every checkpoint and the WAL starts over after each, with no checkpoint on the
+    /// writer: a request left over from the previous round must not make the writer take the
+    /// next one itself (it did, before `step` forgot it when the WAL started over).
+    #[test]
+    fn at_a_low_rate_the_thread_does_every_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let (mut store, mut cp) = store_with_checkpoints(&path, path.clone());
+        let due = store.checkpoint_frames();
+        let (mut restarts, mut last, mut i) = (0, 0, 0);
+        while restarts < 3 {
+            let mut txn = store.begin().unwrap();
+            txn.append(&reading(i), "gw").unwrap();
+            txn.commit().unwrap();
+            cp.step(&mut store);
+            let frames = store.wal_frames().unwrap();
+            if frames < last {
+                restarts += 1;
+            }
+            last = frames;
+            if frames >= due {
+                // The pause: until the thread's run is over.
+                let runs = cp.counts().1;
+                let until = Instant::now() + Duration::from_secs(10);
+                while cp.counts().1 == runs && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            i += 1;
+            assert!(i < 100_000, "the WAL started over {restarts} times");
+        }
+        assert_eq!(
+            cp.counts().0,
+            0,
+            "checkpoints on the writer (thread runs: {})",
+            cp.counts().1
+        );
+    }
+
     /// A checkpoint thread that cannot do its work (here it cannot open the file: it was given
     /// a path that does not exist; in life, out of file descriptors) costs only its log lines:
     /// the writer checkpoints after each failed run, and the WAL stays within its limit.
