@@ -125,7 +125,6 @@ impl State {
 impl Checkpoints {
     /// Take the store's checkpoints over, with a thread for the file at `path`.
     pub(super) fn start(store: &mut Store, path: PathBuf) -> Checkpoints {
-        store.manual_checkpoints();
         let background = match Background::spawn(path) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -135,7 +134,7 @@ impl Checkpoints {
         };
         Checkpoints {
             background,
-            due: store.checkpoint_frames().max(1),
+            due: take_over(store),
             state: State::default(),
         }
     }
@@ -197,9 +196,14 @@ impl Checkpoints {
 
     /// A new store (the old file was corrupt): take its checkpoints over too.
     pub(super) fn restart(&mut self, store: &mut Store) {
-        store.manual_checkpoints();
-        self.due = store.checkpoint_frames().max(1);
+        self.due = take_over(store);
         self.state.asked = None;
         self.state.moved_at = None;
     }
+}
+
+/// Take `store`'s checkpoints over from SQLite: the WAL frames after which one is due.
+fn take_over(store: &mut Store) -> u32 {
+    store.manual_checkpoints();
+    store.checkpoint_frames()
 }

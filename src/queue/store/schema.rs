@@ -194,12 +194,8 @@ impl Store {
         let page_size: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(err)?;
-        conn.pragma_update(
-            None,
-            "wal_autocheckpoint",
-            WAL_CHECKPOINT_BYTES / page_size.max(512),
-        )
-        .map_err(err)?;
+        conn.pragma_update(None, "wal_autocheckpoint", checkpoint_frames(page_size))
+            .map_err(err)?;
         // After a checkpoint, cut a WAL that one large transaction grew back to that size, so
         // it does not keep holding the space (queue::space counts on it).
         conn.pragma_update(None, "journal_size_limit", WAL_LIMIT as i64)
@@ -344,8 +340,8 @@ impl Store {
     }
 
     /// Move what the WAL holds into the main file without waiting for anyone; the next commit
-    /// starts the WAL over when all of it was moved. Returns whether all of it was.
-    pub fn checkpoint_passive(&mut self) -> Result<bool, StoreError> {
+    /// starts the WAL over when all of it was moved.
+    pub fn checkpoint_passive(&mut self) -> Result<(), StoreError> {
         passive_checkpoint(&self.conn).map_err(|e| self.err(e))
     }
 
@@ -355,14 +351,17 @@ impl Store {
             .conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .unwrap_or(i64::from(PAGE_SIZE));
-        (WAL_CHECKPOINT_BYTES / page_size.max(512)) as u32
+        checkpoint_frames(page_size) as u32
     }
 }
 
-/// `PRAGMA wal_checkpoint(PASSIVE)` on `conn`: whether every frame of the WAL is in the file.
-pub(crate) fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        let (busy, log, moved): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        Ok(busy == 0 && log == moved)
-    })
+/// WAL frames in [`WAL_CHECKPOINT_BYTES`] with pages of `page_size` (SQLite's automatic
+/// checkpoint at opening, the writer's own once it took them over).
+fn checkpoint_frames(page_size: i64) -> i64 {
+    WAL_CHECKPOINT_BYTES / page_size.max(512)
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)` on `conn` (what is left, the WAL still holds).
+pub(crate) fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
