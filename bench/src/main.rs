@@ -494,6 +494,11 @@ struct LoadArgs {
     filter: String,
     #[arg(long, default_value_t = 4)]
     publishers: u32,
+    /// Each publisher's in-flight window: QoS 1 publishes sent and not yet acknowledged
+    /// (rumqttc's default is 100). edgegate acknowledges on commit, so at full speed this
+    /// window, not the CPU, can set the pace (see the README's benchmark section).
+    #[arg(long, default_value_t = 100)]
+    window: u16,
     /// Total readings per second (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -626,6 +631,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         (a.rate / a.publishers as u64).max(1)
     };
     let mut pubs = Vec::new();
+    let in_flight = a.window.max(1);
     for p in 0..a.publishers {
         let (edge_host, acked, sent, stop, run) = (
             edge_host.clone(),
@@ -638,7 +644,7 @@ async fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
             let mut opts =
                 MqttOptions::new(format!("bench-sensor-{run}-{p}"), edge_host, edge_port);
             opts.set_keep_alive(Duration::from_secs(60))
-                .set_inflight(100);
+                .set_inflight(in_flight);
             let (client, mut el) = AsyncClient::new(opts, 1000);
             let acks = acked.clone();
             let poller = tokio::spawn(async move {

@@ -633,21 +633,26 @@ impl Writer {
     /// commits fail they wait, and the sensors' PUBACKs with them (their own backpressure).
     fn settle_owed(&mut self, appends: &[Event]) {
         if appends.is_empty() && self.retry.is_empty() {
-            // A connection's tickets are numbered in order and settling one covers the ones
-            // before it: only the last of each run needs settling (one wake-up per connection
-            // and group, not one per reading).
-            let mut owed = self.owed.drain(..).peekable();
-            while let Some(t) = owed.next() {
-                if owed
-                    .peek()
-                    .is_none_or(|next| next.connection() != t.connection())
-                {
-                    t.settle();
-                }
-            }
+            self.settle_all();
         }
         // The next group is counted afresh.
         self.bursts.next_group();
+    }
+
+    /// Settle every ticket sorted so far (the caller knows nothing before them waits).
+    fn settle_all(&mut self) {
+        // A connection's tickets are numbered in order and settling one covers the ones before
+        // it: only the last of each run needs settling (one wake-up per connection and group,
+        // not one per reading).
+        let mut owed = self.owed.drain(..).peekable();
+        while let Some(t) = owed.next() {
+            if owed
+                .peek()
+                .is_none_or(|next| next.connection() != t.connection())
+            {
+                t.settle();
+            }
+        }
     }
 
     fn owe(&mut self, ticket: Ticket) {
@@ -808,9 +813,10 @@ impl Writer {
         }
         let now = store::now_us();
         let oldest = self.retry.front().or(appends.first()).map(|e| e.time);
-        // For the forwarder's tail: (index in retry + appends, seq, pos, body). The events' own
-        // strings are moved in once the commit succeeded, not copied per event.
-        let mut fresh: Vec<(usize, u64, u64, Vec<u8>)> = Vec::new();
+        // For the forwarder's tail: (index in retry + appends, seq, pos). Envelopes are built
+        // and the events' own strings moved in once the commit succeeded and the sensors'
+        // tickets are settled: their PUBACKs do not wait for the tail.
+        let mut fresh: Vec<(usize, u64, u64)> = Vec::new();
         let result = (|| {
             let mut txn = self.store.begin()?;
             // Removals first: the appends reuse the pages they free (see `store::Txn`).
@@ -822,15 +828,20 @@ impl Writer {
             for (i, e) in group.enumerate() {
                 let appended = txn.append(e, &self.source)?;
                 if let (true, store::Appended::Queued { seq, pos }) = (self.tail_keeps, appended) {
-                    // The file holds the envelope's parts (`store::row`); the tail gets the
-                    // envelope itself, the same bytes a read of the row gives.
-                    fresh.push((i, seq, pos, e.envelope(&self.source, seq)));
+                    fresh.push((i, seq, pos));
                 }
             }
             txn.commit()
         })();
         match result {
             Ok(c) => {
+                // Counted as committed before any of its PUBACKs goes (the count never trails
+                // what the sensors were told), then the tickets settled: nothing waits before
+                // them any more. The tail's envelopes are built after that.
+                self.metrics.events_committed.inc_by(c.appended);
+                if self.retry.len() == retried {
+                    self.settle_all();
+                }
                 let r = c.removed;
                 if r.evicted > 0 || r.expired > 0 {
                     // Rows left from the middle of the queue, perhaps from the tail too.
@@ -844,9 +855,12 @@ impl Writer {
                             .take(retried)
                             .chain(appends.iter_mut());
                         for (i, e) in events.enumerate() {
-                            let Some((_, seq, pos, body)) = fresh.next_if(|f| f.0 == i) else {
+                            let Some((_, seq, pos)) = fresh.next_if(|f| f.0 == i) else {
                                 continue;
                             };
+                            // The file holds the envelope's parts (`store::row`); the tail gets
+                            // the envelope itself, the same bytes a read of the row gives.
+                            let body = e.envelope(&self.source, seq);
                             t.push(StoredEvent {
                                 pos,
                                 seq,
@@ -869,7 +883,6 @@ impl Writer {
                         .unwrap_or_default();
                     self.metrics.commit_latency.observe(window.as_secs_f64());
                 }
-                self.metrics.events_committed.inc_by(c.appended);
                 self.publish_counters();
                 self.metrics.set_last_sequence(c.last_seq);
                 self.report_removed(r);
