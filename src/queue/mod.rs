@@ -847,29 +847,34 @@ impl Writer {
                     // Rows left from the middle of the queue, perhaps from the tail too.
                     self.reset_tail();
                 } else if !fresh.is_empty() {
-                    if let Ok(mut t) = self.tail.lock() {
-                        let mut fresh = fresh.into_iter().peekable();
-                        let events = self
-                            .retry
-                            .iter_mut()
-                            .take(retried)
-                            .chain(appends.iter_mut());
-                        for (i, e) in events.enumerate() {
-                            let Some((_, seq, pos)) = fresh.next_if(|f| f.0 == i) else {
-                                continue;
-                            };
-                            // The file holds the envelope's parts (`store::row`); the tail gets
-                            // the envelope itself, the same bytes a read of the row gives.
-                            let body = e.envelope(&self.source, seq);
-                            t.push(StoredEvent {
+                    // The file holds the envelope's parts (`store::row`); the tail gets the
+                    // envelope itself, the same bytes a read of the row gives. Built before the
+                    // tail is locked: the forwarder reads it meanwhile.
+                    let mut fresh = fresh.into_iter().peekable();
+                    let source = &self.source;
+                    let events = self
+                        .retry
+                        .iter_mut()
+                        .take(retried)
+                        .chain(appends.iter_mut());
+                    let committed: Vec<StoredEvent> = events
+                        .enumerate()
+                        .filter_map(|(i, e)| {
+                            let (_, seq, pos) = fresh.next_if(|f| f.0 == i)?;
+                            Some(StoredEvent {
                                 pos,
                                 seq,
                                 class: e.class,
                                 time_us: store::micros(e.time),
+                                body: e.envelope(source, seq),
                                 subject: std::mem::take(&mut e.subject),
                                 topic: std::mem::take(&mut e.upstream_topic),
-                                body,
-                            });
+                            })
+                        })
+                        .collect();
+                    if let Ok(mut t) = self.tail.lock() {
+                        for e in committed {
+                            t.push(e);
                         }
                     }
                 }
